@@ -1,48 +1,209 @@
-"""The `compact` command line: one subcommand per job; usage errors exit 2 with one line, no traceback."""
+"""The `compact` command line: score, prune, eval, demo, check.
+
+Usage errors exit 2 with one line and no traceback (unless --debug); a failed --check exits 1.
+"""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import warnings
+from pathlib import Path
 
 from . import __version__
 
 
-class UsageError(Exception):
-    """A mistake in what the user asked for: reported as one line, exit status 2."""
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _ffn_keep(text: str) -> str:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a channel count or a ratio in (0, 1], got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive (a count or a ratio in (0, 1]), got {text}")
+    return text
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="local model directory, llama2.c .bin checkpoint, or cached hub id")
+    p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when present)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="sequences per forward (default 1)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary tables")
+
+
+def _calib_options(p: argparse.ArgumentParser, flag: str = "--calib", required: bool = False) -> None:
+    p.add_argument(flag, dest="calib", required=required, metavar="PATH",
+                   help=".txt, .jsonl (text field), .npy token ids (1-D or [N, L]) or .bin token memmap")
+    p.add_argument("--samples", type=_positive_int, default=16, help="sequences (default 16)")
+    p.add_argument("--seq-len", type=_positive_int, default=2048, help="tokens per sequence (default 2048, capped at the context)")
+    p.add_argument("--calib-dtype", choices=["uint16", "uint32"], help="token dtype of a .bin memmap")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="compact", description="COMPACT pruning of LLM vocabularies and FFN channels.")
+    p.add_argument("--version", action="version", version=f"compact {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    s = sub.add_parser("score", help="common act^2 per FFN channel -> a scores file")
+    _model_options(s)
+    _calib_options(s, required=True)
+    s.add_argument("--vocab-keep", type=_positive_int, help="weight only tokens of the kept vocabulary (N regular + specials)")
+    s.add_argument("--out", required=True, type=Path, help="scores file (.safetensors)")
+    s.add_argument("--check", action="store_true", help="recompute the first batches with forward hooks and compare")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    s.set_defaults(func=_cmd_score)
+
+    r = sub.add_parser("prune", help="prune vocabulary and/or FFN channels -> a standard checkpoint")
+    _model_options(r)
+    r.add_argument("--out", required=True, type=Path, help="output directory (refused if not empty, unless --overwrite)")
+    r.add_argument("--vocab-keep", type=_positive_int, help="regular tokens to keep (ids 0..N-1) plus every special token")
+    r.add_argument("--ffn-keep", type=_ffn_keep, help="FFN channels to keep per layer: a count, or a ratio in (0, 1]")
+    r.add_argument("--ffn-multiple", type=_positive_int, default=64, help="round a --ffn-keep ratio to this (default 64)")
+    r.add_argument("--scores", help="use this scores file instead of calibrating")
+    _calib_options(r)
+    r.add_argument("--check", action="store_true", help="recompute the first batches with forward hooks and compare")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    r.set_defaults(func=_cmd_prune)
+
+    e = sub.add_parser("eval", help="held-out NLL / perplexity, parameter counts, optional tokens/s")
+    _model_options(e)
+    _calib_options(e, flag="--data", required=True)
+    e.add_argument("--speed", action="store_true", help="also measure prefill tokens/s")
+    e.set_defaults(func=_cmd_eval)
+
+    d = sub.add_parser("demo", help="the whole job on an embedded default model and text (under a minute on a CPU)")
+    d.add_argument("--out", type=Path, default=Path("demo_out"), help="where the pruned demo model goes (default demo_out)")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(func=_cmd_demo)
+
+    c = sub.add_parser("check", help="run every kernel against its plain-torch reference and print a table")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    c.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    c.set_defaults(func=_cmd_check)
+    return p
+
+
+def _load(args):
+    from .loading import load
+
+    return load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+
+
+def _progress(args) -> bool | None:
+    return False if args.quiet else None
+
+
+def _calib(args):
+    from .pipeline import CalibOptions
+
+    return CalibOptions(args.calib, args.samples, args.seq_len, args.calib_dtype)
+
+
+def _cmd_score(args) -> int:
+    from . import output, pipeline
+
+    output.check_destination(args.out, overwrite=args.overwrite)
+    loaded = _load(args)
+    calib = pipeline.calibrate(loaded, _calib(args), _progress(args))
+    kept = pipeline.kept_vocabulary(loaded, args.vocab_keep)
+    opts = pipeline.PruneOptions(batch_size=args.batch_size, check=args.check, progress=_progress(args))
+    scores, check = pipeline.compute_scores(loaded, calib, kept, opts)
+    meta = {"model": loaded.source, "calibration": calib.source, "vocab_keep": str(args.vocab_keep),
+            "compact": __version__}
+    output.save_scores(scores, args.out, meta, overwrite=args.overwrite)
+    if not args.quiet:
+        print(f"scores for {len(scores)} layers x {next(iter(scores.values())).numel()} channels -> {args.out}")
+        print(f"calibration: {calib.source}")
+        if check:
+            print(f"check vs hooks: max relative difference {check['max_rel_diff']:.3g} (rtol {check['rtol']:g})")
+    return 0
+
+
+def _cmd_prune(args) -> int:
+    from . import loading, output, pipeline, report
+
+    protected = loading.locate(args.model)
+    output.check_destination(args.out, overwrite=args.overwrite, protected=protected)
+    loaded = _load(args)
+    opts = pipeline.PruneOptions(args.vocab_keep, args.ffn_keep, args.ffn_multiple, args.scores, args.batch_size,
+                                 args.check, overwrite=args.overwrite, progress=_progress(args))
+    result = pipeline.prune(loaded, args.out, opts, _calib(args))
+    if not args.quiet:
+        print(report.prune_summary(result, args.out))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from . import evaluate, pipeline, report
+
+    loaded = _load(args)
+    data = pipeline.calibrate(loaded, _calib(args), _progress(args))
+    result = evaluate.evaluate(loaded.model, data.input_ids, data.attention_mask, batch_size=args.batch_size,
+                               speed=args.speed, progress=_progress(args))
+    print(report.eval_summary(loaded.source, data.source, result))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, quiet=args.quiet)
 
 
 def _cmd_check(args) -> int:
     import torch
 
-    from .kernel_check import format_table, run_kernel_check
+    from .kernel_check import format_check_table, run_kernel_check
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     rows = run_kernel_check(dtypes[args.dtype], args.device)
-    print(format_table(rows))
+    print(format_check_table(rows))
     return 0 if all(r.ok for r in rows) else 1
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="compact", description=__doc__)
-    p.add_argument("--version", action="version", version=f"compact {__version__}")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    c = sub.add_parser("check", help="run every kernel against its plain-torch reference and print a table")
-    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
-    c.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    c.set_defaults(func=_cmd_check)
-    d = sub.add_parser("demo", help="the main job on an embedded default")
-    d.set_defaults(func=_cmd_check, dtype="bfloat16", device=None)
-    return p
+def _setup_output(quiet: bool) -> None:
+    """Library chatter off; warnings as one line each; with --quiet, no progress bars either."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    warnings.formatwarning = lambda message, category, *rest: f"compact: warning: {message}\n"
+    if quiet:
+        transformers.utils.logging.disable_progress_bar()
+        warnings.filterwarnings("ignore")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
+    from .pipeline import CheckFailed
     try:
+        _setup_output(getattr(args, "quiet", False))
         return args.func(args)
-    except (UsageError, FileNotFoundError, ValueError) as e:
+    except CheckFailed as e:
+        print(f"compact {args.command}: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, IndexError, OSError) as e:
         if args.debug:
             raise
         print(f"compact {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"compact {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .report import format_table
+
 
 @dataclass
 class CheckRow:
@@ -82,10 +84,7 @@ def run_kernel_check(dtype: torch.dtype = torch.bfloat16, device: str | None = N
     return rows
 
 
-def format_table(rows: list[CheckRow]) -> str:
+def format_check_table(rows: list[CheckRow]) -> str:
     head = ("op", "case", "backend", "max |diff|", "max rel", "tolerance", "")
-    body = [(r.op, r.case, r.backend, f"{r.max_abs:.3g}", f"{r.max_rel:.3g}",
-             "exact" if r.tol == 0 else f"{r.tol:g}", "ok" if r.ok else "FAIL") for r in rows]
-    widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
+    return format_table(head, [(r.op, r.case, r.backend, f"{r.max_abs:.3g}", f"{r.max_rel:.3g}",
+                                "exact" if r.tol == 0 else f"{r.tol:g}", "ok" if r.ok else "FAIL") for r in rows])

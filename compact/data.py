@@ -1,0 +1,241 @@
+"""Calibration data: token ids from text, JSON lines, .npy arrays or raw .bin token files, packed into rows.
+
+Formats (chosen by file extension):
+- ``.txt``: UTF-8 text. The whole file is one document unless it contains form feeds (``\\f``), which separate
+  documents. Needs a tokenizer.
+- ``.jsonl``: one JSON object per line; its ``text_field`` string is one document. Blank lines are skipped.
+  Needs a tokenizer.
+- ``.npy``: a 1-D integer array (a token stream, packed like text) or a 2-D ``[N, L]`` array (rows used as-is,
+  in order; ``samples`` caps N and ``seq_len`` caps L).
+- ``.bin``: a headerless token stream (nanoGPT style), ``bin_dtype`` ``"uint16"`` or ``"uint32"``; memory-mapped,
+  so only the prefix that is used gets read.
+
+Text is tokenized without special tokens, documents joined by one EOS id (``eos_id``, else the tokenizer's
+``eos_token_id``; no separator when neither exists). Tokenization streams: text is read and tokenized in blocks of
+whole lines (``max(64K, 8 * samples * seq_len)`` characters, normally one block) and stops once enough tokens
+exist, so a large corpus is never tokenized in full; a token that straddles a block boundary may split differently
+than when tokenizing the whole file at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+BIN_DTYPES = ("uint16", "uint32")
+ID_SUFFIXES = (".npy", ".bin")  # formats that hold token ids rather than text
+PAD_ID = 0  # padding in a short last row; attention_mask marks it, so any valid id would do
+
+
+@dataclass
+class Calibration:
+    """Packed calibration token ids, the padding mask (None when all ones) and where they came from."""
+
+    input_ids: torch.LongTensor  # [N, L]
+    attention_mask: torch.LongTensor | None  # [N, L], or None when all ones
+    source: str  # human description, e.g. "sotu.txt: 16 x 2048 tokens from 1 document (...)"
+
+
+def pack_tokens(tokens, samples: int, seq_len: int) -> tuple[torch.LongTensor, torch.LongTensor | None]:
+    """Pack the first ``samples * seq_len`` tokens of a 1-D stream, in order, into rows of ``seq_len``.
+
+    With fewer tokens: as many full rows as possible plus one shorter last row padded with ``PAD_ID``
+    (attention_mask 0 there); a stream shorter than one row gives one row of its own length.
+    The mask is None when every position is a real token.
+    """
+    if samples < 1 or seq_len < 1:
+        raise ValueError(f"samples and seq_len must be >= 1, got samples={samples}, seq_len={seq_len}")
+    prefix = tokens[: samples * seq_len]
+    flat = (prefix.to(torch.long) if isinstance(prefix, torch.Tensor)
+            else torch.from_numpy(np.array(prefix, dtype=np.int64)))
+    if flat.ndim != 1:
+        raise ValueError(f"pack_tokens needs a 1-D token stream, got shape {tuple(flat.shape)}")
+    n = flat.numel()
+    if n == 0:
+        raise ValueError("pack_tokens got no tokens")
+    if n <= seq_len:
+        return flat[None].clone(), None
+    rows = -(-n // seq_len)
+    input_ids = torch.full((rows * seq_len,), PAD_ID, dtype=torch.long)
+    input_ids[:n] = flat
+    if n == rows * seq_len:
+        return input_ids.view(rows, seq_len), None
+    mask = torch.zeros(rows * seq_len, dtype=torch.long)
+    mask[:n] = 1
+    return input_ids.view(rows, seq_len), mask.view(rows, seq_len)
+
+
+def load_calibration(path, *, tokenizer=None, vocab_size: int, samples: int = 16, seq_len: int = 2048,
+                     bin_dtype: str | None = None, eos_id: int | None = None, text_field: str = "text",
+                     progress: bool | None = None) -> Calibration:
+    """Load up to ``samples`` rows of ``seq_len`` token ids from a calibration file (formats: module docstring).
+
+    Every id must lie in ``[0, vocab_size)``. ``progress`` shows a tqdm bar while tokenizing text
+    (None: only on a terminal). Raises FileNotFoundError or ValueError with one line naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: calibration file not found")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: calibration file is empty")
+    if vocab_size < 1 or samples < 1 or seq_len < 1:
+        raise ValueError(f"{path}: vocab_size, samples and seq_len must be >= 1, "
+                         f"got {vocab_size}, {samples}, {seq_len}")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        array = _load_npy(path)
+        if array.ndim == 2:
+            ids = torch.from_numpy(np.array(array[:samples, :seq_len], dtype=np.int64))
+            _check_ids(ids, vocab_size, path)
+            origin = f"rows 0..{ids.shape[0] - 1} of a {list(array.shape)} array"
+            return Calibration(ids, None, f"{path.name}: {_describe(ids, None)}, {origin}")
+        tokens, origin = array, f"the first {min(array.size, samples * seq_len):,} of {array.size:,} tokens"
+    elif suffix == ".bin":
+        tokens = _load_bin(path, bin_dtype)
+        origin = f"the first {min(tokens.size, samples * seq_len):,} of {tokens.size:,} {bin_dtype} tokens"
+    elif suffix in (".txt", ".jsonl"):
+        if tokenizer is None:
+            raise ValueError(f"{path}: {suffix} calibration data needs a tokenizer")
+        pieces = _txt_pieces(path, _block_chars(samples * seq_len)) if suffix == ".txt" \
+            else _jsonl_pieces(path, text_field)
+        tokens, origin = _tokenize(pieces, tokenizer, eos_id, samples * seq_len, path, progress)
+    else:
+        raise ValueError(f"{path}: unknown calibration format {suffix!r} (expected .txt, .jsonl, .npy or .bin)")
+    if len(tokens) == 0:
+        raise ValueError(f"{path}: no tokens in calibration file")
+    input_ids, attention_mask = pack_tokens(tokens, samples, seq_len)
+    _check_ids(input_ids, vocab_size, path)
+    return Calibration(input_ids, attention_mask, f"{path.name}: {_describe(input_ids, attention_mask)} from {origin}")
+
+
+def _describe(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> str:
+    rows, seq_len = input_ids.shape
+    if attention_mask is None:
+        return f"{rows} x {seq_len} tokens"
+    return f"{rows - 1} x {seq_len} + 1 x {int(attention_mask[-1].sum())} tokens (last row padded)"
+
+
+def _check_ids(input_ids: torch.Tensor, vocab_size: int, path: Path) -> None:
+    """Ids outside the model's vocabulary would index out of range later: reject them here."""
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{path}: token ids must lie in [0, {vocab_size}), found min {lo} and max {hi}")
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npy array ({e})") from None
+    if not np.issubdtype(array.dtype, np.integer) or array.ndim not in (1, 2):
+        raise ValueError(f"{path}: expected a 1-D or 2-D integer array, got {array.ndim}-D {array.dtype}")
+    if array.size == 0:
+        raise ValueError(f"{path}: array {list(array.shape)} holds no tokens")
+    return array
+
+
+def _load_bin(path: Path, bin_dtype: str | None) -> np.memmap:
+    if bin_dtype not in BIN_DTYPES:
+        raise ValueError(f"{path}: .bin token files need bin_dtype in {BIN_DTYPES}, got {bin_dtype!r}")
+    itemsize = np.dtype(bin_dtype).itemsize
+    if os.path.getsize(path) % itemsize:
+        raise ValueError(f"{path}: size {os.path.getsize(path)} is not a multiple of {itemsize} ({bin_dtype})")
+    return np.memmap(path, dtype=bin_dtype, mode="r")
+
+
+def _block_chars(need: int) -> int:
+    """Characters per tokenizer call: about 2x the needed tokens at ~4 characters per token."""
+    return max(1 << 16, 8 * need)
+
+
+def _txt_pieces(path: Path, block_chars: int) -> Iterator[tuple[str, bool]]:
+    """(text, ends_document) pieces in file order: form feeds end documents, other cuts fall after a newline."""
+    carry = ""
+    with open(path, encoding="utf-8") as f:
+        try:
+            while block := f.read(block_chars):
+                *documents, carry = (carry + block).split("\f")
+                for document in documents:
+                    yield document, True
+                cut = carry.rfind("\n") + 1 or len(carry)
+                if cut:
+                    yield carry[:cut], False
+                carry = carry[cut:]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a block)") from None
+    yield carry, True
+
+
+def _jsonl_pieces(path: Path, field: str) -> Iterator[tuple[str, bool]]:
+    """Each non-blank line's ``field`` string, as one whole document."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            text = record.get(field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{lineno}: no string field {field!r}")
+            yield text, True
+
+
+def _batches(pieces: Iterable[tuple[str, bool]], chars: int) -> Iterator[list[tuple[str, bool]]]:
+    """Group pieces so each tokenizer call gets at least ``chars`` characters (fewer at the end).
+
+    Called with half a .txt block: a block cut back to its last newline is then still one call.
+    """
+    batch, size = [], 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece[0])
+        if size >= chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Ids without special tokens, from a `tokenizers.Tokenizer` or a transformers tokenizer."""
+    if hasattr(tokenizer, "encode_batch"):
+        return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+
+
+def _tokenize(pieces, tokenizer, eos_id: int | None, need: int, path: Path,
+              progress: bool | None) -> tuple[np.ndarray, str]:
+    """Tokenize pieces in order, EOS between documents, until ``need`` tokens; returns them and a description."""
+    eos = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    documents = chars = 0
+    in_document = separate = False
+    disable = None if progress is None else not progress
+    with tqdm(total=need, unit="tok", desc=f"tokenizing {path.name}", disable=disable) as bar:
+        for batch in _batches(pieces, _block_chars(need) // 2):
+            before = len(ids)
+            for (text, ends_document), piece_ids in zip(batch, _encode(tokenizer, [t for t, _ in batch])):
+                chars += len(text)
+                if piece_ids and not in_document:
+                    if separate and eos is not None:
+                        ids.append(eos)
+                    documents, in_document = documents + 1, True
+                ids.extend(piece_ids)
+                if ends_document and in_document:
+                    in_document, separate = False, True
+            bar.update(min(len(ids), need) - min(before, need))
+            if len(ids) >= need:
+                break
+    joined = f"joined by eos {eos}" if eos is not None else "joined without separator"
+    origin = (f"{documents} document(s) in the first {chars:,} characters, "
+              f"tokenized by {type(tokenizer).__name__}, {joined}")
+    return np.asarray(ids[:need], dtype=np.int64), origin

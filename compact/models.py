@@ -1,0 +1,95 @@
+"""Model-family adapters, one table keyed by `config.model_type`: where the MLPs are and how they compute."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the driver must know about one architecture family."""
+
+    name: str
+    act_attr: str               # config attribute holding the MLP activation name
+    fused_gate_up: bool = False  # Phi-3: one gate_up_proj, gate half first
+    scaled_embedding: bool = False  # Gemma: embeddings scaled by sqrt(hidden) inside the embedding module
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("Llama 2 / 3.x, SmolLM, TinyLlama", "hidden_act"),
+    "mistral": Family("Mistral", "hidden_act"),
+    "qwen2": Family("Qwen2 / Qwen2.5", "hidden_act"),
+    "qwen3": Family("Qwen3", "hidden_act"),
+    "gemma": Family("Gemma", "hidden_act", scaled_embedding=True),
+    "gemma2": Family("Gemma 2", "hidden_activation", scaled_embedding=True),
+    "gemma3_text": Family("Gemma 3 (text)", "hidden_activation", scaled_embedding=True),
+    "phi3": Family("Phi-3", "hidden_act", fused_gate_up=True),
+}
+
+# Hugging Face activation names -> the kernel's activation.
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+
+
+class UnsupportedModelError(ValueError):
+    """A model this package cannot prune; the message says which ones it can."""
+
+
+def family_of(config) -> Family:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise UnsupportedModelError(
+            f"unsupported model type {model_type!r}; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def activation_of(config) -> str:
+    """The kernel activation ("silu" / "gelu_tanh") of the model's MLPs."""
+    name = getattr(config, family_of(config).act_attr, None)
+    if name not in ACTIVATIONS:
+        raise UnsupportedModelError(
+            f"MLP activation {name!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder stack (embeddings, layers, final norm) without the LM head."""
+    family_of(model.config)
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+
+def mlps(model: nn.Module) -> dict[str, nn.Module]:
+    """{"model.layers.{i}.mlp": module} in layer order: the names of the scores file."""
+    return {f"model.layers.{i}.mlp": layer.mlp for i, layer in enumerate(decoder_of(model).layers)}
+
+
+def gate_up(mlp: nn.Module, family: Family, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The MLP's (gate, up) projections of x; (fused [..., 2I], None) for a fused gate_up_proj."""
+    if family.fused_gate_up:
+        return mlp.gate_up_proj(x), None
+    return mlp.gate_proj(x), mlp.up_proj(x)
+
+
+def intermediate_size(model: nn.Module) -> int:
+    return next(iter(mlps(model).values())).down_proj.in_features
+
+
+def is_tied(model: nn.Module) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Parameters by part: embedding, head (0 when tied), attention, ffn, other (norms), total."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    counts = {"embedding": embedding.numel(),
+              "head": 0 if head is None or is_tied(model) else sum(p.numel() for p in head.parameters()),
+              "attention": 0, "ffn": 0}
+    for layer in decoder_of(model).layers:
+        counts["attention"] += sum(p.numel() for p in layer.self_attn.parameters())
+        counts["ffn"] += sum(p.numel() for p in layer.mlp.parameters())
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    counts["other"] = counts["total"] - sum(counts[k] for k in ("embedding", "head", "attention", "ffn"))
+    return counts

@@ -1,0 +1,206 @@
+"""The pruning job: calibrate -> score -> select -> slice -> save, with timings and checks for the report."""
+from __future__ import annotations
+
+import platform
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__, data, models, output, selection, slicing, vocab
+from .loading import Loaded
+from .scoring import score_channels
+
+class CheckFailed(RuntimeError):
+    """--check found the fused scores off the hook reference."""
+
+
+CHECK_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+@dataclass
+class CalibOptions:
+    path: str | None = None
+    samples: int = 16
+    seq_len: int = 2048
+    bin_dtype: str | None = None
+
+
+@dataclass
+class PruneOptions:
+    vocab_keep: int | None = None
+    ffn_keep: str | None = None
+    ffn_multiple: int = 64
+    scores: str | None = None
+    batch_size: int = 1
+    check: bool = False
+    check_batches: int = 2
+    overwrite: bool = False
+    progress: bool | None = None
+
+
+class Timings(dict):
+    """Seconds per phase, in the order the phases ran."""
+
+    @contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        yield
+        self[name] = round(self.get(name, 0.0) + time.perf_counter() - start, 4)
+
+
+def calibrate(loaded: Loaded, opts: CalibOptions, progress: bool | None = None) -> data.Calibration:
+    """Calibration sequences for the model, seq_len capped at its context."""
+    if opts.path is None:
+        raise ValueError("this needs calibration data: pass --calib PATH")
+    model = loaded.model
+    context = getattr(model.config, "max_position_embeddings", None) or opts.seq_len
+    eos = getattr(loaded.tokenizer, "eos_token_id", None) if loaded.tokenizer else model.config.eos_token_id
+    # Token-id data for a pruned model holds the original ids: map them through kept_token_ids.
+    report = loaded.report if Path(opts.path).suffix in data.ID_SUFFIXES else None
+    remap = report["kept_token_ids"] if report else None
+    calib = data.load_calibration(
+        opts.path, tokenizer=loaded.tokenizer,
+        vocab_size=report["sizes"]["vocab_before"] if report else model.get_input_embeddings().num_embeddings,
+        samples=opts.samples, seq_len=min(opts.seq_len, context), bin_dtype=opts.bin_dtype,
+        eos_id=eos if isinstance(eos, int) and not remap else None, progress=progress)
+    if remap:
+        calib.input_ids = renumber(calib.input_ids, calib.attention_mask, remap, report["sizes"]["vocab_before"],
+                                   opts.path)
+    return calib
+
+
+def renumber(input_ids: torch.Tensor, attention_mask, kept_token_ids: list[int], old_vocab: int, path) -> torch.Tensor:
+    """Old token ids -> new ids of a vocabulary-pruned model; an error names a dropped id the data holds."""
+    table = torch.full((old_vocab,), -1, dtype=torch.long)
+    table[torch.tensor(kept_token_ids)] = torch.arange(len(kept_token_ids))
+    new = table[input_ids]
+    valid = torch.ones_like(new, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    dropped = (new < 0) & valid
+    if dropped.any():
+        raise ValueError(f"{path} holds token id {int(input_ids[dropped][0])}, which this pruned model's "
+                         f"vocabulary dropped ({int(dropped.sum())} such positions)")
+    return new.clamp_min(0)
+
+
+def config_token_ids(model) -> list[int]:
+    """bos/eos/pad ids named by the config: kept whatever the vocabulary cut."""
+    ids = []
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(model.config, attr, None)
+        ids += value if isinstance(value, list) else [value] if isinstance(value, int) else []
+    return ids
+
+
+def kept_vocabulary(loaded: Loaded, vocab_keep: int | None) -> list[int] | None:
+    """Ascending old ids to keep, or None when the vocabulary is not cut."""
+    if vocab_keep is None:
+        return None
+    rows = loaded.model.get_input_embeddings().num_embeddings
+    return vocab.select_vocab(loaded.tokenizer, rows, vocab_keep, extra_ids=config_token_ids(loaded.model))
+
+
+def check_against_hooks(model, calib: data.Calibration, kept_ids, *, batch_size: int, batches: int) -> dict:
+    """Scores of the first batches by the fused path vs the plain hook path; the largest relative difference."""
+    n = min(calib.input_ids.shape[0], batch_size * batches)
+    ids = calib.input_ids[:n]
+    mask = None if calib.attention_mask is None else calib.attention_mask[:n]
+    runs = {backend: score_channels(model, ids, mask, keep_token_ids=kept_ids, batch_size=batch_size,
+                                    backend=backend, progress=False) for backend in ("fused", "hooks")}
+    worst, where = 0.0, None
+    for name, ref in runs["hooks"].items():
+        scale = ref.abs().max().clamp_min(1e-30)
+        diff = float(((runs["fused"][name] - ref).abs() / scale).max())
+        if diff >= worst:
+            worst, where = diff, name
+    rtol = CHECK_RTOL[model.get_input_embeddings().weight.dtype]
+    return {"sequences": n, "max_rel_diff": worst, "worst_layer": where, "rtol": rtol, "ok": worst <= rtol}
+
+
+def compute_scores(loaded: Loaded, calib: data.Calibration, kept_ids, opts: PruneOptions) -> tuple[dict, dict | None]:
+    """(scores, check result or None): common act^2 over the calibration data, weighted by the kept vocabulary."""
+    check = None
+    if opts.check:
+        check = check_against_hooks(loaded.model, calib, kept_ids, batch_size=opts.batch_size, batches=opts.check_batches)
+        if not check["ok"]:
+            raise CheckFailed(
+                f"--check failed: fused scores differ from the hook reference by {check['max_rel_diff']:.3g} "
+                f"(relative to the layer maximum) in {check['worst_layer']}, above {check['rtol']:g}")
+    scores = score_channels(loaded.model, calib.input_ids, calib.attention_mask, keep_token_ids=kept_ids,
+                            batch_size=opts.batch_size, progress=opts.progress)
+    return scores, check
+
+
+def versions() -> dict:
+    import transformers
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"compact": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "triton": triton_version, "python": platform.python_version()}
+
+
+def prune(loaded: Loaded, out: Path, opts: PruneOptions, calib_opts: CalibOptions) -> dict:
+    """Prune `loaded` (modified in place) and write the checkpoint, tokenizer, report and scores to `out`."""
+    model, timings = loaded.model, Timings()
+    intermediate = models.intermediate_size(model)
+    if opts.vocab_keep is None and opts.ffn_keep is None:
+        raise ValueError("nothing to prune: give --vocab-keep and/or --ffn-keep")
+    ffn_keep = intermediate if opts.ffn_keep is None else selection.resolve_ffn_keep(
+        opts.ffn_keep, intermediate, opts.ffn_multiple)
+    with timings.phase("vocabulary"):
+        kept_ids = kept_vocabulary(loaded, opts.vocab_keep)
+    before = models.parameter_counts(model)
+    scores, check, calib_source = None, None, None
+    if opts.scores:
+        scores = output.load_scores(opts.scores, {n: intermediate for n in models.mlps(model)})
+    elif ffn_keep < intermediate or calib_opts.path:
+        with timings.phase("calibration"):
+            calib = calibrate(loaded, calib_opts, opts.progress)
+        calib_source = calib.source
+        with timings.phase("scoring"):
+            scores, check = compute_scores(loaded, calib, kept_ids, opts)
+    with timings.phase("selection"):
+        kept_channels = selection.select_channels(scores, ffn_keep) if scores else \
+            {name: list(range(intermediate)) for name in models.mlps(model)}
+    vocab_before = model.get_input_embeddings().num_embeddings
+    with timings.phase("slicing"):
+        if kept_ids is not None:
+            slicing.slice_vocabulary(model, kept_ids)
+        if ffn_keep < intermediate:
+            slicing.slice_ffn(model, kept_channels)
+    kept_ids = kept_ids if kept_ids is not None else list(range(vocab_before))
+    report = {
+        "source": loaded.source, "calibration": calib_source, "scores_file": opts.scores,
+        "options": {**asdict(opts), **{f"calib_{k}": v for k, v in asdict(calib_opts).items()}},
+        "sizes": {"vocab_before": vocab_before, "vocab_after": len(kept_ids),
+                  "intermediate_before": intermediate, "intermediate_after": ffn_keep,
+                  "layers": len(kept_channels), "hidden": model.config.hidden_size},
+        "parameters": {"before": before, "after": models.parameter_counts(model)},
+        "checks": {"scores_vs_hooks": check}, "timings_s": timings, "versions": versions(),
+        "kept_token_ids": kept_ids, "kept_channels": list(kept_channels.values()),
+    }
+    with output.staged_dir(out, overwrite=opts.overwrite) as tmp:
+        with timings.phase("save"):
+            save_pruned(loaded, kept_ids, tmp, report)
+            if scores is not None:
+                output.save_scores(scores, tmp / "compact_scores.safetensors")
+        output.write_json(tmp / "compact_report.json", report)
+    return report
+
+
+def save_pruned(loaded: Loaded, kept_ids: list[int], folder: Path, report: dict) -> None:
+    """save_pretrained + the pruned tokenizer (when there is one) into `folder`."""
+    loaded.model.save_pretrained(folder, safe_serialization=True)
+    if loaded.tokenizer is None:
+        warnings.warn("the model has no tokenizer: the pruned checkpoint is written without one", stacklevel=2)
+        report["tokenizer"] = None
+    else:
+        vocab.prune_tokenizer(loaded.tokenizer, kept_ids).save_pretrained(folder)
+        report["tokenizer"] = "pruned to kept_token_ids"

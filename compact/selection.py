@@ -1,0 +1,35 @@
+"""Selection: which FFN channels to keep, from the scores (same K in every layer, as the paper does)."""
+from __future__ import annotations
+
+import torch
+
+
+def resolve_ffn_keep(value: float | int | str, intermediate: int, multiple: int = 64) -> int:
+    """K from `--ffn-keep`: an int count, or a ratio in (0, 1] rounded to a multiple of `multiple`."""
+    text = str(value)
+    try:
+        number = int(text) if text.lstrip("+").isdigit() else float(text)
+    except ValueError:
+        raise ValueError(f"--ffn-keep must be a channel count or a ratio in (0, 1], got {value!r}") from None
+    if multiple < 1:
+        raise ValueError(f"--ffn-multiple must be at least 1, got {multiple}")
+    if isinstance(number, float):
+        if not 0 < number <= 1:
+            raise ValueError(f"--ffn-keep ratio must be in (0, 1], got {value}")
+        number = min(intermediate, max(multiple, round(number * intermediate / multiple) * multiple))
+    if not 1 <= number <= intermediate:
+        raise ValueError(f"--ffn-keep must be between 1 and the intermediate size {intermediate}, got {number}")
+    return number
+
+
+def top_channels(scores: torch.Tensor, keep: int) -> list[int]:
+    """The `keep` highest-scoring channels, ties to the lower index, in ascending order."""
+    if not 1 <= keep <= scores.numel():
+        raise ValueError(f"cannot keep {keep} of {scores.numel()} channels")
+    order = torch.sort(scores.detach().cpu().double(), descending=True, stable=True).indices
+    return sorted(order[:keep].tolist())
+
+
+def select_channels(scores: dict[str, torch.Tensor], keep: int) -> dict[str, list[int]]:
+    """{mlp name: ascending kept channels}, the same count in every layer."""
+    return {name: top_channels(s, keep) for name, s in scores.items()}
