@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One GPU session: the kernel tests on the real GPU (no interpreter), then every microbenchmark.
+# CSVs, PNGs and gpu_check.log go to $OUT (default bench/results). Usage: bash bench/gpu_check.sh [--quick]
+set -uo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+OUT="${OUT:-$ROOT/bench/results}"
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)" && cd "$ROOT" || exit 1
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+LOG="$OUT/gpu_check.log"
+unset TRITON_INTERPRET COMPACT_KERNELS_BACKEND
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+: >"$LOG"
+SUMMARY=()
+FAILED=0
+
+step() {  # step NAME SECONDS COMMAND...: run under timeout, log, record rc and duration
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  echo "== $name: $*" | tee -a "$LOG"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  rc=$?
+  SUMMARY+=("$(printf '%-14s rc=%-3s %4ss (limit %ss)' "$name" "$rc" $((SECONDS - start)) "$limit")")
+  [ "$rc" -eq 0 ] || FAILED=1
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv 2>&1 | tee -a "$LOG"
+step kernel-tests 180 "$PY" -m pytest -q -p no:cacheprovider tests/kernels
+step bench-scores 240 "$PY" bench/bench_scores.py --out "$OUT" "$@"
+step bench-gather 90 "$PY" bench/bench_gather.py --out "$OUT" "$@"
+
+{ echo "== summary (results in $OUT)"; printf '%s\n' "${SUMMARY[@]}"; } | tee -a "$LOG"
+exit "$FAILED"
