@@ -1,0 +1,195 @@
+"""The CLI on the real stories260K model: scores vs a hook reference, pruning quality, errors that write nothing."""
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compact import cli, pipeline
+from compact.llama2c import load_llama2c
+
+
+@pytest.fixture(scope="module")
+def stories(tmp_path_factory):
+    """(checkpoint, calibration .npy, held-out .npy): token data sampled from the model itself, seeded."""
+    from conftest import shared_data_dir
+
+    ckpt = shared_data_dir() / "stories260K.bin"
+    if not ckpt.is_file():
+        pytest.skip(f"{ckpt} is absent (set COMPACT_SHARED_DATA)")
+    model = load_llama2c(ckpt)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ids = model.generate(torch.ones(24, 1, dtype=torch.long), do_sample=True, max_new_tokens=191,
+                             min_new_tokens=191, pad_token_id=0)
+    folder = tmp_path_factory.mktemp("stories")
+    np.save(folder / "calib.npy", ids[:12].numpy())
+    np.save(folder / "heldout.npy", ids[12:].numpy())
+    return ckpt, folder / "calib.npy", folder / "heldout.npy"
+
+
+def hook_reference(model, ids, kept=None):
+    """Forward pre-hooks on every down_proj during a full forward (logits included), float64."""
+    weights = torch.ones(ids.shape, dtype=torch.float64) if kept is None else torch.isin(ids, torch.tensor(kept)).double()
+    scores = {}
+
+    def hook(name):
+        def fn(module, args):
+            scores[name] = scores.get(name, 0) + (args[0].double() ** 2 * weights[..., None]).sum((0, 1))
+        return fn
+
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(f"model.layers.{i}.mlp"))
+               for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    return scores
+
+
+@pytest.mark.parametrize("vocab_keep", [None, 300])
+def test_score_matches_hook_reference(stories, tmp_path, vocab_keep):
+    ckpt, calib, _ = stories
+    out = tmp_path / "scores.safetensors"
+    args = ["score", str(ckpt), "--calib", str(calib), "--out", str(out), "--batch-size", "4", "--quiet", "--check"]
+    assert cli.main(args + (["--vocab-keep", str(vocab_keep)] if vocab_keep else [])) == 0
+    got = load_file(str(out))
+    kept = list(range(vocab_keep)) if vocab_keep else None
+    expected = hook_reference(load_llama2c(ckpt), torch.from_numpy(np.load(calib)), kept)
+    assert sorted(got) == sorted(expected) and len(got) == 5
+    for name, ref in expected.items():
+        assert got[name].dtype == torch.float64 and got[name].shape == (172,)
+        rel = ((got[name] - ref).abs() / ref.abs().clamp_min(1e-12)).max().item()
+        assert rel < 1e-4, f"{name}: relative difference {rel:.3g}"
+    if vocab_keep:  # rare tokens really are left out
+        full = hook_reference(load_llama2c(ckpt), torch.from_numpy(np.load(calib)))
+        assert all((got[n] < full[n]).any() for n in got)
+
+
+def test_common_act2_beats_random_channels_on_heldout_nll(stories, tmp_path):
+    ckpt, calib, heldout = stories
+    assert cli.main(["prune", str(ckpt), "--out", str(tmp_path / "act2"), "--ffn-keep", "128",
+                     "--calib", str(calib), "--quiet"]) == 0
+    from compact import evaluate, loading, slicing
+
+    ids = torch.from_numpy(np.load(heldout))
+    pruned = loading.load(str(tmp_path / "act2"), dtype="float32", device="cpu").model
+    act2, n = evaluate.nll(pruned, ids, batch_size=6, progress=False)
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(3):
+        model = load_llama2c(ckpt)
+        slicing.slice_ffn(model, {f"model.layers.{i}.mlp": sorted(torch.randperm(172, generator=gen)[:128].tolist())
+                                  for i in range(5)})
+        rand, _ = evaluate.nll(model, ids, batch_size=6, progress=False)
+        assert act2 / n < rand / n, f"random trial {trial}: NLL {rand / n:.4f} <= common act^2 {act2 / n:.4f}"
+
+
+def test_prune_report_and_slices(stories, tmp_path):
+    ckpt, calib, _ = stories
+    out = tmp_path / "both"
+    assert cli.main(["prune", str(ckpt), "--out", str(out), "--vocab-keep", "400", "--ffn-keep", "0.75",
+                     "--ffn-multiple", "16", "--calib", str(calib), "--quiet"]) == 0
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    report = json.loads((out / "compact_report.json").read_text())
+    assert report["kept_token_ids"] == list(range(400))
+    assert report["sizes"]["intermediate_after"] == 128  # 0.75 * 172 = 129 -> multiple of 16
+    assert set(report["parameters"]["before"]) == {"embedding", "head", "attention", "ffn", "other", "total"}
+    assert report["parameters"]["after"]["total"] < report["parameters"]["before"]["total"]
+    pruned = AutoModelForCausalLM.from_pretrained(out)
+    original = load_llama2c(ckpt)
+    assert torch.equal(pruned.model.embed_tokens.weight, original.model.embed_tokens.weight[:400])
+    assert pruned.lm_head.weight.data_ptr() == pruned.model.embed_tokens.weight.data_ptr()
+    scores = load_file(str(out / "compact_scores.safetensors"))
+    for i, kept in enumerate(report["kept_channels"]):
+        mlp, ref = pruned.model.layers[i].mlp, original.model.layers[i].mlp
+        top = torch.sort(scores[f"model.layers.{i}.mlp"], descending=True, stable=True).indices[:128]
+        assert kept == sorted(top.tolist())
+        assert torch.equal(mlp.gate_proj.weight, ref.gate_proj.weight[kept])
+        assert torch.equal(mlp.up_proj.weight, ref.up_proj.weight[kept])
+        assert torch.equal(mlp.down_proj.weight, ref.down_proj.weight[:, kept])
+    generated = pruned.generate(torch.ones(1, 1, dtype=torch.long), max_new_tokens=8, do_sample=False)
+    assert generated.shape == (1, 9) and int(generated.max()) < 400
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("case", ["missing model", "ffn-keep 0", "vocab-keep too large", "existing out",
+                                  "ffn-keep too large", "no calibration"])
+def test_errors_are_one_line_and_write_nothing(stories, tmp_path, case):
+    ckpt, calib, _ = stories
+    before = _digest(ckpt)
+    out = tmp_path / "out"
+    args = {
+        "missing model": ["prune", str(tmp_path / "nope"), "--out", str(out), "--ffn-keep", "64", "--calib", str(calib)],
+        "ffn-keep 0": ["prune", str(ckpt), "--out", str(out), "--ffn-keep", "0", "--calib", str(calib)],
+        "vocab-keep too large": ["prune", str(ckpt), "--out", str(out), "--vocab-keep", "513"],
+        "existing out": ["prune", str(ckpt), "--out", str(out), "--vocab-keep", "300"],
+        "ffn-keep too large": ["prune", str(ckpt), "--out", str(out), "--ffn-keep", "173", "--calib", str(calib)],
+        "no calibration": ["prune", str(ckpt), "--out", str(out), "--ffn-keep", "64"],
+    }[case]
+    if case == "existing out":
+        out.mkdir()
+        (out / "mine.txt").write_text("keep me")
+    result = subprocess.run([sys.executable, "-m", "compact", *args], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr and "error:" in lines[0], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if case == "existing out" else [])
+    if case == "existing out":
+        assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert _digest(ckpt) == before
+
+
+def test_crash_while_saving_leaves_nothing(stories, tmp_path, monkeypatch):
+    ckpt, _, _ = stories
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pipeline, "save_pruned", boom)
+    assert cli.main(["prune", str(ckpt), "--out", str(tmp_path / "out"), "--vocab-keep", "300", "--quiet"]) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_only_with_flag(stories, tmp_path):
+    ckpt, _, _ = stories
+    out = tmp_path / "out"
+    assert cli.main(["prune", str(ckpt), "--out", str(out), "--vocab-keep", "300", "--quiet"]) == 0
+    assert cli.main(["prune", str(ckpt), "--out", str(out), "--vocab-keep", "200", "--quiet", "--overwrite"]) == 0
+    import json
+
+    assert len(json.loads((out / "compact_report.json").read_text())["kept_token_ids"]) == 200
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_eval_on_pruned_vocabulary_renumbers_token_ids(stories, tmp_path, capsys):
+    ckpt, calib, heldout = stories
+    out = tmp_path / "v"
+    assert cli.main(["prune", str(ckpt), "--out", str(out), "--vocab-keep", "511", "--quiet"]) == 0
+    ids = np.load(heldout)
+    kept_only = tmp_path / "kept.npy"
+    np.save(kept_only, np.where(ids == 511, 5, ids))
+    assert cli.main(["eval", str(ckpt), "--data", str(kept_only), "--quiet"]) == 0
+    before = capsys.readouterr().out
+    assert cli.main(["eval", str(out), "--data", str(kept_only), "--quiet"]) == 0
+    after = capsys.readouterr().out
+    nll = [float(next(line.split()[-1] for line in text.splitlines() if line.startswith("NLL"))) for text in (before, after)]
+    # Same logits for kept tokens; the softmax loses one class's mass, so NLL can only drop, slightly.
+    assert nll[1] <= nll[0] and nll[1] == pytest.approx(nll[0], rel=1e-3)
+    if (ids == 511).any():
+        assert cli.main(["eval", str(out), "--data", str(heldout), "--quiet"]) == 2
+
+
+def test_version_and_help():
+    result = subprocess.run([sys.executable, "-m", "compact", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("compact ")
+    bad = subprocess.run([sys.executable, "-m", "compact", "prune"], capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
