@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("prune", help="prune vocabulary and/or FFN channels -> a standard checkpoint")
     _model_options(r)
     r.add_argument("--out", required=True, type=Path, help="output directory (refused if not empty, unless --overwrite)")
-    r.add_argument("--vocab-keep", type=_positive_int, help="regular tokens to keep (ids 0..N-1) plus every special token")
+    r.add_argument("--vocab-keep", type=_positive_int, help="regular tokens to keep (the N lowest ids) plus specials; byte tokens always stay")
     r.add_argument("--ffn-keep", type=_ffn_keep, help="FFN channels to keep per layer: a count, or a ratio in (0, 1]")
     r.add_argument("--ffn-multiple", type=_positive_int, default=64, help="round a --ffn-keep ratio to this (default 64)")
     r.add_argument("--scores", help="use this scores file instead of calibrating")
