@@ -37,8 +37,34 @@ def _ffn_keep(text: str) -> str:
     return text
 
 
-def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="local model directory, llama2.c .bin checkpoint, or cached hub id")
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
+    return value
+
+
+def _vocab_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vocab-order", choices=["id", "frequency"], default="id",
+                   help="id: keep the lowest ids (the paper); frequency: the most frequent tokens in --calib, "
+                        "completed with their merge ancestors")
+    p.add_argument("--vocab-always", metavar="FILE", help="token strings (one per line) kept whatever their count")
+
+
+def _criterion_options(p: argparse.ArgumentParser) -> None:
+    from .criteria import CRITERIA
+
+    p.add_argument("--ffn-criterion", choices=list(CRITERIA), default="common-act2",
+                   help="; ".join(f"{k}: {v}" for k, v in CRITERIA.items()))
+    p.add_argument("--seed", type=int, default=0, help="seed of the random criterion (default 0)")
+
+
+def _model_options(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("model", metavar="MODEL", nargs="?" if optional else None,
+                   help="local model directory, llama2.c .bin checkpoint, or cached hub id")
     p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when present)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
@@ -65,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     _model_options(s)
     _calib_options(s, required=True)
     s.add_argument("--vocab-keep", type=_positive_int, help="weight only tokens of the kept vocabulary (N regular + specials)")
+    _vocab_options(s)
+    _criterion_options(s)
     s.add_argument("--out", required=True, type=Path, help="scores file (.safetensors)")
     s.add_argument("--check", action="store_true", help="recompute the first batches with forward hooks and compare")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -76,16 +104,30 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--vocab-keep", type=_positive_int, help="regular tokens to keep (the N lowest ids) plus specials; byte tokens always stay")
     r.add_argument("--ffn-keep", type=_ffn_keep, help="FFN channels to keep per layer: a count, or a ratio in (0, 1]")
     r.add_argument("--ffn-multiple", type=_positive_int, default=64, help="round a --ffn-keep ratio to this (default 64)")
+    r.add_argument("--target-params", type=_fraction, metavar="F",
+                   help="keep this fraction of the parameters; the split between vocabulary and FFN is planned")
+    _vocab_options(r)
+    _criterion_options(r)
     r.add_argument("--scores", help="use this scores file instead of calibrating")
     _calib_options(r)
     r.add_argument("--check", action="store_true", help="recompute the first batches with forward hooks and compare")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     r.set_defaults(func=_cmd_prune)
 
+    n = sub.add_parser("plan", help="print the vocabulary/FFN splits weighed for --target-params, and the choice")
+    _model_options(n)
+    _calib_options(n, required=True)
+    n.add_argument("--target-params", type=_fraction, required=True, metavar="F", help="fraction of parameters to keep")
+    n.add_argument("--ffn-multiple", type=_positive_int, default=64, help="FFN channel counts are multiples of this")
+    _vocab_options(n)
+    n.set_defaults(func=_cmd_plan)
+
     e = sub.add_parser("eval", help="held-out NLL / perplexity, parameter counts, optional tokens/s")
-    _model_options(e)
+    _model_options(e, optional=True)
     _calib_options(e, flag="--data", required=True)
-    e.add_argument("--speed", action="store_true", help="also measure prefill tokens/s")
+    e.add_argument("--compare", nargs="+", metavar="MODEL", default=[],
+                   help="more models to evaluate on the same text, in one table (bits/byte compares tokenizers fairly)")
+    e.add_argument("--speed", action="store_true", help="also measure prefill and decode tokens/s")
     e.set_defaults(func=_cmd_eval)
 
     d = sub.add_parser("demo", help="the whole job on an embedded default model and text (under a minute on a CPU)")
@@ -122,11 +164,14 @@ def _cmd_score(args) -> int:
     output.check_destination(args.out, overwrite=args.overwrite)
     loaded = _load(args)
     calib = pipeline.calibrate(loaded, _calib(args), _progress(args))
-    kept = pipeline.kept_vocabulary(loaded, args.vocab_keep)
-    opts = pipeline.PruneOptions(batch_size=args.batch_size, check=args.check, progress=_progress(args))
+    counts = pipeline.token_counts(loaded, _calib(args), _progress(args)) if args.vocab_order == "frequency" else None
+    always = _always(args)
+    kept = pipeline.kept_vocabulary(loaded, args.vocab_keep, order=args.vocab_order, counts=counts, always=always)
+    opts = pipeline.PruneOptions(batch_size=args.batch_size, check=args.check, progress=_progress(args),
+                                 ffn_criterion=args.ffn_criterion, seed=args.seed)
     scores, check = pipeline.compute_scores(loaded, calib, kept, opts)
     meta = {"model": loaded.source, "calibration": calib.source, "vocab_keep": str(args.vocab_keep),
-            "compact": __version__}
+            "vocab_order": args.vocab_order, "ffn_criterion": args.ffn_criterion, "compact": __version__}
     output.save_scores(scores, args.out, meta, overwrite=args.overwrite)
     if not args.quiet:
         print(f"scores for {len(scores)} layers x {next(iter(scores.values())).numel()} channels -> {args.out}")
@@ -136,14 +181,38 @@ def _cmd_score(args) -> int:
     return 0
 
 
+def _always(args) -> list[str]:
+    from . import vocab
+
+    return vocab.read_always_file(args.vocab_always) if args.vocab_always else []
+
+
+def _cmd_plan(args) -> int:
+    from . import criteria, pipeline, report
+
+    loaded = _load(args)
+    calib = pipeline.calibrate(loaded, _calib(args), _progress(args))
+    counts = pipeline.token_counts(loaded, _calib(args), _progress(args))
+    _, plain = criteria.activation_scores(loaded.model, calib.input_ids, calib.attention_mask, None,
+                                          batch_size=args.batch_size, progress=_progress(args))
+    opts = pipeline.PruneOptions(target_params=args.target_params, vocab_order=args.vocab_order,
+                                 ffn_multiple=args.ffn_multiple)
+    _, _, plan = pipeline.plan_split(loaded, counts, plain, opts)
+    print(report.plan_summary(loaded.source, calib.source, plan))
+    return 0
+
+
 def _cmd_prune(args) -> int:
     from . import loading, output, pipeline, report
 
     protected = loading.locate(args.model)
     output.check_destination(args.out, overwrite=args.overwrite, protected=protected)
     loaded = _load(args)
-    opts = pipeline.PruneOptions(args.vocab_keep, args.ffn_keep, args.ffn_multiple, args.scores, args.batch_size,
-                                 args.check, overwrite=args.overwrite, progress=_progress(args))
+    opts = pipeline.PruneOptions(
+        vocab_keep=args.vocab_keep, ffn_keep=args.ffn_keep, target_params=args.target_params,
+        vocab_order=args.vocab_order, vocab_always=args.vocab_always, ffn_multiple=args.ffn_multiple,
+        ffn_criterion=args.ffn_criterion, seed=args.seed, scores=args.scores, batch_size=args.batch_size,
+        check=args.check, overwrite=args.overwrite, progress=_progress(args))
     result = pipeline.prune(loaded, args.out, opts, _calib(args))
     if not args.quiet:
         print(report.prune_summary(result, args.out))
@@ -151,13 +220,23 @@ def _cmd_prune(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from . import evaluate, pipeline, report
+    from . import evaluate, loading, pipeline, report
 
-    loaded = _load(args)
-    data = pipeline.calibrate(loaded, _calib(args), _progress(args))
-    result = evaluate.evaluate(loaded.model, data.input_ids, data.attention_mask, batch_size=args.batch_size,
-                               speed=args.speed, progress=_progress(args))
-    print(report.eval_summary(loaded.source, data.source, result))
+    sources = ([args.model] if args.model else []) + args.compare
+    if not sources:
+        raise ValueError("give MODEL and/or --compare MODEL ...")
+    results, data_source = {}, None
+    for source in sources:
+        loading.locate(source)  # a missing model fails before any work
+    for source in sources:
+        loaded = loading.load(source, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+        data = pipeline.calibrate(loaded, _calib(args), _progress(args))
+        data_source = data_source or data.source
+        results[source] = evaluate.evaluate(loaded.model, data.input_ids, data.attention_mask,
+                                            tokenizer=loaded.tokenizer, batch_size=args.batch_size,
+                                            measure_speed=args.speed, progress=_progress(args))
+        del loaded
+    print(report.eval_table(results, data_source))
     return 0
 
 

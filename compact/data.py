@@ -239,3 +239,21 @@ def _tokenize(pieces, tokenizer, eos_id: int | None, need: int, path: Path,
     origin = (f"{documents} document(s) in the first {chars:,} characters, "
               f"tokenized by {type(tokenizer).__name__}, {joined}")
     return np.asarray(ids[:need], dtype=np.int64), origin
+
+
+def stream(path, *, bin_dtype: str | None = None, text_field: str = "text",
+           chunk_tokens: int = 1 << 22) -> Iterator[str | np.ndarray]:
+    """The whole calibration file in order, a chunk at a time (never all in memory): text pieces for
+    .txt/.jsonl, int arrays of at most ``chunk_tokens`` ids for .npy/.bin. Used to count token frequencies."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in ID_SUFFIXES:
+        ids = _load_npy(path).reshape(-1) if suffix == ".npy" else _load_bin(path, bin_dtype)
+        for start in range(0, ids.size, chunk_tokens):
+            yield np.asarray(ids[start:start + chunk_tokens], dtype=np.int64)
+    elif suffix == ".txt":
+        yield from (text for text, _ in _txt_pieces(path, 1 << 20))
+    elif suffix == ".jsonl":
+        yield from (text for text, _ in _jsonl_pieces(path, text_field))
+    else:
+        raise ValueError(f"{path}: unknown calibration format {suffix!r} (expected .txt, .jsonl, .npy or .bin)")

@@ -29,31 +29,68 @@ def nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = No
     return total, count
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.inference_mode()
-def tokens_per_second(model, input_ids: torch.Tensor, repeats: int = 3) -> float:
-    """Prefill throughput: best of `repeats` forwards over the first sequence."""
+def speed(model, input_ids: torch.Tensor, *, new_tokens: int = 32, repeats: int = 3) -> dict:
+    """Prefill tokens/s (a forward over the first sequence) and decode tokens/s (greedy generation with the
+    KV cache from a 16-token prompt); best of `repeats`."""
     device = model.get_input_embeddings().weight.device
     ids = input_ids[:1].to(device)
-    best = math.inf
+    prompt = ids[:, :16]
+    best = {"prefill": math.inf, "decode": math.inf}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         start = time.perf_counter()
         model(input_ids=ids, use_cache=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return ids.numel() / best
+        _sync(device)
+        middle = time.perf_counter()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        _sync(device)
+        best["prefill"] = min(best["prefill"], middle - start)
+        best["decode"] = min(best["decode"], time.perf_counter() - middle)
+    return {"prefill_tokens_per_s": ids.numel() / best["prefill"], "decode_tokens_per_s": new_tokens / best["decode"]}
 
 
-def evaluate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, batch_size: int = 1,
-             speed: bool = False, progress: bool | None = None) -> dict:
-    """NLL per token, perplexity, parameter counts and (with `speed`) prefill tokens/s."""
+def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
+    """(bytes, what was measured): allocated GPU memory peak, or the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "GPU max_memory_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+
+
+def text_bytes(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> int:
+    """UTF-8 bytes of the text behind the predicted tokens (each row after its first token)."""
+    total = 0
+    for i, row in enumerate(input_ids):
+        keep = row[1:] if attention_mask is None else row[1:][attention_mask[i, 1:].bool()]
+        text = tokenizer.decode(keep.tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        total += len(text.encode("utf-8"))
+    return total
+
+
+def evaluate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, tokenizer=None,
+             batch_size: int = 1, measure_speed: bool = False, progress: bool | None = None) -> dict:
+    """NLL per token, perplexity, bits per byte (with a tokenizer: fair across vocabularies) or per token,
+    parameter counts, peak memory and, with `measure_speed`, prefill/decode tokens/s."""
+    device = model.get_input_embeddings().weight.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     total, count = nll(model, input_ids, attention_mask, batch_size=batch_size, progress=progress)
     if count == 0:
         raise ValueError("evaluation data has no predicted tokens (sequences of length 1?)")
     result = {"tokens": count, "nll_per_token": total / count, "perplexity": math.exp(total / count),
-              "parameters": models.parameter_counts(model)}
-    if speed:
-        result["prefill_tokens_per_s"] = tokens_per_second(model, input_ids)
+              "bits_per_token": total / count / math.log(2), "parameters": models.parameter_counts(model)}
+    if tokenizer is not None:
+        result["bytes"] = text_bytes(tokenizer, input_ids, attention_mask)
+        result["bits_per_byte"] = total / math.log(2) / max(result["bytes"], 1)
+    if measure_speed:
+        result.update(speed(model, input_ids))
+    result["peak_memory_bytes"], result["peak_memory_kind"] = peak_memory_bytes(device)
     return result

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, data, models, output, selection, slicing, vocab
+from . import __version__, budget, criteria, data, models, output, selection, slicing, vocab
 from .loading import Loaded
 from .scoring import score_channels
 
@@ -33,7 +33,12 @@ class CalibOptions:
 class PruneOptions:
     vocab_keep: int | None = None
     ffn_keep: str | None = None
+    target_params: float | None = None
+    vocab_order: str = "id"
+    vocab_always: str | None = None
     ffn_multiple: int = 64
+    ffn_criterion: str = "common-act2"
+    seed: int = 0
     scores: str | None = None
     batch_size: int = 1
     check: bool = False
@@ -95,12 +100,54 @@ def config_token_ids(model) -> list[int]:
     return ids
 
 
-def kept_vocabulary(loaded: Loaded, vocab_keep: int | None) -> list[int] | None:
-    """Ascending old ids to keep, or None when the vocabulary is not cut."""
+VOCAB_ORDERS = ("id", "frequency")
+
+
+def regular_ids(loaded: Loaded) -> list[int]:
+    """Ids of the regular (non-special) tokens that have embedding rows, ascending."""
+    rows = loaded.model.get_input_embeddings().num_embeddings
+    if loaded.tokenizer is None:
+        return list(range(rows))
+    specials = set(vocab.special_token_ids(loaded.tokenizer))
+    return sorted(i for i in loaded.tokenizer.get_vocab().values() if i < rows and i not in specials)
+
+
+def token_counts(loaded: Loaded, calib_opts: CalibOptions, progress: bool | None = None) -> torch.Tensor:
+    """Token frequencies over the whole calibration file, streamed."""
+    if calib_opts.path is None:
+        raise ValueError("--vocab-order frequency and --target-params need calibration data: pass --calib PATH")
+    rows = loaded.model.get_input_embeddings().num_embeddings
+    chunks = data.stream(calib_opts.path, bin_dtype=calib_opts.bin_dtype)
+    return vocab.count_tokens(loaded.tokenizer, chunks, num_embeddings=rows, progress=progress)
+
+
+def kept_vocabulary(loaded: Loaded, vocab_keep: int | None, *, order: str = "id", counts=None,
+                    always=()) -> list[int] | None:
+    """Ascending old ids to keep (id order: the lowest regular ids; frequency order: the most frequent,
+    closed under merge ancestry), or None when the vocabulary is not cut."""
+    if order not in VOCAB_ORDERS:
+        raise ValueError(f"--vocab-order must be one of {', '.join(VOCAB_ORDERS)}, got {order!r}")
     if vocab_keep is None:
         return None
     rows = loaded.model.get_input_embeddings().num_embeddings
-    return vocab.select_vocab(loaded.tokenizer, rows, vocab_keep, extra_ids=config_token_ids(loaded.model))
+    extra = config_token_ids(loaded.model)
+    if order == "frequency":
+        return vocab.select_vocab_by_frequency(loaded.tokenizer, rows, vocab_keep, counts, always=always,
+                                               extra_ids=extra)
+    return vocab.select_vocab(loaded.tokenizer, rows, vocab_keep, extra_ids=extra)
+
+
+def plan_split(loaded: Loaded, counts: torch.Tensor, plain_scores: dict, opts: PruneOptions) -> tuple[int, int, dict]:
+    """(vocab_keep, ffn_keep, plan report) for --target-params, by the rule in compact.budget."""
+    regular = regular_ids(loaded)
+    order = regular if opts.vocab_order == "id" else \
+        sorted(regular, key=lambda i: (-int(counts[i]), i))
+    forced = len(kept_vocabulary(loaded, 1, order=opts.vocab_order, counts=counts)) - 1
+    acc = budget.accounting(loaded.model, len(regular), forced)
+    curve = budget.token_loss_curve(counts, order)
+    choice, candidates = budget.plan(acc, opts.target_params, curve, plain_scores, opts.ffn_multiple)
+    return choice.vocab_keep, choice.ffn_keep, {"target": opts.target_params, "rule": budget.RULE,
+                                                 "candidates": budget.summary(choice, candidates)}
 
 
 def check_against_hooks(model, calib: data.Calibration, kept_ids, *, batch_size: int, batches: int) -> dict:
@@ -120,18 +167,21 @@ def check_against_hooks(model, calib: data.Calibration, kept_ids, *, batch_size:
     return {"sequences": n, "max_rel_diff": worst, "worst_layer": where, "rtol": rtol, "ok": worst <= rtol}
 
 
-def compute_scores(loaded: Loaded, calib: data.Calibration, kept_ids, opts: PruneOptions) -> tuple[dict, dict | None]:
-    """(scores, check result or None): common act^2 over the calibration data, weighted by the kept vocabulary."""
+def compute_scores(loaded: Loaded, calib: data.Calibration | None, kept_ids, opts: PruneOptions) -> tuple[dict, dict | None]:
+    """(scores by `opts.ffn_criterion`, --check result or None); data-driven criteria share one pass."""
+    model = loaded.model
+    if opts.ffn_criterion in criteria.DATA_FREE:
+        return criteria.data_free_scores(model, opts.ffn_criterion, opts.seed), None
     check = None
     if opts.check:
-        check = check_against_hooks(loaded.model, calib, kept_ids, batch_size=opts.batch_size, batches=opts.check_batches)
+        check = check_against_hooks(model, calib, kept_ids, batch_size=opts.batch_size, batches=opts.check_batches)
         if not check["ok"]:
             raise CheckFailed(
                 f"--check failed: fused scores differ from the hook reference by {check['max_rel_diff']:.3g} "
                 f"(relative to the layer maximum) in {check['worst_layer']}, above {check['rtol']:g}")
-    scores = score_channels(loaded.model, calib.input_ids, calib.attention_mask, keep_token_ids=kept_ids,
-                            batch_size=opts.batch_size, progress=opts.progress)
-    return scores, check
+    common, plain = criteria.activation_scores(model, calib.input_ids, calib.attention_mask, kept_ids,
+                                               batch_size=opts.batch_size, progress=opts.progress)
+    return criteria.from_activations(model, opts.ffn_criterion, common, plain), check
 
 
 def versions() -> dict:
@@ -146,24 +196,47 @@ def versions() -> dict:
             "triton": triton_version, "python": platform.python_version()}
 
 
+def _resolve_targets(opts: PruneOptions, intermediate: int) -> int | None:
+    """Validate what to prune; the FFN keep count (None when planned or not cut)."""
+    if opts.target_params is not None and (opts.vocab_keep or opts.ffn_keep):
+        raise ValueError("give --target-params, or --vocab-keep/--ffn-keep, not both")
+    if opts.target_params is None and opts.vocab_keep is None and opts.ffn_keep is None:
+        raise ValueError("nothing to prune: give --vocab-keep and/or --ffn-keep, or --target-params")
+    criteria.check_criterion(opts.ffn_criterion)
+    if opts.ffn_keep is None:
+        return None if opts.target_params else intermediate
+    return selection.resolve_ffn_keep(opts.ffn_keep, intermediate, opts.ffn_multiple)
+
+
 def prune(loaded: Loaded, out: Path, opts: PruneOptions, calib_opts: CalibOptions) -> dict:
     """Prune `loaded` (modified in place) and write the checkpoint, tokenizer, report and scores to `out`."""
     model, timings = loaded.model, Timings()
     intermediate = models.intermediate_size(model)
-    if opts.vocab_keep is None and opts.ffn_keep is None:
-        raise ValueError("nothing to prune: give --vocab-keep and/or --ffn-keep")
-    ffn_keep = intermediate if opts.ffn_keep is None else selection.resolve_ffn_keep(
-        opts.ffn_keep, intermediate, opts.ffn_multiple)
-    with timings.phase("vocabulary"):
-        kept_ids = kept_vocabulary(loaded, opts.vocab_keep)
-    before = models.parameter_counts(model)
-    scores, check, calib_source = None, None, None
-    if opts.scores:
-        scores = output.load_scores(opts.scores, {n: intermediate for n in models.mlps(model)})
-    elif ffn_keep < intermediate or calib_opts.path:
+    ffn_keep = _resolve_targets(opts, intermediate)
+    vocab_keep, plan = opts.vocab_keep, None
+    needs_counts = opts.vocab_order == "frequency" or opts.target_params is not None
+    data_scores = opts.scores is None and opts.ffn_criterion not in criteria.DATA_FREE and (
+        ffn_keep != intermediate or calib_opts.path is not None)
+    calib = counts = None
+    if data_scores or opts.target_params is not None:
         with timings.phase("calibration"):
             calib = calibrate(loaded, calib_opts, opts.progress)
-        calib_source = calib.source
+    if needs_counts:
+        with timings.phase("token counts"):
+            counts = token_counts(loaded, calib_opts, opts.progress)
+    if opts.target_params is not None:
+        with timings.phase("planning"):
+            _, plain = criteria.activation_scores(model, calib.input_ids, calib.attention_mask, None,
+                                                  batch_size=opts.batch_size, progress=opts.progress)
+            vocab_keep, ffn_keep, plan = plan_split(loaded, counts, plain, opts)
+    always = vocab.read_always_file(opts.vocab_always) if opts.vocab_always else ()
+    with timings.phase("vocabulary"):
+        kept_ids = kept_vocabulary(loaded, vocab_keep, order=opts.vocab_order, counts=counts, always=always)
+    before = models.parameter_counts(model)
+    scores, check = None, None
+    if opts.scores:
+        scores = output.load_scores(opts.scores, {n: intermediate for n in models.mlps(model)})
+    elif data_scores or ffn_keep != intermediate:
         with timings.phase("scoring"):
             scores, check = compute_scores(loaded, calib, kept_ids, opts)
     with timings.phase("selection"):
@@ -177,7 +250,9 @@ def prune(loaded: Loaded, out: Path, opts: PruneOptions, calib_opts: CalibOption
             slicing.slice_ffn(model, kept_channels)
     kept_ids = kept_ids if kept_ids is not None else list(range(vocab_before))
     report = {
-        "source": loaded.source, "calibration": calib_source, "scores_file": opts.scores,
+        "source": loaded.source, "calibration": calib.source if calib else None, "scores_file": opts.scores,
+        "ffn_criterion": None if opts.scores else opts.ffn_criterion, "vocab_order": opts.vocab_order,
+        "plan": plan,
         "options": {**asdict(opts), **{f"calib_{k}": v for k, v in asdict(calib_opts).items()}},
         "sizes": {"vocab_before": vocab_before, "vocab_after": len(kept_ids),
                   "intermediate_before": intermediate, "intermediate_after": ffn_keep,

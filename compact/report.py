@@ -35,6 +35,10 @@ def prune_summary(report: dict, out: Path) -> str:
         "",
         "timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items()),
     ]
+    if report.get("plan"):
+        chosen = next(c for c in report["plan"]["candidates"] if c["chosen"])
+        lines.append(f"plan: target {report['plan']['target']:.0%}, chose vocab {chosen['vocab_keep']:,} / FFN "
+                     f"{chosen['ffn_keep']:,} (token loss {chosen['token_loss']:.4f}, score loss {chosen['score_loss']:.4f})")
     check = report["checks"].get("scores_vs_hooks")
     if check:
         lines.append(f"check vs hooks: max relative difference {check['max_rel_diff']:.3g} "
@@ -42,10 +46,35 @@ def prune_summary(report: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def eval_summary(model: str, data: str, result: dict) -> str:
-    rows = [("model", model), ("data", data), ("tokens scored", f"{result['tokens']:,}"),
-            ("NLL / token (nats)", f"{result['nll_per_token']:.4f}"), ("perplexity", f"{result['perplexity']:.3f}")]
-    if "prefill_tokens_per_s" in result:
-        rows.append(("prefill tokens/s", f"{result['prefill_tokens_per_s']:,.0f}"))
-    rows += [(f"parameters: {k}", v) for k, v in parameter_rows(result["parameters"])]
-    return format_table(("metric", "value"), rows)
+EVAL_METRICS = (  # (label, key, format)
+    ("tokens scored", "tokens", "{:,}"), ("bytes scored", "bytes", "{:,}"),
+    ("bits / byte", "bits_per_byte", "{:.4f}"), ("bits / token", "bits_per_token", "{:.4f}"),
+    ("NLL / token (nats)", "nll_per_token", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"),
+    ("prefill tokens/s", "prefill_tokens_per_s", "{:,.0f}"), ("decode tokens/s", "decode_tokens_per_s", "{:,.1f}"),
+)
+
+
+def eval_table(results: dict[str, dict], data: str) -> str:
+    """One column per model: quality, speed, memory and parameters by part."""
+    rows = []
+    for label, key, fmt in EVAL_METRICS:
+        if any(key in r for r in results.values()):
+            rows.append((label, *(fmt.format(r[key]) if key in r else "-" for r in results.values())))
+    first = next(iter(results.values()))
+    rows.append((f"peak memory ({first['peak_memory_kind']})",
+                 *(f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB" for r in results.values())))
+    for part in ("embedding", "head", "attention", "ffn", "other", "total"):
+        rows.append((f"parameters: {part}", *(_millions(r["parameters"][part]) for r in results.values())))
+    return f"data: {data}\n" + format_table(("metric", *results), rows)
+
+
+def plan_summary(model: str, data: str, plan: dict) -> str:
+    rows = [("*" if c["chosen"] else "", f"{c['vocab_keep']:,}", f"{c['ffn_keep']:,}", f"{c['fraction']:.2%}",
+             f"{c['token_loss']:.4f}", f"{c['score_loss']:.4f}", f"{c['cost']:.4f}") for c in plan["candidates"]]
+    chosen = next(c for c in plan["candidates"] if c["chosen"])
+    return "\n".join([
+        f"plan for {model}: keep {plan['target']:.0%} of the parameters (calibration: {data})",
+        f"rule: {plan['rule']}", "",
+        format_table(("", "vocab keep", "FFN keep", "params kept", "token loss", "score loss", "cost"), rows), "",
+        f"choice: --vocab-keep {chosen['vocab_keep']} --ffn-keep {chosen['ffn_keep']} "
+        f"({chosen['fraction']:.2%} of the parameters)"])

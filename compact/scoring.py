@@ -39,9 +39,11 @@ class ChannelScorer:
     `token_weights` table of vocabulary size) times its attention mask; all ones when neither is given.
     backend "fused" (= "auto") replaces each MLP's act-and-mul by `glu_and_score`; "hooks" is the plain
     forward-pre-hook path on `down_proj`, the reference the fused path is checked against.
+    `plain=True` also accumulates unweighted act^2 (attention mask only) in `plain_scores`, in the same pass.
     """
 
-    def __init__(self, model: nn.Module, *, keep_token_ids=None, token_weights=None, backend: str = "auto"):
+    def __init__(self, model: nn.Module, *, keep_token_ids=None, token_weights=None, backend: str = "auto",
+                 plain: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if keep_token_ids is not None and token_weights is not None:
@@ -62,8 +64,10 @@ class ChannelScorer:
                 raise ValueError(f"token_weights must have shape ({vocab},), got {tuple(self.table.shape)}")
         size = models.intermediate_size(model)
         self.scores = {name: torch.zeros(size, dtype=torch.float64, device=device) for name in self.mlps}
+        self.plain_scores = {name: torch.zeros_like(s) for name, s in self.scores.items()} if plain else None
         self._mass = torch.zeros((), dtype=torch.float64, device=device)
         self._weights: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
         self._undo: list = []
 
     @property
@@ -73,8 +77,9 @@ class ChannelScorer:
 
     def set_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """Token weights for the next forward; the decoder pre-hook calls it (call it yourself with inputs_embeds)."""
+        self._mask = None if attention_mask is None else attention_mask.to(torch.float32)
         if self.table is None:
-            self._weights = None if attention_mask is None else attention_mask.to(torch.float32)
+            self._weights = self._mask
         else:
             self._weights = ck.token_weights(input_ids, self.table, attention_mask)
         self._mass += input_ids.numel() if self._weights is None else self._weights.sum(dtype=torch.float64)
@@ -98,6 +103,8 @@ class ChannelScorer:
                 reference.channel_scores(h.detach(), scorer._weights, out=scores)
             else:
                 h = ck.glu_and_score(gate, up, activation=activation, weights=scorer._weights, scores=scores)
+            if scorer.plain_scores is not None:
+                ck.channel_scores(h.detach(), scorer._mask, out=scorer.plain_scores[name])
             return mlp.down_proj(h)
 
         return forward
@@ -105,6 +112,8 @@ class ChannelScorer:
     def _down_pre_hook(self, name: str):
         def hook(module, args):
             reference.channel_scores(args[0].detach(), self._weights, out=self.scores[name])
+            if self.plain_scores is not None:
+                reference.channel_scores(args[0].detach(), self._mask, out=self.plain_scores[name])
 
         return hook
 
@@ -126,24 +135,30 @@ class ChannelScorer:
     def __exit__(self, *exc) -> None:
         while self._undo:
             self._undo.pop()()
-        self._weights = None
+        self._weights = self._mask = None
 
 
-def score_channels(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                   keep_token_ids=None, token_weights=None, batch_size: int = 1, backend: str = "auto",
-                   progress: bool | None = None) -> dict[str, torch.Tensor]:
-    """{"model.layers.{i}.mlp": float64 [I]}: common act^2 over all sequences, running the decoder only."""
+def run_scorer(scorer: ChannelScorer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+               batch_size: int = 1, progress: bool | None = None) -> ChannelScorer:
+    """Feed all sequences through the decoder only (no LM head), batch by batch, under `scorer`."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [sequences, length], got shape {tuple(input_ids.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    decoder = models.decoder_of(model)
-    device = model.get_input_embeddings().weight.device
-    scorer = ChannelScorer(model, keep_token_ids=keep_token_ids, token_weights=token_weights, backend=backend)
+    decoder = models.decoder_of(scorer.model)
+    device = scorer.model.get_input_embeddings().weight.device
     batches = range(0, input_ids.shape[0], batch_size)
     with scorer, torch.inference_mode():
         for start in tqdm(batches, desc="scoring", unit="batch", disable=None if progress is None else not progress):
             ids = input_ids[start:start + batch_size].to(device)
             mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
             decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-    return scorer.scores
+    return scorer
+
+
+def score_channels(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                   keep_token_ids=None, token_weights=None, batch_size: int = 1, backend: str = "auto",
+                   progress: bool | None = None) -> dict[str, torch.Tensor]:
+    """{"model.layers.{i}.mlp": float64 [I]}: common act^2 over all sequences, running the decoder only."""
+    scorer = ChannelScorer(model, keep_token_ids=keep_token_ids, token_weights=token_weights, backend=backend)
+    return run_scorer(scorer, input_ids, attention_mask, batch_size=batch_size, progress=progress).scores

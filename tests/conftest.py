@@ -2,6 +2,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,3 +29,22 @@ def shared_data() -> Path:
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@pytest.fixture(scope="session")
+def stories(tmp_path_factory):
+    """(checkpoint, calibration .npy, held-out .npy): token data sampled from the model itself, seeded."""
+    ckpt = shared_data_dir() / "stories260K.bin"
+    if not ckpt.is_file():
+        pytest.skip(f"{ckpt} is absent (set COMPACT_SHARED_DATA)")
+    from compact.llama2c import load_llama2c
+
+    model = load_llama2c(ckpt)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ids = model.generate(torch.ones(24, 1, dtype=torch.long), do_sample=True, max_new_tokens=191,
+                             min_new_tokens=191, pad_token_id=0)
+    folder = tmp_path_factory.mktemp("stories")
+    np.save(folder / "calib.npy", ids[:12].numpy())
+    np.save(folder / "heldout.npy", ids[12:].numpy())
+    return ckpt, folder / "calib.npy", folder / "heldout.npy"

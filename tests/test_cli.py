@@ -12,25 +12,6 @@ from compact import cli, pipeline
 from compact.llama2c import load_llama2c
 
 
-@pytest.fixture(scope="module")
-def stories(tmp_path_factory):
-    """(checkpoint, calibration .npy, held-out .npy): token data sampled from the model itself, seeded."""
-    from conftest import shared_data_dir
-
-    ckpt = shared_data_dir() / "stories260K.bin"
-    if not ckpt.is_file():
-        pytest.skip(f"{ckpt} is absent (set COMPACT_SHARED_DATA)")
-    model = load_llama2c(ckpt)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        ids = model.generate(torch.ones(24, 1, dtype=torch.long), do_sample=True, max_new_tokens=191,
-                             min_new_tokens=191, pad_token_id=0)
-    folder = tmp_path_factory.mktemp("stories")
-    np.save(folder / "calib.npy", ids[:12].numpy())
-    np.save(folder / "heldout.npy", ids[12:].numpy())
-    return ckpt, folder / "calib.npy", folder / "heldout.npy"
-
-
 def hook_reference(model, ids, kept=None):
     """Forward pre-hooks on every down_proj during a full forward (logits included), float64."""
     weights = torch.ones(ids.shape, dtype=torch.float64) if kept is None else torch.isin(ids, torch.tensor(kept)).double()

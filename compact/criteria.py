@@ -1,0 +1,68 @@
+"""FFN channel criteria, for comparison at equal budget. The data-driven ones share one scoring pass."""
+from __future__ import annotations
+
+import torch
+
+from . import models
+from .scoring import ChannelScorer, run_scorer
+
+CRITERIA = {
+    "common-act2": "sum of h_c^2 over calibration tokens in the kept vocabulary (COMPACT's criterion)",
+    "act2": "sum of h_c^2 over all calibration tokens (no vocabulary weighting)",
+    "wanda": "||W_down[:, c]||_1 * ||h_c||_2 over all calibration tokens (Wanda's |W|*||X||, per channel)",
+    "magnitude": "L2 norm of the channel's weights: its gate and up rows and its down_proj column (no data)",
+    "random": "seeded uniform random scores (a baseline; no data)",
+}
+DATA_FREE = ("magnitude", "random")
+
+
+def check_criterion(name: str) -> None:
+    if name not in CRITERIA:
+        raise ValueError(f"--ffn-criterion must be one of {', '.join(CRITERIA)}; got {name!r}")
+
+
+def activation_scores(model, input_ids, attention_mask, kept_ids, *, batch_size: int = 1,
+                      progress: bool | None = None) -> tuple[dict, dict]:
+    """(common act^2, plain act^2) per MLP from one pass over the calibration data."""
+    scorer = ChannelScorer(model, keep_token_ids=kept_ids, plain=True)
+    run_scorer(scorer, input_ids, attention_mask, batch_size=batch_size, progress=progress)
+    return scorer.scores, scorer.plain_scores
+
+
+def _channel_weight_norms(mlp, family, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p-norms of the down_proj columns, squared L2 norms of the gate and up rows) per channel, float64."""
+    down = mlp.down_proj.weight.detach().double()
+    if family.fused_gate_up:
+        gate, up = mlp.gate_up_proj.weight.detach().double().chunk(2, dim=0)
+    else:
+        gate, up = mlp.gate_proj.weight.detach().double(), mlp.up_proj.weight.detach().double()
+    return down.norm(p=p, dim=0), gate.square().sum(1) + up.square().sum(1)
+
+
+def data_free_scores(model, criterion: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """magnitude or random scores per MLP."""
+    family = models.family_of(model.config)
+    gen = torch.Generator().manual_seed(seed)
+    scores = {}
+    for name, mlp in models.mlps(model).items():
+        if criterion == "random":
+            scores[name] = torch.rand(mlp.down_proj.in_features, generator=gen, dtype=torch.float64)
+        else:
+            down, gate_up = _channel_weight_norms(mlp, family, p=2)
+            scores[name] = (down.square() + gate_up).sqrt().cpu()
+    return scores
+
+
+def wanda_scores(model, plain: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    family = models.family_of(model.config)
+    return {name: _channel_weight_norms(mlp, family, p=1)[0] * plain[name].sqrt()
+            for name, mlp in models.mlps(model).items()}
+
+
+def from_activations(model, criterion: str, common: dict, plain: dict) -> dict[str, torch.Tensor]:
+    """The data-driven criterion's scores from the pass's two accumulators."""
+    if criterion == "common-act2":
+        return common
+    if criterion == "act2":
+        return plain
+    return wanda_scores(model, plain)
