@@ -92,11 +92,12 @@ def renumber(input_ids: torch.Tensor, attention_mask, kept_token_ids: list[int],
 
 
 def config_token_ids(model) -> list[int]:
-    """bos/eos/pad ids named by the config: kept whatever the vocabulary cut."""
+    """bos/eos/pad ids named by the config or the generation config: kept whatever the vocabulary cut."""
     ids = []
-    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(model.config, attr, None)
-        ids += value if isinstance(value, list) else [value] if isinstance(value, int) else []
+    for config in (model.config, getattr(model, "generation_config", None)):
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(config, attr, None)
+            ids += value if isinstance(value, list) else [value] if isinstance(value, int) else []
     return ids
 
 
