@@ -6,16 +6,24 @@ builds a token from lower-ranked parts. The embedding and LM-head rows are slice
 (new id i = old id ``kept_ids[i]``) and :func:`prune_tokenizer` cuts the tokenizer to match, so it
 never emits a dropped id.
 
+Frequency order (:func:`select_vocab_by_frequency`, ``--vocab-order frequency``) instead keeps the tokens a
+calibration corpus uses most (:func:`count_tokens`), closed under merge ancestry so that every kept merged
+token can still be built by the pruned tokenizer.
+
 Supported: BPE tokenizers that can encode any text, i.e. byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM)
 and SentencePiece BPE with byte fallback (Llama 2, Mistral, TinyLlama, Gemma), as fast tokenizers.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode, convert_slow_tokenizer
 
@@ -24,6 +32,7 @@ SUPPORTED = (
     "(Llama 2, Mistral, TinyLlama, Gemma)"
 )
 _BYTE_FALLBACK_PIECES = [f"<0x{b:02X}>" for b in range(256)]
+_COUNT_BATCH_CHARS = 1 << 20  # characters of text count_tokens tokenizes per batch
 # init kwargs that name the original files or ids, not settings the pruned tokenizer should inherit
 _STALE_KWARGS = {
     "vocab_file", "merges_file", "tokenizer_file", "vocab", "merges", "name_or_path", "is_local",
@@ -53,19 +62,10 @@ def select_vocab(tokenizer, num_embeddings: int, keep: int, *, extra_ids=()) -> 
     ``num_embeddings`` are never kept.
     """
     extra = _flat_ids(extra_ids)
-    if tokenizer is None:
-        valid, regular, forced = set(range(num_embeddings)), list(range(num_embeddings)), set()
-    else:
+    if tokenizer is not None:
         tokenizer = _as_fast(tokenizer)
-        vocab = tokenizer.get_vocab()
-        specials = set(special_token_ids(tokenizer))
-        valid = {i for i in vocab.values() if i < num_embeddings}
-        regular = sorted(valid - specials)
-        forced = specials | _base_symbol_ids(tokenizer, vocab)
-    if not 1 <= keep <= len(regular):
-        raise ValueError(
-            f"--vocab-keep must be between 1 and {len(regular)} (the number of regular tokens), got {keep}"
-        )
+    vocab, valid, regular, forced = _partition(tokenizer, num_embeddings)
+    _check_keep(keep, len(regular))
     kept = set(regular[:keep])
     if tokenizer is not None:
         forced |= _alphabet_ids(tokenizer.convert_ids_to_tokens(sorted(kept - forced)), vocab)
@@ -92,6 +92,152 @@ def prune_tokenizer(tokenizer, kept_ids: list[int]):
     if len(pruned) != len(remap):
         raise RuntimeError(f"pruned tokenizer has {len(pruned)} tokens, expected {len(remap)}")
     return pruned
+
+
+def count_tokens(tokenizer, texts_or_ids, *, num_embeddings: int, progress: bool | None = None) -> torch.Tensor:
+    """How often each token id occurs in a corpus: an int64 ``[num_embeddings]`` tensor on the CPU.
+
+    ``texts_or_ids`` is an iterable (or one item) of either kind, mixed freely:
+    - ``str``: text, tokenized by ``tokenizer`` without special tokens (no bos/eos), in batches of about
+      1M characters; each string is tokenized as a whole (pass documents or paragraphs, not one huge string).
+      A text token at or beyond ``num_embeddings`` (an added token without an embedding row, such as
+      Llama 3.2's ``<|image|>`` written out in the text) is not counted.
+    - token ids: an int tensor, numpy array or list of any shape. Every id must lie in ``[0, num_embeddings)``
+      (else ValueError). Padding counts like any id, so pass only real positions (``ids[mask.bool()]``).
+    The iterable is consumed once, item by item, so a corpus of any size streams through. Ids are counted
+    with ``torch.bincount`` on the device of the first id tensor (the GPU when the ids are there; one copy
+    back at the end). ``progress`` shows a tqdm bar of counted tokens (None: only on a terminal).
+    """
+    if num_embeddings < 1:
+        raise ValueError(f"num_embeddings must be >= 1, got {num_embeddings}")
+    if isinstance(texts_or_ids, (str, torch.Tensor, np.ndarray)):
+        texts_or_ids = [texts_or_ids]
+    counts = None
+    texts: list[str] = []
+    chars = 0
+    with tqdm(unit="tok", desc="counting tokens", disable=None if progress is None else not progress) as bar:
+
+        def add(ids: torch.Tensor, from_text: bool) -> None:
+            nonlocal counts
+            if counts is None:
+                counts = torch.zeros(num_embeddings, dtype=torch.int64, device=ids.device)
+            ids = ids.to(counts.device, non_blocking=True)
+            if from_text:
+                ids = ids[ids < num_embeddings]
+            elif ids.numel():
+                lo, hi = (int(v) for v in torch.aminmax(ids))
+                if lo < 0 or hi >= num_embeddings:
+                    raise ValueError(f"token ids must lie in [0, {num_embeddings}), found min {lo} and max {hi}")
+            counts += torch.bincount(ids, minlength=num_embeddings)
+            bar.update(ids.numel())
+
+        def flush() -> None:
+            nonlocal chars
+            if texts:
+                add(_encode_texts(tokenizer, texts), from_text=True)
+                texts.clear()
+                chars = 0
+
+        for item in texts_or_ids:
+            if isinstance(item, str):
+                if tokenizer is None:
+                    raise ValueError("counting tokens of text needs a tokenizer (or pass token ids)")
+                texts.append(item)
+                chars += len(item)
+                if chars >= _COUNT_BATCH_CHARS:
+                    flush()
+            else:
+                add(_id_tensor(item), from_text=False)
+        flush()
+    if counts is None:
+        return torch.zeros(num_embeddings, dtype=torch.int64)
+    return counts.cpu()
+
+
+def select_vocab_by_frequency(tokenizer, num_embeddings: int, keep: int, counts, *, always=(),
+                              extra_ids=()) -> list[int]:
+    """Ascending old ids to keep: the ``keep`` most frequent regular tokens, closed under merge ancestry.
+
+    ``counts`` (``[num_embeddings]``, e.g. from :func:`count_tokens` on calibration text) ranks the regular
+    tokens, ties to the lower id. The selection starts from the tokens kept whatever the order (the base
+    symbols :func:`select_vocab` keeps: byte tokens or byte-fallback pieces and ``▁``), then the ``always``
+    token strings (as the vocabulary spells them, e.g. ``"Ġthe"``; unknown ones raise ValueError) with their
+    ancestors, then walks the tokens by descending count and adds each one together with its missing merge
+    ancestors while the regular tokens kept stay <= ``keep``; a token whose ancestors would overflow is
+    skipped (and retried once other tokens have brought in its ancestors). So every kept merged token can
+    still be built by the pruned tokenizer, and exactly ``keep`` regular tokens are kept, the base symbols
+    among them, unless those and the ``always`` tokens alone are more. A token's parents are the two parts
+    of the last merge BPE applies when it encodes the token's own string (the path the tokenizer takes;
+    the first merge producing the token when BPE cannot build it from its string). Every special/added id
+    and ``extra_ids`` are kept on top, as in :func:`select_vocab`; ids >= ``num_embeddings`` never are.
+
+    ``tokenizer=None`` (a model without a tokenizer): every row is a regular token, the ``keep`` most
+    frequent rows plus ``extra_ids`` are kept, and ``always`` must be empty.
+    """
+    extra = _flat_ids(extra_ids)
+    counts = _check_counts(counts, num_embeddings)
+    always = [always] if isinstance(always, str) else list(always)
+    if tokenizer is None:
+        if always:
+            raise ValueError("--vocab-always needs a tokenizer: its token strings name tokens through it")
+        _check_keep(keep, num_embeddings)
+        kept = set(_by_count(counts, list(range(num_embeddings)))[:keep])
+        return sorted(kept | {i for i in extra if 0 <= i < num_embeddings})
+    tokenizer = _as_fast(tokenizer)
+    vocab, valid, regular, forced = _partition(tokenizer, num_embeddings)
+    _check_keep(keep, len(regular))
+    always_ids = _always_ids(tokenizer, vocab, always, num_embeddings)
+    allowed = set(regular)
+    tree = _MergeTree(tokenizer.backend_tokenizer)
+    kept = forced & allowed  # regular ids kept so far; the base symbols count towards keep
+    for token, token_id in zip(always, always_ids):
+        if token_id in forced:
+            continue
+        add = tree.closure(token_id, kept, allowed)
+        if add is None:
+            raise ValueError(f"--vocab-always: {token!r} is built from a token without an embedding row")
+        kept.update(add)
+    pending = [i for i in _by_count(counts, regular) if i not in kept]
+    while len(kept) < keep and pending:
+        before, skipped = len(kept), []
+        for token_id in pending:
+            if len(kept) >= keep:
+                break
+            if token_id in kept:
+                continue
+            add = tree.closure(token_id, kept, allowed)
+            if add is None:
+                continue  # an ancestor has no embedding row: the token can never be kept consistently
+            if len(kept) + len(add) <= keep:
+                kept.update(add)
+            else:
+                skipped.append(token_id)
+        if len(kept) == before:
+            break
+        pending = skipped
+    kept |= _alphabet_ids(tokenizer.convert_ids_to_tokens(sorted(kept - forced)), vocab)  # no-op: safety net
+    return sorted((kept | forced | extra) & valid)
+
+
+def read_always_file(path) -> list[str]:
+    """The token strings of a ``--vocab-always`` file: one per line, spelled as the vocabulary spells them
+    (``Ġthe`` in byte-level BPE, ``▁the`` in SentencePiece). UTF-8; the line break (``\\n`` or ``\\r\\n``) is
+    not part of the token, any other character is; lines of only whitespace are skipped; duplicates dropped.
+    Raises FileNotFoundError or ValueError with one line naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: --vocab-always file not found")
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: --vocab-always file is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    lines = (line[:-1] if line.endswith("\r") else line for line in text.split("\n"))
+    tokens = list(dict.fromkeys(line for line in lines if line.strip()))
+    if not tokens:
+        raise ValueError(f"{path}: --vocab-always file holds no token strings (expected one per line)")
+    return tokens
 
 
 def _flat_ids(values) -> set[int]:
@@ -234,3 +380,141 @@ def _wrapper_kwargs(tokenizer, kept_tokens: set[str]) -> dict:
             kwargs[name] = getattr(tokenizer, name)
     kwargs["extra_special_tokens"] = [t for t in tokenizer.extra_special_tokens if t in kept_tokens]
     return kwargs
+
+
+def _partition(tokenizer, num_embeddings: int) -> tuple[dict[str, int], set[int], list[int], set[int]]:
+    """(vocab, ids with an embedding row, regular ids ascending, ids always kept) of a fast tokenizer or None."""
+    if tokenizer is None:
+        return {}, set(range(num_embeddings)), list(range(num_embeddings)), set()
+    vocab = tokenizer.get_vocab()
+    specials = set(special_token_ids(tokenizer))
+    valid = {i for i in vocab.values() if i < num_embeddings}
+    return vocab, valid, sorted(valid - specials), specials | _base_symbol_ids(tokenizer, vocab)
+
+
+def _check_keep(keep: int, regular: int) -> None:
+    if not 1 <= keep <= regular:
+        raise ValueError(f"--vocab-keep must be between 1 and {regular} (the number of regular tokens), got {keep}")
+
+
+def _encode_texts(tokenizer, texts: list[str]) -> torch.Tensor:
+    """All ids of ``texts`` without special tokens, concatenated (a `tokenizers.Tokenizer` or a transformers one)."""
+    if hasattr(tokenizer, "encode_batch"):
+        ids = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    else:
+        ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    return torch.from_numpy(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64))
+
+
+def _id_tensor(item) -> torch.Tensor:
+    """Token ids (tensor, numpy array, list) as a flat int64 tensor on their device; TypeError for non-integers."""
+    if isinstance(item, np.ndarray):
+        ids = torch.from_numpy(np.asarray(item, dtype=np.int64)) if item.dtype.kind in "iu" else None
+    else:
+        ids = torch.as_tensor(item)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            ids = None
+    if ids is None:
+        dtype = getattr(item, "dtype", type(item).__name__)
+        raise TypeError(f"count_tokens expects text (str) or integer token ids, got {dtype}")
+    return ids.reshape(-1).long()
+
+
+def _check_counts(counts, num_embeddings: int) -> torch.Tensor:
+    """``counts`` as a 1-D CPU tensor of ``num_embeddings`` real numbers."""
+    counts = torch.as_tensor(counts).detach().cpu()
+    if counts.shape != (num_embeddings,) or counts.is_complex() or counts.dtype == torch.bool:
+        raise ValueError(f"counts must be a 1-D tensor of {num_embeddings} numbers (one per embedding row), "
+                         f"got {counts.dtype} of shape {list(counts.shape)}")
+    return counts
+
+
+def _by_count(counts: torch.Tensor, ids: list[int]) -> list[int]:
+    """``ids`` by descending count, ties in the given (ascending id) order."""
+    index = torch.as_tensor(ids, dtype=torch.long)
+    order = torch.sort(counts[index], descending=True, stable=True).indices
+    return index[order].tolist()
+
+
+def _always_ids(tokenizer, vocab: dict[str, int], always: list, num_embeddings: int) -> list[int]:
+    """The ids of the ``--vocab-always`` token strings; ValueError naming the first unknown one."""
+    ids = []
+    for token in always:
+        if not isinstance(token, str):
+            raise TypeError(f"--vocab-always expects token strings, got {token!r}")
+        if token not in vocab:
+            pieces = tokenizer.convert_ids_to_tokens(tokenizer(token, add_special_tokens=False).input_ids)
+            raise ValueError(f"--vocab-always: {token!r} is not a token of the tokenizer; write tokens as the "
+                             f"vocabulary spells them (this text encodes as {pieces[:8]})")
+        if vocab[token] >= num_embeddings:
+            raise ValueError(f"--vocab-always: {token!r} is id {vocab[token]}, which has no embedding row "
+                             f"(the model has {num_embeddings})")
+        ids.append(vocab[token])
+    return ids
+
+
+class _MergeTree:
+    """Merge ancestry of a BPE model's tokens, computed lazily token by token.
+
+    A merged token's parents are the two parts of the last merge BPE applies when it encodes the token's
+    own string: that is how the tokenizer builds it, in any text (inside a word, the merges within a
+    finished token's span are those of the token on its own). Keeping those parents (recursively) is what
+    lets a pruned tokenizer still emit the token, as a pruned tokenizer applies the same merges in the same
+    order. The first merge producing a token is often another split (Llama 3 and Qwen: ``Ġ the`` comes
+    before the ``Ġth e`` BPE uses, for a third to 40% of their tokens); it is only the fallback for the few tokens BPE
+    cannot build from their own string (never emitted). A token that no merge produces is built from its
+    characters (a single character has no parents).
+    """
+
+    def __init__(self, backend):
+        model = _state(backend.model)
+        self.vocab: dict[str, int] = model["vocab"]
+        self.tokens = {i: t for t, i in self.vocab.items()}
+        pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        # built back to front, so the first occurrence (lowest rank) wins
+        self.ranks: dict[tuple[str, str], int] = dict(zip(reversed(pairs), range(len(pairs) - 1, -1, -1)))
+        self.first: dict[str, tuple[str, str]] = {a + b: (a, b) for a, b in reversed(pairs)}
+        self._parents: dict[int, tuple[int, ...]] = {}
+
+    def parents(self, token_id: int) -> tuple[int, ...]:
+        """The ids ``token_id`` is built from: two merge parts, its characters, or () (a single character)."""
+        if token_id not in self._parents:
+            token = self.tokens.get(token_id)
+            if token is None or len(token) == 1:
+                parts = ()
+            elif token in self.first:
+                parts = self._split(token)
+            else:
+                parts = tuple(c for c in dict.fromkeys(token) if c in self.vocab)
+            self._parents[token_id] = tuple(self.vocab[p] for p in parts)
+        return self._parents[token_id]
+
+    def _split(self, token: str) -> tuple[str, str]:
+        """The two parts BPE joins last when it encodes ``token`` alone (lowest rank first, leftmost on ties)."""
+        word = list(token)
+        while len(word) > 2:
+            best = pos = None
+            for i in range(len(word) - 1):
+                rank = self.ranks.get((word[i], word[i + 1]))
+                if rank is not None and (best is None or rank < best):
+                    best, pos = rank, i
+            if best is None:
+                break
+            word[pos:pos + 2] = [word[pos] + word[pos + 1]]
+        if len(word) == 2 and (word[0], word[1]) in self.ranks:
+            return word[0], word[1]
+        return self.first[token]
+
+    def closure(self, token_id: int, kept: set[int], allowed: set[int]) -> list[int] | None:
+        """``token_id`` and its ancestors that are not in ``kept``; None when one of them is not ``allowed``."""
+        out, seen, stack = [], set(), [token_id]
+        while stack:
+            current = stack.pop()
+            if current in kept or current in seen:
+                continue
+            if current not in allowed:
+                return None
+            seen.add(current)
+            out.append(current)
+            stack.extend(self.parents(current))
+        return out
