@@ -86,7 +86,7 @@ def score_loss_curve(scores: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def plan(acc: Accounting, target: float, token_curve: torch.Tensor, scores: dict[str, torch.Tensor],
          multiple: int = 64) -> tuple[Candidate, list[Candidate]]:
-    """(choice, all candidates) for keeping `target` of the parameters; token_curve from token_loss_curve."""
+    """(choice, candidates): the splits within 1% of `target` and the least costly of them."""
     if not 0 < target <= 1:
         raise ValueError(f"--target-params must be in (0, 1], got {target}")
     budget = target * acc.total
@@ -95,17 +95,17 @@ def plan(acc: Accounting, target: float, token_curve: torch.Tensor, scores: dict
     for ffn_keep in range(acc.intermediate, 0, -multiple):
         vocab_keep = int((budget - acc.fixed - ffn_keep * acc.per_channel) // acc.per_row) - acc.forced_rows
         vocab_keep = min(vocab_keep, acc.regular)
-        if vocab_keep < 1:
-            continue
         params = acc.parameters(vocab_keep, ffn_keep)
+        if vocab_keep < 1 or abs(params / acc.total - target) > 0.01:
+            continue  # no vocabulary size lands this FFN size within 1% of the target
         candidates.append(Candidate(vocab_keep, ffn_keep, params, params / acc.total,
                                     float(token_curve[vocab_keep]), float(score_curve[ffn_keep])))
-    feasible = [c for c in candidates if abs(c.fraction - target) <= 0.01]
-    if not feasible:
-        lowest = acc.parameters(1, multiple) / acc.total
-        raise ValueError(f"--target-params {target} cannot be met: the smallest split keeps {lowest:.1%} "
-                         f"and no split lands within 1% of the target")
-    return min(feasible, key=lambda c: (c.cost, -c.ffn_keep)), candidates
+    if not candidates:
+        smallest = acc.parameters(1, multiple) / acc.total
+        raise ValueError(f"--target-params {target} cannot be met within 1%: splits keep between "
+                         f"{smallest:.1%} and 100% of the parameters in steps too coarse here "
+                         f"(try a smaller --ffn-multiple)")
+    return min(candidates, key=lambda c: (c.cost, -c.ffn_keep)), candidates
 
 
 def summary(choice: Candidate, candidates: list[Candidate], rows: int = 12) -> list[dict]:

@@ -141,9 +141,9 @@ def kept_vocabulary(loaded: Loaded, vocab_keep: int | None, *, order: str = "id"
 def plan_split(loaded: Loaded, counts: torch.Tensor, plain_scores: dict, opts: PruneOptions) -> tuple[int, int, dict]:
     """(vocab_keep, ffn_keep, plan report) for --target-params, by the rule in compact.budget."""
     regular = regular_ids(loaded)
-    order = regular if opts.vocab_order == "id" else \
-        sorted(regular, key=lambda i: (-int(counts[i]), i))
-    forced = len(kept_vocabulary(loaded, 1, order=opts.vocab_order, counts=counts)) - 1
+    rows = loaded.model.get_input_embeddings().num_embeddings
+    order = regular if opts.vocab_order == "id" else vocab.frequency_keep_order(loaded.tokenizer, rows, counts)
+    forced = len(kept_vocabulary(loaded, len(regular), order=opts.vocab_order, counts=counts)) - len(regular)
     acc = budget.accounting(loaded.model, len(regular), forced)
     curve = budget.token_loss_curve(counts, order)
     choice, candidates = budget.plan(acc, opts.target_params, curve, plain_scores, opts.ffn_multiple)

@@ -219,6 +219,27 @@ def select_vocab_by_frequency(tokenizer, num_embeddings: int, keep: int, counts,
     return sorted((kept | forced | extra) & valid)
 
 
+def frequency_keep_order(tokenizer, num_embeddings: int, counts, *, always=()) -> list[int]:
+    """Regular ids in the order frequency selection takes them, with no budget: the base symbols, the
+    ``always`` tokens with their ancestors, then each token by descending count preceded by its missing
+    ancestors. Keeping a prefix of N of these approximates ``select_vocab_by_frequency(keep=N)`` (which also
+    fills the room a too-large last group leaves); the budget planner prices vocabulary cuts along it."""
+    counts = _check_counts(counts, num_embeddings)
+    if tokenizer is None:
+        return _by_count(counts, list(range(num_embeddings)))
+    tokenizer = _as_fast(tokenizer)
+    vocab, _, regular, forced = _partition(tokenizer, num_embeddings)
+    allowed, tree = set(regular), _MergeTree(tokenizer.backend_tokenizer)
+    order = sorted(forced & allowed)
+    kept = set(order)
+    for token_id in [*_always_ids(tokenizer, vocab, list(always), num_embeddings), *_by_count(counts, regular)]:
+        add = tree.closure(token_id, kept, allowed)
+        if add:
+            order += reversed(add)  # ancestors before the token
+            kept.update(add)
+    return order
+
+
 def read_always_file(path) -> list[str]:
     """The token strings of a ``--vocab-always`` file: one per line, spelled as the vocabulary spells them
     (``Ġthe`` in byte-level BPE, ``▁the`` in SentencePiece). UTF-8; the line break (``\\n`` or ``\\r\\n``) is
