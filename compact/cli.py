@@ -62,6 +62,12 @@ def _criterion_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random criterion (default 0)")
 
 
+def _run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint-every", type=_positive_int, metavar="B",
+                   help="save partial sums every B batches to OUT.ckpt (resumable with --resume)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.ckpt")
+
+
 def _model_options(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("model", metavar="MODEL", nargs="?" if optional else None,
                    help="local model directory, llama2.c .bin checkpoint, or cached hub id")
@@ -96,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, type=Path, help="scores file (.safetensors)")
     s.add_argument("--check", action="store_true", help="recompute the first batches with forward hooks and compare")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _run_options(s)
     s.set_defaults(func=_cmd_score)
 
     r = sub.add_parser("prune", help="prune vocabulary and/or FFN channels -> a standard checkpoint")
@@ -112,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     _calib_options(r)
     r.add_argument("--check", action="store_true", help="recompute the first batches with forward hooks and compare")
     r.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _run_options(r)
     r.set_defaults(func=_cmd_prune)
 
     n = sub.add_parser("plan", help="print the vocabulary/FFN splits weighed for --target-params, and the choice")
@@ -159,7 +167,7 @@ def _calib(args):
 
 
 def _cmd_score(args) -> int:
-    from . import output, pipeline
+    from . import output, pipeline, runs
 
     output.check_destination(args.out, overwrite=args.overwrite)
     loaded = _load(args)
@@ -169,9 +177,14 @@ def _cmd_score(args) -> int:
     kept = pipeline.kept_vocabulary(loaded, args.vocab_keep, order=args.vocab_order, counts=counts, always=always)
     opts = pipeline.PruneOptions(batch_size=args.batch_size, check=args.check, progress=_progress(args),
                                  ffn_criterion=args.ffn_criterion, seed=args.seed)
-    scores, check = pipeline.compute_scores(loaded, calib, kept, opts)
+    run = _run(args)
+    resumed = runs.resume_point(run)
+    scores, check = pipeline.compute_scores(loaded, calib, kept, opts, run)
+    if runs.distributed()[0] != 0:
+        return 0  # rank 0 writes
     meta = {"model": loaded.source, "calibration": calib.source, "vocab_keep": str(args.vocab_keep),
-            "vocab_order": args.vocab_order, "ffn_criterion": args.ffn_criterion, "compact": __version__}
+            "vocab_order": args.vocab_order, "ffn_criterion": args.ffn_criterion, "compact": __version__,
+            "resumed_from_batch": str(resumed)}
     output.save_scores(scores, args.out, meta, overwrite=args.overwrite)
     if not args.quiet:
         print(f"scores for {len(scores)} layers x {next(iter(scores.values())).numel()} channels -> {args.out}")
@@ -179,6 +192,18 @@ def _cmd_score(args) -> int:
         if check:
             print(f"check vs hooks: max relative difference {check['max_rel_diff']:.3g} (rtol {check['rtol']:g})")
     return 0
+
+
+def _run(args):
+    """Checkpoint/resume settings; the signature is every argument that changes the sums."""
+    from . import runs
+
+    ignored = {"func", "quiet", "debug", "overwrite", "resume", "checkpoint_every", "check", "command", "device"}
+    signature = {k: str(v) for k, v in vars(args).items() if k not in ignored}
+    if args.calib:
+        stat = Path(args.calib).stat()
+        signature["calib_file"] = f"{stat.st_size} bytes, mtime {stat.st_mtime_ns}"
+    return runs.RunOptions(f"{args.out}.ckpt", args.checkpoint_every or 0, args.resume, signature)
 
 
 def _always(args) -> list[str]:
@@ -203,8 +228,10 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_prune(args) -> int:
-    from . import loading, output, pipeline, report
+    from . import loading, output, pipeline, report, runs
 
+    if runs.distributed()[1] > 1:
+        raise ValueError("torchrun runs `compact score`; prune with --scores from it in one process")
     protected = loading.locate(args.model)
     output.check_destination(args.out, overwrite=args.overwrite, protected=protected)
     loaded = _load(args)
@@ -213,7 +240,7 @@ def _cmd_prune(args) -> int:
         vocab_order=args.vocab_order, vocab_always=args.vocab_always, ffn_multiple=args.ffn_multiple,
         ffn_criterion=args.ffn_criterion, seed=args.seed, scores=args.scores, batch_size=args.batch_size,
         check=args.check, overwrite=args.overwrite, progress=_progress(args))
-    result = pipeline.prune(loaded, args.out, opts, _calib(args))
+    result = pipeline.prune(loaded, args.out, opts, _calib(args), _run(args))
     if not args.quiet:
         print(report.prune_summary(result, args.out))
     return 0

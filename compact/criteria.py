@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from . import models
-from .scoring import ChannelScorer, run_scorer
+from . import runs
+from .scoring import ChannelScorer
 
 CRITERIA = {
     "common-act2": "sum of h_c^2 over calibration tokens in the kept vocabulary (COMPACT's criterion)",
@@ -22,10 +23,11 @@ def check_criterion(name: str) -> None:
 
 
 def activation_scores(model, input_ids, attention_mask, kept_ids, *, batch_size: int = 1,
-                      progress: bool | None = None) -> tuple[dict, dict]:
-    """(common act^2, plain act^2) per MLP from one pass over the calibration data."""
+                      progress: bool | None = None, run: runs.RunOptions | None = None) -> tuple[dict, dict]:
+    """(common act^2, plain act^2) per MLP from one pass over the calibration data (sharded over torchrun
+    ranks, checkpointed per `run`)."""
     scorer = ChannelScorer(model, keep_token_ids=kept_ids, plain=True)
-    run_scorer(scorer, input_ids, attention_mask, batch_size=batch_size, progress=progress)
+    runs.run(scorer, input_ids, attention_mask, batch_size=batch_size, progress=progress, opts=run)
     return scorer.scores, scorer.plain_scores
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, budget, criteria, data, models, output, selection, slicing, vocab
+from . import __version__, budget, criteria, data, models, output, runs, selection, slicing, vocab
 from .loading import Loaded
 from .scoring import score_channels
 
@@ -168,7 +168,8 @@ def check_against_hooks(model, calib: data.Calibration, kept_ids, *, batch_size:
     return {"sequences": n, "max_rel_diff": worst, "worst_layer": where, "rtol": rtol, "ok": worst <= rtol}
 
 
-def compute_scores(loaded: Loaded, calib: data.Calibration | None, kept_ids, opts: PruneOptions) -> tuple[dict, dict | None]:
+def compute_scores(loaded: Loaded, calib: data.Calibration | None, kept_ids, opts: PruneOptions,
+                   run: runs.RunOptions | None = None) -> tuple[dict, dict | None]:
     """(scores by `opts.ffn_criterion`, --check result or None); data-driven criteria share one pass."""
     model = loaded.model
     if opts.ffn_criterion in criteria.DATA_FREE:
@@ -181,7 +182,7 @@ def compute_scores(loaded: Loaded, calib: data.Calibration | None, kept_ids, opt
                 f"--check failed: fused scores differ from the hook reference by {check['max_rel_diff']:.3g} "
                 f"(relative to the layer maximum) in {check['worst_layer']}, above {check['rtol']:g}")
     common, plain = criteria.activation_scores(model, calib.input_ids, calib.attention_mask, kept_ids,
-                                               batch_size=opts.batch_size, progress=opts.progress)
+                                               batch_size=opts.batch_size, progress=opts.progress, run=run)
     return criteria.from_activations(model, opts.ffn_criterion, common, plain), check
 
 
@@ -209,7 +210,8 @@ def _resolve_targets(opts: PruneOptions, intermediate: int) -> int | None:
     return selection.resolve_ffn_keep(opts.ffn_keep, intermediate, opts.ffn_multiple)
 
 
-def prune(loaded: Loaded, out: Path, opts: PruneOptions, calib_opts: CalibOptions) -> dict:
+def prune(loaded: Loaded, out: Path, opts: PruneOptions, calib_opts: CalibOptions,
+          run: runs.RunOptions | None = None) -> dict:
     """Prune `loaded` (modified in place) and write the checkpoint, tokenizer, report and scores to `out`."""
     model, timings = loaded.model, Timings()
     intermediate = models.intermediate_size(model)
@@ -239,7 +241,7 @@ def prune(loaded: Loaded, out: Path, opts: PruneOptions, calib_opts: CalibOption
         scores = output.load_scores(opts.scores, {n: intermediate for n in models.mlps(model)})
     elif data_scores or ffn_keep != intermediate:
         with timings.phase("scoring"):
-            scores, check = compute_scores(loaded, calib, kept_ids, opts)
+            scores, check = compute_scores(loaded, calib, kept_ids, opts, run)
     with timings.phase("selection"):
         kept_channels = selection.select_channels(scores, ffn_keep) if scores else \
             {name: list(range(intermediate)) for name in models.mlps(model)}

@@ -139,20 +139,26 @@ class ChannelScorer:
 
 
 def run_scorer(scorer: ChannelScorer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-               batch_size: int = 1, progress: bool | None = None) -> ChannelScorer:
-    """Feed all sequences through the decoder only (no LM head), batch by batch, under `scorer`."""
+               batch_size: int = 1, progress: bool | None = None, start_batch: int = 0,
+               on_batch=None) -> ChannelScorer:
+    """Feed the sequences through the decoder only (no LM head), batch by batch, under `scorer`, from batch
+    `start_batch` on; `on_batch(batches_done)` runs after each batch (checkpoints hook in there)."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [sequences, length], got shape {tuple(input_ids.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     decoder = models.decoder_of(scorer.model)
     device = scorer.model.get_input_embeddings().weight.device
-    batches = range(0, input_ids.shape[0], batch_size)
+    total = -(-input_ids.shape[0] // batch_size)
     with scorer, torch.inference_mode():
-        for start in tqdm(batches, desc="scoring", unit="batch", disable=None if progress is None else not progress):
-            ids = input_ids[start:start + batch_size].to(device)
-            mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
+        for batch in tqdm(range(start_batch, total), desc="scoring", unit="batch", initial=start_batch, total=total,
+                          disable=None if progress is None else not progress):
+            rows = slice(batch * batch_size, (batch + 1) * batch_size)
+            ids = input_ids[rows].to(device)
+            mask = None if attention_mask is None else attention_mask[rows].to(device)
             decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+            if on_batch is not None:
+                on_batch(batch + 1)
     return scorer
 
 

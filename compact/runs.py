@@ -1,0 +1,126 @@
+"""Long scoring runs: data parallel over processes (torch.distributed) and checkpoint / resume.
+
+Under `torchrun --nproc-per-node N -m compact score ...` every rank scores a contiguous block of the
+calibration sequences; the float64 sums are added with all_reduce (NCCL on GPUs, gloo on CPUs) and rank 0
+writes the output. With `checkpoint_every`, the partial sums and the next batch are saved every B batches
+(written to a temporary file, then renamed); `resume` continues from there after a crash and refuses a
+checkpoint made with other arguments; a finished run removes its checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from .scoring import ChannelScorer, run_scorer
+
+
+@dataclass
+class RunOptions:
+    checkpoint: str | None = None  # file for the partial sums (a rank suffix is added under torchrun)
+    every: int = 0                 # save every this many batches; 0: never
+    resume: bool = False
+    signature: dict = field(default_factory=dict)  # the arguments the run was started with
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size); joins torchrun's process group when WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shard(count: int, rank: int, world: int) -> slice:
+    """The contiguous block of `count` sequences that `rank` of `world` scores."""
+    return slice(count * rank // world, count * (rank + 1) // world)
+
+
+def _state(scorer: ChannelScorer) -> dict[str, torch.Tensor]:
+    state = {f"scores/{k}": v for k, v in scorer.scores.items()}
+    if scorer.plain_scores is not None:
+        state.update({f"plain/{k}": v for k, v in scorer.plain_scores.items()})
+    state["mass"] = scorer._mass
+    return state
+
+
+def save_checkpoint(path: Path, scorer: ChannelScorer, next_batch: int, signature: dict) -> None:
+    """Partial sums + position, atomically (a crash mid-write leaves the previous checkpoint)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in _state(scorer).items()}
+    save_file(tensors, str(tmp), metadata={"next_batch": str(next_batch), "signature": json.dumps(signature)})
+    os.replace(tmp, path)
+
+
+def _path(opts: RunOptions | None, rank: int, world: int) -> Path | None:
+    if opts is None or opts.checkpoint is None:
+        return None
+    return Path(opts.checkpoint + (f".rank{rank}" if world > 1 else ""))
+
+
+def resume_point(opts: RunOptions | None) -> int:
+    """The batch a --resume run will continue from (0 when it starts afresh)."""
+    path = _path(opts, *distributed())
+    if path is None or not path.exists() or not opts.resume:
+        return 0
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return int(f.metadata()["next_batch"])
+
+
+def load_checkpoint(path: Path, scorer: ChannelScorer, signature: dict) -> int:
+    """Restore the partial sums into `scorer`; the batch to continue from."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    saved = json.loads(meta["signature"])
+    if saved != signature:
+        differs = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))
+        raise ValueError(f"checkpoint {path} was made with other arguments ({', '.join(differs)}); "
+                         f"rerun with the same arguments or delete it")
+    tensors = load_file(str(path))
+    with torch.no_grad():
+        for key, value in _state(scorer).items():
+            value.copy_(tensors[key])
+    return int(meta["next_batch"])
+
+
+def run(scorer: ChannelScorer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
+        batch_size: int = 1, progress: bool | None = None, opts: RunOptions | None = None) -> int:
+    """run_scorer over this rank's shard, with checkpoints, then the sums of all ranks into `scorer`.
+    Returns the batch this process started from (> 0 when it resumed)."""
+    opts = opts or RunOptions()
+    rank, world = distributed()
+    part = shard(input_ids.shape[0], rank, world)
+    ids, mask = input_ids[part], None if attention_mask is None else attention_mask[part]
+    path = _path(opts, rank, world)
+    signature = {**opts.signature, "rank": rank, "world": world, "batch_size": batch_size}
+    start = 0
+    if path is not None and path.exists():
+        if not opts.resume:
+            raise ValueError(f"{path} holds an interrupted run: pass --resume to continue it, or delete it")
+        start = load_checkpoint(path, scorer, signature)
+    batches = -(-ids.shape[0] // batch_size)
+
+    def on_batch(done: int) -> None:
+        if path is not None and opts.every and done % opts.every == 0 and done < batches:
+            save_checkpoint(path, scorer, done, signature)
+
+    run_scorer(scorer, ids, mask, batch_size=batch_size, progress=progress, start_batch=start, on_batch=on_batch)
+    if world > 1:
+        for value in _state(scorer).values():
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    if path is not None and path.exists():
+        path.unlink()
+    return start

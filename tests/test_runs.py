@@ -1,0 +1,81 @@
+"""Long runs: a SIGKILLed scoring run resumes without redoing saved batches; torchrun over 2 gloo ranks."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from compact import cli
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama checkpoint and 2-D calibration ids, slow enough per batch to be killed mid-run."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("runs")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    ids = np.random.default_rng(0).integers(0, 300, size=(96, 256))
+    np.save(root / "calib.npy", ids)
+    args = ["score", str(root / "model"), "--calib", str(root / "calib.npy"), "--samples", "96", "--seq-len", "256",
+            "--vocab-keep", "200", "--quiet"]
+    assert cli.main(args + ["--out", str(root / "plain.safetensors")]) == 0
+    return root, args
+
+
+def close(a, b, rtol=1e-6):
+    assert sorted(a) == sorted(b)
+    for name in a:
+        rel = ((a[name] - b[name]).abs() / b[name].abs().clamp_min(1e-30)).max().item()
+        assert rel <= rtol, f"{name}: relative difference {rel:.3g}"
+
+
+def test_killed_run_resumes_from_its_checkpoint(tiny, tmp_path):
+    root, args = tiny
+    out = tmp_path / "scores.safetensors"
+    ckpt = tmp_path / "scores.safetensors.ckpt"
+    command = [sys.executable, "-m", "compact", *args, "--out", str(out), "--checkpoint-every", "2"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert ckpt.exists(), f"no checkpoint appeared (exit {proc.poll()}): {proc.stderr.read().decode()[-500:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "a killed run must not leave a final output"
+    with safe_open(str(ckpt), "pt") as f:
+        saved = int(f.metadata()["next_batch"])
+    assert 2 <= saved < 96 and saved % 2 == 0
+
+    # other arguments: refused; no --resume: refused; nothing written
+    assert cli.main(args[:-1] + ["--out", str(out), "--resume", "--batch-size", "2"]) == 2
+    assert cli.main(args + ["--out", str(out)]) == 2
+    assert not out.exists() and ckpt.exists()
+
+    assert cli.main(args + ["--out", str(out), "--resume", "--checkpoint-every", "2"]) == 0
+    with safe_open(str(out), "pt") as f:
+        resumed = int(f.metadata()["resumed_from_batch"])
+    assert resumed >= saved, "the resumed run redid batches it had saved"
+    assert not ckpt.exists(), "a finished run removes its checkpoint"
+    close(load_file(str(out)), load_file(str(root / "plain.safetensors")))
+
+
+def test_torchrun_two_gloo_ranks_match_one_process(tiny, tmp_path):
+    root, args = tiny
+    out = tmp_path / "ddp.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "compact", *args, "--out", str(out)], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    close(load_file(str(out)), load_file(str(root / "plain.safetensors")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.safetensors"]
