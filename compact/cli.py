@@ -76,6 +76,9 @@ def _model_options(p: argparse.ArgumentParser, optional: bool = False) -> None:
                    help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="sequences per forward (default 1)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off)")
+    p.add_argument("--offload", choices=["none", "layerwise"], default="none",
+                   help="layerwise: never hold the whole model: score one decoder layer at a time from the "
+                        "safetensors files, and (prune) write the pruned checkpoint tensor by tensor")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary tables")
 
 
@@ -151,9 +154,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from .loading import load
+    from .loading import load, load_skeleton
 
-    return load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    loader = load_skeleton if getattr(args, "offload", "none") == "layerwise" else load
+    return loader(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
 
 
 def _progress(args) -> bool | None:
@@ -213,16 +217,14 @@ def _always(args) -> list[str]:
 
 
 def _cmd_plan(args) -> int:
-    from . import criteria, pipeline, report
+    from . import pipeline, report
 
     loaded = _load(args)
     calib = pipeline.calibrate(loaded, _calib(args), _progress(args))
     counts = pipeline.token_counts(loaded, _calib(args), _progress(args))
-    _, plain = criteria.activation_scores(loaded.model, calib.input_ids, calib.attention_mask, None,
-                                          batch_size=args.batch_size, progress=_progress(args))
     opts = pipeline.PruneOptions(target_params=args.target_params, vocab_order=args.vocab_order,
-                                 ffn_multiple=args.ffn_multiple)
-    _, _, plan = pipeline.plan_split(loaded, counts, plain, opts)
+                                 ffn_multiple=args.ffn_multiple, batch_size=args.batch_size, progress=_progress(args))
+    _, _, plan = pipeline.plan_split(loaded, counts, pipeline.plain_scores(loaded, calib, opts), opts)
     print(report.plan_summary(loaded.source, calib.source, plan))
     return 0
 
@@ -292,7 +294,10 @@ def _setup_output(quiet: bool) -> None:
     logging.getLogger("torch").setLevel(logging.ERROR)
     warnings.formatwarning = lambda message, category, *rest: f"compact: warning: {message}\n"
     if quiet:
+        import huggingface_hub
+
         transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
         warnings.filterwarnings("ignore")
 
 

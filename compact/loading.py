@@ -19,6 +19,12 @@ class Loaded:
     tokenizer: object | None
     source: str
     report: dict | None = None  # compact_report.json of a checkpoint this package pruned
+    device: str = "cpu"  # where computation runs (a skeleton's weights are on "meta" until streamed in)
+
+    @property
+    def is_skeleton(self) -> bool:
+        """Weights not loaded: scoring streams layers from the files, pruning writes tensor by tensor."""
+        return self.model.get_input_embeddings().weight.is_meta
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -69,20 +75,46 @@ def locate(source: str) -> Path:
 
 def load(source: str, *, dtype: str = "auto", device: str | None = None, trust_remote_code: bool = False) -> Loaded:
     """Load MODEL (see `locate`) in eval mode on `device`, with its tokenizer (None when it has none)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path, device = locate(source), resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if path.is_file():
-        return Loaded(llama2c.load_llama2c(path, dtype=torch_dtype).to(device), None, f"llama2.c checkpoint {path}")
+        model = llama2c.load_llama2c(path, dtype=torch_dtype).to(device)
+        return Loaded(model, None, f"llama2.c checkpoint {path}", device=device)
+    _config(path, trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    return _with_extras(model.to(device).eval(), path, trust_remote_code, device)
+
+
+def load_skeleton(source: str, *, dtype: str = "auto", device: str | None = None,
+                  trust_remote_code: bool = False) -> Loaded:
+    """MODEL without its weights (on the meta device), with tokenizer and report: enough to prepare data and
+    choose the vocabulary for layer-streamed scoring and streamed pruning, which read the weights themselves."""
+    from .layerwise import skeleton
+
+    path, device = locate(source), resolve_device(device)
+    if path.is_file():
+        raise ValueError(f"model {source!r}: layer-streamed scoring and streamed pruning need a Hugging Face "
+                         "safetensors directory, not a llama2.c checkpoint (it is small: drop the option)")
+    model = skeleton(_config(path, trust_remote_code), resolve_dtype(dtype, device))
+    return _with_extras(model, path, trust_remote_code, device)
+
+
+def _config(path: Path, trust_remote_code: bool):
     from transformers import AutoConfig
 
-    models.family_of(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    model.to(device).eval()
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    models.family_of(config)
+    return config
+
+
+def _with_extras(model, path: Path, trust_remote_code: bool, device: str) -> Loaded:
+    """`model` with the tokenizer (when the folder has one) and compact_report.json (when this package made it)."""
+    from transformers import AutoTokenizer
+
     tokenizer = None
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     report = path / "compact_report.json"
-    return Loaded(model, tokenizer, str(path), json.loads(report.read_text()) if report.is_file() else None)
-
+    return Loaded(model, tokenizer, str(path), json.loads(report.read_text()) if report.is_file() else None, device)

@@ -138,6 +138,15 @@ def kept_vocabulary(loaded: Loaded, vocab_keep: int | None, *, order: str = "id"
     return vocab.select_vocab(loaded.tokenizer, rows, vocab_keep, extra_ids=extra)
 
 
+def plain_scores(loaded: Loaded, calib: data.Calibration, opts: PruneOptions) -> dict:
+    """act^2 over all calibration tokens, the FFN evidence of the budget planner."""
+    if loaded.is_skeleton:
+        return _layerwise_scores(loaded, calib, None, PruneOptions(ffn_criterion="act2", batch_size=opts.batch_size,
+                                                                   progress=opts.progress))[0]
+    return criteria.activation_scores(loaded.model, calib.input_ids, calib.attention_mask, None,
+                                      batch_size=opts.batch_size, progress=opts.progress)[1]
+
+
 def plan_split(loaded: Loaded, counts: torch.Tensor, plain_scores: dict, opts: PruneOptions) -> tuple[int, int, dict]:
     """(vocab_keep, ffn_keep, plan report) for --target-params, by the rule in compact.budget."""
     regular = regular_ids(loaded)
@@ -151,36 +160,65 @@ def plan_split(loaded: Loaded, counts: torch.Tensor, plain_scores: dict, opts: P
                                                  "candidates": budget.summary(choice, candidates)}
 
 
-def check_against_hooks(model, calib: data.Calibration, kept_ids, *, batch_size: int, batches: int) -> dict:
-    """Scores of the first batches by the fused path vs the plain hook path; the largest relative difference."""
+def check_against_hooks(score, calib: data.Calibration, *, batch_size: int, batches: int, dtype) -> dict:
+    """`score(ids, mask, backend)` on the first batches, fused vs the plain hook path: the largest difference
+    relative to each layer's maximum."""
     n = min(calib.input_ids.shape[0], batch_size * batches)
-    ids = calib.input_ids[:n]
     mask = None if calib.attention_mask is None else calib.attention_mask[:n]
-    runs = {backend: score_channels(model, ids, mask, keep_token_ids=kept_ids, batch_size=batch_size,
-                                    backend=backend, progress=False) for backend in ("fused", "hooks")}
+    runs_ = {backend: score(calib.input_ids[:n], mask, backend) for backend in ("fused", "hooks")}
     worst, where = 0.0, None
-    for name, ref in runs["hooks"].items():
+    for name, ref in runs_["hooks"].items():
         scale = ref.abs().max().clamp_min(1e-30)
-        diff = float(((runs["fused"][name] - ref).abs() / scale).max())
+        diff = float(((runs_["fused"][name] - ref).abs() / scale).max())
         if diff >= worst:
             worst, where = diff, name
-    rtol = CHECK_RTOL[model.get_input_embeddings().weight.dtype]
-    return {"sequences": n, "max_rel_diff": worst, "worst_layer": where, "rtol": rtol, "ok": worst <= rtol}
+    rtol = CHECK_RTOL[dtype]
+    result = {"sequences": n, "max_rel_diff": worst, "worst_layer": where, "rtol": rtol, "ok": worst <= rtol}
+    if not result["ok"]:
+        raise CheckFailed(f"--check failed: fused scores differ from the hook reference by {worst:.3g} "
+                          f"(relative to the layer maximum) in {where}, above {rtol:g}")
+    return result
+
+
+def _layerwise_scores(loaded: Loaded, calib: data.Calibration, kept_ids, opts: PruneOptions) -> tuple[dict, dict | None]:
+    """common act^2 (or act^2) loading one layer at a time from the checkpoint files."""
+    from .layerwise import score_layerwise
+
+    if opts.ffn_criterion not in ("common-act2", "act2"):
+        raise ValueError(f"layer-streamed scoring computes common-act2 and act2, not {opts.ffn_criterion}")
+    keep = kept_ids if opts.ffn_criterion == "common-act2" else None
+    dtype = loaded.model.get_input_embeddings().weight.dtype
+
+    def score(ids, mask, backend, progress=False):
+        return score_layerwise(loaded.source, ids, mask, keep_token_ids=keep, batch_size=opts.batch_size,
+                               device=loaded.device, dtype=dtype, backend=backend, progress=progress)
+
+    check = check_against_hooks(score, calib, batch_size=opts.batch_size, batches=opts.check_batches,
+                                dtype=dtype) if opts.check else None
+    return score(calib.input_ids, calib.attention_mask, "auto", opts.progress), check
 
 
 def compute_scores(loaded: Loaded, calib: data.Calibration | None, kept_ids, opts: PruneOptions,
                    run: runs.RunOptions | None = None) -> tuple[dict, dict | None]:
-    """(scores by `opts.ffn_criterion`, --check result or None); data-driven criteria share one pass."""
+    """(scores by `opts.ffn_criterion`, --check result or None); data-driven criteria share one pass.
+    A skeleton model (loading.load_skeleton) is scored layer by layer from its files."""
     model = loaded.model
     if opts.ffn_criterion in criteria.DATA_FREE:
+        if loaded.is_skeleton:
+            raise ValueError(f"--ffn-criterion {opts.ffn_criterion} needs the weights: drop --offload/--streamed")
         return criteria.data_free_scores(model, opts.ffn_criterion, opts.seed), None
+    if loaded.is_skeleton:
+        if run is not None and (run.every or run.resume or runs.distributed()[1] > 1):
+            raise ValueError("layer-streamed scoring runs in one process without checkpoints")
+        return _layerwise_scores(loaded, calib, kept_ids, opts)
     check = None
     if opts.check:
-        check = check_against_hooks(model, calib, kept_ids, batch_size=opts.batch_size, batches=opts.check_batches)
-        if not check["ok"]:
-            raise CheckFailed(
-                f"--check failed: fused scores differ from the hook reference by {check['max_rel_diff']:.3g} "
-                f"(relative to the layer maximum) in {check['worst_layer']}, above {check['rtol']:g}")
+        def score(ids, mask, backend):
+            return score_channels(model, ids, mask, keep_token_ids=kept_ids, batch_size=opts.batch_size,
+                                  backend=backend, progress=False)
+
+        check = check_against_hooks(score, calib, batch_size=opts.batch_size, batches=opts.check_batches,
+                                    dtype=model.get_input_embeddings().weight.dtype)
     common, plain = criteria.activation_scores(model, calib.input_ids, calib.attention_mask, kept_ids,
                                                batch_size=opts.batch_size, progress=opts.progress, run=run)
     return criteria.from_activations(model, opts.ffn_criterion, common, plain), check
@@ -212,7 +250,8 @@ def _resolve_targets(opts: PruneOptions, intermediate: int) -> int | None:
 
 def prune(loaded: Loaded, out: Path, opts: PruneOptions, calib_opts: CalibOptions,
           run: runs.RunOptions | None = None) -> dict:
-    """Prune `loaded` (modified in place) and write the checkpoint, tokenizer, report and scores to `out`."""
+    """Prune `loaded` (modified in place) and write the checkpoint, tokenizer, report and scores to `out`.
+    A skeleton (loading.load_skeleton) is scored layer by layer and written tensor by tensor from its files."""
     model, timings = loaded.model, Timings()
     intermediate = models.intermediate_size(model)
     ffn_keep = _resolve_targets(opts, intermediate)
@@ -229,9 +268,7 @@ def prune(loaded: Loaded, out: Path, opts: PruneOptions, calib_opts: CalibOption
             counts = token_counts(loaded, calib_opts, opts.progress)
     if opts.target_params is not None:
         with timings.phase("planning"):
-            _, plain = criteria.activation_scores(model, calib.input_ids, calib.attention_mask, None,
-                                                  batch_size=opts.batch_size, progress=opts.progress)
-            vocab_keep, ffn_keep, plan = plan_split(loaded, counts, plain, opts)
+            vocab_keep, ffn_keep, plan = plan_split(loaded, counts, plain_scores(loaded, calib, opts), opts)
     always = vocab.read_always_file(opts.vocab_always) if opts.vocab_always else ()
     with timings.phase("vocabulary"):
         kept_ids = kept_vocabulary(loaded, vocab_keep, order=opts.vocab_order, counts=counts, always=always)
@@ -246,36 +283,53 @@ def prune(loaded: Loaded, out: Path, opts: PruneOptions, calib_opts: CalibOption
         kept_channels = selection.select_channels(scores, ffn_keep) if scores else \
             {name: list(range(intermediate)) for name in models.mlps(model)}
     vocab_before = model.get_input_embeddings().num_embeddings
-    with timings.phase("slicing"):
-        if kept_ids is not None:
-            slicing.slice_vocabulary(model, kept_ids)
-        if ffn_keep < intermediate:
-            slicing.slice_ffn(model, kept_channels)
-    kept_ids = kept_ids if kept_ids is not None else list(range(vocab_before))
     report = {
         "source": loaded.source, "calibration": calib.source if calib else None, "scores_file": opts.scores,
         "ffn_criterion": None if opts.scores else opts.ffn_criterion, "vocab_order": opts.vocab_order,
-        "plan": plan,
+        "plan": plan, "streamed": loaded.is_skeleton,
         "options": {**asdict(opts), **{f"calib_{k}": v for k, v in asdict(calib_opts).items()}},
-        "sizes": {"vocab_before": vocab_before, "vocab_after": len(kept_ids),
+        "sizes": {"vocab_before": vocab_before, "vocab_after": len(kept_ids) if kept_ids else vocab_before,
                   "intermediate_before": intermediate, "intermediate_after": ffn_keep,
                   "layers": len(kept_channels), "hidden": model.config.hidden_size},
-        "parameters": {"before": before, "after": models.parameter_counts(model)},
+        "parameters": {"before": before},
         "checks": {"scores_vs_hooks": check}, "timings_s": timings, "versions": versions(),
-        "kept_token_ids": kept_ids, "kept_channels": list(kept_channels.values()),
+        "kept_token_ids": kept_ids if kept_ids is not None else list(range(vocab_before)),
+        "kept_channels": list(kept_channels.values()),
     }
+    channels = kept_channels if ffn_keep < intermediate else None
     with output.staged_dir(out, overwrite=opts.overwrite) as tmp:
+        if loaded.is_skeleton:
+            write_streamed(loaded, kept_ids, channels, tmp, report, timings, opts.progress)
+        else:
+            with timings.phase("slicing"):
+                if kept_ids is not None:
+                    slicing.slice_vocabulary(model, kept_ids)
+                if channels:
+                    slicing.slice_ffn(model, channels)
+            report["parameters"]["after"] = models.parameter_counts(model)
+            with timings.phase("save"):
+                model.save_pretrained(tmp, safe_serialization=True)
         with timings.phase("save"):
-            save_pruned(loaded, kept_ids, tmp, report)
+            save_tokenizer(loaded, report["kept_token_ids"], tmp, report)
             if scores is not None:
                 output.save_scores(scores, tmp / "compact_scores.safetensors")
         output.write_json(tmp / "compact_report.json", report)
     return report
 
 
-def save_pruned(loaded: Loaded, kept_ids: list[int], folder: Path, report: dict) -> None:
-    """save_pretrained + the pruned tokenizer (when there is one) into `folder`."""
-    loaded.model.save_pretrained(folder, safe_serialization=True)
+def write_streamed(loaded: Loaded, kept_ids, kept_channels, folder: Path, report: dict, timings: Timings,
+                   progress) -> None:
+    """Slice the checkpoint tensor by tensor from the source files into `folder` (never the whole model)."""
+    from .streamed import write_pruned
+
+    with timings.phase("slicing"):
+        summary = write_pruned(loaded.source, folder, kept_ids, kept_channels, device=loaded.device,
+                               progress=progress)
+    report["parameters"]["after"] = summary["parameters"]["after"]
+
+
+def save_tokenizer(loaded: Loaded, kept_ids: list[int], folder: Path, report: dict) -> None:
+    """The tokenizer cut to `kept_ids` into `folder`; a warning when the model has none."""
     if loaded.tokenizer is None:
         warnings.warn("the model has no tokenizer: the pruned checkpoint is written without one", stacklevel=2)
         report["tokenizer"] = None

@@ -53,10 +53,10 @@ def slice_vocabulary(model: nn.Module, kept_token_ids: list[int]) -> None:
     model.config.vocab_size = index.numel()
     for config in (model.config, getattr(model, "generation_config", None)):
         if config is not None:
-            _renumber_special_ids(config, new_id)
+            renumber_special_ids(config, new_id)
 
 
-def _renumber_special_ids(config, new_id: dict[int, int]) -> None:
+def renumber_special_ids(config, new_id: dict[int, int]) -> None:
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
         value = getattr(config, attr, None)
         if isinstance(value, int):

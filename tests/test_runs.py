@@ -79,3 +79,29 @@ def test_torchrun_two_gloo_ranks_match_one_process(tiny, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     close(load_file(str(out)), load_file(str(root / "plain.safetensors")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.safetensors"]
+
+
+def test_offload_layerwise_matches_in_memory(tiny, tmp_path):
+    root, args = tiny
+    out = tmp_path / "layerwise.safetensors"
+    assert cli.main(args + ["--out", str(out), "--offload", "layerwise", "--check", "--batch-size", "4"]) == 0
+    close(load_file(str(out)), load_file(str(root / "plain.safetensors")))
+
+
+def test_streamed_prune_writes_the_in_memory_checkpoint(tiny, tmp_path):
+    import json
+
+    root, _ = tiny
+    common = ["prune", str(root / "model"), "--scores", str(root / "plain.safetensors"), "--vocab-keep", "200",
+              "--ffn-keep", "256", "--quiet"]
+    assert cli.main(common + ["--out", str(tmp_path / "memory")]) == 0
+    assert cli.main(common + ["--out", str(tmp_path / "streamed"), "--offload", "layerwise"]) == 0
+    tensors = {kind: {k: v for f in sorted((tmp_path / kind).glob("model*.safetensors")) for k, v in load_file(str(f)).items()}
+               for kind in ("memory", "streamed")}
+    assert sorted(tensors["memory"]) == sorted(tensors["streamed"])
+    for name, value in tensors["memory"].items():
+        other = tensors["streamed"][name]
+        assert value.dtype == other.dtype and torch.equal(value.view(torch.uint8), other.view(torch.uint8)), name
+    reports = {k: json.loads((tmp_path / k / "compact_report.json").read_text()) for k in ("memory", "streamed")}
+    for key in ("kept_token_ids", "kept_channels", "sizes", "parameters"):
+        assert reports["memory"][key] == reports["streamed"][key], key

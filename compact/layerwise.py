@@ -1,0 +1,292 @@
+"""Layer-streamed calibration (`--offload layerwise`): common act^2 scores without ever holding the model.
+
+`score_layerwise` builds the model skeleton on the `meta` device from its config, then materializes one piece
+at a time from the safetensors shards (read lazily with `safetensors.safe_open`):
+
+1. the embedding (and the decoder's small non-layer modules: rotary embeddings); every calibration batch goes
+   through the model's *own* decoder forward with the layers replaced by stubs that record what each layer
+   receives (the embedded, for Gemma scaled, hidden states; the causal / sliding-window masks of
+   `create_causal_mask` / `create_sliding_window_causal_mask`; the rotary cos/sin, per layer type for
+   Gemma 3; the position ids) — so masks, positions and rotary tables are exactly the forward's own;
+   the embedding is then freed;
+2. each decoder layer in turn: `to_empty` + load its tensors, run every batch through it with the recorded
+   arguments, keeping the hidden states (on the compute device when they fit, else on the CPU), score its MLP
+   with the same `ChannelScorer` fused path as `compact.scoring` (`compact_kernels.glu_and_score`, weights =
+   kept-token table * attention mask, float64 accumulators), free the layer, go on.
+
+Peak memory: one layer + the hidden states (+ the embedding, during step 1 only). The final norm and the LM
+head are never loaded. Scores equal `compact.scoring.score_channels` on the loaded model (same batch size;
+bit-identical in the tests). Measured on the CPU (tests/test_layerwise.py): a 16-layer fp32 Llama of 258 MiB
+(16 MiB per layer), 4 sequences of 32-128 tokens: peak RSS 47-55 MiB above the baseline layer-streamed, 259-293 MiB in memory.
+
+Arithmetic for Llama-3.1-70B (80 layers, hidden 8192, intermediate 28672, 64/8 heads of 128, vocab 128256,
+untied head) -- ARITHMETIC, NOT MEASURED:
+
+- per layer: attention q,o 2 x 8192^2 + k,v 2 x 8192 x 1024 = 150,994,944; MLP 3 x 8192 x 28672 =
+  704,643,072; norms 16,384; total 855,654,400 parameters = 1.71 GB in bf16 (1.59 GiB).
+- embedding (and the head, each) 128256 x 8192 = 1,050,673,152 = 2.10 GB bf16; whole model 70.55e9
+  parameters = 141.1 GB bf16: more than an 80 GB H100, and an H200 (141 GB) has no room left for activations.
+- hidden states for 16 x 2048 = 32,768 tokens: 32768 x 8192 x 2 B = 0.54 GB (512 MiB) bf16. Per batch of one
+  2048-token sequence the MLP's gate/up/h are 3 x 2048 x 28672 x 2 B = 0.35 GB.
+- layer-streamed peak on the GPU: ~1.7 GB layer + 0.54 GB hidden states + ~0.5 GB activations (+ the 2.1 GB
+  embedding during step 1 only): ~3-5 GB instead of > 141 GB.
+- compute: 2 x 68.45e9 (layer parameters) x 32,768 tokens = 4.5e15 FLOP (+2-4% for the attention scores at 2048).
+  At the H100/H200 dense bf16 peak of ~989 TFLOP/s that is 4.5 s; at a realistic 50-60% ~8-9 s.
+- weight traffic: each batch reads every layer's weights from HBM once: 137 GB / 3.35 TB/s (H100) = 41 ms or
+  / 4.8 TB/s (H200) = 29 ms per batch, x 16 batches = 0.5-0.7 s; compute bound (2048 tokens per batch is
+  ~2048 FLOP per weight byte, far above the ~300 FLOP/B ridge).
+- loading the 141 GB once: from host memory / page cache over PCIe 5 x16 (~50 GB/s) ~3 s, PCIe 4 (~25 GB/s)
+  ~6 s; from one NVMe drive (3-7 GB/s) 20-47 s; a single-threaded CPU copy out of the safetensors mmap
+  (~5-10 GB/s) adds 14-28 s, since layers are loaded and computed one after the other (no prefetch yet).
+  So loading, not FLOPs, dominates: expect ~0.5-1 min end to end on one H100/H200 (the paper reports 2 min 17 s
+  for 70B on an A100).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import loading, models
+from .scoring import ChannelScorer
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+# ------------------------------------------------------------------------------------------- checkpoint files
+
+def checkpoint_files(model_dir: Path) -> dict[str, Path]:
+    """{tensor name: safetensors file holding it}, from the index json or the single model.safetensors."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: model_dir / shard for name, shard in weight_map.items()}
+        for shard in set(files.values()):
+            if not shard.is_file():
+                raise FileNotFoundError(f"{index} names shard {shard.name}, which is missing")
+        return files
+    single = model_dir / SINGLE_NAME
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise FileNotFoundError(
+        f"{model_dir} has neither {INDEX_NAME} nor {SINGLE_NAME}: layer-streamed loading needs safetensors "
+        "(re-save a .bin checkpoint with save_pretrained(safe_serialization=True))")
+
+
+def read_tensors(files: dict[str, Path], names):
+    """Yield (name, tensor) for the named tensors, each shard opened once. The tensors are CPU views of the
+    file's mapping (safetensors >= 0.8 does not copy): use each one before asking for the next."""
+    from safetensors import safe_open
+
+    by_shard: dict[Path, list[str]] = {}
+    for name in names:
+        by_shard.setdefault(files[name], []).append(name)
+    for shard, shard_names in by_shard.items():
+        with safe_open(str(shard), framework="pt") as f:
+            for name in shard_names:
+                yield name, f.get_tensor(name)
+
+
+# ------------------------------------------------------------------------------------------- materializing
+
+def skeleton(config, dtype: torch.dtype) -> nn.Module:
+    """The whole model on the meta device: module structure and shapes, no storage."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def _prefix_of(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return f"{name}." if name else ""
+    raise ValueError("module is not part of the model")
+
+
+def materialize(module: nn.Module, prefix: str, files: dict[str, Path], device, init_owner: nn.Module) -> None:
+    """Allocate `module` on `device` and fill it: parameters and persistent buffers from the checkpoint
+    (cast to the skeleton's dtype, as from_pretrained does), non-persistent buffers (rotary inverse
+    frequencies, Gemma's embedding scale) by the model's own `_init_weights`, as from_pretrained does."""
+    names = {key: prefix + key for key in module.state_dict(keep_vars=True)}
+    missing = [full for full in names.values() if full not in files]
+    if missing:
+        some = ", ".join(sorted(files)[:4])
+        raise KeyError(f"the checkpoint lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+                       f"(it holds e.g. {some}); layer-streamed loading needs the standard tensor names")
+    module.to_empty(device=device)
+    targets = dict(module.named_parameters())
+    targets.update(module.named_buffers())
+    key_of = {full: key for key, full in names.items()}
+    with torch.no_grad():
+        for full, source in read_tensors(files, names.values()):
+            target = targets[key_of[full]]
+            if tuple(source.shape) != tuple(target.shape):
+                raise ValueError(f"{full}: checkpoint shape {tuple(source.shape)}, the config implies "
+                                 f"{tuple(target.shape)}")
+            target.copy_(source)  # host -> device and the cast to the skeleton's dtype, one tensor at a time
+            target._is_hf_initialized = True  # transformers' init functions leave it alone
+            del source
+        for sub_name, sub in module.named_modules():
+            if not sub._non_persistent_buffers_set:
+                continue
+            buffers = {n: getattr(sub, n) for n in sub._non_persistent_buffers_set if getattr(sub, n) is not None}
+            for buf in buffers.values():  # poison first: a buffer `_init_weights` does not set shows up below
+                if buf.is_floating_point():
+                    buf.fill_(float("nan"))
+            init_owner._init_weights(sub)
+            for n, buf in buffers.items():
+                if buf.is_floating_point() and torch.isnan(buf).any():
+                    raise RuntimeError(f"{prefix}{sub_name + '.' if sub_name else ''}{n}: this model's _init_weights "
+                                       f"does not set this non-persistent buffer; layer-streamed loading cannot "
+                                       f"rebuild it ({type(sub).__name__})")
+
+
+def release(module: nn.Module) -> None:
+    """Free a module's storage (back to the meta device) and hand the freed host memory back to the system."""
+    module.to_empty(device="meta")
+    trim_host_memory()
+
+
+def trim_host_memory() -> None:
+    """glibc raises its mmap threshold after large frees, so layer-sized host buffers end up on the heap and
+    are kept after they are freed: RSS then grows by a fraction of a layer per layer. malloc_trim returns them."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer i: records what the decoder passes it, returns its input unchanged."""
+
+    def __init__(self, index: int, sink: dict):
+        super().__init__()
+        self.index, self.sink = index, sink
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.sink[self.index] = (args, kwargs)
+        if self.index == 0:
+            self.sink["hidden"] = hidden_states
+        return hidden_states
+
+
+def _record_inputs(decoder: nn.Module, input_ids, attention_mask) -> tuple[torch.Tensor, list]:
+    """(layer-0 hidden states, [(args, kwargs) per layer]) from the decoder's own forward with stub layers."""
+    sink: dict = {}
+    layers, norm = decoder.layers, getattr(decoder, "norm", None)
+    decoder.layers = nn.ModuleList(_Recorder(i, sink) for i in range(len(layers)))
+    if norm is not None:
+        decoder.norm = nn.Identity()
+    try:
+        decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        decoder.layers = layers
+        if norm is not None:
+            decoder.norm = norm
+    return sink["hidden"], [sink[i] for i in range(len(layers))]
+
+
+def _layer_bytes(layer: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+
+
+def _auto_hidden_device(device: torch.device, hidden_bytes: int, layer_bytes: int) -> torch.device:
+    """The compute device when the hidden states fit beside ~3 layers' worth of room, else the CPU."""
+    if device.type != "cuda":
+        return torch.device("cpu") if device.type != "meta" else device
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if hidden_bytes + 3 * layer_bytes < 0.9 * free else torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+def score_layerwise(model_dir, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                    keep_token_ids=None, token_weights=None, batch_size: int = 1, device="cpu",
+                    dtype: torch.dtype = torch.float32, hidden_device=None, backend: str = "auto",
+                    progress: bool | None = None) -> dict[str, torch.Tensor]:
+    """{"model.layers.{i}.mlp": float64 [I]} like `compact.scoring.score_channels`, loading one layer at a time.
+
+    `model_dir`: a Hugging Face directory with safetensors (or a cached hub id). `hidden_device`: where the
+    hidden states wait between layers; None = the compute device when they fit, else the CPU (the per-batch
+    masks and rotary tables stay on the compute device). `dtype`: the compute dtype (checkpoint tensors are
+    cast to it, as from_pretrained(dtype=...) does). `backend`: as in `score_channels`. Scores are returned
+    on the compute device; they equal `score_channels` on the loaded model with the same `batch_size`.
+    """
+    from transformers import AutoConfig
+
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [sequences, length], got shape {tuple(input_ids.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    path = loading.locate(str(model_dir))
+    if path.is_file():
+        raise ValueError(f"{model_dir}: layer-streamed scoring needs a Hugging Face safetensors directory, "
+                         "not a llama2.c checkpoint (load it whole: it is small)")
+    config = AutoConfig.from_pretrained(path)
+    models.family_of(config)
+    if getattr(config, "quantization_config", None):
+        raise ValueError(f"{model_dir} is quantized ({config.quantization_config.get('quant_method', '?')}); "
+                         "layer-streamed scoring loads plain floating-point tensors only")
+    files = checkpoint_files(path)
+    device = torch.device(device)
+    model = skeleton(config, dtype)
+    decoder = models.decoder_of(model)
+    prefix = _prefix_of(model, decoder)
+    layers = decoder.layers
+    show = None if progress is None else not progress
+
+    # 1. embedding + small decoder modules; record every layer's inputs, batch by batch.
+    small = [(name, child) for name, child in decoder.named_children() if name not in ("layers", "norm")]
+    for name, child in small:
+        materialize(child, f"{prefix}{name}.", files, device, decoder)
+    scorer = ChannelScorer(model, keep_token_ids=keep_token_ids, token_weights=token_weights, backend=backend)
+    starts = range(0, input_ids.shape[0], batch_size)
+    item = torch.empty((), dtype=dtype).element_size()
+    hidden_bytes = input_ids.numel() * config.hidden_size * item
+    if hidden_device is None:
+        hidden_device = _auto_hidden_device(device, hidden_bytes, _layer_bytes(layers[0]))
+    hidden_device = torch.device(hidden_device)
+    batches = []  # per batch: [ids, mask, hidden, per-layer (args, kwargs)]
+    with torch.inference_mode():
+        for start in starts:
+            ids = input_ids[start:start + batch_size].to(device)
+            mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
+            hidden, per_layer = _record_inputs(decoder, ids, mask)
+            batches.append([ids, mask, hidden.to(hidden_device), per_layer])
+    for _, child in small:
+        release(child)
+
+    # 2. one layer at a time.
+    with scorer, torch.inference_mode():
+        for i in tqdm(range(len(layers)), desc="layers", unit="layer", disable=show):
+            layer = layers[i]
+            materialize(layer, f"{prefix}layers.{i}.", files, device, decoder)
+            for batch in batches:
+                ids, mask, hidden, per_layer = batch
+                args, kwargs = per_layer[i]
+                scorer.set_batch(ids, mask)
+                out = layer(hidden.to(device), *args, **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                batch[2] = out.to(hidden_device) if i + 1 < len(layers) else None
+            release(layer)
+    return scorer.scores

@@ -1,0 +1,301 @@
+"""Streamed pruning (`compact.streamed.prune_streamed`) against the in-memory path.
+
+For every supported family (Llama tied and untied included), from one file and from several shards: the
+checkpoint written tensor by tensor equals `slice_vocabulary` + `slice_ffn` on the loaded model followed by
+`save_pretrained` — same tensor names, dtypes and bytes, same config.json and generation_config.json — and
+its summary's parameter counts equal `compact.models.parameter_counts` before and after. Also: bf16, vocabulary
+only / FFN only, atomic output and the finish hook, bad input, and a peak-memory check (about two tensors).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from compact import models, slicing
+from compact.streamed import prune_streamed, write_pruned
+
+VOCAB, INTER = 97, 48
+COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+              intermediate_size=INTER, vocab_size=VOCAB, max_position_embeddings=64)
+SLIDING = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
+# Special ids spread out (Phi-3's pad/eos at the top) so that renumbering shows.
+CASES = {
+    "llama": (tf.LlamaConfig, dict(bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)),
+    "llama-tied": (tf.LlamaConfig, dict(bos_token_id=1, eos_token_id=[2, 90], tie_word_embeddings=True)),
+    "mistral": (tf.MistralConfig, dict(bos_token_id=1, eos_token_id=2, sliding_window=4)),
+    "qwen2": (tf.Qwen2Config, dict(bos_token_id=80, eos_token_id=81)),
+    "qwen3": (tf.Qwen3Config, dict(bos_token_id=80, eos_token_id=81)),
+    "gemma": (tf.GemmaConfig, dict(pad_token_id=0, bos_token_id=2, eos_token_id=1)),
+    "gemma2": (tf.Gemma2Config, dict(pad_token_id=0, bos_token_id=2, eos_token_id=1, **SLIDING)),
+    "gemma3_text": (tf.Gemma3TextConfig, dict(pad_token_id=0, bos_token_id=2, eos_token_id=1, **SLIDING)),
+    "phi3": (tf.Phi3Config, dict(pad_token_id=96, bos_token_id=1, eos_token_id=95)),
+}
+
+
+def build(case: str, seed: int = 0, dtype=torch.float32):
+    config_cls, overrides = CASES[case]
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config_cls(**COMMON, **overrides)).to(torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+    return model.to(dtype)
+
+
+def source(case: str, folder: Path, *, sharded: bool, dtype=torch.float32) -> Path:
+    build(case, dtype=dtype).save_pretrained(folder, max_shard_size="8KB" if sharded else "10GB")
+    assert (folder / "model.safetensors.index.json").is_file() == sharded
+    return folder
+
+
+def kept_ids(config, seed: int = 0) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    specials = set()
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(config, attr, None)
+        specials |= set(value) if isinstance(value, list) else {value} if isinstance(value, int) else set()
+    return sorted(set(torch.randperm(VOCAB, generator=gen)[:50].tolist()) | specials)
+
+
+def kept_channels(model, keep: int = 20, seed: int = 0) -> dict[str, list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return {name: sorted(torch.randperm(INTER, generator=gen)[:keep].tolist()) for name in models.mlps(model)}
+
+
+def in_memory(src: Path, out: Path, ids, channels, dtype) -> tuple[dict, dict]:
+    """The in-memory path: load, slice_vocabulary + slice_ffn, save_pretrained; (counts before, after)."""
+    model = tf.AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
+    before = models.parameter_counts(model)
+    if ids is not None:
+        slicing.slice_vocabulary(model, ids)
+    if channels is not None:
+        slicing.slice_ffn(model, channels)
+    model.save_pretrained(out)
+    return before, models.parameter_counts(model)
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        part = load_file(f)
+        assert not set(part) & set(out), f"{f.name} repeats tensors"
+        out.update(part)
+    return out
+
+
+def assert_same_checkpoint(got: Path, ref: Path, what: str) -> None:
+    a, b = tensors(ref), tensors(got)
+    assert sorted(a) == sorted(b), f"{what}: tensor names differ: {sorted(set(a) ^ set(b))}"
+    for name, expected in a.items():
+        actual = b[name]
+        assert actual.dtype == expected.dtype, f"{what} {name}: dtype {actual.dtype} != {expected.dtype}"
+        assert actual.shape == expected.shape, f"{what} {name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        assert torch.equal(actual, expected), f"{what} {name}: values differ"
+    for name in ("config.json", "generation_config.json"):
+        ja, jb = json.loads((ref / name).read_text()), json.loads((got / name).read_text())
+        diff = {k: (ja.get(k), jb.get(k)) for k in set(ja) | set(jb) if ja.get(k) != jb.get(k)}
+        assert not diff, f"{what} {name}: (in-memory, streamed) differ: {diff}"
+
+
+# ------------------------------------------------------------------------------------------------ equality
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "one-file"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_streamed_equals_in_memory(case, sharded, tmp_path):
+    src = source(case, tmp_path / "src", sharded=sharded)
+    model = build(case)
+    ids, channels = kept_ids(model.config), kept_channels(model)
+    before, after = in_memory(src, tmp_path / "ref", ids, channels, torch.float32)
+    summary = prune_streamed(src, tmp_path / "out", ids, channels, progress=False)
+    out = tmp_path / "out"
+    assert_same_checkpoint(out, tmp_path / "ref", case)
+    assert summary["parameters"] == {"before": before, "after": after}
+    assert summary["sizes"] == {"vocab_before": VOCAB, "vocab_after": len(ids), "intermediate_before": INTER,
+                                "intermediate_after": 20, "layers": 2, "hidden": 32}
+    assert summary["tied"] == models.is_tied(model)
+    src_files = sorted(p.name for p in src.glob("*.safetensors"))
+    assert sorted(p.name for p in out.glob("*.safetensors")) == src_files == summary["shards"]
+    index = out / "model.safetensors.index.json"
+    assert index.is_file() == sharded
+    if sharded:
+        data = json.loads(index.read_text())
+        owners = {}
+        for f in src_files:
+            with safe_open(str(out / f), "pt") as h:
+                owners.update({k: f for k in h.keys()})
+        assert data["weight_map"] == owners
+        assert data["metadata"]["total_size"] == summary["bytes"]["after"] == \
+            sum(t.numel() * t.element_size() for t in tensors(out).values())
+        assert data["metadata"]["total_parameters"] == after["total"]
+    # loads in plain transformers and computes what the in-memory pruned model computes
+    x = torch.tensor([[0, 3, 7, 11, 20, 33]]) % len(ids)
+    with torch.no_grad():
+        got = tf.AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=x).logits
+        ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "ref").eval()(input_ids=x).logits
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("case", ["llama", "gemma3_text", "phi3"])
+def test_bf16_source_kept_in_bf16(case, tmp_path):
+    src = source(case, tmp_path / "src", sharded=True, dtype=torch.bfloat16)
+    model = build(case)
+    ids, channels = kept_ids(model.config, 1), kept_channels(model, 16, 1)
+    in_memory(src, tmp_path / "ref", ids, channels, torch.bfloat16)
+    prune_streamed(src, tmp_path / "out", ids, channels, progress=False)
+    assert_same_checkpoint(tmp_path / "out", tmp_path / "ref", f"{case} bf16")
+    assert all(t.dtype == torch.bfloat16 for t in tensors(tmp_path / "out").values())
+
+
+@pytest.mark.parametrize("part", ["vocabulary", "ffn"])
+def test_one_axis_only(part, tmp_path):
+    src = source("qwen2", tmp_path / "src", sharded=True)
+    model = build("qwen2")
+    ids = kept_ids(model.config) if part == "vocabulary" else None
+    channels = kept_channels(model) if part == "ffn" else None
+    before, after = in_memory(src, tmp_path / "ref", ids, channels, torch.float32)
+    summary = prune_streamed(src, tmp_path / "out", ids, channels, progress=False)
+    assert_same_checkpoint(tmp_path / "out", tmp_path / "ref", part)
+    assert summary["parameters"] == {"before": before, "after": after}
+    sizes = summary["sizes"]
+    assert (sizes["vocab_after"] == VOCAB) == (part == "ffn")
+    assert (sizes["intermediate_after"] == INTER) == (part == "vocabulary")
+
+
+# ------------------------------------------------------------------------------------- atomic output, hooks
+
+def test_atomic_output_and_finish_hook(tmp_path):
+    src = source("llama", tmp_path / "src", sharded=True)
+    model = build("llama")
+    ids, channels = kept_ids(model.config), kept_channels(model)
+    out = tmp_path / "out"
+
+    def failing(folder, summary):
+        assert (folder / "config.json").is_file() and folder != out
+        raise RuntimeError("tokenizer surgery failed")
+
+    with pytest.raises(RuntimeError, match="tokenizer surgery failed"):
+        prune_streamed(src, out, ids, channels, finish=failing, progress=False)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], \
+        "a failed prune left files behind"
+
+    seen = {}
+
+    def finish(folder, summary):
+        (folder / "compact_report.json").write_text(json.dumps({"sizes": summary["sizes"]}))
+        seen.update(summary)
+
+    summary = prune_streamed(src, out, ids, channels, finish=finish, progress=False)
+    assert seen == summary and (out / "compact_report.json").is_file()
+    with pytest.raises(ValueError, match="not empty"):
+        prune_streamed(src, out, ids, channels, progress=False)
+    with pytest.raises(ValueError, match="overlaps the source"):
+        prune_streamed(src, src / "inside", ids, channels, progress=False)
+    prune_streamed(src, out, ids, None, overwrite=True, progress=False)
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == INTER
+    assert not (out / "compact_report.json").exists()
+
+
+def test_bad_input(tmp_path):
+    src = source("llama", tmp_path / "src", sharded=False)
+    model = build("llama")
+    ids, channels = kept_ids(model.config), kept_channels(model)
+    (tmp_path / "w").mkdir()
+    with pytest.raises(ValueError, match="ascending"):
+        write_pruned(src, tmp_path / "w", ids[::-1], None)
+    with pytest.raises(IndexError, match="outside"):
+        write_pruned(src, tmp_path / "w", ids + [VOCAB], None)
+    with pytest.raises(ValueError, match="same number of channels"):
+        write_pruned(src, tmp_path / "w", None, {**channels, "model.layers.1.mlp": channels["model.layers.1.mlp"][:5]})
+    with pytest.raises(KeyError, match="every MLP"):
+        write_pruned(src, tmp_path / "w", None, {"model.layers.0.mlp": channels["model.layers.0.mlp"]})
+    with pytest.raises(IndexError, match="outside"):
+        write_pruned(src, tmp_path / "w", None, {n: c[:-1] + [INTER] for n, c in channels.items()})
+    with pytest.raises(models.UnsupportedModelError):
+        tf.GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
+        write_pruned(tmp_path / "gpt2", tmp_path / "w", ids, None)
+
+
+# ------------------------------------------------------------------------------------------------- memory
+
+MEASURE = textwrap.dedent("""
+    import gc, json, re, sys
+    def status():
+        text = open("/proc/self/status").read()
+        return {k: int(re.search(k + r":\\s+(\\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
+    def start():
+        gc.collect()
+        trim_host_memory()
+        try:
+            open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark
+        except OSError:
+            pass
+        return status()["VmRSS"]
+    src, streamed_out, whole_out = sys.argv[1], sys.argv[2], sys.argv[3]
+    import torch, transformers
+    import transformers.models.llama.modeling_llama  # library code: imported before the baselines
+    from compact import models, slicing
+    from compact.layerwise import trim_host_memory
+    from compact.streamed import prune_streamed
+    config = transformers.AutoConfig.from_pretrained(src)
+    ids = list(range(0, config.vocab_size, 2))
+    channels = {f"model.layers.{i}.mlp": list(range(0, config.intermediate_size, 2))
+                for i in range(config.num_hidden_layers)}
+    # Streamed first: memory it leaves to the allocator could only make the in-memory figure smaller.
+    base = start()
+    prune_streamed(src, streamed_out, ids, channels, progress=False)
+    figures = {"streamed": {"base": base, "peak": status()["VmHWM"]}}
+    base = start()
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    slicing.slice_vocabulary(model, ids)
+    slicing.slice_ffn(model, channels)
+    model.save_pretrained(whole_out)
+    figures["in-memory"] = {"base": base, "peak": status()["VmHWM"]}
+    print(json.dumps(figures))
+""")
+
+
+def measure(src: Path, streamed_out: Path, whole_out: Path) -> dict[str, dict]:
+    """Both paths in one fresh process, each from a reset high-water mark: {mode: {base, peak} RSS in bytes}."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", MEASURE, str(src), str(streamed_out), str(whole_out)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_peak_memory_about_two_tensors(tmp_path):
+    """A ~200 MB model whose largest tensors (embedding, head) are 16 MiB: streamed pruning's peak RSS stays
+    near two of them, while the in-memory path holds the model. Prints the figures."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc (Linux) to read the peak RSS")
+    config = tf.LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=16, num_attention_heads=8,
+                            num_key_value_heads=8, vocab_size=8192, max_position_embeddings=256,
+                            tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path / "src", max_shard_size="100MB")
+    largest = max(p.numel() * 4 for p in model.parameters())
+    total = sum(p.numel() * 4 for p in model.parameters())
+    del model
+    peaks = measure(tmp_path / "src", tmp_path / "streamed", tmp_path / "whole")
+    streamed, whole = peaks["streamed"], peaks["in-memory"]
+    assert_same_checkpoint(tmp_path / "streamed", tmp_path / "whole", "200 MB model")
+    mb = 1 / 2**20
+    s_peak, w_peak = (streamed["peak"] - streamed["base"]) * mb, (whole["peak"] - whole["base"]) * mb
+    print(f"\nstreamed prune of a {total * mb:.0f} MiB model (largest tensor {largest * mb:.0f} MiB): peak RSS above the "
+          f"post-import baseline {s_peak:.0f} MiB = {s_peak / (largest * mb):.2f} x the largest tensor; "
+          f"in memory (load, slice, save_pretrained) {w_peak:.0f} MiB")
+    assert s_peak < 2.5 * largest * mb + 16, f"streamed peak {s_peak:.0f} MiB is more than ~2 largest tensors"
