@@ -14,6 +14,7 @@ from . import __version__, budget, criteria, data, models, output, runs, selecti
 from .loading import Loaded
 from .scoring import score_channels
 
+
 class CheckFailed(RuntimeError):
     """--check found the fused scores off the hook reference."""
 
