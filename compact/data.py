@@ -250,7 +250,7 @@ def stream(path, *, bin_dtype: str | None = None, text_field: str = "text",
     if suffix in ID_SUFFIXES:
         ids = _load_npy(path).reshape(-1) if suffix == ".npy" else _load_bin(path, bin_dtype)
         for start in range(0, ids.size, chunk_tokens):
-            yield np.asarray(ids[start:start + chunk_tokens], dtype=np.int64)
+            yield np.array(ids[start:start + chunk_tokens], dtype=np.int64)  # a writable copy of one chunk
     elif suffix == ".txt":
         yield from (text for text, _ in _txt_pieces(path, 1 << 20))
     elif suffix == ".jsonl":
