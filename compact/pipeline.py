@@ -136,6 +136,10 @@ def kept_vocabulary(loaded: Loaded, vocab_keep: int | None, *, order: str = "id"
     if order == "frequency":
         return vocab.select_vocab_by_frequency(loaded.tokenizer, rows, vocab_keep, counts, always=always,
                                                extra_ids=extra)
+    if loaded.tokenizer is None:
+        warnings.warn("no tokenizer: id order assumes later ids are rarer, which need not hold here "
+                      "(SentencePiece puts its 256 byte pieces first); --vocab-order frequency measures it",
+                      stacklevel=2)
     return vocab.select_vocab(loaded.tokenizer, rows, vocab_keep, extra_ids=extra)
 
 
