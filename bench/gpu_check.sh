@@ -24,9 +24,10 @@ step() {  # step NAME SECONDS COMMAND...: run under timeout, log, record rc and 
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv 2>&1 | tee -a "$LOG"
-step kernel-tests 180 "$PY" -m pytest -q -p no:cacheprovider tests/kernels
-step bench-scores 240 "$PY" bench/bench_scores.py --out "$OUT" "$@"
-step bench-gather 90 "$PY" bench/bench_gather.py --out "$OUT" "$@"
+step kernel-tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels
+step bench-scores 180 "$PY" bench/bench_scores.py --out "$OUT" "$@"
+step bench-gather 60 "$PY" bench/bench_gather.py --out "$OUT" "$@"
+step calibration 180 "$PY" bench/calibration.py --device cuda --out "$OUT"
 
 { echo "== summary (results in $OUT)"; printf '%s\n' "${SUMMARY[@]}"; } | tee -a "$LOG"
 exit "$FAILED"

@@ -136,11 +136,12 @@ def kept_vocabulary(loaded: Loaded, vocab_keep: int | None, *, order: str = "id"
     if order == "frequency":
         return vocab.select_vocab_by_frequency(loaded.tokenizer, rows, vocab_keep, counts, always=always,
                                                extra_ids=extra)
+    kept = vocab.select_vocab(loaded.tokenizer, rows, vocab_keep, extra_ids=extra)
     if loaded.tokenizer is None:
         warnings.warn("no tokenizer: id order assumes later ids are rarer, which need not hold here "
                       "(SentencePiece puts its 256 byte pieces first); --vocab-order frequency measures it",
                       stacklevel=2)
-    return vocab.select_vocab(loaded.tokenizer, rows, vocab_keep, extra_ids=extra)
+    return kept
 
 
 def plain_scores(loaded: Loaded, calib: data.Calibration, opts: PruneOptions) -> dict:

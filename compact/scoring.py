@@ -2,9 +2,18 @@
 
 `ChannelScorer` is a context manager a user's own calibration loop runs under; `score_channels` drives it
 over a tensor of token ids, batch by batch, running only the decoder (no LM head, no logits).
+
+Speed (see bench/calibration.py): `run_scorer` calls the decoder itself, with no hooks, under
+`torch.inference_mode`, and stops right after the last MLP has scored (a private `_StopForward` raised there
+and caught in `run_scorer`): the last down_proj, the final norm, the LM head and the logits never run.
+On the CPU the fused path runs each MLP with reusable work buffers (gate/up GEMMs written into them with
+`out=`, act-and-mul and the squaring in place): a fresh large tensor is fresh pages from the OS, and touching
+those costs about as much as the elementwise work itself. The values are the model's own (same ops, same
+layouts), so scores match the hook path bit for bit on the same input.
 """
 from __future__ import annotations
 
+import math
 import types
 
 import torch
@@ -12,12 +21,68 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import compact_kernels as ck
-from compact_kernels import reference
+from compact_kernels import _checks, reference
 
 from . import models
 
 BACKENDS = ("auto", "fused", "hooks")
 _ABSENT = object()
+
+
+class _StopForward(Exception):
+    """Raised once the last MLP has scored while `run_scorer` drives the decoder; caught there, never escapes."""
+
+
+class _Scratch:
+    """Work buffers reused across layers and batches (CPU fast path), one flat buffer per slot, grown on demand."""
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self._buffers.get(slot)
+        # An inference tensor cannot be written outside inference mode: reallocate when the mode changed.
+        if (buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device
+                or (buf.is_inference() and not torch.is_inference_mode_enabled())):
+            self._buffers.pop(slot, None)  # free the old one first: no double peak
+            buf = self._buffers[slot] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
+
+    def clear(self) -> None:
+        self._buffers.clear()
+
+
+def _plain_linear(module) -> bool:
+    """An nn.Linear whose call is exactly F.linear: no subclass, no instance forward, no hooks."""
+    return (type(module) is nn.Linear and "forward" not in vars(module)
+            and not module._forward_hooks and not module._forward_pre_hooks)
+
+
+def _no_global_hooks() -> bool:
+    mod = torch.nn.modules.module
+    return not any(getattr(mod, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_module_registration_hooks"))
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # older torch: no device argument
+        return torch.is_autocast_enabled()
+
+
+def _linear_into(linear: nn.Linear, x2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """linear(x2) for 2-D x2 written into `out`: the same mm/addmm F.linear runs, without a fresh output."""
+    if linear.bias is None:
+        return torch.mm(x2, linear.weight.t(), out=out)
+    return torch.addmm(linear.bias, x2, linear.weight.t(), out=out)
+
+
+def _add_sums(sq: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out += sum_t weights_t * sq[t] for squared activations sq [T, C] (as reference.channel_scores sums)."""
+    total = sq.sum(0) if weights is None else weights.reshape(-1).float() @ sq
+    out.add_(total.to(out.dtype))
 
 
 def keep_table(vocab_size: int, keep_token_ids, device=None) -> torch.Tensor:
@@ -69,6 +134,9 @@ class ChannelScorer:
         self._weights: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._undo: list = []
+        self._scratch = _Scratch()
+        self._driven = False      # run_scorer calls set_batch itself: no decoder pre-hook
+        self._stop_after = None   # run_scorer: the MLP after which _StopForward ends the forward
 
     @property
     def tokens(self) -> float:
@@ -82,7 +150,8 @@ class ChannelScorer:
             self._weights = self._mask
         else:
             self._weights = ck.token_weights(input_ids, self.table, attention_mask)
-        self._mass += input_ids.numel() if self._weights is None else self._weights.sum(dtype=torch.float64)
+        # float32 per batch (exact for 0/1 weights below 2^24 tokens), float64 across batches.
+        self._mass += input_ids.numel() if self._weights is None else self._weights.sum().to(torch.float64)
 
     def _decoder_pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -92,10 +161,76 @@ class ChannelScorer:
         elif self._weights is None and self.table is not None:
             raise ValueError("ChannelScorer needs input_ids in the forward call (or set_batch before each forward)")
 
+    def _stop_here(self, name: str) -> None:
+        if name == self._stop_after:
+            raise _StopForward(name)
+
+    def _projections(self, mlp: nn.Module) -> list[nn.Module]:
+        if self.family.fused_gate_up:
+            return [mlp.gate_up_proj, mlp.down_proj]
+        return [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+
+    def _fast_path_ok(self, mlp: nn.Module, x: torch.Tensor) -> bool:
+        """The CPU buffer path: plain-torch kernels, no autograd/autocast, plain nn.Linear projections, no hooks."""
+        if x.device.type != "cpu" or torch.is_grad_enabled() or _autocast_on("cpu"):
+            return False
+        if ck.backend_for(x) != "torch" or x.dim() < 2:
+            return False
+        projections = self._projections(mlp)
+        return (all(_plain_linear(p) for p in projections) and _no_global_hooks()
+                and all(p.weight.dtype == x.dtype and p.weight.device == x.device for p in projections))
+
+    def _fast_forward(self, name: str, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The MLP with reusable buffers: the values of the model's own forward (same ops, same layouts).
+
+        gate and up are GEMMs written into two buffers; act(gate) * up is computed in place in the gate
+        buffer (HF computes act on a contiguous gate, as here; Phi-3's fused gate_up gets act of its strided
+        half into a contiguous buffer, as HF does). down_proj reads h; then h is squared in place (float32) or
+        into a float32 buffer (bf16/fp16) and reduced with the token weights like reference.channel_scores.
+        """
+        scratch, device = self._scratch, x.device
+        x2 = x.reshape(-1, x.shape[-1])
+        rows = x2.shape[0]
+        if self.family.fused_gate_up:
+            proj = mlp.gate_up_proj
+            half = proj.out_features // 2
+            gate_up = _linear_into(proj, x2, scratch.get("gate_up", (rows, 2 * half), x.dtype, device))
+            gate, up = gate_up[:, :half], gate_up[:, half:]
+            h = scratch.get("h", (rows, half), x.dtype, device)
+            if self.activation == "silu":
+                torch.ops.aten.silu.out(gate, out=h)
+            else:
+                torch.ops.aten.gelu.out(gate, approximate="tanh", out=h)
+        else:
+            gate = _linear_into(mlp.gate_proj, x2, scratch.get("gate", (rows, mlp.gate_proj.out_features),
+                                                                 x.dtype, device))
+            up = _linear_into(mlp.up_proj, x2, scratch.get("up", tuple(gate.shape), x.dtype, device))
+            h = gate
+            if self.activation == "silu":
+                torch.ops.aten.silu_(h)
+            else:
+                torch.ops.aten.gelu_(h, approximate="tanh")
+        h.mul_(up)
+        _checks.check_weights(self._weights, x.shape[:-1], device)
+        stop = name == self._stop_after
+        out = None if stop else mlp.down_proj(h)
+        if h.dtype == torch.float32:
+            sq = h.square_()
+        else:
+            sq = scratch.get("sq", tuple(h.shape), torch.float32, device).copy_(h).square_()
+        _add_sums(sq, self._weights, self.scores[name])
+        if self.plain_scores is not None:
+            _add_sums(sq, self._mask, self.plain_scores[name])
+        if stop:
+            raise _StopForward(name)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
     def _fused_forward(self, name: str):
         family, activation, scorer = self.family, self.activation, self
 
         def forward(mlp, x):
+            if scorer._fast_path_ok(mlp, x):
+                return scorer._fast_forward(name, mlp, x)
             gate, up = models.gate_up(mlp, family, x)
             scores = scorer.scores[name]
             if torch.is_grad_enabled() and gate.requires_grad:  # keep autograd intact: plain ops, detached score
@@ -105,6 +240,7 @@ class ChannelScorer:
                 h = ck.glu_and_score(gate, up, activation=activation, weights=scorer._weights, scores=scores)
             if scorer.plain_scores is not None:
                 ck.channel_scores(h.detach(), scorer._mask, out=scorer.plain_scores[name])
+            scorer._stop_here(name)
             return mlp.down_proj(h)
 
         return forward
@@ -114,6 +250,7 @@ class ChannelScorer:
             reference.channel_scores(args[0].detach(), self._weights, out=self.scores[name])
             if self.plain_scores is not None:
                 reference.channel_scores(args[0].detach(), self._mask, out=self.plain_scores[name])
+            self._stop_here(name)
 
         return hook
 
@@ -124,7 +261,8 @@ class ChannelScorer:
 
     def __enter__(self) -> "ChannelScorer":
         decoder = models.decoder_of(self.model)
-        self._undo.append(decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True).remove)
+        if not self._driven:
+            self._undo.append(decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True).remove)
         for name, mlp in self.mlps.items():
             if self.backend == "hooks":
                 self._undo.append(mlp.down_proj.register_forward_pre_hook(self._down_pre_hook(name)).remove)
@@ -136,13 +274,17 @@ class ChannelScorer:
         while self._undo:
             self._undo.pop()()
         self._weights = self._mask = None
+        self._scratch.clear()
 
 
 def run_scorer(scorer: ChannelScorer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                batch_size: int = 1, progress: bool | None = None, start_batch: int = 0,
                on_batch=None) -> ChannelScorer:
     """Feed the sequences through the decoder only (no LM head), batch by batch, under `scorer`, from batch
-    `start_batch` on; `on_batch(batches_done)` runs after each batch (checkpoints hook in there)."""
+    `start_batch` on; `on_batch(batches_done)` runs after each batch (checkpoints hook in there).
+
+    The decoder runs under inference_mode without hooks (the batch's token weights are set here) and stops
+    once the last MLP has scored: the last down_proj, the final norm and everything after never run."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [sequences, length], got shape {tuple(input_ids.shape)}")
     if batch_size < 1:
@@ -150,15 +292,23 @@ def run_scorer(scorer: ChannelScorer, input_ids: torch.Tensor, attention_mask: t
     decoder = models.decoder_of(scorer.model)
     device = scorer.model.get_input_embeddings().weight.device
     total = -(-input_ids.shape[0] // batch_size)
-    with scorer, torch.inference_mode():
-        for batch in tqdm(range(start_batch, total), desc="scoring", unit="batch", initial=start_batch, total=total,
-                          disable=None if progress is None else not progress):
-            rows = slice(batch * batch_size, (batch + 1) * batch_size)
-            ids = input_ids[rows].to(device)
-            mask = None if attention_mask is None else attention_mask[rows].to(device)
-            decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-            if on_batch is not None:
-                on_batch(batch + 1)
+    scorer._driven, scorer._stop_after = True, next(reversed(scorer.mlps), None)
+    try:
+        with scorer, torch.inference_mode():
+            for batch in tqdm(range(start_batch, total), desc="scoring", unit="batch", initial=start_batch,
+                              total=total, disable=None if progress is None else not progress):
+                rows = slice(batch * batch_size, (batch + 1) * batch_size)
+                ids = input_ids[rows].to(device)
+                mask = None if attention_mask is None else attention_mask[rows].to(device)
+                scorer.set_batch(ids, mask if mask is not None and mask.dim() == 2 else None)
+                try:
+                    decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+                except _StopForward:
+                    pass
+                if on_batch is not None:
+                    on_batch(batch + 1)
+    finally:
+        scorer._driven, scorer._stop_after = False, None
     return scorer
 
 

@@ -12,7 +12,11 @@ def channel_scores(h, weights=None, *, out=None):
     h = _checks.check_activations("h", h)
     _checks.check_weights(weights, h.shape[:-1], h.device)
     _checks.check_accumulator("out", out, h.shape[-1], h.device)
-    sq = h.reshape(-1, h.shape[-1]).float().square()
+    rows = h.reshape(-1, h.shape[-1])
+    if rows.dtype == torch.float32 or (torch.is_grad_enabled() and rows.requires_grad):
+        sq = rows.float().square()
+    else:
+        sq = rows.float().square_()  # the upcast is a fresh copy: one [T, C] float32 temporary, not two
     if weights is None:
         total = sq.sum(0)
     else:
@@ -44,7 +48,8 @@ def glu_and_score(gate, up=None, *, activation="silu", weights=None, scores=None
     gate, up = _checks.split_glu(gate, up)
     _checks.check_weights(weights, gate.shape[:-1], gate.device)
     _checks.check_accumulator("scores", scores, gate.shape[-1], gate.device)
-    h = apply_activation(gate, activation) * up
+    h = apply_activation(gate, activation)  # a fresh tensor: multiply in place unless autograd needs it
+    h = h * up if torch.is_grad_enabled() and (h.requires_grad or up.requires_grad) else h.mul_(up)
     if scores is not None:
         channel_scores(h, weights, out=scores)
     return h

@@ -135,7 +135,7 @@ def test_crash_while_saving_leaves_nothing(stories, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(pipeline, "save_pruned", boom)
+    monkeypatch.setattr(pipeline, "save_tokenizer", boom)
     assert cli.main(["prune", str(ckpt), "--out", str(tmp_path / "out"), "--vocab-keep", "300", "--quiet"]) == 2
     assert list(tmp_path.iterdir()) == []
 
