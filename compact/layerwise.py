@@ -59,6 +59,22 @@ SINGLE_NAME = "model.safetensors"
 
 # ------------------------------------------------------------------------------------------- checkpoint files
 
+def open_checkpoint(model_dir, what: str):
+    """(path, config, {tensor name: shard}) of a supported, unquantized safetensors model directory."""
+    from transformers import AutoConfig
+
+    path = loading.locate(str(model_dir))
+    if path.is_file():
+        raise ValueError(f"{model_dir}: {what} needs a Hugging Face safetensors directory, "
+                         "not a llama2.c checkpoint (it is small: load it whole)")
+    config = AutoConfig.from_pretrained(path)
+    models.family_of(config)
+    if getattr(config, "quantization_config", None):
+        raise ValueError(f"{model_dir} is quantized ({config.quantization_config.get('quant_method', '?')}); "
+                         f"{what} handles plain floating-point tensors only")
+    return path, config, checkpoint_files(path)
+
+
 def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     """{tensor name: safetensors file holding it}, from the index json or the single model.safetensors."""
     from safetensors import safe_open
@@ -232,22 +248,12 @@ def score_layerwise(model_dir, input_ids: torch.Tensor, attention_mask: torch.Te
     cast to it, as from_pretrained(dtype=...) does). `backend`: as in `score_channels`. Scores are returned
     on the compute device; they equal `score_channels` on the loaded model with the same `batch_size`.
     """
-    from transformers import AutoConfig
 
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [sequences, length], got shape {tuple(input_ids.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    path = loading.locate(str(model_dir))
-    if path.is_file():
-        raise ValueError(f"{model_dir}: layer-streamed scoring needs a Hugging Face safetensors directory, "
-                         "not a llama2.c checkpoint (load it whole: it is small)")
-    config = AutoConfig.from_pretrained(path)
-    models.family_of(config)
-    if getattr(config, "quantization_config", None):
-        raise ValueError(f"{model_dir} is quantized ({config.quantization_config.get('quant_method', '?')}); "
-                         "layer-streamed scoring loads plain floating-point tensors only")
-    files = checkpoint_files(path)
+    path, config, files = open_checkpoint(model_dir, "layer-streamed scoring")
     device = torch.device(device)
     model = skeleton(config, dtype)
     decoder = models.decoder_of(model)

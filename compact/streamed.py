@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 import compact_kernels as ck
 
 from . import loading, models, output
-from .layerwise import INDEX_NAME, _prefix_of, checkpoint_files, skeleton
+from .layerwise import INDEX_NAME, _prefix_of, open_checkpoint, skeleton
 from .slicing import renumber_special_ids
 
 # safetensors dtype names -> torch dtypes (those a checkpoint of these families can hold)
@@ -240,18 +240,9 @@ def write_pruned(model_dir, folder, kept_token_ids: list[int] | None, kept_chann
                  *, device="cpu", progress: bool | None = None) -> dict:
     """Write the pruned checkpoint (safetensors shards, index, config, generation config) into `folder`,
     which must exist; returns the summary. No staging: see `prune_streamed` for the atomic version."""
-    from transformers import AutoConfig
 
-    path, folder = loading.locate(str(model_dir)), Path(folder)
-    if path.is_file():
-        raise ValueError(f"{model_dir}: streamed pruning needs a Hugging Face safetensors directory, "
-                         "not a llama2.c checkpoint (prune it in memory: it is small)")
-    config = AutoConfig.from_pretrained(path)
-    models.family_of(config)
-    if getattr(config, "quantization_config", None):
-        raise ValueError(f"{model_dir} is quantized ({config.quantization_config.get('quant_method', '?')}); "
-                         "streamed pruning slices plain floating-point tensors only")
-    files = checkpoint_files(path)
+    folder = Path(folder)
+    path, config, files = open_checkpoint(model_dir, "streamed pruning")
     info = tensor_info(files)
     model = skeleton(config, torch.float32)  # names and module roles only
     ops, vocab, intermediate, tied = _plan(model, info, kept_token_ids, kept_channels)

@@ -34,6 +34,15 @@ def _act(g, ACT: tl.constexpr):
 
 
 @triton.jit
+def _weighted_squares(x, w_ptr, rows, rmask, HAS_W: tl.constexpr):
+    """w_t * x**2 for an fp32 [BLOCK_T, BLOCK_C] tile (w = 1 without weights; masked rows get weight 0)."""
+    x = x * x
+    if HAS_W:
+        x = x * tl.load(w_ptr + rows, mask=rmask, other=0.0)[:, None]
+    return x
+
+
+@triton.jit
 def _channel_scores_kernel(h_ptr, w_ptr, part_ptr, T, C, d1, s0, s1, sc, rows_per_prog,
                            HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_t = tl.program_id(0)
@@ -48,11 +57,7 @@ def _channel_scores_kernel(h_ptr, w_ptr, part_ptr, T, C, d1, s0, s1, sc, rows_pe
         rmask = rows < end
         offs = _row_offsets(rows, d1, s0, s1)[:, None] + col_off[None, :]
         x = tl.load(h_ptr + offs, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        x = x * x
-        if HAS_W:
-            w = tl.load(w_ptr + rows, mask=rmask, other=0.0)
-            x = x * w[:, None]
-        acc += x
+        acc += _weighted_squares(x, w_ptr, rows, rmask, HAS_W)
     tl.store(part_ptr + pid_t * C + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
@@ -78,12 +83,7 @@ def _glu_kernel(g_ptr, u_ptr, h_ptr, w_ptr, part_ptr, T, C, d1, gs0, gs1, gsc, u
         h = (a * u.to(tl.float32)).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + rows.to(tl.int64)[:, None] * C + cols64[None, :], h, mask=mask)
         if SCORE:
-            x = h.to(tl.float32)
-            x = x * x
-            if HAS_W:
-                w = tl.load(w_ptr + rows, mask=rmask, other=0.0)
-                x = x * w[:, None]
-            acc += x
+            acc += _weighted_squares(h.to(tl.float32), w_ptr, rows, rmask, HAS_W)
     if SCORE:
         tl.store(part_ptr + pid_t * C + cols, tl.sum(acc, axis=0), mask=cmask)
 
