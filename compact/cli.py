@@ -204,7 +204,7 @@ def _run(args):
 
     ignored = {"func", "quiet", "debug", "overwrite", "resume", "checkpoint_every", "check", "command", "device"}
     signature = {k: str(v) for k, v in vars(args).items() if k not in ignored}
-    if args.calib:
+    if args.calib and Path(args.calib).is_file():
         stat = Path(args.calib).stat()
         signature["calib_file"] = f"{stat.st_size} bytes, mtime {stat.st_mtime_ns}"
     return runs.RunOptions(f"{args.out}.ckpt", args.checkpoint_every or 0, args.resume, signature)
@@ -252,6 +252,8 @@ def _cmd_eval(args) -> int:
     from . import evaluate, loading, pipeline, report
 
     sources = ([args.model] if args.model else []) + args.compare
+    if args.offload != "none":
+        raise ValueError("eval runs the whole model: drop --offload")
     if not sources:
         raise ValueError("give MODEL and/or --compare MODEL ...")
     results, data_source = {}, None
