@@ -288,24 +288,39 @@ def prune(loaded: Loaded, out: Path, opts: PruneOptions, calib_opts: CalibOption
     with timings.phase("selection"):
         kept_channels = selection.select_channels(scores, ffn_keep) if scores else \
             {name: list(range(intermediate)) for name in models.mlps(model)}
+    report = _report(loaded, opts, calib_opts, calib, plan, check, before, kept_ids, kept_channels, ffn_keep, timings)
+    _write(loaded, out, opts.overwrite, kept_ids, kept_channels if ffn_keep < intermediate else None, scores,
+           report, timings, opts.progress)
+    return report
+
+
+def _report(loaded: Loaded, opts: PruneOptions, calib_opts: CalibOptions, calib, plan, check, before: dict,
+            kept_ids, kept_channels: dict, ffn_keep: int, timings: Timings) -> dict:
+    """compact_report.json, less the parameters after slicing (added by _write)."""
+    model = loaded.model
     vocab_before = model.get_input_embeddings().num_embeddings
-    report = {
+    return {
         "source": loaded.source, "calibration": calib.source if calib else None, "scores_file": opts.scores,
         "ffn_criterion": None if opts.scores else opts.ffn_criterion, "vocab_order": opts.vocab_order,
         "plan": plan, "streamed": loaded.is_skeleton,
         "options": {**asdict(opts), **{f"calib_{k}": v for k, v in asdict(calib_opts).items()}},
         "sizes": {"vocab_before": vocab_before, "vocab_after": len(kept_ids) if kept_ids else vocab_before,
-                  "intermediate_before": intermediate, "intermediate_after": ffn_keep,
+                  "intermediate_before": models.intermediate_size(model), "intermediate_after": ffn_keep,
                   "layers": len(kept_channels), "hidden": model.config.hidden_size},
         "parameters": {"before": before},
         "checks": {"scores_vs_hooks": check}, "timings_s": timings, "versions": versions(),
         "kept_token_ids": kept_ids if kept_ids is not None else list(range(vocab_before)),
         "kept_channels": list(kept_channels.values()),
     }
-    channels = kept_channels if ffn_keep < intermediate else None
-    with output.staged_dir(out, overwrite=opts.overwrite) as tmp:
+
+
+def _write(loaded: Loaded, out: Path, overwrite: bool, kept_ids, channels, scores, report: dict,
+           timings: Timings, progress) -> None:
+    """Slice and save checkpoint, tokenizer, scores and report into a staged folder renamed to `out` at the end."""
+    model = loaded.model
+    with output.staged_dir(out, overwrite=overwrite) as tmp:
         if loaded.is_skeleton:
-            write_streamed(loaded, kept_ids, channels, tmp, report, timings, opts.progress)
+            write_streamed(loaded, kept_ids, channels, tmp, report, timings, progress)
         else:
             with timings.phase("slicing"):
                 if kept_ids is not None:
@@ -320,7 +335,6 @@ def prune(loaded: Loaded, out: Path, opts: PruneOptions, calib_opts: CalibOption
             if scores is not None:
                 output.save_scores(scores, tmp / "compact_scores.safetensors")
         output.write_json(tmp / "compact_report.json", report)
-    return report
 
 
 def write_streamed(loaded: Loaded, kept_ids, kept_channels, folder: Path, report: dict, timings: Timings,
