@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from compact import loading, models, output, pipeline, slicing
 from compact.scoring import ChannelScorer, score_channels
+from kernels.tolerances import assert_close
 
 VOCAB, HIDDEN, INTER, LAYERS, SEQ = 97, 32, 48, 2, 10
 COMMON = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
@@ -129,19 +130,6 @@ def reference_scores(model, batches, kept) -> dict[str, torch.Tensor]:
         for handle in handles:
             handle.remove()
     return scores
-
-
-def assert_close(actual, expected, *, rtol, atol=0.0, what: str) -> None:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    err = (actual - expected).abs()
-    bad = err > atol + rtol * expected.abs()
-    if bad.any():
-        i = int((err - rtol * expected.abs()).flatten().argmax())
-        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), actual.shape))
-        raise AssertionError(
-            f"{what}: {int(bad.sum())}/{bad.numel()} elements off; worst at {idx}: got {actual[idx].item():.9g}, "
-            f"expected {expected[idx].item():.9g} (|diff| {err[idx].item():.3g} > atol {atol:g} + rtol {rtol:g} * |expected|)")
 
 
 def assert_scores_close(actual: dict, expected: dict, *, rtol: float, what: str) -> None:

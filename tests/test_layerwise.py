@@ -18,6 +18,7 @@ import pytest
 import torch
 import transformers as tf
 
+from memory_probe import PRELUDE
 from compact import models
 from compact.layerwise import score_layerwise
 from compact.scoring import score_channels
@@ -190,20 +191,7 @@ def test_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ memory
 
-MEASURE = textwrap.dedent("""
-    import gc, json, re, sys, torch
-    from compact.layerwise import trim_host_memory
-    def status():
-        text = open("/proc/self/status").read()
-        return {k: int(re.search(k + r":\\s+(\\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
-    def start():
-        gc.collect()
-        trim_host_memory()
-        try:
-            open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark
-        except OSError:
-            pass
-        return status()["VmRSS"]
+MEASURE = PRELUDE + textwrap.dedent("""
     folder, out = sys.argv[1], sys.argv[2]
     import transformers
     import transformers.models.llama.modeling_llama  # library code: imported before the baselines

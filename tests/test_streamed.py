@@ -22,6 +22,7 @@ import transformers as tf
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from memory_probe import PRELUDE
 from compact import models, slicing
 from compact.streamed import prune_streamed, write_pruned
 
@@ -229,24 +230,11 @@ def test_bad_input(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- memory
 
-MEASURE = textwrap.dedent("""
-    import gc, json, re, sys
-    def status():
-        text = open("/proc/self/status").read()
-        return {k: int(re.search(k + r":\\s+(\\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
-    def start():
-        gc.collect()
-        trim_host_memory()
-        try:
-            open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark
-        except OSError:
-            pass
-        return status()["VmRSS"]
+MEASURE = PRELUDE + textwrap.dedent("""
     src, streamed_out, whole_out = sys.argv[1], sys.argv[2], sys.argv[3]
     import torch, transformers
     import transformers.models.llama.modeling_llama  # library code: imported before the baselines
     from compact import models, slicing
-    from compact.layerwise import trim_host_memory
     from compact.streamed import prune_streamed
     config = transformers.AutoConfig.from_pretrained(src)
     ids = list(range(0, config.vocab_size, 2))
