@@ -65,14 +65,15 @@ def test_backend_dispatch(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_public_ops_agree_on_both_backends(monkeypatch, backend):
+def test_public_ops_agree_on_both_backends(monkeypatch, backend, device):
+    """On a GPU the tensors live there (the interpreter flag only matters for CPU tensors)."""
     monkeypatch.setenv("COMPACT_KERNELS_BACKEND", backend)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    g, u = torch.randn(2, 9, 70), torch.randn(2, 9, 70)
-    w = ck.token_weights(torch.randint(0, 10, (2, 9)), torch.rand(10))
-    s = torch.zeros(70, dtype=torch.float64)
+    g, u = torch.randn(2, 9, 70, device=device), torch.randn(2, 9, 70, device=device)
+    w = ck.token_weights(torch.randint(0, 10, (2, 9), device=device), torch.rand(10, device=device))
+    s = torch.zeros(70, dtype=torch.float64, device=device)
     h = ck.glu_and_score(g, u, weights=w, scores=s)
     assert torch.allclose(s, ck.channel_scores(h, w).double(), rtol=1e-5)
-    idx = torch.tensor([5, 1, 69])
+    idx = torch.tensor([5, 1, 69], device=device)
     assert torch.equal(ck.gather_cols(h[0], idx), h[0][:, idx])
     assert torch.equal(ck.gather_rows(h[1], idx[:2]), h[1][idx[:2]])

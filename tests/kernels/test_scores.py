@@ -142,7 +142,7 @@ def test_empty_inputs(device):
     assert torch.equal(tk.channel_scores(torch.empty(0, 5, device=device)), torch.zeros(5, device=device))
     assert tk.channel_scores(torch.empty(3, 0, device=device)).shape == (0,)
     out = torch.ones(5, dtype=torch.float64, device=device)
-    assert torch.equal(tk.channel_scores(torch.empty(2, 0, 5, device=device), out=out), torch.ones(5, dtype=torch.float64))
+    assert torch.equal(tk.channel_scores(torch.empty(2, 0, 5, device=device), out=out), torch.ones(5, dtype=torch.float64, device=device))
     s = torch.zeros(4, device=device)
     assert tk.glu_and_score(torch.empty(0, 4, device=device), torch.empty(0, 4, device=device), scores=s).shape == (0, 4)
     assert not s.any()
