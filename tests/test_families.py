@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from compact import loading, models, output, pipeline, slicing
 from compact.scoring import ChannelScorer, score_channels
-from kernels.tolerances import assert_close
+from kernels.tolerances import assert_close, fp32_forward_rtol
 
 VOCAB, HIDDEN, INTER, LAYERS, SEQ = 97, 32, 48, 2, 10
 COMMON = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
@@ -45,6 +45,12 @@ CASES = {
                          layer_types=["sliding_attention", "full_attention"])),
     "phi3": ("phi3", tf.Phi3Config, tf.Phi3ForCausalLM, dict(pad_token_id=96, bos_token_id=1, eos_token_id=95)),
 }
+# Two float32 forwards of these models (or one against float64 arithmetic) round differently with the BLAS
+# blocking, thread count and batch shape; their difference is bounded by the float32 arithmetic of the
+# network's chain of reductions (tests/kernels/tolerances.py): 9 per layer + final norm and head, each of at
+# most max(HIDDEN, INTER, SEQ) terms. About 2.3e-4, well below what a wrong weight, mask, channel or row
+# changes (> 1e-2; each test checks that its change is at least 10x this).
+FWD_RTOL = fp32_forward_rtol(9 * LAYERS + 2, max(HIDDEN, INTER, SEQ))
 SUPPORTED = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"]
 cases = pytest.mark.parametrize("case", list(CASES))
 # The tiny models have no tokenizer; the pipeline says so when it writes the checkpoint.
@@ -132,11 +138,22 @@ def reference_scores(model, batches, kept) -> dict[str, torch.Tensor]:
     return scores
 
 
-def assert_scores_close(actual: dict, expected: dict, *, rtol: float, what: str) -> None:
+def assert_scores_close(actual: dict, expected: dict, *, what: str, rtol: float = FWD_RTOL) -> None:
+    """Per layer, within rtol of each score and of the layer's largest score (the scale of its terms)."""
     assert list(actual) == list(expected), f"{what}: layer names {list(actual)} != {list(expected)}"
     for name, ref in expected.items():
         assert actual[name].dtype == torch.float64, f"{what} {name}: scores are {actual[name].dtype}, not float64"
-        assert_close(actual[name], ref, rtol=rtol, atol=1e-12 * float(ref.abs().max()), what=f"{what} {name}")
+        assert_close(actual[name], ref, rtol=rtol, atol=rtol * float(ref.abs().max()), what=f"{what} {name}")
+
+
+def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, *, what: str, rtol: float = FWD_RTOL) -> None:
+    assert_close(actual, expected, rtol=rtol, atol=rtol * float(expected.abs().max()), what=what)
+
+
+def assert_changed(before: torch.Tensor, after: torch.Tensor, what: str) -> None:
+    """The change under test is at least 10x the comparison tolerance, so the test can fail."""
+    change = float((after - before).abs().max()) / float(before.abs().max())
+    assert change > 10 * FWD_RTOL, f"{what}: changed by {change:.2g} of the scale only (test too weak)"
 
 
 def logits(model, ids, mask=None) -> torch.Tensor:
@@ -180,17 +197,15 @@ def test_score_channels_fused_equals_hooks_and_reference(case, kernels, monkeypa
     fused = score_channels(model, ids, mask, keep_token_ids=kept, backend="fused", progress=False)
     hooks = score_channels(model, ids, mask, keep_token_ids=kept, backend="hooks", progress=False)
     ref = reference_scores(model, [(ids, mask)], kept)
-    assert_scores_close(hooks, ref, rtol=1e-6, what=f"{case}: hooks vs float64 reference")
-    # The torch path computes act(gate) * up with the model's own ops: 1e-6. The Triton kernel's activation
-    # differs from torch's by an ulp or so, and later layers see that difference in their inputs (gemma's
-    # second layer: ~1.4e-6), so the interpreter gets the design's fp32 tolerance, 1e-5.
-    rtol = 1e-6 if kernels == "torch" else 1e-5
-    assert_scores_close(fused, hooks, rtol=rtol, what=f"{case} ({kernels}): fused vs hooks")
-    assert_scores_close(fused, ref, rtol=rtol, what=f"{case} ({kernels}): fused vs float64 reference")
+    # The reference is a full model forward (LM head included) squared in float64; the decoder-only passes
+    # round differently (another batch layout; the Triton activation differs by an ulp), within FWD_RTOL.
+    assert_scores_close(hooks, ref, what=f"{case}: hooks vs float64 reference")
+    assert_scores_close(fused, hooks, what=f"{case} ({kernels}): fused vs hooks")
+    assert_scores_close(fused, ref, what=f"{case} ({kernels}): fused vs float64 reference")
     # The weighting matters: padding and dropped tokens must not count.
     unweighted = reference_scores(model, [(ids, torch.ones_like(mask))], list(range(VOCAB)))
     name = "model.layers.0.mlp"
-    assert not torch.allclose(unweighted[name], ref[name], rtol=1e-3), f"{case}: weights had no effect (test too weak)"
+    assert_changed(ref[name], unweighted[name], f"{case}: dropping the weights")
 
 
 @cases
@@ -204,13 +219,13 @@ def test_channel_scorer_in_user_loop_restores_model(case, backend):
     all_mask = torch.cat([b[1] for b in batches])
     expected = score_channels(model, all_ids, all_mask, keep_token_ids=kept, batch_size=2, backend=backend,
                               progress=False)
-    assert_scores_close(expected, reference_scores(model, batches, kept), rtol=1e-6,
+    assert_scores_close(expected, reference_scores(model, batches, kept),
                         what=f"{case}: score_channels over both batches vs float64 reference")
 
     with ChannelScorer(model, keep_token_ids=kept, backend=backend) as s, torch.no_grad():
         for ids, mask in batches:
             model(input_ids=ids, attention_mask=mask)
-    assert_scores_close(s.scores, expected, rtol=1e-6, what=f"{case} ChannelScorer({backend}) under no_grad")
+    assert_scores_close(s.scores, expected, what=f"{case} ChannelScorer({backend}) under no_grad")
     assert_restored(model, batches, before, f"{case} ChannelScorer({backend}) under no_grad")
 
     # With autograd on: same scores, and the gradients are those of the plain model.
@@ -224,12 +239,13 @@ def test_channel_scorer_in_user_loop_restores_model(case, backend):
     plain = run_backward()
     with ChannelScorer(model, keep_token_ids=kept, backend=backend) as s:
         scored = run_backward()
-    assert_scores_close(s.scores, expected, rtol=1e-6, what=f"{case} ChannelScorer({backend}) with grad enabled")
+    assert_scores_close(s.scores, expected, what=f"{case} ChannelScorer({backend}) with grad enabled")
     assert set(scored) == set(plain), f"{case}: parameters with a gradient differ under the scorer"
     gate = "model.layers.0.mlp." + ("gate_up_proj" if case == "phi3" else "gate_proj") + ".weight"
     assert gate in scored and scored[gate].abs().sum() > 0, f"{case}: no gradient reached {gate}"
     for n in plain:
-        assert_close(scored[n], plain[n], rtol=1e-5, atol=1e-7, what=f"{case} ChannelScorer({backend}) grad of {n}")
+        # The backward pass runs the chain again in reverse: twice the forward's depth.
+        assert_logits_close(scored[n], plain[n], rtol=2 * FWD_RTOL, what=f"{case} ChannelScorer({backend}) grad of {n}")
     model.zero_grad(set_to_none=True)
     assert_restored(model, batches, before, f"{case} ChannelScorer({backend}) with grad enabled")
 
@@ -260,8 +276,8 @@ def test_slice_ffn_is_exact(case):
 
     ids, mask = padded_batch(seed=6)
     full, want, got = logits(model, ids, mask), logits(masked, ids, mask), logits(pruned, ids, mask)
-    assert not torch.allclose(full, want, atol=1e-3), f"{case}: dropping channels changed nothing (test too weak)"
-    assert_close(got, want, rtol=1e-5, atol=1e-5, what=f"{case}: FFN-pruned logits vs zeroed-channel logits")
+    assert_changed(full, want, f"{case}: dropping channels")
+    assert_logits_close(got, want, what=f"{case}: FFN-pruned logits vs zeroed-channel logits")
 
     assert pruned.config.intermediate_size == keep, f"{case}: config.intermediate_size not updated"
     for i, (old, new) in enumerate(zip(layers_of(model), layers_of(pruned))):
@@ -298,7 +314,7 @@ def test_slice_vocabulary_is_exact(case):
     want = logits(model, ids, mask)[..., kept]
     got = logits(pruned, new_ids, mask)
     assert got.shape[-1] == len(kept), f"{case}: pruned logits have {got.shape[-1]} columns, kept {len(kept)} ids"
-    assert_close(got, want, rtol=1e-5, atol=1e-5, what=f"{case}: vocabulary-pruned logits vs kept columns")
+    assert_logits_close(got, want, what=f"{case}: vocabulary-pruned logits vs kept columns")
 
     embedding, head = pruned.get_input_embeddings(), pruned.get_output_embeddings()
     index = torch.tensor(kept)
@@ -355,7 +371,7 @@ def test_prune_end_to_end(case, tmp_path):
     # channels are its top-K per layer (ties to the lower index).
     scores = load_file(str(out / "compact_scores.safetensors"))
     ref = reference_scores(model, [(torch.from_numpy(calib), torch.ones(calib.shape, dtype=torch.long))], kept_ids)
-    assert_scores_close({k: scores[k] for k in ref}, ref, rtol=1e-6, what=f"{case}: compact_scores.safetensors")
+    assert_scores_close({k: scores[k] for k in ref}, ref, what=f"{case}: compact_scores.safetensors")
     for i, chosen in enumerate(kept_channels):
         s = scores[f"model.layers.{i}.mlp"].double().tolist()
         top = sorted(sorted(range(INTER), key=lambda c: (-s[c], c))[:keep_ffn])
@@ -395,8 +411,8 @@ def test_prune_end_to_end(case, tmp_path):
     ids, mask = padded_batch(seed=10, ids_from=kept_ids)
     new_id = {old: new for new, old in enumerate(kept_ids)}
     new_ids = torch.tensor([[new_id[int(t)] for t in row] for row in ids])
-    assert_close(logits(pruned, new_ids, mask), logits(masked, ids, mask)[..., kept_ids], rtol=1e-5, atol=1e-5,
-                 what=f"{case}: reloaded pruned logits vs original with dropped channels zeroed")
+    assert_logits_close(logits(pruned, new_ids, mask), logits(masked, ids, mask)[..., kept_ids],
+                        what=f"{case}: reloaded pruned logits vs original with dropped channels zeroed")
 
     bos = pruned.config.bos_token_id
     prompt = torch.tensor([[bos, 5, 7]])
@@ -433,8 +449,8 @@ def test_prune_from_scores_file_breaks_ties_to_lower_index(case, tmp_path):
     with torch.no_grad():
         for i, layer in enumerate(layers_of(masked)):
             layer.mlp.down_proj.weight[:, sorted(set(range(INTER)) - set(report["kept_channels"][i]))] = 0
-    assert_close(logits(pruned, ids, mask), logits(masked, ids, mask), rtol=1e-5, atol=1e-5,
-                 what=f"{case}: FFN-pruned checkpoint vs zeroed-channel logits")
+    assert_logits_close(logits(pruned, ids, mask), logits(masked, ids, mask),
+                        what=f"{case}: FFN-pruned checkpoint vs zeroed-channel logits")
 
 
 # ------------------------------------------------------------------------------------------- unsupported

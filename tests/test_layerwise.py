@@ -1,8 +1,8 @@
 """Layer-streamed calibration (`compact.layerwise.score_layerwise`) against the in-memory `score_channels`.
 
 Every supported family as a tiny random model saved with save_pretrained (several shards, and one file),
-padded batches, a kept-token set: the streamed scores equal the in-memory ones (1e-6 relative to the layer
-maximum; in practice bit-identical). Plus bf16, the Triton kernels under the interpreter, a real checkpoint
+padded batches, a kept-token set: the streamed scores equal the in-memory ones (within the float32 bound of
+the network's arithmetic, relative to the layer maximum; in practice bit-identical). Plus bf16, the Triton kernels under the interpreter, a real checkpoint
 (stories260K), clear errors, and the peak memory of both paths on a 16-layer model of ~270 MB (printed).
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 import torch
 import transformers as tf
 
+from kernels.tolerances import decoder_rtol, fp32_forward_rtol
 from memory_probe import PRELUDE
 from compact import models
 from compact.layerwise import score_layerwise
@@ -26,6 +27,9 @@ from compact.scoring import score_channels
 VOCAB, SEQ = 97, 12
 COMMON = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
               intermediate_size=48, vocab_size=VOCAB, max_position_embeddings=64)
+# Layer streaming and the in-memory forward run the same ops on the same batches, but float32 BLAS results may
+# still round differently (blocking, threads): bounded by the network's arithmetic (tests/kernels/tolerances.py).
+FWD_RTOL = fp32_forward_rtol(9 * COMMON["num_hidden_layers"] + 2, max(32, 48, SEQ))
 SLIDING = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
 CASES = {
     "llama": (tf.LlamaConfig, dict(bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)),
@@ -106,7 +110,7 @@ def test_layerwise_equals_in_memory(case, tmp_path):
     ids, mask = batch()
     ref = in_memory(folder, ids, mask, keep_token_ids=KEEP, batch_size=2)
     got = score_layerwise(folder, ids, mask, keep_token_ids=KEEP, batch_size=2, progress=False)
-    assert_scores_equal(got, ref, rtol=1e-6, what=f"{case} layerwise vs in-memory")
+    assert_scores_equal(got, ref, rtol=FWD_RTOL, what=f"{case} layerwise vs in-memory")
 
 
 @pytest.mark.parametrize("case", ["qwen2", "gemma2"])
@@ -119,7 +123,7 @@ def test_single_file_token_weights_no_mask_hooks(case, tmp_path):
     ref = in_memory(folder, ids, None, token_weights=weights, batch_size=3)
     got = score_layerwise(folder, ids, None, token_weights=weights, batch_size=3, hidden_device="cpu",
                           backend="hooks", progress=False)
-    assert_scores_equal(got, ref, rtol=1e-6, what=f"{case} single file, hooks")
+    assert_scores_equal(got, ref, rtol=FWD_RTOL, what=f"{case} single file, hooks")
 
 
 @pytest.mark.parametrize("case", ["gemma3_text", "phi3"])
@@ -130,6 +134,8 @@ def test_bf16(case, tmp_path):
     ref = in_memory(folder, ids, mask, dtype=torch.bfloat16, keep_token_ids=KEEP, batch_size=2)
     got = score_layerwise(folder, ids, mask, dtype=torch.bfloat16, keep_token_ids=KEEP, batch_size=2,
                           progress=False)
+    # bf16 rounding (2^-8) would make an arithmetic bound meaningless; the claim here is that both paths run
+    # the same bf16 ops on the same batches, so only the float32 sum of the squares (rows * u) may differ.
     assert_scores_equal(got, ref, rtol=1e-6, what=f"{case} bf16")
 
 
@@ -142,7 +148,7 @@ def test_triton_kernels_under_interpreter(case, tmp_path, monkeypatch):
     ids, mask = batch(rows=3)
     ref = in_memory(folder, ids, mask, keep_token_ids=KEEP, batch_size=2)
     got = score_layerwise(folder, ids, mask, keep_token_ids=KEEP, batch_size=2, progress=False)
-    assert_scores_equal(got, ref, rtol=1e-6, what=f"{case} triton interpreter")
+    assert_scores_equal(got, ref, rtol=FWD_RTOL, what=f"{case} triton interpreter")
 
 
 def test_real_checkpoint_stories260k(shared_data, tmp_path):
@@ -157,7 +163,8 @@ def test_real_checkpoint_stories260k(shared_data, tmp_path):
     keep = list(range(400))
     ref = in_memory(folder, ids, mask, keep_token_ids=keep, batch_size=4)
     got = score_layerwise(folder, ids, mask, keep_token_ids=keep, batch_size=4, progress=False)
-    assert_scores_equal(got, ref, rtol=1e-6, what="stories260K")
+    config = tf.AutoConfig.from_pretrained(folder)
+    assert_scores_equal(got, ref, rtol=decoder_rtol(config, 64), what="stories260K")
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -240,7 +247,7 @@ def test_peak_memory_16_layers(tmp_path):
     del model
     figures, scores = measure(folder, tmp_path)
     streamed, whole = figures["layerwise"], figures["in-memory"]
-    assert_scores_equal(scores["layerwise"], scores["in-memory"], rtol=1e-6, what="16-layer model")
+    assert_scores_equal(scores["layerwise"], scores["in-memory"], rtol=decoder_rtol(config, 32), what="16-layer model")
     mb = 1 / 2**20
     s_peak, w_peak = (streamed["peak"] - streamed["base"]) * mb, (whole["peak"] - whole["base"]) * mb
     print(f"\n16-layer Llama: weights {total * mb:.0f} MiB fp32, one layer {layer * mb:.1f} MiB; peak RSS above the "

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from compact import cli
+from kernels.tolerances import assert_close, decoder_rtol
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +33,16 @@ def tiny(tmp_path_factory):
     return root, args
 
 
-def close(a, b, rtol=1e-6):
+def close(a, b, model_dir):
+    """Equal sums up to float32 rounding: other batch splits, ranks and thread counts round the forward
+    differently, within the bound of the network's arithmetic (tests/kernels/tolerances.py). Skipping or
+    double-counting one of the 96 sequences moves the sums by about 1%, several times this bound."""
+    from transformers import AutoConfig
+
     assert sorted(a) == sorted(b)
+    rtol = decoder_rtol(AutoConfig.from_pretrained(model_dir), 256)
     for name in a:
-        rel = ((a[name] - b[name]).abs() / b[name].abs().clamp_min(1e-30)).max().item()
-        assert rel <= rtol, f"{name}: relative difference {rel:.3g}"
+        assert_close(a[name], b[name], rtol=rtol, atol=rtol * float(b[name].abs().max()), what=name)
 
 
 def test_killed_run_resumes_from_its_checkpoint(tiny, tmp_path):
@@ -66,7 +72,7 @@ def test_killed_run_resumes_from_its_checkpoint(tiny, tmp_path):
         resumed = int(f.metadata()["resumed_from_batch"])
     assert resumed >= saved, "the resumed run redid batches it had saved"
     assert not ckpt.exists(), "a finished run removes its checkpoint"
-    close(load_file(str(out)), load_file(str(root / "plain.safetensors")))
+    close(load_file(str(out)), load_file(str(root / "plain.safetensors")), root / "model")
 
 
 def test_torchrun_two_gloo_ranks_match_one_process(tiny, tmp_path):
@@ -77,7 +83,7 @@ def test_torchrun_two_gloo_ranks_match_one_process(tiny, tmp_path):
                              "-m", "compact", *args, "--out", str(out)], capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    close(load_file(str(out)), load_file(str(root / "plain.safetensors")))
+    close(load_file(str(out)), load_file(str(root / "plain.safetensors")), root / "model")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.safetensors"]
 
 
@@ -85,7 +91,7 @@ def test_offload_layerwise_matches_in_memory(tiny, tmp_path):
     root, args = tiny
     out = tmp_path / "layerwise.safetensors"
     assert cli.main(args + ["--out", str(out), "--offload", "layerwise", "--check", "--batch-size", "4"]) == 0
-    close(load_file(str(out)), load_file(str(root / "plain.safetensors")))
+    close(load_file(str(out)), load_file(str(root / "plain.safetensors")), root / "model")
 
 
 def test_streamed_prune_writes_the_in_memory_checkpoint(tiny, tmp_path):
