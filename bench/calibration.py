@@ -208,35 +208,21 @@ def sync(device: str) -> None:
 
 
 def rss_mib() -> float:
-    """Current resident set size of this process in MiB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    from compact.evaluate import rss_bytes
 
-
-def _status_mib(key: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux: clear_refs 5); False where impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    return rss_bytes() / 2**20
 
 
 def peak_rss_mib() -> float:
-    """Peak RSS since the last reset_peak_rss (VmHWM), else since the process started (ru_maxrss)."""
-    hwm = _status_mib("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from compact.evaluate import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20
+
+
+def reset_peak_rss() -> bool:
+    from compact.evaluate import reset_peak_rss as reset
+
+    return reset()
 
 
 def busy_seconds() -> float | None:
@@ -421,7 +407,7 @@ def memory_kind(args) -> str:
     if args.device == "cuda":
         return "cuda max_memory_allocated during the timed pass"
     where = "one process for both variants" if args.in_process else "fresh process per run"
-    if _status_mib("VmHWM") is not None and reset_peak_rss():
+    if reset_peak_rss():
         return f"peak RSS (VmHWM) during the timed pass, {where}"
     return f"peak RSS (ru_maxrss) of the whole process, {where}"
 

@@ -496,6 +496,23 @@ COLORS = {"common-act2": "tab:red", "act2": "tab:blue", "wanda": "tab:green", "m
           "random": "tab:gray"}
 
 
+def read_csv(path: Path) -> list[dict]:
+    """Rows of a CSV this script wrote, numbers as floats and empty cells as None ([] when it is absent)."""
+    if not path.is_file():
+        return []
+
+    def value(text: str):
+        if text == "":
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    with path.open(newline="") as f:
+        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
 def plot(a_rows: list[dict], b_rows: list[dict], path: Path) -> Path | None:
     try:
         import matplotlib
@@ -525,14 +542,15 @@ def _panel_a(ax, rows):
     baseline = next(r for r in rows if r["group"] == "baseline")
     base = baseline["metric"]
     ffn = [r for r in rows if r["group"] == "ffn"]
-    styles = ["-", "--", "-."]
+    styles = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "v")]  # one line style and marker per weighting
     weightings = list(dict.fromkeys(r["score_vocab"] for r in ffn if r["criterion"] == "common-act2"))
     for criterion in dict.fromkeys(r["criterion"] for r in ffn):
         if criterion == "common-act2":
             for i, w in enumerate(weightings):
+                linestyle, marker = styles[i % len(styles)]
                 _line(ax, [r for r in ffn if r["criterion"] == criterion and r["score_vocab"] == w], base,
                       f"common-act2, weights of vocab {w} (not cut)", color=COLORS[criterion],
-                      linestyle=styles[i % 3], marker="o", markersize=3)
+                      linestyle=linestyle, marker=marker, markersize=4)
         else:
             _line(ax, [r for r in ffn if r["criterion"] == criterion], base, criterion, color=COLORS[criterion],
                   marker="o", markersize=3)
@@ -547,7 +565,7 @@ def _panel_a(ax, rows):
         _line(ax, [r for r in ffn if r["criterion"] == "common-act2" and r["score_vocab"] == vocab_name],
               baseline[key], f"common-act2 (weights {vocab_name}): positions in vocab {vocab_name}", key=key,
               color=COLORS["common-act2"], linestyle=":", linewidth=2.5)
-    ax.axhline(base, color="black", linewidth=0.8, linestyle=":")
+    ax.axhline(base, color="black", linewidth=0.8, linestyle=":", label=f"unpruned model ({base:.3f})")
     ax.set_xlabel("parameters kept (fraction of 260k)")
     ax.set_ylabel("held-out bits per token (lower is better)")
     ax.set_title("A. stories260K: FFN channels pruned (172 -> 96), vocabulary whole", fontsize=10)
@@ -574,7 +592,7 @@ def _panel_b(ax, rows):
                    marker=markers[r["vocab_order"]], s=30)
     for order, m in markers.items():
         ax.scatter([], [], color="black", marker=m, label=f"vocab ({order}) + FFN, colour = criterion")
-    ax.axhline(base, color="black", linewidth=0.8, linestyle=":")
+    ax.axhline(base, color="black", linewidth=0.8, linestyle=":", label=f"unpruned model ({base:.3f})")
     ax.set_xlabel("parameters kept (fraction of the trained model)")
     ax.set_ylabel("held-out bits per byte (lower is better)")
     ax.set_title("B. small Llama trained on sotu.txt (cut Llama 3.2 tokenizer), second half held out", fontsize=10)
@@ -607,7 +625,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS, help="where the CSVs, PNG and meta JSON go (bench/results)")
     p.add_argument("--parts", default="AB", help="A (stories260K), B (sotu.txt) or AB (default)")
     p.add_argument("--work", type=Path, help="keep the scratch files (trained model, data) here instead of a temp dir")
+    p.add_argument("--plot-only", action="store_true", help="redraw quality.png from the CSVs in --out; measure nothing")
     args = p.parse_args(argv)
+    if args.plot_only:
+        rows = [read_csv(args.out / f"quality_{part}.csv") for part in ("stories260k", "sotu")]
+        say(f"bench/quality.py: wrote {plot(*rows, args.out / 'quality.png')}")
+        return 0
     data = shared_data_dir()
     need = ["stories260K.bin"] * ("A" in args.parts.upper()) + ["sotu.txt"] * ("B" in args.parts.upper())
     missing = [name for name in need if not (data / name).is_file()]

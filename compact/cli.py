@@ -76,9 +76,13 @@ def _model_options(p: argparse.ArgumentParser, optional: bool = False) -> None:
                    help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="sequences per forward (default 1)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off)")
-    p.add_argument("--offload", choices=["none", "layerwise"], default="none",
-                   help="layerwise: never hold the whole model: score one decoder layer at a time from the "
-                        "safetensors files, and (prune) write the pruned checkpoint tensor by tensor")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer for a model without one (e.g. a llama2.c checkpoint): a tokenizer folder, "
+                        "tokenizer.json or SentencePiece tokenizer.model; used for text data and written with a prune")
+    if not optional:
+        p.add_argument("--offload", choices=["none", "layerwise"], default="none",
+                       help="layerwise: never hold the whole model: score one decoder layer at a time from the "
+                            "safetensors files, and (prune) write the pruned checkpoint tensor by tensor")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary tables")
 
 
@@ -133,31 +137,41 @@ def _parser() -> argparse.ArgumentParser:
     _vocab_options(n)
     n.set_defaults(func=_cmd_plan)
 
-    e = sub.add_parser("eval", help="held-out NLL / perplexity, parameter counts, optional tokens/s")
+    e = sub.add_parser("eval", help="held-out NLL / perplexity, parameter counts, memory, optional tokens/s",
+                       description="Exit status 1 when some --compare models could not be evaluated (the table "
+                                   "says why), 2 when none could.")
     _model_options(e, optional=True)
     _calib_options(e, flag="--data", required=True)
     e.add_argument("--compare", nargs="+", metavar="MODEL", default=[],
                    help="more models to evaluate on the same text, in one table (bits/byte compares tokenizers fairly)")
-    e.add_argument("--speed", action="store_true", help="also measure prefill and decode tokens/s")
+    e.add_argument("--speed", action="store_true",
+                   help="also measure prefill and decode tokens/s (one warm-up, then the median of 5 runs)")
     e.set_defaults(func=_cmd_eval)
 
-    d = sub.add_parser("demo", help="the whole job on an embedded default model and text (under a minute on a CPU)")
+    d = sub.add_parser("demo", help="the whole job on an embedded default model and text (about 20-35 s on a 2-core CPU)")
     d.add_argument("--out", type=Path, default=Path("demo_out"), help="where the pruned demo model goes (default demo_out)")
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--quiet", action="store_true", help="print only the results table")
     d.set_defaults(func=_cmd_demo)
 
     c = sub.add_parser("check", help="run every kernel against its plain-torch reference and print a table")
-    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+                   help="dtype of the test tensors (default bfloat16)")
     c.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     c.set_defaults(func=_cmd_check)
     return p
 
 
-def _load(args):
-    from .loading import load, load_skeleton
+def _load(args, source: str | None = None):
+    """MODEL (or `source`) as the options say, with --tokenizer in place of its own when given."""
+    from .loading import load, load_skeleton, load_tokenizer
 
     loader = load_skeleton if getattr(args, "offload", "none") == "layerwise" else load
-    return loader(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    loaded = loader(source or args.model, dtype=args.dtype, device=args.device,
+                    trust_remote_code=args.trust_remote_code)
+    if args.tokenizer:
+        rows = loaded.model.get_input_embeddings().num_embeddings
+        loaded.tokenizer = load_tokenizer(args.tokenizer, rows, args.trust_remote_code)
+    return loaded
 
 
 def _progress(args) -> bool | None:
@@ -249,26 +263,37 @@ def _cmd_prune(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    """Every model on the same data, one table; a model that cannot be evaluated (say, data with ids a pruned
+    vocabulary dropped) gets its reason in the table and the exit status is 1; 2 when none could be."""
+    import gc
+
     from . import evaluate, loading, pipeline, report
 
     sources = ([args.model] if args.model else []) + args.compare
-    if args.offload != "none":
-        raise ValueError("eval runs the whole model: drop --offload")
     if not sources:
         raise ValueError("give MODEL and/or --compare MODEL ...")
-    results, data_source = {}, None
     for source in sources:
         loading.locate(source)  # a missing model fails before any work
+    results, data_source = {}, None
     for source in sources:
-        loaded = loading.load(source, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
-        data = pipeline.calibrate(loaded, _calib(args), _progress(args))
-        data_source = data_source or data.source
-        results[source] = evaluate.evaluate(loaded.model, data.input_ids, data.attention_mask,
-                                            tokenizer=loaded.tokenizer, batch_size=args.batch_size,
-                                            measure_speed=args.speed, progress=_progress(args))
-        del loaded
+        try:
+            loaded = _load(args, source)
+            data = pipeline.calibrate(loaded, _calib(args), _progress(args))
+            results[source] = evaluate.evaluate(loaded.model, data.input_ids, data.attention_mask,
+                                                tokenizer=loaded.tokenizer, batch_size=args.batch_size,
+                                                measure_speed=args.speed, progress=_progress(args))
+            data_source = data_source or data.source
+        except (ValueError, OSError, IndexError) as e:
+            if args.debug or len(sources) == 1:
+                raise
+            results[source] = {"error": str(e)}
+        loaded = data = None
+        gc.collect()
+    failed = [s for s, r in results.items() if "error" in r]
+    if len(failed) == len(sources):
+        raise ValueError("no model could be evaluated: " + "; ".join(f"{s}: {results[s]['error']}" for s in failed))
     print(report.eval_table(results, data_source))
-    return 0
+    return 1 if failed else 0
 
 
 def _cmd_demo(args) -> int:
@@ -289,17 +314,18 @@ def _cmd_check(args) -> int:
 
 
 def _setup_output(quiet: bool) -> None:
-    """Library chatter off; warnings as one line each; with --quiet, no progress bars either."""
+    """Library chatter off; warnings as one line each; progress bars only in a terminal, none with --quiet."""
     import transformers
 
     transformers.logging.set_verbosity_error()
     logging.getLogger("torch").setLevel(logging.ERROR)
     warnings.formatwarning = lambda message, category, *rest: f"compact: warning: {message}\n"
-    if quiet:
+    if quiet or not sys.stderr.isatty():  # transformers' own bars ("Loading weights") only in a terminal
         import huggingface_hub
 
         transformers.utils.logging.disable_progress_bar()
         huggingface_hub.utils.disable_progress_bars()
+    if quiet:
         warnings.filterwarnings("ignore")
 
 

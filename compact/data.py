@@ -102,7 +102,9 @@ def load_calibration(path, *, tokenizer=None, vocab_size: int, samples: int = 16
         origin = f"the first {min(tokens.size, samples * seq_len):,} of {tokens.size:,} {bin_dtype} tokens"
     elif suffix in (".txt", ".jsonl"):
         if tokenizer is None:
-            raise ValueError(f"{path}: {suffix} calibration data needs a tokenizer")
+            raise ValueError(f"{path}: {suffix} text needs a tokenizer and the model has none: name one with "
+                             "--tokenizer PATH (folder, tokenizer.json or tokenizer.model), or give token ids "
+                             "(.npy, or a .bin memmap with --calib-dtype)")
         pieces = _txt_pieces(path, _block_chars(samples * seq_len)) if suffix == ".txt" \
             else _jsonl_pieces(path, text_field)
         tokens, origin = _tokenize(pieces, tokenizer, eos_id, samples * seq_len, path, progress)

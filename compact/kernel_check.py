@@ -80,7 +80,10 @@ def run_kernel_check(dtype: torch.dtype = torch.bfloat16, device: str | None = N
     for op, case, fast, slow, tol in _cases(device, dtype):
         got, want = fast(), slow()
         max_abs, max_rel = _rel(got, want)
-        rows.append(CheckRow(op, f"{case} {str(dtype).removeprefix('torch.')}", ck.backend_for(got), max_abs, max_rel, tol))
+        backend = ck.backend_for(got)
+        if backend == "triton" and not got.is_cuda:
+            backend = "triton (CPU interpreter)"
+        rows.append(CheckRow(op, f"{case} {str(dtype).removeprefix('torch.')}", backend, max_abs, max_rel, tol))
     return rows
 
 

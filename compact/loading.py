@@ -3,6 +3,7 @@ llama2.c checkpoint file; plus its tokenizer when it has one. Never downloads.""
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,36 @@ def load_skeleton(source: str, *, dtype: str = "auto", device: str | None = None
                          "safetensors directory, not a llama2.c checkpoint (it is small: drop the option)")
     model = skeleton(_config(path, trust_remote_code), resolve_dtype(dtype, device))
     return _with_extras(model, path, trust_remote_code, device)
+
+
+def load_tokenizer(source: str, vocab_rows: int | None = None, trust_remote_code: bool = False):
+    """--tokenizer for a model without one (or to replace its own): a Hugging Face tokenizer folder, a
+    `tokenizer.json`, or a SentencePiece BPE `tokenizer.model` (Llama/Mistral style, byte fallback). With
+    `vocab_rows`, every id the tokenizer can produce must have an embedding row."""
+    from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
+
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"--tokenizer {source}: no such file or directory")
+    try:
+        if path.is_dir():
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        elif path.suffix == ".json":
+            tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path))
+        elif path.suffix == ".model":
+            # transformers 5 converts a SentencePiece model only through from_pretrained on a folder.
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "tokenizer.model").symlink_to(path.resolve())
+                tokenizer = LlamaTokenizer.from_pretrained(tmp)
+        else:
+            raise ValueError("expected a tokenizer folder, a tokenizer.json or a SentencePiece tokenizer.model")
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
+        raise ValueError(f"--tokenizer {source}: cannot load it: {e}") from None
+    largest = max(tokenizer.get_vocab().values(), default=-1)
+    if vocab_rows is not None and largest >= vocab_rows:
+        raise ValueError(f"--tokenizer {source}: it has ids up to {largest:,} but the model's embedding has "
+                         f"{vocab_rows:,} rows: not this model's tokenizer")
+    return tokenizer
 
 
 def _config(path: Path, trust_remote_code: bool):

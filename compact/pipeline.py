@@ -303,7 +303,8 @@ def _report(loaded: Loaded, opts: PruneOptions, calib_opts: CalibOptions, calib,
         "source": loaded.source, "calibration": calib.source if calib else None, "scores_file": opts.scores,
         "ffn_criterion": None if opts.scores else opts.ffn_criterion, "vocab_order": opts.vocab_order,
         "plan": plan, "streamed": loaded.is_skeleton,
-        "options": {**asdict(opts), **{f"calib_{k}": v for k, v in asdict(calib_opts).items()}},
+        "options": {**asdict(opts), **{f"calib_{k}": v for k, v in asdict(calib_opts).items()},
+                    **_calib_used(calib)},
         "sizes": {"vocab_before": vocab_before, "vocab_after": len(kept_ids) if kept_ids else vocab_before,
                   "intermediate_before": models.intermediate_size(model), "intermediate_after": ffn_keep,
                   "layers": len(kept_channels), "hidden": model.config.hidden_size},
@@ -312,6 +313,14 @@ def _report(loaded: Loaded, opts: PruneOptions, calib_opts: CalibOptions, calib,
         "kept_token_ids": kept_ids if kept_ids is not None else list(range(vocab_before)),
         "kept_channels": list(kept_channels.values()),
     }
+
+
+def _calib_used(calib) -> dict:
+    """The calibration shape really used (--seq-len is capped at the context, --samples at the data)."""
+    if calib is None:
+        return {}
+    samples, seq_len = calib.input_ids.shape
+    return {"calib_samples": samples, "calib_seq_len": seq_len}
 
 
 def _write(loaded: Loaded, out: Path, overwrite: bool, kept_ids, channels, scores, report: dict,

@@ -50,22 +50,43 @@ EVAL_METRICS = (  # (label, key, format)
     ("tokens scored", "tokens", "{:,}"), ("bytes scored", "bytes", "{:,}"),
     ("bits / byte", "bits_per_byte", "{:.4f}"), ("bits / token", "bits_per_token", "{:.4f}"),
     ("NLL / token (nats)", "nll_per_token", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"),
-    ("prefill tokens/s", "prefill_tokens_per_s", "{:,.0f}"), ("decode tokens/s", "decode_tokens_per_s", "{:,.1f}"),
 )
 
 
-def eval_table(results: dict[str, dict], data: str) -> str:
-    """One column per model: quality, speed, memory and parameters by part."""
-    rows = []
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def _rate(r: dict, name: str) -> str:
+    """Median tokens/s with the slowest and fastest run."""
+    key = f"{name}_tokens_per_s"
+    if key not in r:
+        return "-"
+    low, high = r[f"{key}_range"]
+    return f"{r[key]:,.0f} ({low:,.0f}-{high:,.0f})"
+
+
+def eval_table(results: dict[str, dict], data: str | None) -> str:
+    """One column per model: status, quality, memory, speed and parameters by part. A model that could not
+    be evaluated has its reason in the status row and '-' elsewhere."""
+    ok = {name: r for name, r in results.items() if "error" not in r}
+    rows = [("status", *("ok" if "error" not in r else f"not evaluated: {r['error']}" for r in results.values()))]
     for label, key, fmt in EVAL_METRICS:
-        if any(key in r for r in results.values()):
+        if any(key in r for r in ok.values()):
             rows.append((label, *(fmt.format(r[key]) if key in r else "-" for r in results.values())))
-    first = next(iter(results.values()))
-    rows.append((f"peak memory ({first['peak_memory_kind']})",
-                 *(f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB" for r in results.values())))
+    if ok:
+        kind = next(iter(ok.values()))["work_memory_kind"]
+        rows.append(("weights", *(_mib(r.get("weight_bytes")) for r in results.values())))
+        rows.append((f"NLL pass memory above the model ({kind})",
+                     *(_mib(r.get("work_memory_bytes")) for r in results.values())))
+    if any("prefill_tokens_per_s" in r for r in ok.values()):
+        repeats = next(r["speed_repeats"] for r in ok.values() if "speed_repeats" in r)
+        rows.append((f"prefill tokens/s (median of {repeats}, range)", *(_rate(r, "prefill") for r in results.values())))
+        rows.append((f"decode tokens/s (median of {repeats}, range)", *(_rate(r, "decode") for r in results.values())))
     for part in ("embedding", "head", "attention", "ffn", "other", "total"):
-        rows.append((f"parameters: {part}", *(_millions(r["parameters"][part]) for r in results.values())))
-    return f"data: {data}\n" + format_table(("metric", *results), rows)
+        rows.append((f"parameters: {part}",
+                     *(_millions(r["parameters"][part]) if "parameters" in r else "-" for r in results.values())))
+    return f"data: {data or '-'}\n" + format_table(("metric", *results), rows)
 
 
 def plan_summary(model: str, data: str, plan: dict) -> str:
