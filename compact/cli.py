@@ -269,7 +269,7 @@ def _cmd_eval(args) -> int:
 
     from . import evaluate, loading, pipeline, report
 
-    sources = ([args.model] if args.model else []) + args.compare
+    sources = list(dict.fromkeys(([args.model] if args.model else []) + args.compare))  # each model once
     if not sources:
         raise ValueError("give MODEL and/or --compare MODEL ...")
     for source in sources:

@@ -165,8 +165,34 @@ def test_eval_on_pruned_vocabulary_renumbers_token_ids(stories, tmp_path, capsys
     nll = [float(next(line.split()[-1] for line in text.splitlines() if line.startswith("NLL"))) for text in (before, after)]
     # Same logits for kept tokens; the softmax loses one class's mass, so NLL can only drop, slightly.
     assert nll[1] <= nll[0] and nll[1] == pytest.approx(nll[0], rel=1e-3)
-    if (ids == 511).any():
-        assert cli.main(["eval", str(out), "--data", str(heldout), "--quiet"]) == 2
+    assert (ids == 511).any(), "the held-out data should hold the dropped id 511 (test too weak)"
+    assert cli.main(["eval", str(out), "--data", str(heldout), "--quiet"]) == 2
+
+
+def test_eval_compare_marks_the_model_it_cannot_evaluate(stories, tmp_path, capsys):
+    """Three models, one whose vocabulary dropped an id the data holds: one table, three columns, exit 1."""
+    ckpt, _, heldout = stories
+    vocab, ffn = tmp_path / "vocab", tmp_path / "ffn"
+    assert cli.main(["prune", str(ckpt), "--out", str(vocab), "--vocab-keep", "400", "--quiet"]) == 0
+    assert cli.main(["prune", str(ckpt), "--out", str(ffn), "--ffn-keep", "128", "--calib", str(heldout),
+                     "--quiet"]) == 0
+    capsys.readouterr()
+    code = cli.main(["eval", str(ckpt), "--compare", str(vocab), str(ffn), "--data", str(heldout), "--samples", "2",
+                     "--speed", "--quiet"])
+    table = capsys.readouterr().out
+    assert code == 1, table
+    lines = {line.split("  ")[0]: line for line in table.splitlines()}
+    header = table.splitlines()[1]
+    assert all(str(m) in header for m in (ckpt, vocab, ffn)), table
+    status = lines["status"]
+    assert status.count(" ok") == 2 and "not evaluated:" in status and "dropped" in status, status
+    nll = lines["NLL / token (nats)"].split()[-3:]
+    assert nll[1] == "-" and nll[0] != "-" and nll[2] != "-", nll
+    assert "weights" in lines and "median of 5" in table, table
+    weights = [float(v) for v in lines["weights"].replace("MiB", "").split()[1:] if v != "-"]
+    assert weights[1] < weights[0], f"the FFN-pruned model's weights should be smaller: {weights}"
+    # Nothing usable at all: one line, exit 2.
+    assert cli.main(["eval", str(vocab), "--compare", str(vocab), "--data", str(heldout), "--quiet"]) == 2
 
 
 def test_version_and_help():

@@ -294,3 +294,34 @@ def test_python_m_compact_eval_and_one_line_error(case, corpus):
     assert len(lines) == 1 and lines[0].startswith("compact prune: error:"), done.stderr
     assert "--vocab-keep" in lines[0] and "128000" in lines[0]  # the real number of regular tokens
     assert not bad_out.exists()
+
+
+def test_tokenizer_option_for_a_model_without_one(corpus, shared_data, tmp_path):
+    """A model saved without a tokenizer: text data fails with a hint; --tokenizer (the SentencePiece file, or a
+    folder) makes calibration and eval work, and the pruned checkpoint carries the cut tokenizer."""
+    from transformers import AutoTokenizer
+
+    model_class, config = _llama(vocab=32000, tied=False, bos=1, eos=2)
+    torch.manual_seed(0)
+    src = tmp_path / "bare"
+    model_class(config).eval().save_pretrained(src)
+    args = ["--calib", corpus.calib, *CALIB_ARGS, "--vocab-keep", VOCAB_KEEP, "--ffn-keep", "0.5",
+            "--ffn-multiple", "16", "--quiet"]
+    rc, _, stderr = _run(["prune", src, "--out", tmp_path / "no", *args])
+    assert rc == 2 and "--tokenizer" in stderr and ".npy" in stderr, stderr
+
+    spm = shared_data / "llama2-tokenizer.model"
+    rc, _, stderr = _run(["prune", src, "--out", tmp_path / "out", "--tokenizer", spm, *args])
+    assert rc == 0, stderr
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    kept = _report(tmp_path / "out")["kept_token_ids"]
+    assert len(tok) == len(kept) and len(kept) < 32000
+    text = corpus.held_paragraphs[0]
+    assert tok.decode(tok(text, add_special_tokens=False).input_ids, **DECODE) == text
+
+    rc, _, stderr = _run(["eval", tmp_path / "out", "--tokenizer", spm, "--data", corpus.held, *CALIB_ARGS, "--quiet"])
+    assert rc == 2 and "ids up to 31,999" in stderr, "the full tokenizer does not fit the pruned model: " + stderr
+    rc, stdout, stderr = _run(["eval", src, "--tokenizer", spm, "--data", corpus.held, *CALIB_ARGS, "--quiet"])
+    assert rc == 0 and re.search(r"^bits / byte\s+[0-9.]+$", stdout, re.M), stdout + stderr
+    rc, _, stderr = _run(["eval", src, "--tokenizer", tmp_path / "missing.json", "--data", corpus.held, "--quiet"])
+    assert rc == 2 and "missing.json" in stderr, stderr
