@@ -291,7 +291,7 @@ def test_bad_bin(tmp_path):
 def test_text_errors(tmp_path, tokenizer):
     txt = tmp_path / "a.txt"
     txt.write_text("hello")
-    with pytest.raises(ValueError, match="a.txt: .txt calibration data needs a tokenizer"):
+    with pytest.raises(ValueError, match=r"a.txt: .txt text needs a tokenizer .* --tokenizer PATH .*\.npy"):
         load_calibration(txt, vocab_size=10)
     txt.write_bytes(b"caf\xe9 \xff\xfe")
     with pytest.raises(ValueError, match="a.txt: not UTF-8 text"):
