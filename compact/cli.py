@@ -329,10 +329,43 @@ def _setup_output(quiet: bool) -> None:
         warnings.filterwarnings("ignore")
 
 
+def _cgroup_cpus(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs the container's CPU quota allows (cgroup v2 cpu.max or v1 cfs quota), None when unlimited or unknown.
+
+    OpenMP sizes its thread pool from the CPUs it may be scheduled on, not from the quota: in a 2-CPU container
+    on a 64-core host torch would start dozens of threads that spin against each other."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def _setup_threads() -> None:
+    """At most one torch thread per CPU the quota allows, unless the user chose (OMP_NUM_THREADS)."""
+    import math
+    import os
+
+    cpus = _cgroup_cpus()
+    if cpus is None or "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    if torch.get_num_threads() > math.ceil(cpus):
+        torch.set_num_threads(max(1, math.ceil(cpus)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .pipeline import CheckFailed
     try:
+        _setup_threads()
         _setup_output(getattr(args, "quiet", False))
         return args.func(args)
     except CheckFailed as e:

@@ -200,3 +200,20 @@ def test_version_and_help():
     assert result.returncode == 0 and result.stdout.startswith("compact ")
     bad = subprocess.run([sys.executable, "-m", "compact", "prune"], capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_cgroup_cpu_quota_caps_threads(tmp_path):
+    """A container's CPU quota (cgroup v2 or v1) is read; unlimited or absent means no cap."""
+    v2, v1, none = tmp_path / "v2", tmp_path / "v1", tmp_path / "none"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert cli._cgroup_cpus(v2) == 1.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cli._cgroup_cpus(v2) is None
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cli._cgroup_cpus(v1) == 2
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cli._cgroup_cpus(v1) is None
+    assert cli._cgroup_cpus(none) is None
