@@ -1,6 +1,7 @@
 """The `compact` command line: score, prune, eval, demo, check.
 
-Usage errors exit 2 with one line and no traceback (unless --debug); a failed --check exits 1.
+Every error exits 2 with one line and no traceback (unless --debug); a failed --check exits 1; SIGINT 130
+and SIGTERM 143, with staged output removed.
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def _vocab_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-order", choices=["id", "frequency"], default="id",
                    help="id: keep the lowest ids (the paper); frequency: the most frequent tokens in --calib, "
                         "completed with their merge ancestors")
-    p.add_argument("--vocab-always", metavar="FILE", help="token strings (one per line) kept whatever their count")
+    p.add_argument("--vocab-always", metavar="FILE", help="token strings (one per line, as the vocabulary spells them) kept in either order, with the "
+                        "merge ancestors they need")
 
 
 def _criterion_options(p: argparse.ArgumentParser) -> None:
@@ -185,9 +187,9 @@ def _calib(args):
 
 
 def _cmd_score(args) -> int:
-    from . import output, pipeline, runs
+    from . import loading, models, output, pipeline, runs
 
-    output.check_destination(args.out, overwrite=args.overwrite)
+    output.check_destination(args.out, overwrite=args.overwrite, protected=loading.locate(args.model), kind="file")
     loaded = _load(args)
     calib = pipeline.calibrate(loaded, _calib(args), _progress(args))
     counts = pipeline.token_counts(loaded, _calib(args), _progress(args)) if args.vocab_order == "frequency" else None
@@ -202,7 +204,7 @@ def _cmd_score(args) -> int:
         return 0  # rank 0 writes
     meta = {"model": loaded.source, "calibration": calib.source, "vocab_keep": str(args.vocab_keep),
             "vocab_order": args.vocab_order, "ffn_criterion": args.ffn_criterion, "compact": __version__,
-            "resumed_from_batch": str(resumed)}
+            "resumed_from_batch": str(resumed), **models.fingerprint(loaded.model.config)}
     output.save_scores(scores, args.out, meta, overwrite=args.overwrite)
     if not args.quiet:
         print(f"scores for {len(scores)} layers x {next(iter(scores.values())).numel()} channels -> {args.out}")
@@ -361,9 +363,28 @@ def _setup_threads() -> None:
         torch.set_num_threads(max(1, math.ceil(cpus)))
 
 
+class Terminated(BaseException):
+    """SIGTERM (timeout, Slurm, docker stop) turned into an exception, so staged output is cleaned up."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
+def _one_line(error: BaseException) -> str:
+    """The error as one line: library messages (transformers') span several."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if isinstance(error, (ValueError, OSError, IndexError)) else f"{type(error).__name__}: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 on success, 1 when --check (or an eval --compare model) fails, 2 with one line on stderr for any
+    error (--debug shows the traceback), 130 on SIGINT and 143 on SIGTERM; partial output is removed."""
+    import signal
+
     args = _parser().parse_args(argv)
     from .pipeline import CheckFailed
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         _setup_threads()
         _setup_output(getattr(args, "quiet", False))
@@ -371,11 +392,23 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailed as e:
         print(f"compact {args.command}: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, IndexError, OSError) as e:
+    except KeyboardInterrupt:
+        print(f"compact {args.command}: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"compact {args.command}: terminated (SIGTERM); no output was written", file=sys.stderr)
+        return 143
+    except Exception as e:  # noqa: BLE001 - every failure is one line; --debug shows where
         if args.debug:
             raise
-        print(f"compact {args.command}: error: {e}", file=sys.stderr)
+        print(f"compact {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"compact {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -145,10 +145,12 @@ def _load_npy(path: Path) -> np.ndarray:
 
 def _load_bin(path: Path, bin_dtype: str | None) -> np.memmap:
     if bin_dtype not in BIN_DTYPES:
-        raise ValueError(f"{path}: .bin token files need bin_dtype in {BIN_DTYPES}, got {bin_dtype!r}")
+        got = "" if bin_dtype is None else f", got {bin_dtype!r}"
+        raise ValueError(f"{path}: a .bin token file needs --calib-dtype {' or '.join(BIN_DTYPES)} "
+                         f"(the width of its ids){got}")
     itemsize = np.dtype(bin_dtype).itemsize
     if os.path.getsize(path) % itemsize:
-        raise ValueError(f"{path}: size {os.path.getsize(path)} is not a multiple of {itemsize} ({bin_dtype})")
+        raise ValueError(f"{path}: size {os.path.getsize(path)} is not a multiple of {itemsize} (--calib-dtype {bin_dtype})")
     return np.memmap(path, dtype=bin_dtype, mode="r")
 
 

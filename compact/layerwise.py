@@ -72,13 +72,41 @@ def open_checkpoint(model_dir, what: str):
     if getattr(config, "quantization_config", None):
         raise ValueError(f"{model_dir} is quantized ({config.quantization_config.get('quant_method', '?')}); "
                          f"{what} handles plain floating-point tensors only")
-    return path, config, checkpoint_files(path)
+    files = checkpoint_files(path)
+    _check_names(model_dir, config, files)
+    return path, config, files
+
+
+def _check_names(model_dir, config, files: dict[str, Path]) -> None:
+    """Missing or unexpected tensors are an error (as `loading.load` makes them): nothing is invented or dropped."""
+    import re
+
+    model = skeleton(config, torch.float32)
+    expected = set(model.state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        expected.discard("lm_head.weight")
+    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    missing = sorted(expected - set(files))
+    unexpected = sorted(n for n in set(files) - expected if not any(p.search(n) for p in ignored))
+    problems = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                for names, what in ((missing, "missing"), (unexpected, "unexpected")) if names]
+    if problems:
+        raise ValueError(f"model {str(model_dir)!r}: its weights do not match its config: {'; '.join(problems)} tensors")
+
+
+def _shard_names(shard: Path) -> list[str]:
+    """The tensor names in one safetensors file (its header only); ValueError when it is damaged."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(shard), framework="pt") as f:
+            return list(f.keys())
+    except SafetensorError as e:
+        raise ValueError(f"{shard} is damaged or not a safetensors file ({e})") from None
 
 
 def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     """{tensor name: safetensors file holding it}, from the index json or the single model.safetensors."""
-    from safetensors import safe_open
-
     model_dir = Path(model_dir)
     index = model_dir / INDEX_NAME
     if index.is_file():
@@ -87,11 +115,11 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
         for shard in set(files.values()):
             if not shard.is_file():
                 raise FileNotFoundError(f"{index} names shard {shard.name}, which is missing")
+            _shard_names(shard)
         return files
     single = model_dir / SINGLE_NAME
     if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
-            return {name: single for name in f.keys()}
+        return {name: single for name in _shard_names(single)}
     raise FileNotFoundError(
         f"{model_dir} has neither {INDEX_NAME} nor {SINGLE_NAME}: layer-streamed loading needs safetensors "
         "(re-save a .bin checkpoint with save_pretrained(safe_serialization=True))")
@@ -137,7 +165,7 @@ def materialize(module: nn.Module, prefix: str, files: dict[str, Path], device, 
     missing = [full for full in names.values() if full not in files]
     if missing:
         some = ", ".join(sorted(files)[:4])
-        raise KeyError(f"the checkpoint lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+        raise ValueError(f"the checkpoint lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
                        f"(it holds e.g. {some}); layer-streamed loading needs the standard tensor names")
     module.to_empty(device=device)
     targets = dict(module.named_parameters())

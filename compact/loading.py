@@ -3,11 +3,14 @@ llama2.c checkpoint file; plus its tokenizer when it has one. Never downloads.""
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from . import llama2c, models
 
@@ -38,10 +41,16 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 
 def resolve_device(name: str | None) -> str:
+    """--device: auto (cuda when present), cpu, cuda or cuda:N."""
     if name in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if name != "cpu" and not match:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if match and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device is available")
+    if match and match.group(1) and int(match.group(1)) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
     return name
 
 
@@ -84,8 +93,28 @@ def load(source: str, *, dtype: str = "auto", device: str | None = None, trust_r
         model = llama2c.load_llama2c(path, dtype=torch_dtype).to(device)
         return Loaded(model, None, f"llama2.c checkpoint {path}", device=device)
     _config(path, trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    try:  # mis-shaped tensors are reported by _check_loading_info, naming them, instead of raising here
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
+            ignore_mismatched_sizes=True)
+    except SafetensorError as e:
+        raise ValueError(f"model {source!r}: a weights file is damaged or not safetensors ({e})") from None
+    except pickle.UnpicklingError:
+        raise ValueError(f"model {source!r}: its pickled .bin weights hold objects torch refuses to load safely; "
+                         "convert the checkpoint to safetensors from a source you trust") from None
+    _check_loading_info(source, info)
     return _with_extras(model.to(device).eval(), path, trust_remote_code, device)
+
+
+def _check_loading_info(source: str, info: dict) -> None:
+    """Missing, unexpected or mis-shaped tensors are an error: transformers would invent or drop weights."""
+    problems = []
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "mis-shaped")):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ())
+        if names:
+            problems.append(f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+    if problems:
+        raise ValueError(f"model {source!r}: its weights do not match its config: {'; '.join(problems)} tensors")
 
 
 def load_skeleton(source: str, *, dtype: str = "auto", device: str | None = None,
@@ -137,6 +166,12 @@ def _config(path: Path, trust_remote_code: bool):
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     models.family_of(config)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else \
+            getattr(quantization, "quant_method", "?")
+        raise ValueError(f"model {str(path)!r} is quantized ({method}); compact prunes unquantized checkpoints: "
+                         "load and save it unquantized first")
     return config
 
 

@@ -32,6 +32,12 @@ FAMILIES: dict[str, Family] = {
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
+def fingerprint(config) -> dict[str, str]:
+    """What a scores file must match: the architecture and FFN shape (not the vocabulary, which a prune may cut)."""
+    return {f"model_{k}": str(getattr(config, k, None))
+            for k in ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size")}
+
+
 class UnsupportedModelError(ValueError):
     """A model this package cannot prune; the message says which ones it can."""
 

@@ -130,13 +130,16 @@ def kept_vocabulary(loaded: Loaded, vocab_keep: int | None, *, order: str = "id"
     if order not in VOCAB_ORDERS:
         raise ValueError(f"--vocab-order must be one of {', '.join(VOCAB_ORDERS)}, got {order!r}")
     if vocab_keep is None:
+        if always:
+            raise ValueError("--vocab-always names tokens to keep when the vocabulary is cut: give --vocab-keep "
+                             "(or --target-params)")
         return None
     rows = loaded.model.get_input_embeddings().num_embeddings
     extra = config_token_ids(loaded.model)
     if order == "frequency":
         return vocab.select_vocab_by_frequency(loaded.tokenizer, rows, vocab_keep, counts, always=always,
                                                extra_ids=extra)
-    kept = vocab.select_vocab(loaded.tokenizer, rows, vocab_keep, extra_ids=extra)
+    kept = vocab.select_vocab(loaded.tokenizer, rows, vocab_keep, extra_ids=extra, always=always)
     if loaded.tokenizer is None:
         warnings.warn("no tokenizer: id order assumes later ids are rarer, which need not hold here "
                       "(SentencePiece puts its 256 byte pieces first); --vocab-order frequency measures it",
@@ -281,7 +284,8 @@ def prune(loaded: Loaded, out: Path, opts: PruneOptions, calib_opts: CalibOption
     before = models.parameter_counts(model)
     scores, check = None, None
     if opts.scores:
-        scores = output.load_scores(opts.scores, {n: intermediate for n in models.mlps(model)})
+        scores = output.load_scores(opts.scores, {n: intermediate for n in models.mlps(model)},
+                                    models.fingerprint(model.config))
     elif data_scores or ffn_keep != intermediate:
         with timings.phase("scoring"):
             scores, check = compute_scores(loaded, calib, kept_ids, opts, run)
@@ -327,6 +331,7 @@ def _write(loaded: Loaded, out: Path, overwrite: bool, kept_ids, channels, score
            timings: Timings, progress) -> None:
     """Slice and save checkpoint, tokenizer, scores and report into a staged folder renamed to `out` at the end."""
     model = loaded.model
+    shape = models.fingerprint(model.config)  # of the model the scores belong to, before slicing
     with output.staged_dir(out, overwrite=overwrite) as tmp:
         if loaded.is_skeleton:
             write_streamed(loaded, kept_ids, channels, tmp, report, timings, progress)
@@ -342,7 +347,7 @@ def _write(loaded: Loaded, out: Path, overwrite: bool, kept_ids, channels, score
         with timings.phase("save"):
             save_tokenizer(loaded, report["kept_token_ids"], tmp, report)
             if scores is not None:
-                output.save_scores(scores, tmp / "compact_scores.safetensors")
+                output.save_scores(scores, tmp / "compact_scores.safetensors", shape)
         output.write_json(tmp / "compact_report.json", report)
 
 

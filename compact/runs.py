@@ -72,18 +72,27 @@ def resume_point(opts: RunOptions | None) -> int:
     path = _path(opts, *distributed())
     if path is None or not path.exists() or not opts.resume:
         return 0
-    from safetensors import safe_open
+    return int(_checkpoint_meta(path)["next_batch"])
 
-    with safe_open(str(path), "pt") as f:
-        return int(f.metadata()["next_batch"])
+
+def _checkpoint_meta(path: Path) -> dict:
+    """A checkpoint's metadata (next_batch as digits, signature as JSON); ValueError when it is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        json.loads(meta["signature"])
+        if not meta["next_batch"].isdigit():
+            raise ValueError(meta["next_batch"])
+    except (SafetensorError, OSError, KeyError, ValueError):
+        raise ValueError(f"checkpoint {path} is damaged or not one compact wrote: delete it to start afresh") from None
+    return meta
 
 
 def load_checkpoint(path: Path, scorer: ChannelScorer, signature: dict) -> int:
     """Restore the partial sums into `scorer`; the batch to continue from."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
+    meta = _checkpoint_meta(path)
     saved = json.loads(meta["signature"])
     if saved != signature:
         differs = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))

@@ -16,6 +16,10 @@ def resolve_ffn_keep(value: float | int | str, intermediate: int, multiple: int 
     if isinstance(number, float):
         if not 0 < number <= 1:
             raise ValueError(f"--ffn-keep ratio must be in (0, 1], got {value}")
+        if number < 1 and multiple >= intermediate:
+            raise ValueError(f"--ffn-keep {value} cannot be rounded to a multiple of --ffn-multiple {multiple} in an "
+                             f"FFN of {intermediate} channels (it would keep them all): lower --ffn-multiple or "
+                             "give a count")
         number = min(intermediate, max(multiple, round(number * intermediate / multiple) * multiple))
     if not 1 <= number <= intermediate:
         raise ValueError(f"--ffn-keep must be between 1 and the intermediate size {intermediate}, got {number}")

@@ -50,8 +50,9 @@ def special_token_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def select_vocab(tokenizer, num_embeddings: int, keep: int, *, extra_ids=()) -> list[int]:
-    """Ascending old ids to keep: the ``keep`` lowest regular ids, every special/added id and ``extra_ids``.
+def select_vocab(tokenizer, num_embeddings: int, keep: int, *, extra_ids=(), always=()) -> list[int]:
+    """Ascending old ids to keep: the ``keep`` lowest regular ids, every special/added id and ``extra_ids``,
+    and the ``always`` token strings with the merge ancestors they need (unknown ones raise ValueError).
 
     Also always kept, so that any text still encodes losslessly: the base symbols (the 256 byte tokens
     of byte-level BPE, or the byte-fallback pieces ``<0x00>``..``<0xFF>`` and the ``▁`` the decoder
@@ -62,11 +63,17 @@ def select_vocab(tokenizer, num_embeddings: int, keep: int, *, extra_ids=()) -> 
     ``num_embeddings`` are never kept.
     """
     extra = _flat_ids(extra_ids)
+    always = [always] if isinstance(always, str) else list(always)
     if tokenizer is not None:
         tokenizer = _as_fast(tokenizer)
+    elif always:
+        raise ValueError("--vocab-always needs a tokenizer: its token strings name tokens through it")
     vocab, valid, regular, forced = _partition(tokenizer, num_embeddings)
     _check_keep(keep, len(regular))
     kept = set(regular[:keep])
+    if always:
+        _add_always(tokenizer, vocab, always, num_embeddings, kept, forced, set(regular),
+                    _MergeTree(tokenizer.backend_tokenizer))
     if tokenizer is not None:
         forced |= _alphabet_ids(tokenizer.convert_ids_to_tokens(sorted(kept - forced)), vocab)
     return sorted((kept | forced | extra) & valid)
@@ -186,17 +193,10 @@ def select_vocab_by_frequency(tokenizer, num_embeddings: int, keep: int, counts,
     tokenizer = _as_fast(tokenizer)
     vocab, valid, regular, forced = _partition(tokenizer, num_embeddings)
     _check_keep(keep, len(regular))
-    always_ids = _always_ids(tokenizer, vocab, always, num_embeddings)
     allowed = set(regular)
     tree = _MergeTree(tokenizer.backend_tokenizer)
     kept = forced & allowed  # regular ids kept so far; the base symbols count towards keep
-    for token, token_id in zip(always, always_ids):
-        if token_id in forced:
-            continue
-        add = tree.closure(token_id, kept, allowed)
-        if add is None:
-            raise ValueError(f"--vocab-always: {token!r} is built from a token without an embedding row")
-        kept.update(add)
+    _add_always(tokenizer, vocab, always, num_embeddings, kept, forced, allowed, tree)
     pending = [i for i in _by_count(counts, regular) if i not in kept]
     while len(kept) < keep and pending:
         before, skipped = len(kept), []
@@ -455,6 +455,18 @@ def _by_count(counts: torch.Tensor, ids: list[int]) -> list[int]:
     index = torch.as_tensor(ids, dtype=torch.long)
     order = torch.sort(counts[index], descending=True, stable=True).indices
     return index[order].tolist()
+
+
+def _add_always(tokenizer, vocab, always: list, num_embeddings: int, kept: set, forced: set, allowed: set,
+                tree) -> None:
+    """Add the ``--vocab-always`` tokens and the merge ancestors they need to ``kept`` (in place)."""
+    for token, token_id in zip(always, _always_ids(tokenizer, vocab, always, num_embeddings)):
+        if token_id in forced:
+            continue
+        add = tree.closure(token_id, kept, allowed)
+        if add is None:
+            raise ValueError(f"--vocab-always: {token!r} is built from a token without an embedding row")
+        kept.update(add)
 
 
 def _always_ids(tokenizer, vocab: dict[str, int], always: list, num_embeddings: int) -> list[int]:

@@ -192,7 +192,7 @@ def test_errors(tmp_path):
     index = json.loads(index_path.read_text())
     del index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
     index_path.write_text(json.dumps(index))
-    with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
+    with pytest.raises(ValueError, match=r"1 missing \(model.layers.1.mlp.up_proj.weight\)"):
         score_layerwise(folder, ids, mask)
 
 

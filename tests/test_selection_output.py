@@ -20,11 +20,13 @@ def test_resolve_ffn_keep(value, expected):
     assert selection.resolve_ffn_keep(value, 4864, 64) == expected
 
 
-@pytest.mark.parametrize("value,message", [("0", "between 1 and"), ("4865", "between 1 and"), ("1.5", r"in \(0, 1\]"),
-                                           ("-0.5", r"in \(0, 1\]"), ("abc", "channel count or a ratio")])
-def test_resolve_ffn_keep_errors(value, message):
+@pytest.mark.parametrize("value,multiple,message", [
+    ("0", 64, "between 1 and"), ("4865", 64, "between 1 and"), ("1.5", 64, r"in \(0, 1\]"),
+    ("-0.5", 64, r"in \(0, 1\]"), ("abc", 64, "channel count or a ratio"),
+    ("0.5", 8000, "cannot be rounded to a multiple of --ffn-multiple 8000")])
+def test_resolve_ffn_keep_errors(value, multiple, message):
     with pytest.raises(ValueError, match=message):
-        selection.resolve_ffn_keep(value, 4864, 64)
+        selection.resolve_ffn_keep(value, 4864, multiple)
 
 
 def test_staged_dir_is_atomic(tmp_path):
@@ -39,7 +41,7 @@ def test_staged_dir_is_atomic(tmp_path):
     assert (out / "a").read_text() == "1"
     with output.staged_dir(out, overwrite=True) as tmp:
         (tmp / "b").write_text("2")
-    assert sorted(p.name for p in out.iterdir()) == ["b"]
+    assert sorted(p.name for p in out.iterdir()) == [output.MARKER, "b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
@@ -51,6 +53,9 @@ def test_check_destination(tmp_path):
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ValueError, match="exists and is not empty; pass --overwrite"):
         output.check_destination(tmp_path / "full", overwrite=False)
+    with pytest.raises(ValueError, match="was not written by compact"):
+        output.check_destination(tmp_path / "full", overwrite=True)
+    (tmp_path / "full" / output.MARKER).write_text("")
     output.check_destination(tmp_path / "full", overwrite=True)
     with pytest.raises(ValueError, match="overlaps the source model"):
         output.check_destination(tmp_path / "full" / "sub", overwrite=True, protected=tmp_path / "full")

@@ -1,0 +1,421 @@
+"""The CLI against careless and hostile use: bad models, bad data, bad options, dangerous --out paths,
+signals, symlinks, concurrent runs, read-only and full disks.
+
+Every failing case must: exit 2 (130 / 143 for SIGINT / SIGTERM), print exactly one line on stderr and no
+traceback, leave no output or staging folder behind, and leave the source's bytes unchanged. Most cases run
+`compact.cli.main` in-process (fast); signals run `python -m compact` in a child process.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from compact import cli, output
+
+VOCAB, HIDDEN, FFN, LAYERS = 64, 16, 32, 2
+
+
+def run(argv: list) -> tuple[int, str]:
+    """cli.main in-process: (exit code, stderr)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = cli.main([str(a) for a in argv])
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    return code, err.getvalue()
+
+
+def digest(path: Path) -> str:
+    """sha256 over every file under `path` (names and bytes)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path.parent)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Staging folders/files compact left in `folder`."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".compact."))
+
+
+def assert_clean_failure(code: int, stderr: str, *, folder: Path, sources: list[Path], before: list[str],
+                         absent: Path | None = None, want: int = 2, what: str = "") -> None:
+    lines = stderr.strip().splitlines()
+    assert code == want, f"{what}: exit {code}, wanted {want}: {stderr}"
+    assert len(lines) == 1 and "Traceback" not in stderr, f"{what}: stderr is not one line: {stderr!r}"
+    assert not leftovers(folder), f"{what}: staging left behind: {leftovers(folder)}"
+    if absent is not None:
+        assert not absent.exists(), f"{what}: {absent} was written"
+    assert [digest(s) for s in sources] == before, f"{what}: the source changed"
+
+
+def tiny_model(folder: Path, layers: int = LAYERS, seed: int = 0) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    """A working directory holding a tiny model `src`, calibration ids, and room for outputs."""
+    monkeypatch.chdir(tmp_path)
+    src = tiny_model(tmp_path / "src")
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).integers(0, VOCAB, size=(4, 16)))
+    return tmp_path, src
+
+
+def prune_args(src, out, *extra):
+    return ["prune", src, "--out", out, "--ffn-keep", "16", "--calib", "calib.npy", "--samples", "4",
+            "--seq-len", "16", "--quiet", *extra]
+
+
+# ------------------------------------------------------------------------------------------- bad models
+
+def _drop_tensor(src: Path, name="model.layers.1.mlp.down_proj.weight") -> None:
+    tensors = load_file(str(src / "model.safetensors"))
+    del tensors[name]
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _add_tensor(src: Path) -> None:
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["model.extra.weight"] = torch.zeros(3)
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _truncate(src: Path) -> None:
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _garbage(src: Path) -> None:
+    (src / "model.safetensors").write_bytes(b"not a safetensors file at all" * 10)
+
+
+def _config_edit(**changes):
+    def edit(src: Path) -> None:
+        config = json.loads((src / "config.json").read_text())
+        config.update(changes)
+        (src / "config.json").write_text(json.dumps(config))
+    return edit
+
+
+def _pickle_weights(src: Path) -> None:
+    """A pickle that would run code if unpickled without weights_only."""
+    (src / "model.safetensors").unlink()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch EVIL_RAN",))
+
+    torch.save({"x": Evil()}, src / "pytorch_model.bin", _use_new_zipfile_serialization=True)
+
+
+BAD_MODELS = {
+    "missing tensor": _drop_tensor,
+    "unexpected tensor": _add_tensor,
+    "truncated safetensors": _truncate,
+    "garbage safetensors": _garbage,
+    "intermediate_size disagrees": _config_edit(intermediate_size=FFN * 2),
+    "unsupported model_type": _config_edit(model_type="gpt2", architectures=["GPT2LMHeadModel"]),
+    "custom code without --trust-remote-code": _config_edit(
+        model_type="my_custom", auto_map={"AutoConfig": "configuration_x.XConfig",
+                                          "AutoModelForCausalLM": "modeling_x.X"}),
+    "bitsandbytes quantization": _config_edit(quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}),
+    "pickle weights": _pickle_weights,
+    "no config.json": lambda src: (src / "config.json").unlink(),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MODELS))
+@pytest.mark.parametrize("command", ["prune", "score", "score --offload layerwise"])
+def test_bad_model(world, case, command):
+    root, src = world
+    BAD_MODELS[case](src)
+    before = [digest(src)]
+    out = root / ("out" if command == "prune" else "s.safetensors")
+    argv = prune_args(src, out) if command == "prune" else \
+        ["score", src, "--out", out, "--calib", "calib.npy", "--samples", "4", "--seq-len", "16", "--quiet",
+         *command.split()[1:]]
+    code, err = run(argv)
+    assert_clean_failure(code, err, folder=root, sources=[src], before=before, absent=out, what=case)
+    assert not (root / "EVIL_RAN").exists(), "unpickling ran code"
+
+
+# ---------------------------------------------------------------------------------- bad data and options
+
+def _bad_data(root: Path) -> dict[str, list]:
+    np.save(root / "big_ids.npy", np.full((4, 16), VOCAB + 5))
+    (root / "text.txt").write_text("some text")
+    (root / "ids.bin").write_bytes(b"\x01\x00" * 64)
+    (root / "not_scores.safetensors").write_text("garbage")
+    save_file({f"model.layers.{i}.mlp": torch.ones(FFN, dtype=torch.float64) for i in range(4)},
+              str(root / "other_scores.safetensors"))
+    (root / "always.txt").write_text("nope\n")
+    (root / "run.ckpt").write_text("garbage")
+    base = ["--samples", "4", "--seq-len", "16", "--quiet"]
+    return {
+        "missing calibration": ["--ffn-keep", "16", "--calib", "nope.npy", *base],
+        "ids beyond the vocabulary": ["--ffn-keep", "16", "--calib", "big_ids.npy", *base],
+        "text without a tokenizer": ["--ffn-keep", "16", "--calib", "text.txt", *base],
+        ".bin without --calib-dtype": ["--ffn-keep", "16", "--calib", "ids.bin", *base],
+        "scores not safetensors": ["--ffn-keep", "16", "--scores", "not_scores.safetensors", "--quiet"],
+        "scores of a 4-layer model": ["--ffn-keep", "16", "--scores", "other_scores.safetensors", "--quiet"],
+        "--device tpu": ["--ffn-keep", "16", "--calib", "calib.npy", "--device", "tpu", *base],
+        "--device meta": ["--ffn-keep", "16", "--calib", "calib.npy", "--device", "meta", *base],
+        "--ffn-multiple rounds to everything": ["--ffn-keep", "0.5", "--ffn-multiple", "1000", "--calib",
+                                                "calib.npy", *base],
+        "--vocab-always without a vocabulary cut": ["--ffn-keep", "16", "--calib", "calib.npy",
+                                                    "--vocab-always", "always.txt", *base],
+        "--vocab-always without a tokenizer": ["--vocab-keep", "30", "--vocab-always", "always.txt", "--quiet"],
+        "--ffn-keep 0": ["--ffn-keep", "0", "--calib", "calib.npy", *base],
+        "nothing to prune": ["--quiet"],
+    }
+
+
+def test_bad_data_and_options(world):
+    root, src = world
+    before = [digest(src)]
+    for case, extra in _bad_data(root).items():
+        out = root / "out"
+        code, err = run(["prune", src, "--out", out, *extra])
+        assert_clean_failure(code, err, folder=root, sources=[src], before=before, absent=out, what=case)
+
+
+def test_bad_resume_checkpoint_and_check_device(world):
+    root, src = world
+    (root / "s.safetensors.ckpt").write_text("garbage")
+    code, err = run(["score", src, "--out", "s.safetensors", "--calib", "calib.npy", "--samples", "4",
+                     "--seq-len", "16", "--resume", "--quiet"])
+    assert_clean_failure(code, err, folder=root, sources=[src], before=[digest(src)], absent=root / "s.safetensors",
+                         what="damaged checkpoint")
+    assert "damaged" in err
+    if not torch.cuda.is_available():
+        code, err = run(["check", "--device", "cuda"])
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "CUDA" in err, err
+
+
+# ------------------------------------------------------------------------------------------- --out paths
+
+def test_out_that_would_destroy_something(world):
+    root, src = world
+    (root / "mine").mkdir()
+    (root / "mine" / "notes.txt").write_text("my notes")
+    sources = [src, root / "mine"]
+    before = [digest(s) for s in sources]
+    weights = src / "model.safetensors"
+    cases = {
+        "prune into the source": prune_args(src, src, "--overwrite"),
+        "prune inside the source": prune_args(src, src / "sub", "--overwrite"),
+        "prune above the source": prune_args(src, root, "--overwrite"),
+        "prune into the working directory": prune_args(src, ".", "--overwrite"),
+        "prune above the working directory": prune_args(src, "..", "--overwrite"),
+        "prune over a folder compact did not write": prune_args(src, root / "mine", "--overwrite"),
+        "score over the source weights": ["score", src, "--out", weights, "--calib", "calib.npy", "--overwrite",
+                                          "--samples", "4", "--seq-len", "16", "--quiet"],
+        "score inside the source": ["score", src, "--out", src / "s.safetensors", "--calib", "calib.npy",
+                                    "--samples", "4", "--seq-len", "16", "--quiet"],
+        "score onto a directory": ["score", src, "--out", root / "mine", "--calib", "calib.npy", "--overwrite",
+                                   "--samples", "4", "--seq-len", "16", "--quiet"],
+        "score over a file compact did not write": ["score", src, "--out", root / "mine" / "notes.txt",
+                                                    "--calib", "calib.npy", "--overwrite", "--quiet"],
+    }
+    for case, argv in cases.items():
+        code, err = run(argv)
+        assert_clean_failure(code, err, folder=root, sources=sources, before=before, what=case)
+        assert sorted(p.name for p in root.iterdir()) == ["calib.npy", "mine", "src"], case
+        assert not (src / "s.safetensors").exists() and not (src / "sub").exists(), case
+
+
+def test_overwrite_replaces_compacts_own_output(world):
+    root, src = world
+    assert run(prune_args(src, "out"))[0] == 0
+    assert (root / "out" / output.MARKER).is_file()
+    code, err = run(prune_args(src, "out"))
+    assert code == 2 and "--overwrite" in err
+    assert run(prune_args(src, "out", "--overwrite"))[0] == 0
+    assert not leftovers(root)
+
+
+def test_symlinked_long_named_out_and_umask(world):
+    root, src = world
+    (root / "target").mkdir()
+    (root / "link").symlink_to(root / "target")
+    old = os.umask(0o022)
+    try:
+        code, err = run(prune_args(src, "link"))
+        assert code == 0, err
+        assert (root / "link").is_symlink() and (root / "target" / "config.json").is_file()
+        assert run(prune_args(src, "link", "--overwrite"))[0] == 0
+        assert (root / "link").is_symlink() and (root / "target" / "compact_report.json").is_file()
+        long = "o" * 245
+        code, err = run(prune_args(src, long))
+        assert code == 0, err
+        assert (root / long / "config.json").is_file()
+        assert (root / long).stat().st_mode & 0o777 == 0o755
+        code, err = run(["score", src, "--out", "s.safetensors", "--calib", "calib.npy", "--samples", "4",
+                         "--seq-len", "16", "--quiet"])
+        assert code == 0, err
+        assert (root / "s.safetensors").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(old)
+    assert not leftovers(root)
+
+
+def test_identical_score_runs_give_identical_bytes(world):
+    root, src = world
+    files = []
+    for name in ("a.safetensors", "b.safetensors"):
+        argv = ["score", src, "--out", name, "--calib", "calib.npy", "--samples", "4", "--seq-len", "16", "--quiet"]
+        assert run(argv)[0] == 0
+        files.append((root / name).read_bytes())
+    assert files[0] == files[1], "two identical score runs wrote different bytes"
+
+
+def test_stale_staging_is_removed_and_said(world):
+    root, src = world
+    stale = Path(output._stage_prefix(root / "out") + "x1y2.partial")
+    (root / stale).mkdir()
+    (root / stale / "model.safetensors").write_bytes(b"0" * 100)
+    old = Path(output._stage_prefix(root / "out") + "z9.old")
+    (root / old).mkdir()
+    with pytest.warns(UserWarning, match="interrupted run"):
+        assert output.remove_stale(root / "out")
+    assert not leftovers(root)
+    assert run(prune_args(src, "out"))[0] == 0
+
+
+def test_concurrent_runs_into_one_out(world):
+    """Two prunes race for the same --out: one writes it, the other fails cleanly; nothing is left over."""
+    root, src = world
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-m", "compact", *map(str, prune_args(src, "out"))], cwd=root,
+                              env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes in ([0, 0], [0, 2]), results  # both may finish one after the other, never both replacing
+    for code, err in results:
+        assert "Traceback" not in err and (code == 0 or len(err.strip().splitlines()) == 1), err
+    assert (root / "out" / "config.json").is_file() and not leftovers(root)
+
+
+# ---------------------------------------------------------------------------------------------- signals
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_while_writing_removes_the_staging(world, monkeypatch, sig, code):
+    """The signal arrives while the checkpoint is being written (inside the staging folder)."""
+    from compact import pipeline
+
+    root, src = world
+    before = [digest(src)]
+
+    def signal_self(*args, **kwargs):
+        assert leftovers(root), "the staging folder should exist while writing"
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the handler raises before this returns
+
+    monkeypatch.setattr(pipeline, "save_tokenizer", signal_self)
+    got, err = run(prune_args(src, "out"))
+    assert_clean_failure(got, err, folder=root, sources=[src], before=before, absent=root / "out", want=code,
+                         what=signal.Signals(sig).name)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_while_scoring(world, sig, code):
+    """A child process interrupted mid-scoring: one line, its exit code, no output, a resumable checkpoint."""
+    root, src = world
+    np.save(root / "long.npy", np.random.default_rng(1).integers(0, VOCAB, size=(2000, 16)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = ["score", src, "--out", "s.safetensors", "--calib", "long.npy", "--samples", "2000", "--seq-len", "16",
+            "--checkpoint-every", "1", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "compact", *argv], cwd=root, env=env, stderr=subprocess.PIPE,
+                            text=True)
+    ckpt, deadline = root / "s.safetensors.ckpt", time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert ckpt.exists(), f"no checkpoint appeared (exit {proc.poll()})"
+    proc.send_signal(sig)
+    got, err = proc.wait(timeout=120), proc.stderr.read()
+    assert got == code and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (got, err)
+    assert not (root / "s.safetensors").exists() and not leftovers(root)
+
+
+KILLED_WRITER = """
+import os, signal, sys, time
+from pathlib import Path
+from compact import output
+with output.staged_dir(Path(sys.argv[1]), overwrite=False) as tmp:
+    (tmp / "model.safetensors").write_bytes(b"0" * 1000)
+    print(tmp, flush=True)
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+"""
+
+
+def test_killed_run_leaves_a_partial_the_next_run_removes(world):
+    """SIGKILL cannot be caught: its staging folder stays, and the next run into the same place removes it
+    (and says so) because no process holds its lock; a live run's staging folder is left alone."""
+    root, src = world
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    live = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, "out", "live"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        held = Path(live.stdout.readline().strip())
+        killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, "out", "kill"], cwd=root, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert killed.returncode == -signal.SIGKILL and len(leftovers(root)) == 2, killed.stderr
+        with pytest.warns(UserWarning, match="interrupted run"):
+            removed = output.remove_stale(root / "out")
+        assert len(removed) == 1 and held.exists() and leftovers(root) == [held.name]
+    finally:
+        live.kill()
+        live.wait()
+    with pytest.warns(UserWarning, match="interrupted run"):
+        output.remove_stale(root / "out")
+    assert run(prune_args(src, "out"))[0] == 0 and not leftovers(root)
+
+
+# ----------------------------------------------------------------------------------- read-only, full disk
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 8 KB, smaller than a pruned tiny model (root only; skipped where mounting is not permitted)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_full_and_read_only_disk(world, small_disk):
+    root, src = world
+    before = [digest(src)]
+    code, err = run(prune_args(src, small_disk / "out"))
+    assert_clean_failure(code, err, folder=small_disk, sources=[src], before=before, absent=small_disk / "out",
+                         what="full disk")
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    code, err = run(prune_args(src, small_disk / "out"))
+    assert_clean_failure(code, err, folder=small_disk, sources=[src], before=before, absent=small_disk / "out",
+                         what="read-only disk")
