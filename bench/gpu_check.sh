@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session: the kernel tests on the real GPU (no interpreter), then every microbenchmark.
+# One GPU session: the kernel tests on the real GPU (no interpreter; h bit-exact with torch), then every
+# microbenchmark, the end-to-end calibration benchmark and the score-kernel configuration sweep.
 # CSVs, PNGs and gpu_check.log go to $OUT (default bench/results). Usage: bash bench/gpu_check.sh [--quick]
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -28,6 +29,7 @@ step kernel-tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels
 step bench-scores 180 "$PY" bench/bench_scores.py --out "$OUT" "$@"
 step bench-gather 60 "$PY" bench/bench_gather.py --out "$OUT" "$@"
 step calibration 180 "$PY" bench/calibration.py --device cuda --out "$OUT"
+step sweep 120 "$PY" bench/sweep_scores.py --out "$OUT"
 
 { echo "== summary (results in $OUT)"; printf '%s\n' "${SUMMARY[@]}"; } | tee -a "$LOG"
 exit "$FAILED"

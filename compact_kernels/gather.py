@@ -36,7 +36,7 @@ def _gather(weight, index, gather_cols: bool):
     if out.numel():
         grid = (triton.cdiv(rows, BLOCK_R), triton.cdiv(cols, BLOCK_D))
         _gather_kernel[grid](weight, index.contiguous(), out, rows, cols, weight.stride(0), weight.stride(1),
-                             GATHER_COLS=gather_cols, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
+                             GATHER_COLS=gather_cols, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, **_checks.COMPILE)
     return out
 
 

@@ -1,34 +1,74 @@
 """Score accumulation: `channel_scores` and the GLU act-and-mul fused with it (`glu_and_score`).
 
-Both run in two stages so the result is bit-identical run to run: stage 1 gives each program a fixed
-contiguous range of rows and one fixed-width column tile and writes an fp32 partial sum per program;
-stage 2 adds the partials in program order (in the accumulator's dtype) into the output. No atomics.
+Both run in two stages so the result is bit-identical run to run and across GPU models: stage 1 gives each
+program a fixed contiguous range of rows and one fixed-width column tile and writes an fp32 partial sum per
+program; stage 2 adds the partials in program order (in the accumulator's dtype) into the output. No atomics.
+The grid and every reduction order follow from the shape alone (never from the device's SM count), the tile
+configuration is fixed (no autotuning), and FMA contraction is off, so the arithmetic is the same on any GPU
+and any Triton version.
+
+Why this configuration (`CONFIG`), in bytes, for a Llama-3.1-8B FFN activation on an H200 (bf16
+[16 x 2048, 14336], 0.94 GB; HBM ~4.8 TB/s by the datasheet, 4.27 TB/s measured as a copy; ~0.6-0.8 us
+latency; 132 SMs): to keep HBM busy every SM needs about 4.8e12 B/s x 0.7e-6 s / 132 = ~25 KB of loads in
+flight. A 32 x 128 bf16 tile is 8 KB, 32 B (two 16-byte loads) per thread of an 8-warp program;
+`tl.range(..., num_stages=3)` copies the next two tiles (cp.async, 16 KB of shared memory) while the current one
+is reduced, so each program keeps ~16-24 KB in flight, and the grid (about `Config.target_programs` programs:
+19 row ranges x 112 column tiles = 2128 here, ~16 per SM) lets every SM switch between several. Each program
+reads 1728 rows x 256 B = 0.44 MB and writes 512 B of partials; stage 2 reads 19 x 14336 x 4 B = 1.1 MB, 0.1%
+of stage 1. Measured on an H200 (bench/sweep_scores.py, bench/results/sweep_scores.csv): channel_scores 0.241 ms
+= 3.89 TB/s (91% of the measured copy bandwidth, 81% of the datasheet's); 4 warps ran 2% faster but spill
+registers in three variants on sm_80/sm_90 (compile_check); 4 stages spill too; no pipelining ran at 86%.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from . import _checks
 
-BLOCK_T = 32   # rows per inner step
-BLOCK_C = 128  # channels per program (fixed width, never the whole row)
+
+@dataclass(frozen=True)
+class Config:
+    """Launch configuration of the score kernels (fixed: results must not depend on tuning)."""
+
+    block_t: int = 32       # rows per inner step
+    block_c: int = 128      # channels per program (fixed width, never the whole row)
+    num_warps: int = 8
+    num_stages: int = 3     # software-pipelined row loop: loads of later steps in flight
+    target_programs: int = 2048  # programs aimed at in all (stage 1), from the shape alone
+
+
+CONFIG = Config()
+BLOCK_T, BLOCK_C = CONFIG.block_t, CONFIG.block_c
 ACT_IDS = {"silu": 0, "gelu_tanh": 1}
+COMPILE = _checks.COMPILE
 
 
 @triton.jit
-def _row_offsets(rows, d1, s0, s1):
-    """Element offsets (int64) of rows t = i0 * d1 + i1 of a tensor with leading strides s0, s1."""
+def _row_offsets(rows, d1, s0, s1, FLAT: tl.constexpr):
+    """Element offsets (int64) of rows t = i0 * d1 + i1 of a tensor with leading strides s0, s1; FLAT (one
+    stride s1 for all rows, as for any contiguous tensor) needs no 64-bit division."""
     rows = rows.to(tl.int64)
+    if FLAT:
+        return rows * s1
     return (rows // d1) * s0 + (rows % d1) * s1
 
 
 @triton.jit
-def _act(g, ACT: tl.constexpr):
-    """silu, or tanh-approximated gelu written as g * sigmoid(2y) (= 0.5 g (1 + tanh y), without cancellation)."""
+def _act(g, ACT: tl.constexpr, EXACT: tl.constexpr):
+    """silu, or tanh-approximated gelu. On a GPU (EXACT) gelu is torch's own formula with libdevice's tanhf, so
+    h matches torch's `act(gate) * up` bit for bit (silu does already: 0 of 4.7e8 bf16/fp16 elements differed
+    on an H200, bench/sweep_scores.py); the interpreter has no libdevice and computes the same function as
+    g * sigmoid(2y) (= 0.5 g (1 + tanh y), without cancellation)."""
     if ACT == 0:
         return g / (1.0 + tl.exp(-g))
+    if EXACT:
+        inner = 0.7978845608028654 * (g + 0.044715 * (g * g * g))
+        return 0.5 * g * (1.0 + libdevice.tanh(inner))
     y2 = 1.5957691216057308 * (g + 0.044715 * g * g * g)
     return g / (1.0 + tl.exp(-y2))
 
@@ -44,7 +84,8 @@ def _weighted_squares(x, w_ptr, rows, rmask, HAS_W: tl.constexpr):
 
 @triton.jit
 def _channel_scores_kernel(h_ptr, w_ptr, part_ptr, T, C, d1, s0, s1, sc, rows_per_prog,
-                           HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                           HAS_W: tl.constexpr, FLAT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                           STAGES: tl.constexpr):
     pid_t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -52,10 +93,10 @@ def _channel_scores_kernel(h_ptr, w_ptr, part_ptr, T, C, d1, s0, s1, sc, rows_pe
     start = pid_t * rows_per_prog
     end = tl.minimum(start + rows_per_prog, T)
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-    for r in range(start, end, BLOCK_T):
+    for r in tl.range(start, end, BLOCK_T, num_stages=STAGES):
         rows = r + tl.arange(0, BLOCK_T)
         rmask = rows < end
-        offs = _row_offsets(rows, d1, s0, s1)[:, None] + col_off[None, :]
+        offs = _row_offsets(rows, d1, s0, s1, FLAT)[:, None] + col_off[None, :]
         x = tl.load(h_ptr + offs, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         acc += _weighted_squares(x, w_ptr, rows, rmask, HAS_W)
     tl.store(part_ptr + pid_t * C + cols, tl.sum(acc, axis=0), mask=cmask)
@@ -63,8 +104,8 @@ def _channel_scores_kernel(h_ptr, w_ptr, part_ptr, T, C, d1, s0, s1, sc, rows_pe
 
 @triton.jit
 def _glu_kernel(g_ptr, u_ptr, h_ptr, w_ptr, part_ptr, T, C, d1, gs0, gs1, gsc, us0, us1, usc, rows_per_prog,
-                ACT: tl.constexpr, SCORE: tl.constexpr, HAS_W: tl.constexpr,
-                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                ACT: tl.constexpr, SCORE: tl.constexpr, HAS_W: tl.constexpr, FLAT: tl.constexpr,
+                EXACT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
     pid_t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -72,14 +113,16 @@ def _glu_kernel(g_ptr, u_ptr, h_ptr, w_ptr, part_ptr, T, C, d1, gs0, gs1, gsc, u
     start = pid_t * rows_per_prog
     end = tl.minimum(start + rows_per_prog, T)
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-    for r in range(start, end, BLOCK_T):
+    for r in tl.range(start, end, BLOCK_T, num_stages=STAGES):
         rows = r + tl.arange(0, BLOCK_T)
         rmask = rows < end
         mask = rmask[:, None] & cmask[None, :]
-        g = tl.load(g_ptr + _row_offsets(rows, d1, gs0, gs1)[:, None] + (cols64 * gsc)[None, :], mask=mask, other=0.0)
-        u = tl.load(u_ptr + _row_offsets(rows, d1, us0, us1)[:, None] + (cols64 * usc)[None, :], mask=mask, other=0.0)
+        g = tl.load(g_ptr + _row_offsets(rows, d1, gs0, gs1, FLAT)[:, None] + (cols64 * gsc)[None, :], mask=mask,
+                    other=0.0)
+        u = tl.load(u_ptr + _row_offsets(rows, d1, us0, us1, FLAT)[:, None] + (cols64 * usc)[None, :], mask=mask,
+                    other=0.0)
         # Round like torch's `act(gate) * up` in the input dtype: once after act, once after the product.
-        a = _act(g.to(tl.float32), ACT).to(h_ptr.dtype.element_ty).to(tl.float32)
+        a = _act(g.to(tl.float32), ACT, EXACT).to(h_ptr.dtype.element_ty).to(tl.float32)
         h = (a * u.to(tl.float32)).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + rows.to(tl.int64)[:, None] * C + cols64[None, :], h, mask=mask)
         if SCORE:
@@ -101,12 +144,17 @@ def _reduce_partials_kernel(part_ptr, out_ptr, P, C, ACCUMULATE: tl.constexpr, B
     tl.store(out_ptr + cols, total, mask=cmask)
 
 
-def _row_programs(rows: int, col_blocks: int, device: torch.device) -> tuple[int, int]:
-    """(programs along rows, rows per program): enough programs to fill the device, each a multiple of BLOCK_T rows."""
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    progs = max(1, min(triton.cdiv(target, col_blocks), triton.cdiv(rows, BLOCK_T)))
-    per_prog = triton.cdiv(triton.cdiv(rows, progs), BLOCK_T) * BLOCK_T
+def row_programs(rows: int, col_blocks: int, config: Config = CONFIG) -> tuple[int, int]:
+    """(programs along rows, rows per program) from the shape alone: about `target_programs` programs in all,
+    each a multiple of `block_t` rows; so the partial sums, and their order, are the same on every device."""
+    progs = max(1, min(triton.cdiv(config.target_programs, col_blocks), triton.cdiv(rows, config.block_t)))
+    per_prog = triton.cdiv(triton.cdiv(rows, progs), config.block_t) * config.block_t
     return triton.cdiv(rows, per_prog), per_prog
+
+
+def _flat(rows: int, d1: int, strides) -> bool:
+    """One stride for all rows in every tensor: no leading dim split (d0 == 1) or s0 == d1 * s1."""
+    return rows == d1 or all(s0 == d1 * s1 for s0, s1, _ in strides)
 
 
 def _flat_weights(weights, device):
@@ -119,12 +167,13 @@ def _finish(partials: torch.Tensor, out, channels: int, device) -> torch.Tensor:
     if out is None:
         out = torch.empty(channels, dtype=torch.float32, device=device)
     grid = (triton.cdiv(channels, BLOCK_C),)
-    _reduce_partials_kernel[grid](partials, out, partials.shape[0], channels, ACCUMULATE=accumulate, BLOCK_C=BLOCK_C)
+    _reduce_partials_kernel[grid](partials, out, partials.shape[0], channels, ACCUMULATE=accumulate, BLOCK_C=BLOCK_C,
+                                  **COMPILE)
     return out
 
 
-def channel_scores(h, weights=None, *, out=None):
-    """Triton `channel_scores`; see compact_kernels.reference.channel_scores."""
+def channel_scores(h, weights=None, *, out=None, config: Config | None = None):
+    """Triton `channel_scores`; see compact_kernels.reference.channel_scores. `config` is for benchmarks."""
     h = _checks.check_activations("h", h)
     _checks.check_weights(weights, h.shape[:-1], h.device)
     _checks.check_accumulator("out", out, h.shape[-1], h.device)
@@ -132,18 +181,20 @@ def channel_scores(h, weights=None, *, out=None):
     (h,), rows, d1, [(s0, s1, sc)] = _checks.row_layout(h)
     if rows == 0 or channels == 0:
         return torch.zeros(channels, dtype=torch.float32, device=h.device) if out is None else out
-    col_blocks = triton.cdiv(channels, BLOCK_C)
-    progs, per_prog = _row_programs(rows, col_blocks, h.device)
+    cfg = config or CONFIG
+    col_blocks = triton.cdiv(channels, cfg.block_c)
+    progs, per_prog = row_programs(rows, col_blocks, cfg)
     partials = torch.empty(progs, channels, dtype=torch.float32, device=h.device)
     w = _flat_weights(weights, h.device)
     _channel_scores_kernel[(progs, col_blocks)](
         h, w, partials, rows, channels, d1, s0, s1, sc, per_prog,
-        HAS_W=w is not None, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
+        HAS_W=w is not None, FLAT=_flat(rows, d1, [(s0, s1, sc)]), BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c,
+        STAGES=cfg.num_stages, num_warps=cfg.num_warps, **COMPILE)
     return _finish(partials, out, channels, h.device)
 
 
-def glu_and_score(gate, up=None, *, activation="silu", weights=None, scores=None):
-    """Triton `glu_and_score`; see compact_kernels.reference.glu_and_score."""
+def glu_and_score(gate, up=None, *, activation="silu", weights=None, scores=None, config: Config | None = None):
+    """Triton `glu_and_score`; see compact_kernels.reference.glu_and_score. `config` is for benchmarks."""
     _checks.check_activation_name(activation)
     gate, up = _checks.split_glu(gate, up)
     _checks.check_weights(weights, gate.shape[:-1], gate.device)
@@ -153,14 +204,16 @@ def glu_and_score(gate, up=None, *, activation="silu", weights=None, scores=None
     (gate, up), rows, d1, [gs, us] = _checks.row_layout(gate, up)
     if rows == 0 or channels == 0:
         return h
-    col_blocks = triton.cdiv(channels, BLOCK_C)
-    progs, per_prog = _row_programs(rows, col_blocks, device)
+    cfg = config or CONFIG
+    col_blocks = triton.cdiv(channels, cfg.block_c)
+    progs, per_prog = row_programs(rows, col_blocks, cfg)
     score = scores is not None
     partials = torch.empty(progs if score else 0, channels, dtype=torch.float32, device=device)
     w = _flat_weights(weights, device) if score else None
     _glu_kernel[(progs, col_blocks)](
         gate, up, h, w, partials, rows, channels, d1, *gs, *us, per_prog,
-        ACT=ACT_IDS[activation], SCORE=score, HAS_W=w is not None, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
+        ACT=ACT_IDS[activation], SCORE=score, HAS_W=w is not None, FLAT=_flat(rows, d1, [gs, us]), EXACT=gate.is_cuda,
+        BLOCK_T=cfg.block_t, BLOCK_C=cfg.block_c, STAGES=cfg.num_stages, num_warps=cfg.num_warps, **COMPILE)
     if score:
         _finish(partials, scores, channels, device)
     return h

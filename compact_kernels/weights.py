@@ -31,5 +31,6 @@ def token_weights(input_ids, table, attention_mask=None):
     ids = input_ids.reshape(-1).contiguous()
     mask = None if attention_mask is None else attention_mask.reshape(-1).to(torch.float32).contiguous()
     _token_weights_kernel[(triton.cdiv(n, BLOCK),)](
-        ids, table.to(torch.float32).contiguous(), mask, out, n, HAS_MASK=mask is not None, BLOCK=BLOCK)
+        ids, table.to(torch.float32).contiguous(), mask, out, n, HAS_MASK=mask is not None, BLOCK=BLOCK,
+        **_checks.COMPILE)
     return out
