@@ -68,6 +68,7 @@ def precise_glu(g: torch.Tensor, u: torch.Tensor, act: str) -> torch.Tensor:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--default-only", action="store_true", help="time only compact_kernels.scores.CONFIG")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/sweep_scores.py: no CUDA device; nothing measured")
@@ -86,7 +87,9 @@ def main(argv=None) -> int:
     rows = []
     act_mul = bench(lambda: F.silu(g) * u)
     rows.append(dict(op="act_and_mul", config="torch", ms=act_mul, gbps=3 * h.numel() * 2 / act_mul / 1e6))
-    for spec in CONFIGS:
+    from dataclasses import astuple
+
+    for spec in [astuple(scores.CONFIG)] if args.default_only else CONFIGS:
         cfg = scores.Config(*spec)
         name = "t{}xc{} w{} s{} p{}".format(*spec)
         try:
