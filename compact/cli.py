@@ -159,6 +159,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
                    help="dtype of the test tensors (default bfloat16)")
     c.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    c.add_argument("--compile", action="store_true",
+                   help="instead: compile every kernel variant ahead of time for sm_80 and sm_90 (no GPU needed) and "
+                        "print registers, spills, 16-byte loads and 64-bit divisions")
     c.set_defaults(func=_cmd_check)
     return p
 
@@ -305,6 +308,12 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_check(args) -> int:
+    if args.compile:
+        import os
+        import subprocess
+
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real kernels, not the interpreter
+        return subprocess.run([sys.executable, "-m", "compact_kernels.compile_check"], env=env).returncode
     import torch
 
     from .kernel_check import format_check_table, run_kernel_check
