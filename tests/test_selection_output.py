@@ -77,6 +77,13 @@ def test_scores_file_round_trip_and_validation(tmp_path):
         output.load_scores(path, {f"model.layers.{i}.mlp": 8 for i in range(4)})
     with pytest.raises(FileNotFoundError):
         output.load_scores(tmp_path / "none.safetensors", {})
+    with pytest.raises(ValueError, match="has 3 layers, the model 2"):
+        output.load_scores(path, {f"model.layers.{i}.mlp": 8 for i in range(2)})
+    tagged = tmp_path / "tagged.safetensors"
+    output.save_scores(scores, tagged, {"model_hidden_size": "64"})
+    with pytest.raises(ValueError, match="computed for a model with model_hidden_size 64, this one has 128"):
+        output.load_scores(tagged, {name: 8 for name in scores}, {"model_hidden_size": "128"})
+    assert output.load_scores(tagged, {name: 8 for name in scores}, {"model_hidden_size": "64"}).keys() == scores.keys()
 
 
 def test_renumber_ids():

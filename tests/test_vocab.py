@@ -188,6 +188,24 @@ def test_extra_ids_and_no_tokenizer():
         select_vocab(None, 10, 11)
 
 
+def test_always_tokens_in_id_order(load):
+    """--vocab-always works in id order too: the tokens and the merge ancestors they need are added on top of
+    the lowest ids (so the cut tokenizer can still build them); an unknown token string is an error."""
+    tokenizer = load("llama3.2")
+    vocab = tokenizer.get_vocab()
+    rare = max((t for t in vocab if t.startswith("Ġ") and len(t) > 8 and t[1:].isascii() and t[1:].isalpha()
+                and vocab[t] < 128000), key=vocab.get)  # a rare whole word, e.g. " Something"
+    plain = select_vocab(tokenizer, 128256, 1000)
+    kept = select_vocab(tokenizer, 128256, 1000, always=[rare])
+    assert vocab[rare] not in plain and vocab[rare] in kept and set(plain) < set(kept)
+    pruned = prune_tokenizer(tokenizer, kept)
+    assert pruned.convert_tokens_to_ids(rare) == kept.index(vocab[rare])
+    assert pruned.decode(pruned(" " + rare[1:], add_special_tokens=False).input_ids) == " " + rare[1:]
+    assert pruned(" " + rare[1:], add_special_tokens=False).input_ids == [kept.index(vocab[rare])]
+    with pytest.raises(ValueError, match="not a token of the tokenizer"):
+        select_vocab(tokenizer, 128256, 1000, always=["no such token here"])
+
+
 def test_fewer_embedding_rows_than_tokens_drops_the_rest(load):
     tokenizer = load("qwen2.5")
     kept = select_vocab(tokenizer, 151645, 1000)  # keeps <|endoftext|> and <|im_start|>, not <|im_end|>
