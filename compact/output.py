@@ -82,9 +82,10 @@ def _umask() -> int:
 
 
 def remove_stale(out: Path) -> list[Path]:
-    """Remove staging folders of earlier runs into `out` that no live process holds (killed runs); warn."""
+    """Remove the staging folders that earlier runs into `out`'s parent left and no live process holds (killed
+    runs, whatever their --out); warn, naming them."""
     removed = []
-    for path in sorted(out.parent.glob(_stage_prefix(out) + "*")):
+    for path in sorted(out.parent.glob(".compact.*")):
         if not path.is_dir() or path.is_symlink():
             continue
         fd = os.open(path, os.O_RDONLY)
@@ -97,7 +98,7 @@ def remove_stale(out: Path) -> list[Path]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     if removed:
-        warnings.warn(f"removed {len(removed)} unfinished folder(s) an interrupted run into {out} left behind "
+        warnings.warn(f"removed {len(removed)} unfinished folder(s) that interrupted runs left in {out.parent} "
                       f"({', '.join(p.name for p in removed)})", stacklevel=2)
     return removed
 
@@ -131,8 +132,13 @@ def _replace(new: Path, out: Path, overwrite: bool) -> None:
         os.rename(new, out)
         return
     old = Path(tempfile.mkdtemp(prefix=_stage_prefix(out), suffix=".old", dir=out.parent))
-    os.rename(out, old / out.name)
-    os.rename(new, out)
+    lock = os.open(old, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent run's remove_stale leaves it alone while we swap
+        os.rename(out, old / out.name)
+        os.rename(new, out)
+    finally:
+        os.close(lock)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -298,6 +298,8 @@ def test_stale_staging_is_removed_and_said(world):
     (root / stale / "model.safetensors").write_bytes(b"0" * 100)
     old = Path(output._stage_prefix(root / "out") + "z9.old")
     (root / old).mkdir()
+    other = Path(output._stage_prefix(root / "another-out") + "q7.partial")  # a killed run into another --out
+    (root / other).mkdir()
     with pytest.warns(UserWarning, match="interrupted run"):
         assert output.remove_stale(root / "out")
     assert not leftovers(root)
