@@ -625,7 +625,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS, help="where the CSVs, PNG and meta JSON go (bench/results)")
     p.add_argument("--parts", default="AB", help="A (stories260K), B (sotu.txt) or AB (default)")
     p.add_argument("--work", type=Path, help="keep the scratch files (trained model, data) here instead of a temp dir")
-    p.add_argument("--plot-only", action="store_true", help="redraw quality.png from the CSVs in --out; measure nothing")
+    p.add_argument("--plot-only", action="store_true",
+                   help="redraw quality.png from the CSVs in --out; measure nothing")
     args = p.parse_args(argv)
     if args.plot_only:
         rows = [read_csv(args.out / f"quality_{part}.csv") for part in ("stories260k", "sotu")]

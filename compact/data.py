@@ -150,7 +150,8 @@ def _load_bin(path: Path, bin_dtype: str | None) -> np.memmap:
                          f"(the width of its ids){got}")
     itemsize = np.dtype(bin_dtype).itemsize
     if os.path.getsize(path) % itemsize:
-        raise ValueError(f"{path}: size {os.path.getsize(path)} is not a multiple of {itemsize} (--calib-dtype {bin_dtype})")
+        raise ValueError(f"{path}: size {os.path.getsize(path)} is not a multiple of {itemsize} "
+                         f"(--calib-dtype {bin_dtype})")
     return np.memmap(path, dtype=bin_dtype, mode="r")
 
 
