@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -23,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 MARKER = ".compact-output"  # written into every folder compact produces
+STAGE_NAME = re.compile(r"\.compact\.[0-9a-f]{10}\.[A-Za-z0-9_]+\.(?:partial|old)")  # see _stage_prefix
 SCORES_TAG = "compact_scores"  # metadata key of every scores file compact writes
 
 
@@ -86,8 +88,8 @@ def remove_stale(out: Path) -> list[Path]:
     runs, whatever their --out); warn, naming them."""
     removed = []
     for path in sorted(out.parent.glob(".compact.*")):
-        if not path.is_dir() or path.is_symlink():
-            continue
+        if not STAGE_NAME.fullmatch(path.name) or not path.is_dir() or path.is_symlink():
+            continue  # only compact's own staging names
         fd = os.open(path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
