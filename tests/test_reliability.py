@@ -314,7 +314,12 @@ def test_concurrent_runs_into_one_out(world):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     procs = [subprocess.Popen([sys.executable, "-m", "compact", *map(str, prune_args(src, "out"))], cwd=root,
                               env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    try:
+        results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
     codes = sorted(code for code, _ in results)
     assert codes in ([0, 0], [0, 2]), results  # both may finish one after the other, never both replacing
     for code, err in results:
@@ -354,11 +359,15 @@ def test_signal_while_scoring(world, sig, code):
     proc = subprocess.Popen([sys.executable, "-m", "compact", *argv], cwd=root, env=env, stderr=subprocess.PIPE,
                             text=True)
     ckpt, deadline = root / "s.safetensors.ckpt", time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    assert ckpt.exists(), f"no checkpoint appeared (exit {proc.poll()})"
-    proc.send_signal(sig)
-    got, err = proc.wait(timeout=120), proc.stderr.read()
+    try:
+        while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert ckpt.exists(), f"no checkpoint appeared (exit {proc.poll()})"
+        proc.send_signal(sig)
+        got, err = proc.wait(timeout=120), proc.stderr.read()
+    finally:
+        proc.kill()  # never leave the child running when the test fails
+        proc.wait()
     assert got == code and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (got, err)
     assert not (root / "s.safetensors").exists() and not leftovers(root)
 
