@@ -208,19 +208,19 @@ def sync(device: str) -> None:
 
 
 def rss_mib() -> float:
-    from compact.evaluate import rss_bytes
+    from compact.memory import rss_bytes
 
     return rss_bytes() / 2**20
 
 
 def peak_rss_mib() -> float:
-    from compact.evaluate import peak_rss_bytes
+    from compact.memory import peak_rss_bytes
 
     return peak_rss_bytes() / 2**20
 
 
 def reset_peak_rss() -> bool:
-    from compact.evaluate import reset_peak_rss as reset
+    from compact.memory import reset_peak_rss as reset
 
     return reset()
 

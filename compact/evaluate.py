@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
-from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import models
+from . import memory, models
 
 
 @torch.inference_mode()
@@ -81,75 +78,6 @@ def weight_bytes(model) -> int:
     return total
 
 
-def _status_bytes(key: str) -> int | None:
-    """A size field of /proc/self/status (VmRSS, VmHWM) in bytes, or None where unavailable."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def rss_bytes() -> int:
-    """This process's resident set size now."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux: clear_refs 5); False where impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_bytes("VmHWM") is not None
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    """Peak RSS since the last reset_peak_rss (VmHWM), else since the process started (ru_maxrss)."""
-    hwm = _status_bytes("VmHWM")
-    if hwm is not None:
-        return hwm
-    import resource  # Unix only
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _release_free_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc malloc_trim), so that pages an earlier model freed but the
-    process still holds do not hide this block's peak RSS; a no-op elsewhere."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-@contextmanager
-def work_memory(device: torch.device):
-    """Yields a dict that holds, on exit, `work_memory_bytes`: the peak memory of the block above what was in use
-    when it began (the GPU allocator's peak on CUDA; peak RSS on a CPU, or None where the peak cannot be reset),
-    so one model's figure does not include an earlier model's peak."""
-    result = {"work_memory_kind": "GPU max_memory_allocated" if device.type == "cuda" else "peak RSS"}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    else:
-        _release_free_heap()
-        base = rss_bytes() if reset_peak_rss() else None
-    yield result
-    if device.type == "cuda":
-        result["work_memory_bytes"] = torch.cuda.max_memory_allocated(device) - base
-    else:
-        result["work_memory_bytes"] = None if base is None else max(peak_rss_bytes() - base, 0)
-
-
 def text_bytes(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> int:
     """UTF-8 bytes of the text behind the predicted tokens (each row after its first token)."""
     total = 0
@@ -166,7 +94,7 @@ def evaluate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     parameter counts, weight bytes, the NLL pass's working memory and, with `measure_speed`, prefill/decode
     tokens/s."""
     device = model.get_input_embeddings().weight.device
-    with work_memory(device) as memory:
+    with memory.work_memory(device) as used:
         total, count = nll(model, input_ids, attention_mask, batch_size=batch_size, progress=progress)
     if count == 0:
         raise ValueError("evaluation data has no predicted tokens (sequences of length 1?)")
@@ -175,7 +103,7 @@ def evaluate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if tokenizer is not None:
         result["bytes"] = text_bytes(tokenizer, input_ids, attention_mask)
         result["bits_per_byte"] = total / math.log(2) / max(result["bytes"], 1)
-    result.update(memory, weight_bytes=weight_bytes(model))
+    result.update(used, weight_bytes=weight_bytes(model))
     if measure_speed:
         result.update(speed(model, input_ids))
     return result

@@ -51,6 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import loading, models
+from .memory import trim_host_memory
 from .scoring import ChannelScorer
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -201,23 +202,6 @@ def release(module: nn.Module) -> None:
     trim_host_memory()
 
 
-def trim_host_memory() -> None:
-    """glibc raises its mmap threshold after large frees, so layer-sized host buffers end up on the heap and
-    are kept after they are freed: RSS then grows by a fraction of a layer per layer. malloc_trim returns them."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
 
 
 class _Recorder(nn.Module):

@@ -3,7 +3,7 @@ import textwrap
 
 PRELUDE = textwrap.dedent("""
     import gc, json, re, sys, torch
-    from compact.layerwise import trim_host_memory
+    from compact.memory import trim_host_memory
     def status():
         text = open("/proc/self/status").read()
         return {k: int(re.search(k + r":\\s+(\\d+)", text).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
