@@ -43,7 +43,6 @@ untied head) -- ARITHMETIC, NOT MEASURED:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -51,112 +50,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import loading, models
+from .checkpoint import open_checkpoint, prefix_of, read_tensors, skeleton
 from .memory import trim_host_memory
 from .scoring import ChannelScorer
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-
-
-# ------------------------------------------------------------------------------------------- checkpoint files
-
-def open_checkpoint(model_dir, what: str):
-    """(path, config, {tensor name: shard}) of a supported, unquantized safetensors model directory."""
-    from transformers import AutoConfig
-
-    path = loading.locate(str(model_dir))
-    if path.is_file():
-        raise ValueError(f"{model_dir}: {what} needs a Hugging Face safetensors directory, "
-                         "not a llama2.c checkpoint (it is small: load it whole)")
-    config = AutoConfig.from_pretrained(path)
-    models.family_of(config)
-    if getattr(config, "quantization_config", None):
-        raise ValueError(f"{model_dir} is quantized ({config.quantization_config.get('quant_method', '?')}); "
-                         f"{what} handles plain floating-point tensors only")
-    files = checkpoint_files(path)
-    _check_names(model_dir, config, files)
-    return path, config, files
-
-
-def _check_names(model_dir, config, files: dict[str, Path]) -> None:
-    """Missing or unexpected tensors are an error (as `loading.load` makes them): nothing is invented or dropped."""
-    import re
-
-    model = skeleton(config, torch.float32)
-    expected = set(model.state_dict())
-    if getattr(config, "tie_word_embeddings", False):
-        expected.discard("lm_head.weight")
-    ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
-    missing = sorted(expected - set(files))
-    unexpected = sorted(n for n in set(files) - expected if not any(p.search(n) for p in ignored))
-    problems = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-                for names, what in ((missing, "missing"), (unexpected, "unexpected")) if names]
-    if problems:
-        raise ValueError(f"model {str(model_dir)!r}: its weights do not match its config: {'; '.join(problems)} tensors")
-
-
-def _shard_names(shard: Path) -> list[str]:
-    """The tensor names in one safetensors file (its header only); ValueError when it is damaged."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(shard), framework="pt") as f:
-            return list(f.keys())
-    except SafetensorError as e:
-        raise ValueError(f"{shard} is damaged or not a safetensors file ({e})") from None
-
-
-def checkpoint_files(model_dir: Path) -> dict[str, Path]:
-    """{tensor name: safetensors file holding it}, from the index json or the single model.safetensors."""
-    model_dir = Path(model_dir)
-    index = model_dir / INDEX_NAME
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = {name: model_dir / shard for name, shard in weight_map.items()}
-        for shard in set(files.values()):
-            if not shard.is_file():
-                raise FileNotFoundError(f"{index} names shard {shard.name}, which is missing")
-            _shard_names(shard)
-        return files
-    single = model_dir / SINGLE_NAME
-    if single.is_file():
-        return {name: single for name in _shard_names(single)}
-    raise FileNotFoundError(
-        f"{model_dir} has neither {INDEX_NAME} nor {SINGLE_NAME}: layer-streamed loading needs safetensors "
-        "(re-save a .bin checkpoint with save_pretrained(safe_serialization=True))")
-
-
-def read_tensors(files: dict[str, Path], names):
-    """Yield (name, tensor) for the named tensors, each shard opened once. The tensors are CPU views of the
-    file's mapping (safetensors >= 0.8 does not copy): use each one before asking for the next."""
-    from safetensors import safe_open
-
-    by_shard: dict[Path, list[str]] = {}
-    for name in names:
-        by_shard.setdefault(files[name], []).append(name)
-    for shard, shard_names in by_shard.items():
-        with safe_open(str(shard), framework="pt") as f:
-            for name in shard_names:
-                yield name, f.get_tensor(name)
-
-
 # ------------------------------------------------------------------------------------------- materializing
-
-def skeleton(config, dtype: torch.dtype) -> nn.Module:
-    """The whole model on the meta device: module structure and shapes, no storage."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
-
-
-def _prefix_of(model: nn.Module, module: nn.Module) -> str:
-    for name, m in model.named_modules():
-        if m is module:
-            return f"{name}." if name else ""
-    raise ValueError("module is not part of the model")
-
 
 def materialize(module: nn.Module, prefix: str, files: dict[str, Path], device, init_owner: nn.Module) -> None:
     """Allocate `module` on `device` and fill it: parameters and persistent buffers from the checkpoint
@@ -265,11 +163,11 @@ def score_layerwise(model_dir, input_ids: torch.Tensor, attention_mask: torch.Te
         raise ValueError(f"input_ids must be [sequences, length], got shape {tuple(input_ids.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    path, config, files = open_checkpoint(model_dir, "layer-streamed scoring")
+    path, config, files = open_checkpoint(loading.locate(str(model_dir)), "layer-streamed scoring", model_dir)
     device = torch.device(device)
     model = skeleton(config, dtype)
     decoder = models.decoder_of(model)
-    prefix = _prefix_of(model, decoder)
+    prefix = prefix_of(model, decoder)
     layers = decoder.layers
     show = None if progress is None else not progress
 

@@ -121,7 +121,7 @@ def load_skeleton(source: str, *, dtype: str = "auto", device: str | None = None
                   trust_remote_code: bool = False) -> Loaded:
     """MODEL without its weights (on the meta device), with tokenizer and report: enough to prepare data and
     choose the vocabulary for layer-streamed scoring and streamed pruning, which read the weights themselves."""
-    from .layerwise import skeleton
+    from .checkpoint import skeleton
 
     path, device = locate(source), resolve_device(device)
     if path.is_file():

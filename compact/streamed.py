@@ -22,8 +22,6 @@ The tokenizer and compact_report.json are not written here: `prune_streamed(...,
 """
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 from typing import Callable
 
@@ -33,74 +31,9 @@ from tqdm.auto import tqdm
 import compact_kernels as ck
 
 from . import loading, models, output
-from .layerwise import INDEX_NAME, _prefix_of, open_checkpoint, skeleton
+from .checkpoint import (DTYPES, INDEX_NAME, ShardWriter, nbytes, numel, open_checkpoint, prefix_of, read_tensor, skeleton,
+                         tensor_info)
 from .slicing import renumber_special_ids
-
-# safetensors dtype names -> torch dtypes (those a checkpoint of these families can hold)
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
-
-
-# ------------------------------------------------------------------------------------------- safetensors I/O
-
-def tensor_info(files: dict[str, Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{name: (safetensors dtype, shape)} from the shard headers, without reading any data."""
-    from safetensors import safe_open
-
-    info = {}
-    for shard in sorted(set(files.values())):
-        with safe_open(str(shard), framework="pt") as f:
-            for name in f.keys():
-                if files.get(name) == shard:
-                    s = f.get_slice(name)
-                    info[name] = (s.get_dtype(), tuple(s.get_shape()))
-    return info
-
-
-def read_tensor(shard: Path, name: str) -> torch.Tensor:
-    """One tensor from its own `safe_open`: with safetensors >= 0.8 a view of the file's mapping, which is
-    unmapped when the tensor is freed (so touched pages never outlive the tensor)."""
-    from safetensors import safe_open
-
-    with safe_open(str(shard), framework="pt") as f:
-        return f.get_tensor(name)
-
-
-class ShardWriter:
-    """A safetensors file written one tensor at a time: the header (all names, dtypes, shapes) goes first."""
-
-    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict | None = None):
-        header: dict = {"__metadata__": metadata} if metadata else {}
-        offset, self.expected = 0, []
-        for name, dtype, shape in entries:
-            if dtype not in DTYPES:
-                raise ValueError(f"{name}: dtype {dtype} is not supported by the streamed writer")
-            nbytes = _nbytes(dtype, shape)
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self.expected.append((name, DTYPES[dtype], tuple(shape)))
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
-        self.data_bytes = offset
-        self.file = open(path, "wb")
-        self.file.write(struct.pack("<Q", len(raw)) + raw)
-        self.next = 0
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        want_name, dtype, shape = self.expected[self.next]
-        if (name, tensor.dtype, tuple(tensor.shape)) != (want_name, dtype, shape):
-            raise RuntimeError(f"shard writer: got {name} {tensor.dtype} {tuple(tensor.shape)}, "
-                               f"expected {want_name} {dtype} {shape}")
-        if tensor.numel():
-            self.file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        self.next += 1
-
-    def close(self) -> None:
-        self.file.close()
-        if self.next != len(self.expected):
-            raise RuntimeError(f"shard writer: {len(self.expected) - self.next} tensors were never written")
-
 
 # ------------------------------------------------------------------------------------------- the plan
 
@@ -119,14 +52,14 @@ def _plan(model, info, kept_token_ids, kept_channels):
     """{tensor name: (op, index)} for every tensor that is sliced; op is "rows" or "cols"."""
     family = models.family_of(model.config)
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    emb_name = _prefix_of(model, embedding) + "weight"
+    emb_name = prefix_of(model, embedding) + "weight"
     if emb_name not in info:
         raise KeyError(f"the checkpoint lacks the embedding {emb_name}")
     vocab = info[emb_name][1][0]
     ops: dict[str, tuple[str, torch.Tensor]] = {}
     head_names = []
     if head is not None:
-        head_prefix = _prefix_of(model, head)
+        head_prefix = prefix_of(model, head)
         head_names = [head_prefix + p for p, _ in head.named_parameters(recurse=False)
                       if head_prefix + p in info and head_prefix + p != emb_name]
     tied = not any(n.endswith("weight") for n in head_names)
@@ -150,7 +83,7 @@ def _plan(model, info, kept_token_ids, kept_channels):
             channels = _ascending(kept_channels[name], intermediate, f"kept_channels[{name!r}]")
             sizes.add(len(channels))
             index = torch.tensor(channels)
-            p = _prefix_of(model, mlp)
+            p = prefix_of(model, mlp)
             if family.fused_gate_up:
                 row_ops = {"gate_up_proj": torch.cat([index, index + intermediate])}
             else:
@@ -191,15 +124,15 @@ def parameter_counts(model, shapes: dict[str, tuple[int, ...]], tied: bool) -> d
     """Parameters by part, like `compact.models.parameter_counts`, from tensor shapes (checkpoint names)."""
     params = {name for name, _ in model.named_parameters()}  # tied matrices once
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    emb_prefix = _prefix_of(model, embedding)
-    head_prefix = _prefix_of(model, head) if head is not None else None
-    layer_prefixes = [(_prefix_of(model, layer.self_attn), _prefix_of(model, layer.mlp))
+    emb_prefix = prefix_of(model, embedding)
+    head_prefix = prefix_of(model, head) if head is not None else None
+    layer_prefixes = [(prefix_of(model, layer.self_attn), prefix_of(model, layer.mlp))
                       for layer in models.decoder_of(model).layers]
     counts = {"embedding": 0, "head": 0, "attention": 0, "ffn": 0, "total": 0}
     for name, shape in shapes.items():
         if name not in params:
             continue
-        n = _numel(shape)
+        n = numel(shape)
         counts["total"] += n
         if name.startswith(emb_prefix):
             counts["embedding"] += n
@@ -242,7 +175,7 @@ def write_pruned(model_dir, folder, kept_token_ids: list[int] | None, kept_chann
     which must exist; returns the summary. No staging: see `prune_streamed` for the atomic version."""
 
     folder = Path(folder)
-    path, config, files = open_checkpoint(model_dir, "streamed pruning")
+    path, config, files = open_checkpoint(loading.locate(str(model_dir)), "streamed pruning", model_dir)
     info = tensor_info(files)
     model = skeleton(config, torch.float32)  # names and module roles only
     ops, vocab, intermediate, tied = _plan(model, info, kept_token_ids, kept_channels)
@@ -277,7 +210,7 @@ def write_pruned(model_dir, folder, kept_token_ids: list[int] | None, kept_chann
         index = {"metadata": {"total_parameters": after["total"], "total_size": total_bytes},
                  "weight_map": dict(sorted(weight_map.items()))}
         output.write_json(folder / INDEX_NAME, index)
-    emb_dtype = _prefix_of(model, model.get_input_embeddings()) + "weight"
+    emb_dtype = prefix_of(model, model.get_input_embeddings()) + "weight"
     dtype_name = str(DTYPES[info[emb_dtype][0]]).split(".")[1]
     config, generation = _configs(path, config, kept_token_ids, keep, dtype_name)
     config.save_pretrained(folder)
@@ -290,20 +223,9 @@ def write_pruned(model_dir, folder, kept_token_ids: list[int] | None, kept_chann
                   "intermediate_before": intermediate, "intermediate_after": keep if keep is not None else intermediate,
                   "layers": len(models.mlps(model)), "hidden": hidden},
         "parameters": {"before": before, "after": after},
-        "bytes": {"before": sum(_nbytes(d, s) for d, s in info.values()),
-                  "after": sum(_nbytes(info[n][0], s) for n, s in out_shapes.items())},
+        "bytes": {"before": sum(nbytes(d, s) for d, s in info.values()),
+                  "after": sum(nbytes(info[n][0], s) for n, s in out_shapes.items())},
     }
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _nbytes(dtype: str, shape) -> int:
-    return torch.empty((), dtype=DTYPES[dtype]).element_size() * _numel(shape)
 
 
 def prune_streamed(model_dir, out_dir, kept_token_ids: list[int] | None, kept_channels: dict[str, list[int]] | None,
