@@ -317,11 +317,13 @@ def _cmd_check(args) -> int:
         return subprocess.run([sys.executable, "-m", "compact_kernels.compile_check"], env=env).returncode
     import torch
 
-    from .kernel_check import format_check_table, run_kernel_check
+    from compact_kernels.check import CHECK_HEAD, check_table_rows, run_kernel_check
+
+    from .report import format_table
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     rows = run_kernel_check(dtypes[args.dtype], args.device)
-    print(format_check_table(rows))
+    print(format_table(CHECK_HEAD, check_table_rows(rows)))
     return 0 if all(r.ok for r in rows) else 1
 
 

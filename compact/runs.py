@@ -49,7 +49,7 @@ def _state(scorer: ChannelScorer) -> dict[str, torch.Tensor]:
     state = {f"scores/{k}": v for k, v in scorer.scores.items()}
     if scorer.plain_scores is not None:
         state.update({f"plain/{k}": v for k, v in scorer.plain_scores.items()})
-    state["mass"] = scorer._mass
+    state["mass"] = scorer.mass
     return state
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import compact_kernels as ck
-from compact_kernels import _checks, reference
+from compact_kernels import reference
 
 from . import models
 
@@ -130,7 +130,7 @@ class ChannelScorer:
         size = models.intermediate_size(model)
         self.scores = {name: torch.zeros(size, dtype=torch.float64, device=device) for name in self.mlps}
         self.plain_scores = {name: torch.zeros_like(s) for name, s in self.scores.items()} if plain else None
-        self._mass = torch.zeros((), dtype=torch.float64, device=device)
+        self.mass = torch.zeros((), dtype=torch.float64, device=device)  # float64 sum of the token weights seen
         self._weights: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._undo: list = []
@@ -141,7 +141,7 @@ class ChannelScorer:
     @property
     def tokens(self) -> float:
         """Sum of the token weights seen so far: the calibration mass behind the scores."""
-        return float(self._mass)
+        return float(self.mass)
 
     def set_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """Token weights for the next forward; the decoder pre-hook calls it (call it yourself with inputs_embeds)."""
@@ -151,7 +151,7 @@ class ChannelScorer:
         else:
             self._weights = ck.token_weights(input_ids, self.table, attention_mask)
         # float32 per batch (exact for 0/1 weights below 2^24 tokens), float64 across batches.
-        self._mass += input_ids.numel() if self._weights is None else self._weights.sum().to(torch.float64)
+        self.mass += input_ids.numel() if self._weights is None else self._weights.sum().to(torch.float64)
 
     def _decoder_pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -211,7 +211,7 @@ class ChannelScorer:
             else:
                 torch.ops.aten.gelu_(h, approximate="tanh")
         h.mul_(up)
-        _checks.check_weights(self._weights, x.shape[:-1], device)
+        ck.check_weights(self._weights, x.shape[:-1], device)
         stop = name == self._stop_after
         out = None if stop else mlp.down_proj(h)
         if h.dtype == torch.float32:

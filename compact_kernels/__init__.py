@@ -12,8 +12,10 @@ import os
 import torch
 
 from . import reference
+from ._checks import check_weights  # the validation every op applies to `weights`, for callers that fuse ops
 
-__all__ = ["channel_scores", "token_weights", "glu_and_score", "gather_rows", "gather_cols", "backend_for", "reference"]
+__all__ = ["channel_scores", "token_weights", "glu_and_score", "gather_rows", "gather_cols", "backend_for",
+           "check_weights", "reference"]
 __version__ = "0.1.0"
 
 _BACKENDS = ("auto", "triton", "torch")

@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .report import format_table
-
 
 @dataclass
 class CheckRow:
@@ -87,7 +85,10 @@ def run_kernel_check(dtype: torch.dtype = torch.bfloat16, device: str | None = N
     return rows
 
 
-def format_check_table(rows: list[CheckRow]) -> str:
-    head = ("op", "case", "backend", "max |diff|", "max rel", "tolerance", "")
-    return format_table(head, [(r.op, r.case, r.backend, f"{r.max_abs:.3g}", f"{r.max_rel:.3g}",
-                                "exact" if r.tol == 0 else f"{r.tol:g}", "ok" if r.ok else "FAIL") for r in rows])
+CHECK_HEAD = ("op", "case", "backend", "max |diff|", "max rel", "tolerance", "")
+
+
+def check_table_rows(rows: list[CheckRow]) -> list[tuple]:
+    """One row per check under CHECK_HEAD."""
+    return [(r.op, r.case, r.backend, f"{r.max_abs:.3g}", f"{r.max_rel:.3g}",
+             "exact" if r.tol == 0 else f"{r.tol:g}", "ok" if r.ok else "FAIL") for r in rows]
