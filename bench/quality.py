@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from compact import cli, evaluate, loading, pipeline, vocab
+from compact.tokenizer import prune_tokenizer
 from compact.criteria import CRITERIA
 
 RESULTS = ROOT / "bench" / "results"
@@ -364,7 +365,7 @@ def build_sotu_model(cfg: Config, run: Runner) -> tuple[Path, Path, Path, dict]:
     full = llama32_tokenizer()
     counts = vocab.count_tokens(full, first, num_embeddings=len(full), progress=False)
     kept = vocab.select_vocab_by_frequency(full, len(full), cfg.b_tokenizer_keep, counts)
-    tokenizer = vocab.prune_tokenizer(full, kept)
+    tokenizer = prune_tokenizer(full, kept)
     tokenizer_s = time.perf_counter() - start
     say(f"[B] tokenizer: Llama 3.2 ({len(full)} tokens) cut by frequency on the first half to {len(tokenizer)} "
         f"({cfg.b_tokenizer_keep} regular + specials) in {tokenizer_s:.1f}s")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, budget, criteria, data, models, output, runs, selection, slicing, vocab
+from . import __version__, budget, criteria, data, models, output, runs, selection, slicing, tokenizer, vocab
 from .loading import Loaded
 from .scoring import score_channels
 
@@ -110,7 +110,7 @@ def regular_ids(loaded: Loaded) -> list[int]:
     rows = loaded.model.get_input_embeddings().num_embeddings
     if loaded.tokenizer is None:
         return list(range(rows))
-    specials = set(vocab.special_token_ids(loaded.tokenizer))
+    specials = set(tokenizer.special_token_ids(loaded.tokenizer))
     return sorted(i for i in loaded.tokenizer.get_vocab().values() if i < rows and i not in specials)
 
 
@@ -368,5 +368,5 @@ def save_tokenizer(loaded: Loaded, kept_ids: list[int], folder: Path, report: di
         warnings.warn("the model has no tokenizer: the pruned checkpoint is written without one", stacklevel=2)
         report["tokenizer"] = None
     else:
-        vocab.prune_tokenizer(loaded.tokenizer, kept_ids).save_pretrained(folder)
+        tokenizer.prune_tokenizer(loaded.tokenizer, kept_ids).save_pretrained(folder)
         report["tokenizer"] = "pruned to kept_token_ids"

@@ -11,7 +11,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.tokenization_python import PythonBackend
 
-from compact.vocab import prune_tokenizer, select_vocab, special_token_ids
+from compact.tokenizer import prune_tokenizer, special_token_ids
+from compact.vocab import select_vocab
 from tokenizers_fixtures import llama2_tokenizer, llama32_tokenizer, qwen25_tokenizer, sotu_paragraphs
 
 # name -> (loader taking a scratch folder, embedding rows of the real model, regular tokens)

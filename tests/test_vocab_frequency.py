@@ -17,8 +17,8 @@ from transformers import PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from compact import vocab as vocab_module
-from compact.vocab import (count_tokens, prune_tokenizer, read_always_file, select_vocab,
-                           select_vocab_by_frequency, special_token_ids)
+from compact.tokenizer import prune_tokenizer, special_token_ids
+from compact.vocab import count_tokens, read_always_file, select_vocab, select_vocab_by_frequency
 from tokenizers_fixtures import llama2_tokenizer, llama32_tokenizer, qwen25_tokenizer, sotu_paragraphs
 
 # name -> (loader taking a scratch folder, embedding rows of the real model)
