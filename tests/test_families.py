@@ -19,32 +19,11 @@ from safetensors.torch import load_file
 
 from compact import loading, models, output, pipeline, slicing
 from compact.scoring import ChannelScorer, score_channels
+import tiny_models
 from kernels.tolerances import assert_close, fp32_forward_rtol
+from tiny_models import CASES, HIDDEN, INTER, VOCAB
 
-VOCAB, HIDDEN, INTER, LAYERS, SEQ = 97, 32, 48, 2, 10
-COMMON = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-              head_dim=8, intermediate_size=INTER, vocab_size=VOCAB, max_position_embeddings=64)
-
-# case -> (model_type, Config class, *ForCausalLM class, config overrides). Special ids are spread out
-# (and Phi-3's pad/eos sit at the top of the vocabulary) so that renumbering them is visible.
-CASES = {
-    "llama": ("llama", tf.LlamaConfig, tf.LlamaForCausalLM,
-              dict(bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)),
-    "llama-tied": ("llama", tf.LlamaConfig, tf.LlamaForCausalLM,
-                   dict(bos_token_id=1, eos_token_id=[2, 90], tie_word_embeddings=True)),
-    "mistral": ("mistral", tf.MistralConfig, tf.MistralForCausalLM,
-                dict(bos_token_id=1, eos_token_id=2, sliding_window=4)),
-    "qwen2": ("qwen2", tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(bos_token_id=80, eos_token_id=81)),
-    "qwen3": ("qwen3", tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(bos_token_id=80, eos_token_id=81)),
-    "gemma": ("gemma", tf.GemmaConfig, tf.GemmaForCausalLM, dict(pad_token_id=0, bos_token_id=2, eos_token_id=1)),
-    "gemma2": ("gemma2", tf.Gemma2Config, tf.Gemma2ForCausalLM,
-               dict(pad_token_id=0, bos_token_id=2, eos_token_id=1, sliding_window=4,
-                    layer_types=["sliding_attention", "full_attention"])),
-    "gemma3_text": ("gemma3_text", tf.Gemma3TextConfig, tf.Gemma3ForCausalLM,
-                    dict(pad_token_id=0, bos_token_id=2, eos_token_id=1, sliding_window=4,
-                         layer_types=["sliding_attention", "full_attention"])),
-    "phi3": ("phi3", tf.Phi3Config, tf.Phi3ForCausalLM, dict(pad_token_id=96, bos_token_id=1, eos_token_id=95)),
-}
+LAYERS, SEQ = 2, 10
 # Two float32 forwards of these models (or one against float64 arithmetic) round differently with the BLAS
 # blocking, thread count and batch shape; their difference is bounded by the float32 arithmetic of the
 # network's chain of reductions (tests/kernels/tolerances.py): 9 per layer + final norm and head, each of at
@@ -60,24 +39,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:the model has no tokenizer:UserW
 # ----------------------------------------------------------------------------------------------- helpers
 
 def build(case: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny float32 eval-mode model of the case, with weights large enough that every channel matters.
-
-    The stock init (std 0.02) makes the FFN's contribution to the logits tiny; redrawing the matrices with
-    std 1/sqrt(fan_in) and jittering norms/biases lets a wrong channel or row show far above 1e-5.
-    """
-    model_type, config_cls, model_cls, overrides = CASES[case]
-    torch.manual_seed(seed)
-    config = config_cls(**COMMON, **overrides)
-    assert config.model_type == model_type
-    model = model_cls(config).to(torch.float32).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _, p in model.named_parameters():  # a tied matrix once
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
-            else:
-                p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    assert models.is_tied(model) == bool(config.tie_word_embeddings), f"{case}: tying is not as configured"
+    model = tiny_models.build(case, seed, LAYERS)
+    assert models.is_tied(model) == bool(model.config.tie_word_embeddings), f"{case}: tying is not as configured"
     return model
 
 

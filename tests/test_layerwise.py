@@ -8,7 +8,6 @@ the network's arithmetic, relative to the layer maximum; in practice bit-identic
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -19,45 +18,21 @@ import torch
 import transformers as tf
 
 from kernels.tolerances import decoder_rtol, fp32_forward_rtol
+import tiny_models
 from memory_probe import PRELUDE
+from tiny_models import CASES, HIDDEN, INTER, VOCAB
 from compact import models
 from compact.layerwise import score_layerwise
 from compact.scoring import score_channels
 
-VOCAB, SEQ = 97, 12
-COMMON = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-              intermediate_size=48, vocab_size=VOCAB, max_position_embeddings=64)
+SEQ, LAYERS = 12, 3
 # Layer streaming and the in-memory forward run the same ops on the same batches, but float32 BLAS results may
 # still round differently (blocking, threads): bounded by the network's arithmetic (tests/kernels/tolerances.py).
-FWD_RTOL = fp32_forward_rtol(9 * COMMON["num_hidden_layers"] + 2, max(32, 48, SEQ))
-SLIDING = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
-CASES = {
-    "llama": (tf.LlamaConfig, dict(bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)),
-    "llama-tied": (tf.LlamaConfig, dict(bos_token_id=1, eos_token_id=[2, 90], tie_word_embeddings=True)),
-    "mistral": (tf.MistralConfig, dict(bos_token_id=1, eos_token_id=2, sliding_window=4)),
-    "qwen2": (tf.Qwen2Config, dict(bos_token_id=80, eos_token_id=81)),
-    "qwen3": (tf.Qwen3Config, dict(bos_token_id=80, eos_token_id=81)),
-    "gemma": (tf.GemmaConfig, dict(pad_token_id=0, bos_token_id=2, eos_token_id=1)),
-    "gemma2": (tf.Gemma2Config, dict(pad_token_id=0, bos_token_id=2, eos_token_id=1, **SLIDING)),
-    "gemma3_text": (tf.Gemma3TextConfig, dict(pad_token_id=0, bos_token_id=2, eos_token_id=1, **SLIDING)),
-    "phi3": (tf.Phi3Config, dict(pad_token_id=96, bos_token_id=1, eos_token_id=95)),
-}
+FWD_RTOL = fp32_forward_rtol(9 * LAYERS + 2, max(HIDDEN, INTER, SEQ))
 
 
 def build(case: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny float32 model with weights redrawn at std 1/sqrt(fan_in), so that every part of the forward
-    (masks, rotary tables, embedding scale) visibly changes the scores when it is wrong."""
-    config_cls, overrides = CASES[case]
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(config_cls(**COMMON, **overrides)).to(torch.float32).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
-            else:
-                p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    return model
+    return tiny_models.build(case, seed, LAYERS)
 
 
 def save(model, folder, *, sharded: bool) -> str:
@@ -101,7 +76,7 @@ def in_memory(folder, ids, mask, *, dtype=torch.float32, **kwargs):
 # --------------------------------------------------------------------------------------------- equality
 
 def test_every_family_is_covered():
-    assert {CASES[c][0].model_type for c in CASES} == set(models.FAMILIES)
+    assert {CASES[c][0] for c in CASES} == set(models.FAMILIES)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -9,7 +9,6 @@ only / FFN only, atomic output and the finish hook, bad input, and a peak-memory
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -22,37 +21,14 @@ import transformers as tf
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import tiny_models
 from memory_probe import PRELUDE
+from tiny_models import CASES, INTER, VOCAB
 from compact import models, slicing
 from compact.streamed import prune_streamed, write_pruned
 
-VOCAB, INTER = 97, 48
-COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-              intermediate_size=INTER, vocab_size=VOCAB, max_position_embeddings=64)
-SLIDING = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"])
-# Special ids spread out (Phi-3's pad/eos at the top) so that renumbering shows.
-CASES = {
-    "llama": (tf.LlamaConfig, dict(bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)),
-    "llama-tied": (tf.LlamaConfig, dict(bos_token_id=1, eos_token_id=[2, 90], tie_word_embeddings=True)),
-    "mistral": (tf.MistralConfig, dict(bos_token_id=1, eos_token_id=2, sliding_window=4)),
-    "qwen2": (tf.Qwen2Config, dict(bos_token_id=80, eos_token_id=81)),
-    "qwen3": (tf.Qwen3Config, dict(bos_token_id=80, eos_token_id=81)),
-    "gemma": (tf.GemmaConfig, dict(pad_token_id=0, bos_token_id=2, eos_token_id=1)),
-    "gemma2": (tf.Gemma2Config, dict(pad_token_id=0, bos_token_id=2, eos_token_id=1, **SLIDING)),
-    "gemma3_text": (tf.Gemma3TextConfig, dict(pad_token_id=0, bos_token_id=2, eos_token_id=1, **SLIDING)),
-    "phi3": (tf.Phi3Config, dict(pad_token_id=96, bos_token_id=1, eos_token_id=95)),
-}
-
-
 def build(case: str, seed: int = 0, dtype=torch.float32):
-    config_cls, overrides = CASES[case]
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(config_cls(**COMMON, **overrides)).to(torch.float32).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
-    return model.to(dtype)
+    return tiny_models.build(case, seed).to(dtype)
 
 
 def source(case: str, folder: Path, *, sharded: bool, dtype=torch.float32) -> Path:
