@@ -26,8 +26,9 @@ class Loaded:
     device: str = "cpu"  # where computation runs (a skeleton's weights are on "meta" until streamed in)
 
     @property
-    def is_skeleton(self) -> bool:
-        """Weights not loaded: scoring streams layers from the files, pruning writes tensor by tensor."""
+    def offloaded(self) -> bool:
+        """`--offload layerwise`: weights not loaded (a meta skeleton); scoring loads one layer at a time from the
+        files, pruning writes tensor by tensor."""
         return self.model.get_input_embeddings().weight.is_meta
 
 

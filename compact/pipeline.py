@@ -149,7 +149,7 @@ def kept_vocabulary(loaded: Loaded, vocab_keep: int | None, *, order: str = "id"
 
 def plain_scores(loaded: Loaded, calib: data.Calibration, opts: PruneOptions) -> dict:
     """act^2 over all calibration tokens, the FFN evidence of the budget planner."""
-    if loaded.is_skeleton:
+    if loaded.offloaded:
         return _layerwise_scores(loaded, calib, None, PruneOptions(ffn_criterion="act2", batch_size=opts.batch_size,
                                                                    progress=opts.progress))[0]
     return criteria.activation_scores(loaded.model, calib.input_ids, calib.attention_mask, None,
@@ -194,7 +194,7 @@ def _layerwise_scores(loaded: Loaded, calib: data.Calibration, kept_ids, opts: P
     from .layerwise import score_layerwise
 
     if opts.ffn_criterion not in ("common-act2", "act2"):
-        raise ValueError(f"layer-streamed scoring computes common-act2 and act2, not {opts.ffn_criterion}")
+        raise ValueError(f"--offload layerwise scores common-act2 and act2, not {opts.ffn_criterion}")
     keep = kept_ids if opts.ffn_criterion == "common-act2" else None
     dtype = loaded.model.get_input_embeddings().weight.dtype
 
@@ -213,12 +213,12 @@ def compute_scores(loaded: Loaded, calib: data.Calibration | None, kept_ids, opt
     A skeleton model (loading.load_skeleton) is scored layer by layer from its files."""
     model = loaded.model
     if opts.ffn_criterion in criteria.DATA_FREE:
-        if loaded.is_skeleton:
-            raise ValueError(f"--ffn-criterion {opts.ffn_criterion} needs the weights: drop --offload/--streamed")
+        if loaded.offloaded:
+            raise ValueError(f"--ffn-criterion {opts.ffn_criterion} needs the weights: drop --offload layerwise")
         return criteria.data_free_scores(model, opts.ffn_criterion, opts.seed), None
-    if loaded.is_skeleton:
+    if loaded.offloaded:
         if run is not None and (run.every or run.resume or runs.distributed()[1] > 1):
-            raise ValueError("layer-streamed scoring runs in one process without checkpoints")
+            raise ValueError("--offload layerwise runs in one process without checkpoints")
         return _layerwise_scores(loaded, calib, kept_ids, opts)
     check = None
     if opts.check:
@@ -306,7 +306,7 @@ def _report(loaded: Loaded, opts: PruneOptions, calib_opts: CalibOptions, calib,
     return {
         "source": loaded.source, "calibration": calib.source if calib else None, "scores_file": opts.scores,
         "ffn_criterion": None if opts.scores else opts.ffn_criterion, "vocab_order": opts.vocab_order,
-        "plan": plan, "streamed": loaded.is_skeleton,
+        "plan": plan, "offload": "layerwise" if loaded.offloaded else "none",
         "options": {**asdict(opts), **{f"calib_{k}": v for k, v in asdict(calib_opts).items()},
                     **_calib_used(calib)},
         "sizes": {"vocab_before": vocab_before, "vocab_after": len(kept_ids) if kept_ids else vocab_before,
@@ -333,7 +333,7 @@ def _write(loaded: Loaded, out: Path, overwrite: bool, kept_ids, channels, score
     model = loaded.model
     shape = models.fingerprint(model.config)  # of the model the scores belong to, before slicing
     with output.staged_dir(out, overwrite=overwrite) as tmp:
-        if loaded.is_skeleton:
+        if loaded.offloaded:
             write_streamed(loaded, kept_ids, channels, tmp, report, timings, progress)
         else:
             with timings.phase("slicing"):
