@@ -171,13 +171,6 @@ def skeleton(config, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def prefix_of(model: nn.Module, module: nn.Module) -> str:
-    for name, m in model.named_modules():
-        if m is module:
-            return f"{name}." if name else ""
-    raise ValueError("module is not part of the model")
-
-
 def numel(shape) -> int:
     n = 1
     for d in shape:

@@ -50,7 +50,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import loading, models
-from .checkpoint import open_checkpoint, prefix_of, read_tensors, skeleton
+from .checkpoint import open_checkpoint, read_tensors, skeleton
+from .models import prefix_of
 from .memory import trim_host_memory
 from .scoring import ChannelScorer
 

@@ -1,6 +1,7 @@
 """Model-family adapters, one table keyed by `config.model_type`: where the MLPs are and how they compute."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -86,16 +87,40 @@ def is_tied(model: nn.Module) -> bool:
     return head is not None and head.weight is model.get_input_embeddings().weight
 
 
-def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Parameters by part: embedding, head (0 when tied), attention, ffn, other (norms), total."""
-    embedding = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    counts = {"embedding": embedding.numel(),
-              "head": 0 if head is None or is_tied(model) else sum(p.numel() for p in head.parameters()),
-              "attention": 0, "ffn": 0}
-    for layer in decoder_of(model).layers:
-        counts["attention"] += sum(p.numel() for p in layer.self_attn.parameters())
-        counts["ffn"] += sum(p.numel() for p in layer.mlp.parameters())
-    counts["total"] = sum(p.numel() for p in model.parameters())
+SPECIAL_ID_ATTRS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")  # config token ids
+
+
+def parameter_counts(model: nn.Module, shapes: dict | None = None, tied: bool | None = None) -> dict[str, int]:
+    """Parameters by part: embedding, head (0 when tied), attention, ffn, other (norms), total. From the model's
+    own parameters, or from `shapes` ({checkpoint tensor name: shape}, e.g. of a meta skeleton's files)."""
+    if shapes is None:
+        shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # a tied matrix once
+    tied = is_tied(model) if tied is None else tied
+    params = {name for name, _ in model.named_parameters()}
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    emb_prefix = prefix_of(model, embedding)
+    head_prefix = prefix_of(model, head) if head is not None else None
+    layer_prefixes = [(prefix_of(model, layer.self_attn), prefix_of(model, layer.mlp)) for layer in decoder_of(model).layers]
+    counts = {"embedding": 0, "head": 0, "attention": 0, "ffn": 0, "total": 0}
+    for name, shape in shapes.items():
+        if name not in params:
+            continue
+        n = math.prod(shape)
+        counts["total"] += n
+        if name.startswith(emb_prefix):
+            counts["embedding"] += n
+        elif head_prefix is not None and name.startswith(head_prefix):
+            counts["head"] += 0 if tied else n
+        elif any(name.startswith(a) for a, _ in layer_prefixes):
+            counts["attention"] += n
+        elif any(name.startswith(f) for _, f in layer_prefixes):
+            counts["ffn"] += n
     counts["other"] = counts["total"] - sum(counts[k] for k in ("embedding", "head", "attention", "ffn"))
     return counts
+
+
+def prefix_of(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return f"{name}." if name else ""
+    raise ValueError("module is not part of the model")

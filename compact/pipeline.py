@@ -93,10 +93,11 @@ def renumber(input_ids: torch.Tensor, attention_mask, kept_token_ids: list[int],
 
 
 def config_token_ids(model) -> list[int]:
-    """bos/eos/pad ids named by the config or the generation config: kept whatever the vocabulary cut."""
+    """The token ids the config or the generation config names (models.SPECIAL_ID_ATTRS): kept whatever the
+    vocabulary cut, and renumbered by the same list (compact.slicing)."""
     ids = []
     for config in (model.config, getattr(model, "generation_config", None)):
-        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        for attr in models.SPECIAL_ID_ATTRS:
             value = getattr(config, attr, None)
             ids += value if isinstance(value, list) else [value] if isinstance(value, int) else []
     return ids
@@ -337,10 +338,7 @@ def _write(loaded: Loaded, out: Path, overwrite: bool, kept_ids, channels, score
             write_streamed(loaded, kept_ids, channels, tmp, report, timings, progress)
         else:
             with timings.phase("slicing"):
-                if kept_ids is not None:
-                    slicing.slice_vocabulary(model, kept_ids)
-                if channels:
-                    slicing.slice_ffn(model, channels)
+                slicing.slice_model(model, kept_ids, channels or None)
             report["parameters"]["after"] = models.parameter_counts(model)
             with timings.phase("save"):
                 model.save_pretrained(tmp, safe_serialization=True)
