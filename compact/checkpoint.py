@@ -4,6 +4,7 @@ meta-device skeleton, and a shard writer that streams tensors out. Used by layer
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -83,9 +84,10 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-def open_checkpoint(path: Path, what: str, model_dir=None):
-    """(path, config, {tensor name: shard}) of a supported, unquantized safetensors model directory `path`
-    (as `compact.loading.locate` found it; `model_dir` is how the user named it, for messages)."""
+def open_checkpoint(path: Path, what: str, model_dir=None, dtype: torch.dtype = torch.float32):
+    """(config, {tensor name: shard}, meta skeleton in `dtype`) of a supported, unquantized safetensors model
+    directory `path` (as `compact.loading.locate` found it; `model_dir` is how the user named it, for messages),
+    whose tensors are exactly the skeleton's."""
     from transformers import AutoConfig
 
     model_dir = path if model_dir is None else model_dir
@@ -93,28 +95,25 @@ def open_checkpoint(path: Path, what: str, model_dir=None):
         raise ValueError(f"{model_dir}: {what} needs a Hugging Face safetensors directory, "
                          "not a llama2.c checkpoint (it is small: load it whole)")
     config = AutoConfig.from_pretrained(path)
-    models.family_of(config)
-    if getattr(config, "quantization_config", None):
-        raise ValueError(f"{model_dir} is quantized ({config.quantization_config.get('quant_method', '?')}); "
-                         f"{what} handles plain floating-point tensors only")
+    models.check_prunable(config, model_dir)
     files = checkpoint_files(path)
-    _check_names(model_dir, config, files)
-    return path, config, files
-
-
-def _check_names(model_dir, config, files: dict[str, Path]) -> None:
-    """Missing or unexpected tensors are an error (as `loading.load` makes them): nothing is invented or dropped."""
-    model = skeleton(config, torch.float32)
+    model = skeleton(config, dtype)
     expected = set(model.state_dict())
     if getattr(config, "tie_word_embeddings", False):
         expected.discard("lm_head.weight")
     ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
-    missing = sorted(expected - set(files))
-    unexpected = sorted(n for n in set(files) - expected if not any(p.search(n) for p in ignored))
+    unexpected = [n for n in set(files) - expected if not any(p.search(n) for p in ignored)]
+    check_tensor_names(model_dir, expected - set(files), unexpected)
+    return config, files, model
+
+
+def check_tensor_names(source, missing, unexpected, mis_shaped=()) -> None:
+    """Missing, unexpected or mis-shaped tensors are an error, naming them: nothing is invented or dropped."""
     problems = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-                for names, what in ((missing, "missing"), (unexpected, "unexpected")) if names]
+                for names, what in ((sorted(missing), "missing"), (sorted(unexpected), "unexpected"),
+                                    (sorted(mis_shaped), "mis-shaped")) if names]
     if problems:
-        raise ValueError(f"model {str(model_dir)!r}: its weights do not match its config: {'; '.join(problems)} tensors")
+        raise ValueError(f"model {str(source)!r}: its weights do not match its config: {'; '.join(problems)} tensors")
 
 
 def _shard_names(shard: Path) -> list[str]:
@@ -171,12 +170,5 @@ def skeleton(config, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def nbytes(dtype: str, shape) -> int:
-    return torch.empty((), dtype=DTYPES[dtype]).element_size() * numel(shape)
+    return torch.empty((), dtype=DTYPES[dtype]).element_size() * math.prod(shape)

@@ -50,7 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import loading, models
-from .checkpoint import open_checkpoint, read_tensors, skeleton
+from .checkpoint import open_checkpoint, read_tensors
 from .models import prefix_of
 from .memory import trim_host_memory
 from .scoring import ChannelScorer
@@ -164,9 +164,9 @@ def score_layerwise(model_dir, input_ids: torch.Tensor, attention_mask: torch.Te
         raise ValueError(f"input_ids must be [sequences, length], got shape {tuple(input_ids.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    path, config, files = open_checkpoint(loading.locate(str(model_dir)), "layer-streamed scoring", model_dir)
+    path = loading.locate(str(model_dir))
+    config, files, model = open_checkpoint(path, "layer-streamed scoring", model_dir, dtype)
     device = torch.device(device)
-    model = skeleton(config, dtype)
     decoder = models.decoder_of(model)
     prefix = prefix_of(model, decoder)
     layers = decoder.layers

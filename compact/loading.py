@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from . import llama2c, models
+from . import checkpoint, llama2c, models
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -109,26 +109,20 @@ def load(source: str, *, dtype: str = "auto", device: str | None = None, trust_r
 
 def _check_loading_info(source: str, info: dict) -> None:
     """Missing, unexpected or mis-shaped tensors are an error: transformers would invent or drop weights."""
-    problems = []
-    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "mis-shaped")):
-        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ())
-        if names:
-            problems.append(f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
-    if problems:
-        raise ValueError(f"model {source!r}: its weights do not match its config: {'; '.join(problems)} tensors")
+    names = {key: [str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ()]
+             for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    checkpoint.check_tensor_names(source, names["missing_keys"], names["unexpected_keys"], names["mismatched_keys"])
 
 
 def load_skeleton(source: str, *, dtype: str = "auto", device: str | None = None,
                   trust_remote_code: bool = False) -> Loaded:
     """MODEL without its weights (on the meta device), with tokenizer and report: enough to prepare data and
     choose the vocabulary for layer-streamed scoring and streamed pruning, which read the weights themselves."""
-    from .checkpoint import skeleton
-
     path, device = locate(source), resolve_device(device)
     if path.is_file():
         raise ValueError(f"model {source!r}: layer-streamed scoring and streamed pruning need a Hugging Face "
                          "safetensors directory, not a llama2.c checkpoint (it is small: drop the option)")
-    model = skeleton(_config(path, trust_remote_code), resolve_dtype(dtype, device))
+    model = checkpoint.skeleton(_config(path, trust_remote_code), resolve_dtype(dtype, device))
     return _with_extras(model, path, trust_remote_code, device)
 
 
@@ -166,13 +160,7 @@ def _config(path: Path, trust_remote_code: bool):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    models.family_of(config)
-    quantization = getattr(config, "quantization_config", None)
-    if quantization:
-        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else \
-            getattr(quantization, "quant_method", "?")
-        raise ValueError(f"model {str(path)!r} is quantized ({method}); compact prunes unquantized checkpoints: "
-                         "load and save it unquantized first")
+    models.check_prunable(config, path)
     return config
 
 

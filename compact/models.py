@@ -33,6 +33,17 @@ FAMILIES: dict[str, Family] = {
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
+def check_prunable(config, source) -> None:
+    """A supported family (UnsupportedModelError otherwise) with plain floating-point weights."""
+    family_of(config)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else \
+            getattr(quantization, "quant_method", "?")
+        raise ValueError(f"model {str(source)!r} is quantized ({method}); compact prunes unquantized checkpoints: "
+                         "load and save it unquantized first")
+
+
 def fingerprint(config) -> dict[str, str]:
     """What a scores file must match: the architecture and FFN shape (not the vocabulary, which a prune may cut)."""
     return {f"model_{k}": str(getattr(config, k, None))

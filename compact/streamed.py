@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import loading, models, output, slicing
-from .checkpoint import DTYPES, INDEX_NAME, ShardWriter, nbytes, open_checkpoint, read_tensor, skeleton, tensor_info
+from .checkpoint import DTYPES, INDEX_NAME, ShardWriter, nbytes, open_checkpoint, read_tensor, tensor_info
 from .models import prefix_of
 
 # ------------------------------------------------------------------------------------------- writing
@@ -55,9 +55,9 @@ def write_pruned(model_dir, folder, kept_token_ids: list[int] | None, kept_chann
     which must exist; returns the summary. No staging: see `prune_streamed` for the atomic version."""
 
     folder = Path(folder)
-    path, config, files = open_checkpoint(loading.locate(str(model_dir)), "streamed pruning", model_dir)
+    path = loading.locate(str(model_dir))
+    config, files, model = open_checkpoint(path, "streamed pruning", model_dir)  # model: names and roles only
     info = tensor_info(files)
-    model = skeleton(config, torch.float32)  # names and module roles only
     the_plan = slicing.plan(model, {n: s for n, (_, s) in info.items()}, kept_token_ids, kept_channels)
     ops = the_plan.ops
     out_shapes = {name: slicing.out_shape(shape, ops.get(name)) for name, (_, shape) in info.items()}
