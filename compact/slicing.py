@@ -39,6 +39,11 @@ class SlicePlan:
     def intermediate_after(self) -> int:
         return self.intermediate if self.ffn_keep is None else self.ffn_keep
 
+    @property
+    def new_id(self) -> dict[int, int] | None:
+        """Old token id -> new id (None: vocabulary unchanged)."""
+        return None if self.kept_token_ids is None else {old: new for new, old in enumerate(self.kept_token_ids)}
+
 
 def _ascending(ids, limit: int, what: str) -> list[int]:
     ids = [int(i) for i in ids]
@@ -69,8 +74,9 @@ def plan(model: nn.Module, shapes: dict[str, tuple[int, ...]], kept_token_ids=No
     ops = {}
     if kept_token_ids is not None:
         kept_token_ids = _ascending(kept_token_ids, vocab, "kept_token_ids")
+        index = torch.tensor(kept_token_ids)
         for name in [emb_name, *head_names]:
-            ops[name] = ("rows", torch.tensor(kept_token_ids))
+            ops[name] = ("rows", index)
     intermediate = models.intermediate_size(model)
     keep = None if kept_channels is None else _channel_ops(model, shapes, kept_channels, intermediate, ops)
     return SlicePlan(ops, vocab, intermediate, tied, kept_token_ids, keep)
@@ -134,11 +140,10 @@ def renumber_special_ids(config, new_id: dict[int, int]) -> None:
 def edit_configs(the_plan: SlicePlan, config, generation_config=None) -> None:
     """vocab_size, intermediate_size and the token ids of a config (and generation config) after the plan."""
     if the_plan.kept_token_ids is not None:
-        new_id = {old: new for new, old in enumerate(the_plan.kept_token_ids)}
         config.vocab_size = the_plan.vocab_after
         for c in (config, generation_config):
             if c is not None:
-                renumber_special_ids(c, new_id)
+                renumber_special_ids(c, the_plan.new_id)
     if the_plan.ffn_keep is not None:
         config.intermediate_size = the_plan.ffn_keep
 
@@ -158,7 +163,7 @@ def slice_model(model: nn.Module, kept_token_ids=None, kept_channels=None) -> Sl
             module.num_embeddings = module.weight.shape[0]
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     if the_plan.kept_token_ids is not None and embedding.padding_idx is not None:
-        embedding.padding_idx = {old: new for new, old in enumerate(the_plan.kept_token_ids)}.get(embedding.padding_idx)
+        embedding.padding_idx = the_plan.new_id.get(embedding.padding_idx)
     if head is not None and the_plan.tied:
         head.weight = embedding.weight
         head.out_features = embedding.num_embeddings
