@@ -83,6 +83,22 @@ def _umask() -> int:
     return mask
 
 
+@contextmanager
+def _flock(folder: Path, wait: bool = True):
+    """Hold an exclusive flock on `folder` for the block; yields False, holding nothing, when `wait` is False
+    and a live run holds it (the kernel drops a killed run's lock)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
+        except BlockingIOError:
+            held = False
+        yield held
+    finally:
+        os.close(fd)
+
+
 def remove_stale(out: Path) -> list[Path]:
     """Remove the staging folders that earlier runs into `out`'s parent left and no live process holds (killed
     runs, whatever their --out); warn, naming them."""
@@ -90,15 +106,11 @@ def remove_stale(out: Path) -> list[Path]:
     for path in sorted(out.parent.glob(".compact.*")):
         if not STAGE_NAME.fullmatch(path.name) or not path.is_dir() or path.is_symlink():
             continue  # only compact's own staging names
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # another run is writing it
-        finally:
-            os.close(fd)
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
+        with _flock(path, wait=False) as ours:
+            if not ours:
+                continue  # another run is writing it
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
     if removed:
         warnings.warn(f"removed {len(removed)} unfinished folder(s) that interrupted runs left in {out.parent} "
                       f"({', '.join(p.name for p in removed)})", stacklevel=2)
@@ -112,15 +124,13 @@ def staged_dir(out: Path, *, overwrite: bool):
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
     tmp = Path(tempfile.mkdtemp(prefix=_stage_prefix(out), suffix=".partial", dir=out.parent))
-    lock = os.open(tmp, os.O_RDONLY)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield tmp
-        (tmp / MARKER).write_text("written by compact; `--overwrite` may replace this folder\n")
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
-        _replace(tmp, out, overwrite)
+        with _flock(tmp):
+            yield tmp
+            (tmp / MARKER).write_text("written by compact; `--overwrite` may replace this folder\n")
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
+            _replace(tmp, out, overwrite)
     finally:
-        os.close(lock)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -134,13 +144,9 @@ def _replace(new: Path, out: Path, overwrite: bool) -> None:
         os.rename(new, out)
         return
     old = Path(tempfile.mkdtemp(prefix=_stage_prefix(out), suffix=".old", dir=out.parent))
-    lock = os.open(old, os.O_RDONLY)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent run's remove_stale leaves it alone while we swap
+    with _flock(old):  # a concurrent run's remove_stale leaves it alone while we swap
         os.rename(out, old / out.name)
         os.rename(new, out)
-    finally:
-        os.close(lock)
     shutil.rmtree(old, ignore_errors=True)
 
 
