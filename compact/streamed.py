@@ -22,6 +22,7 @@ The tokenizer and compact_report.json are not written here: `prune_streamed(...,
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -34,15 +35,28 @@ from .models import prefix_of
 
 # ------------------------------------------------------------------------------------------- writing
 
-def _configs(path: Path, config, the_plan: slicing.SlicePlan, dtype_name: str | None):
-    """config and generation config of the pruned checkpoint (the generation config read from the source)."""
+def _generation_config(path: Path, config):
+    """The source's generation config or, as `from_pretrained` does when there is none or it cannot be read
+    (then with a warning), one derived from config.json; None (with a warning) when none can be derived."""
     from transformers import GenerationConfig
 
+    if (path / "generation_config.json").is_file():
+        try:
+            return GenerationConfig.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            warnings.warn(f"{path / 'generation_config.json'} cannot be read ({' '.join(str(e).split())}); the "
+                          "pruned checkpoint gets one derived from config.json, as from_pretrained would", stacklevel=3)
     try:
-        generation = GenerationConfig.from_pretrained(path) if (path / "generation_config.json").is_file() \
-            else GenerationConfig.from_model_config(config)
-    except (OSError, ValueError, NotImplementedError):
-        generation = None
+        return GenerationConfig.from_model_config(config)
+    except (ValueError, NotImplementedError) as e:
+        warnings.warn(f"no generation config can be derived from {path / 'config.json'} ({e}); the pruned "
+                      "checkpoint is written without generation_config.json", stacklevel=3)
+        return None
+
+
+def _configs(path: Path, config, the_plan: slicing.SlicePlan, dtype_name: str | None):
+    """config and generation config of the pruned checkpoint."""
+    generation = _generation_config(path, config)
     slicing.edit_configs(the_plan, config, generation)
     if dtype_name is not None:
         config.dtype = dtype_name  # as save_pretrained records the weights' dtype

@@ -150,6 +150,23 @@ def test_one_axis_only(part, tmp_path):
     assert (sizes["intermediate_after"] == INTER) == (part == "vocabulary")
 
 
+def test_unreadable_generation_config_is_derived_as_in_memory(tmp_path):
+    """A damaged generation_config.json: like from_pretrained, the pruned checkpoint gets one derived from
+    config.json (the same renumbered token ids as the in-memory prune writes), and the streamed prune says so.
+    (transformers' own fallback differs in a few unrelated defaults, e.g. output_attentions None vs False.)"""
+    src = source("llama", tmp_path / "src", sharded=False)
+    (src / "generation_config.json").write_text("{broken")
+    model = build("llama")
+    ids, channels = kept_ids(model.config), kept_channels(model)
+    in_memory(src, tmp_path / "ref", ids, channels, torch.float32)
+    with pytest.warns(UserWarning, match="generation_config.json cannot be read"):
+        prune_streamed(src, tmp_path / "out", ids, channels, progress=False)
+    got, want = (json.loads((tmp_path / d / "generation_config.json").read_text()) for d in ("out", "ref"))
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert got.get(attr) == want.get(attr), f"{attr}: streamed {got.get(attr)}, in memory {want.get(attr)}"
+    assert got.get("bos_token_id") == ids.index(1), "the token ids were not renumbered"
+
+
 # ------------------------------------------------------------------------------------- atomic output, hooks
 
 def test_atomic_output_and_finish_hook(tmp_path):
