@@ -38,33 +38,6 @@ def copy_gbps() -> float:
     return 2 * x.numel() * 2 / ms / 1e6
 
 
-def precise_glu(g: torch.Tensor, u: torch.Tensor, act: str) -> torch.Tensor:
-    """act(g) * u with libdevice expf / tanhf and IEEE division, in torch's own formulas (a diagnostic: which
-    arithmetic matches torch bit for bit)."""
-    import triton
-    import triton.language as tl
-    from triton.language.extra import libdevice
-
-    @triton.jit
-    def kernel(g_ptr, u_ptr, h_ptr, N, ACT: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < N
-        x = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        if ACT == 0:
-            a = tl.math.div_rn(x, 1.0 + libdevice.exp(-x))
-        else:
-            inner = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
-            a = 0.5 * x * (1.0 + libdevice.tanh(inner))
-        a = a.to(h_ptr.dtype.element_ty).to(tl.float32)
-        y = (a * tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)).to(h_ptr.dtype.element_ty)
-        tl.store(h_ptr + offs, y, mask=m)
-
-    out = torch.empty_like(g)
-    kernel[(triton.cdiv(g.numel(), 1024),)](g, u, out, g.numel(), ACT=0 if act == "silu" else 1, BLOCK=1024,
-                                            enable_fp_fusion=False)
-    return out
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
@@ -110,14 +83,13 @@ def main(argv=None) -> int:
         for act, ref in (("silu", F.silu), ("gelu_tanh", lambda x: F.gelu(x, approximate="tanh"))):
             gg, uu = g.to(dtype), u.to(dtype)
             want = ref(gg) * uu
-            for how, got in (("glu_and_score", scores.glu_and_score(gg, uu, activation=act)),
-                             ("libdevice+div_rn", precise_glu(gg, uu, act))):
-                diff = int((got != want).sum())
-                worst = (got.float() - want.float()).abs().max().item()
-                print(f"bit-exact vs torch {act}(gate) * up, {str(dtype)[6:]}, {how}: {diff} of {got.numel()} "
-                      f"elements differ (max |diff| {worst:.3g})")
-                rows.append(dict(op=f"exact_{act}_{str(dtype)[6:]}", config=how, ms=0, gbps=0, pct_copy=0,
-                                 ratio_to_act_mul=0, note=f"{diff} differ of {got.numel()}"))
+            got = scores.glu_and_score(gg, uu, activation=act)
+            diff = int((got != want).sum())
+            worst = (got.float() - want.float()).abs().max().item()
+            print(f"bit-exact vs torch {act}(gate) * up, {str(dtype)[6:]}: {diff} of {got.numel()} elements differ "
+                  f"(max |diff| {worst:.3g})")
+            rows.append(dict(op=f"exact_{act}_{str(dtype)[6:]}", config="glu_and_score", ms=0, gbps=0, pct_copy=0,
+                             ratio_to_act_mul=0, note=f"{diff} differ of {got.numel()}"))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "sweep_scores.csv"
     with path.open("w", newline="") as f:
