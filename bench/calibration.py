@@ -1,8 +1,9 @@
 """End-to-end calibration: `compact.score_channels` against the hook-based scoring users write today.
 
-The baseline ("hooks_full_forward") is what a user writes without this package: a full `model(...)` forward
-(LM head and logits included, default arguments) under `torch.no_grad()`, with a forward pre-hook on every
-`down_proj` that adds `(h.float()**2 * w[..., None]).sum((0, 1))` (float32 per batch) into a float64 total.
+The baseline ("hooks_full_forward", tests/hook_baseline.py, also the tests' reference) is what a user writes
+without this package: a full `model(...)` forward (LM head and logits included, default arguments) under
+`torch.no_grad()`, with a forward pre-hook on every `down_proj` that adds `(h.float()**2 * w[..., None]).sum((0, 1))`
+(float32 per batch) into a float64 total.
 `score_channels` runs the decoder only, stops after the last MLP, and scores inside the MLP.
 
 Both run on the same model (real configs, random weights, seeded), the same token ids and weights (kept
@@ -55,6 +56,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from tests.hook_baseline import hook_scores
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("hooks_full_forward", "score_channels")
@@ -162,33 +165,6 @@ def make_data(vocab: int, samples: int, seq_len: int, device: str):
 
 
 # ---------------------------------------------------------------------------------------------- variants
-
-def hook_scores(model, ids, mask, table, batch_size: int) -> dict[str, torch.Tensor]:
-    """The baseline users write: full model(...) forwards with forward pre-hooks on every down_proj."""
-    layers = model.model.layers
-    totals = {f"model.layers.{i}.mlp": torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64,
-                                                   device=ids.device) for i, layer in enumerate(layers)}
-    state = {}
-
-    def hook_for(name):
-        def hook(module, args):
-            h = args[0]
-            totals[name] += (h.float() ** 2 * state["w"][..., None]).sum((0, 1))
-        return hook
-
-    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook_for(f"model.layers.{i}.mlp"))
-               for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            for start in range(0, ids.shape[0], batch_size):
-                x, m = ids[start:start + batch_size], mask[start:start + batch_size]
-                state["w"] = table[x] * m
-                model(input_ids=x, attention_mask=m)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return totals
-
 
 def ours(model, ids, mask, kept, batch_size: int) -> dict[str, torch.Tensor]:
     from compact.scoring import score_channels

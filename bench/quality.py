@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from compact import cli, evaluate, loading, pipeline, vocab
+from compact.data import CalibOptions, Calibration
 from compact.tokenizer import prune_tokenizer
 from compact.criteria import CRITERIA
 
@@ -133,9 +134,8 @@ class Runner:
         """What `compact eval MODEL --data DATA --samples S --seq-len L --batch-size B` computes, as a dict."""
         argv = ["eval", model, "--data", data, "--samples", samples, "--seq-len", seq_len, "--batch-size", batch]
         loaded = loading.load(str(model), dtype="float32", device="cpu")
-        ids = pipeline.calibrate(loaded, pipeline.CalibOptions(str(data), samples, seq_len), progress=False)
-        result = evaluate.evaluate(loaded.model, ids.input_ids, ids.attention_mask, tokenizer=loaded.tokenizer,
-                                   batch_size=batch, progress=False)
+        ids = pipeline.calibrate(loaded, CalibOptions(str(data), samples, seq_len), progress=False)
+        result = evaluate.evaluate(loaded.model, ids, tokenizer=loaded.tokenizer, batch_size=batch, progress=False)
         return result, self.show(argv)
 
 
@@ -206,10 +206,10 @@ def part_a(cfg: Config, run: Runner) -> tuple[list[dict], list[str]]:
     # file); each gives a second metric: bits per token over the held-out positions whose input and target
     # token it keeps (the distribution common act^2 optimises for), the vocabulary itself left whole.
     source = loading.load(str(ckpt), dtype="float32", device="cpu")
-    counts = pipeline.token_counts(source, pipeline.CalibOptions(str(calib), n, length), progress=False)
+    counts = pipeline.token_counts(source, CalibOptions(str(calib), n, length), progress=False)
     inside = {}
     for order, keep in cfg.a_weight_vocab:
-        kept = pipeline.kept_vocabulary(source, keep, order=order, counts=counts)
+        kept = vocab.kept_vocabulary(source.model, source.tokenizer, keep, order=order, counts=counts)
         is_kept = torch.isin(held, torch.tensor(kept))
         inside[f"bits_per_token_in_{order}_{keep}"] = is_kept[:, :-1] & is_kept[:, 1:]
     extra_fields = list(inside)
@@ -296,8 +296,10 @@ def part_a(cfg: Config, run: Runner) -> tuple[list[dict], list[str]]:
             return None, float("nan"), coverage, "no held-out row starts with two kept tokens: nothing to evaluate"
         loaded = loading.load(str(out), dtype="float32", device="cpu")
         ids = pipeline.renumber(held, mask, kept, 512, "held-out")
-        result = evaluate.evaluate(loaded.model, ids, mask, batch_size=16, progress=False)
-        same = evaluate.evaluate(model, held, mask, batch_size=16, progress=False)["bits_per_token"]
+        result = evaluate.evaluate(loaded.model, Calibration(ids, mask, "held-out prefixes, renumbered"),
+                                   batch_size=16, progress=False)
+        same = evaluate.evaluate(model, Calibration(held, mask, "held-out prefixes"), batch_size=16,
+                                 progress=False)["bits_per_token"]
         note = (f"held-out rows cut at their first dropped token ({int(inside.all(1).sum())} of {n} rows whole, "
                 f"{result['tokens']} predicted tokens); evaluated in process like compact eval with that mask; "
                 f"base_metric_same_data = unpruned model on the same positions")

@@ -25,17 +25,25 @@ class Accounting:
     fixed: int
     per_row: int
     per_channel: int
-    forced_rows: int  # rows kept whatever N (specials, byte tokens)
-    regular: int
     intermediate: int
 
-    def parameters(self, vocab_keep: int, ffn_keep: int) -> int:
-        return self.fixed + (vocab_keep + self.forced_rows) * self.per_row + ffn_keep * self.per_channel
+    def parameters(self, rows: int, ffn_keep: int) -> int:
+        return self.fixed + rows * self.per_row + ffn_keep * self.per_channel
+
+
+@dataclass
+class VocabCurve:
+    """What a vocabulary cut keeps, for every `--vocab-keep` N in 0..regular: the embedding rows (the cut, plus
+    every row kept whatever N) and the share of calibration tokens dropped."""
+
+    rows: torch.Tensor  # [regular + 1] int64, nondecreasing
+    token_loss: torch.Tensor  # [regular + 1] float64
 
 
 @dataclass
 class Candidate:
     vocab_keep: int
+    vocab_rows: int
     ffn_keep: int
     parameters: int
     fraction: float
@@ -47,14 +55,20 @@ class Candidate:
         return self.token_loss + self.score_loss
 
 
-def accounting(model, regular: int, forced_rows: int) -> Accounting:
+def accounting(model) -> Accounting:
     counts = models.parameter_counts(model)
     rows = model.get_input_embeddings().num_embeddings
     intermediate = models.intermediate_size(model)
     vocab_params = counts["embedding"] + counts["head"]
     fixed = counts["total"] - vocab_params - counts["ffn"]
-    return Accounting(counts["total"], fixed, vocab_params // rows, counts["ffn"] // intermediate,
-                      forced_rows, regular, intermediate)
+    return Accounting(counts["total"], fixed, vocab_params // rows, counts["ffn"] // intermediate, intermediate)
+
+
+def vocab_curve(counts: torch.Tensor, keep_ids: list[int], prefix: list[int], base_rows: int) -> VocabCurve:
+    """The curve of a cut that keeps the first `prefix[N]` of `keep_ids` (regular ids, compact.vocab.keep_curve)
+    plus `base_rows` rows that are never cut (special and added tokens)."""
+    prefix = torch.as_tensor(prefix, dtype=torch.long)
+    return VocabCurve(prefix + base_rows, token_loss_curve(counts, keep_ids)[prefix])
 
 
 RULE = ("keep the target fraction of parameters; among the splits that do, take the least "
@@ -84,24 +98,28 @@ def score_loss_curve(scores: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack(curves).mean(0)
 
 
-def plan(acc: Accounting, target: float, token_curve: torch.Tensor, scores: dict[str, torch.Tensor],
+def plan(acc: Accounting, target: float, vocab: VocabCurve, scores: dict[str, torch.Tensor],
          multiple: int = 64) -> tuple[Candidate, list[Candidate]]:
-    """(choice, candidates): the splits within 1% of `target` and the least costly of them."""
+    """(choice, candidates): for each FFN size, the largest vocabulary cut whose rows fit the rest of the budget,
+    if that lands within 1% of `target`; the choice is the least costly of them."""
     if not 0 < target <= 1:
         raise ValueError(f"--target-params must be in (0, 1], got {target}")
     budget = target * acc.total
     score_curve = score_loss_curve(scores)
     candidates = []
     for ffn_keep in range(acc.intermediate, 0, -multiple):
-        vocab_keep = int((budget - acc.fixed - ffn_keep * acc.per_channel) // acc.per_row) - acc.forced_rows
-        vocab_keep = min(vocab_keep, acc.regular)
-        params = acc.parameters(vocab_keep, ffn_keep)
-        if vocab_keep < 1 or abs(params / acc.total - target) > 0.01:
+        room = (budget - acc.fixed - ffn_keep * acc.per_channel) // acc.per_row
+        vocab_keep = int(torch.searchsorted(vocab.rows, torch.tensor([int(room)]), right=True)) - 1
+        if vocab_keep < 1:
+            continue
+        rows = int(vocab.rows[vocab_keep])
+        params = acc.parameters(rows, ffn_keep)
+        if abs(params / acc.total - target) > 0.01:
             continue  # no vocabulary size lands this FFN size within 1% of the target
-        candidates.append(Candidate(vocab_keep, ffn_keep, params, params / acc.total,
-                                    float(token_curve[vocab_keep]), float(score_curve[ffn_keep])))
+        candidates.append(Candidate(vocab_keep, rows, ffn_keep, params, params / acc.total,
+                                    float(vocab.token_loss[vocab_keep]), float(score_curve[ffn_keep])))
     if not candidates:
-        smallest = acc.parameters(1, multiple) / acc.total
+        smallest = acc.parameters(int(vocab.rows[1]), multiple) / acc.total
         raise ValueError(f"--target-params {target} cannot be met within 1%: splits keep between "
                          f"{smallest:.1%} and 100% of the parameters in steps too coarse here "
                          f"(try a smaller --ffn-multiple)")

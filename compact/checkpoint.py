@@ -1,6 +1,7 @@
 """Checkpoint files: the safetensors shards of a Hugging Face model directory, read tensor by tensor, the model's
-meta-device skeleton, and a shard writer that streams tensors out. Used by layer-streamed scoring
-(`compact.layerwise`) and streamed pruning (`compact.streamed`); depends on no other stage."""
+meta-device skeleton, and a shard writer that writes tensors out one at a time. Used by `--offload layerwise`:
+layerwise scoring (`compact.layerwise`) and layerwise slicing (`compact.layerwise_slicing`); depends on no other
+stage."""
 from __future__ import annotations
 
 import json
@@ -53,7 +54,7 @@ class ShardWriter:
         offset, self.expected = 0, []
         for name, dtype, shape in entries:
             if dtype not in DTYPES:
-                raise ValueError(f"{name}: dtype {dtype} is not supported by the streamed writer")
+                raise ValueError(f"{name}: dtype {dtype} is not supported by the shard writer")
             size = nbytes(dtype, shape)
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
             self.expected.append((name, DTYPES[dtype], tuple(shape)))
@@ -143,7 +144,7 @@ def checkpoint_files(model_dir: Path) -> dict[str, Path]:
     if single.is_file():
         return {name: single for name in _shard_names(single)}
     raise FileNotFoundError(
-        f"{model_dir} has neither {INDEX_NAME} nor {SINGLE_NAME}: layer-streamed loading needs safetensors "
+        f"{model_dir} has neither {INDEX_NAME} nor {SINGLE_NAME}: --offload layerwise needs safetensors "
         "(re-save a .bin checkpoint with save_pretrained(safe_serialization=True))")
 
 

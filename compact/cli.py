@@ -29,10 +29,12 @@ def _positive_int(text: str) -> int:
 
 
 def _ffn_keep(text: str) -> str:
+    from .selection import parse_ffn_keep
+
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a channel count or a ratio in (0, 1], got {text!r}") from None
+        value = parse_ffn_keep(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--ffn-keep ")) from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive (a count or a ratio in (0, 1]), got {text}")
     return text
@@ -97,12 +99,8 @@ def _calib_options(p: argparse.ArgumentParser, flag: str = "--calib", required: 
     p.add_argument("--calib-dtype", choices=["uint16", "uint32"], help="token dtype of a .bin memmap")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="compact", description="COMPACT pruning of LLM vocabularies and FFN channels.")
-    p.add_argument("--version", action="version", version=f"compact {__version__}")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-
+def _score_command(sub) -> None:
+    """The `compact score` subcommand and its options."""
     s = sub.add_parser("score", help="common act^2 per FFN channel -> a scores file")
     _model_options(s)
     _calib_options(s, required=True)
@@ -115,11 +113,14 @@ def _parser() -> argparse.ArgumentParser:
     _run_options(s)
     s.set_defaults(func=_cmd_score)
 
+
+def _prune_command(sub) -> None:
+    """The `compact prune` subcommand and its options."""
     r = sub.add_parser("prune", help="prune vocabulary and/or FFN channels -> a standard checkpoint")
     _model_options(r)
     r.add_argument("--out", required=True, type=Path, help="output directory (refused if not empty, unless --overwrite)")
     r.add_argument("--vocab-keep", type=_positive_int, help="regular tokens to keep (the N lowest ids) plus specials; byte tokens always stay")
-    r.add_argument("--ffn-keep", type=_ffn_keep, help="FFN channels to keep per layer: a count, or a ratio in (0, 1]")
+    r.add_argument("--ffn-keep", type=_ffn_keep, help="FFN channels to keep per layer: a count (128, or 1ch for one), or a ratio in (0, 1] (0.5; 1.0 keeps all)")
     r.add_argument("--ffn-multiple", type=_positive_int, default=64, help="round a --ffn-keep ratio to this (default 64)")
     r.add_argument("--target-params", type=_fraction, metavar="F",
                    help="keep this fraction of the parameters; the split between vocabulary and FFN is planned")
@@ -132,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     _run_options(r)
     r.set_defaults(func=_cmd_prune)
 
+
+def _plan_command(sub) -> None:
+    """The `compact plan` subcommand and its options."""
     n = sub.add_parser("plan", help="print the vocabulary/FFN splits weighed for --target-params, and the choice")
     _model_options(n)
     _calib_options(n, required=True)
@@ -140,6 +144,9 @@ def _parser() -> argparse.ArgumentParser:
     _vocab_options(n)
     n.set_defaults(func=_cmd_plan)
 
+
+def _eval_command(sub) -> None:
+    """The `compact eval` subcommand and its options."""
     e = sub.add_parser("eval", help="held-out NLL / perplexity, parameter counts, memory, optional tokens/s",
                        description="Exit status 1 when some --compare models could not be evaluated (the table "
                                    "says why), 2 when none could.")
@@ -151,11 +158,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="also measure prefill and decode tokens/s (one warm-up, then the median of 5 runs)")
     e.set_defaults(func=_cmd_eval)
 
+
+def _demo_command(sub) -> None:
+    """The `compact demo` subcommand and its options."""
     d = sub.add_parser("demo", help="the whole job on an embedded default model and text (20-35 s on a 2-core CPU)")
     d.add_argument("--out", type=Path, default=Path("demo_out"), help="where the pruned demo model goes (default demo_out)")
     d.add_argument("--quiet", action="store_true", help="print only the results table")
     d.set_defaults(func=_cmd_demo)
 
+
+def _check_command(sub) -> None:
+    """The `compact check` subcommand and its options."""
     c = sub.add_parser("check", help="run every kernel against its plain-torch reference and print a table")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
                    help="dtype of the test tensors (default bfloat16)")
@@ -164,6 +177,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="instead: compile every kernel variant ahead of time for sm_80 and sm_90 (no GPU needed) and "
                         "print registers, spills, 16-byte loads and 64-bit divisions")
     c.set_defaults(func=_cmd_check)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="compact", description="COMPACT pruning of LLM vocabularies and FFN channels.")
+    p.add_argument("--version", action="version", version=f"compact {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    for add in (_score_command, _prune_command, _plan_command, _eval_command, _demo_command, _check_command):
+        add(sub)
     return p
 
 
@@ -185,9 +207,20 @@ def _progress(args) -> bool | None:
 
 
 def _calib(args):
-    from .pipeline import CalibOptions
+    from .data import CalibOptions
 
     return CalibOptions(args.calib, args.samples, args.seq_len, args.calib_dtype)
+
+
+def _options(args, **fields):
+    """PruneOptions from the arguments this command has, plus `fields`."""
+    from dataclasses import fields as dataclass_fields
+
+    from .pipeline import PruneOptions
+
+    names = {f.name for f in dataclass_fields(PruneOptions)} - {"progress", "check_batches"}
+    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return PruneOptions(**{**given, "progress": _progress(args), **fields})
 
 
 def _cmd_score(args) -> int:
@@ -195,26 +228,22 @@ def _cmd_score(args) -> int:
 
     output.check_destination(args.out, overwrite=args.overwrite, protected=loading.locate(args.model), kind="file")
     loaded = _load(args)
-    calib = pipeline.calibrate(loaded, _calib(args), _progress(args))
-    counts = pipeline.token_counts(loaded, _calib(args), _progress(args)) if args.vocab_order == "frequency" else None
-    always = _always(args)
-    kept = pipeline.kept_vocabulary(loaded, args.vocab_keep, order=args.vocab_order, counts=counts, always=always)
-    opts = pipeline.PruneOptions(batch_size=args.batch_size, check=args.check, progress=_progress(args),
-                                 ffn_criterion=args.ffn_criterion, seed=args.seed)
     run = _run(args)
     resumed = runs.resume_point(run)
-    scores, check = pipeline.compute_scores(loaded, calib, kept, opts, run)
+    plan = pipeline.decide(loaded, _options(args), _calib(args), run, upto="scoring")
     if runs.distributed()[0] != 0:
         return 0  # rank 0 writes
-    meta = {"model": loaded.source, "calibration": calib.source, "vocab_keep": str(args.vocab_keep),
+    source = plan.calibration.source if plan.calibration else None
+    meta = {"model": loaded.source, "calibration": str(source), "vocab_keep": str(args.vocab_keep),
             "vocab_order": args.vocab_order, "ffn_criterion": args.ffn_criterion, "compact": __version__,
             "resumed_from_batch": str(resumed), **models.fingerprint(loaded.model.config)}
-    output.save_scores(scores, args.out, meta, overwrite=args.overwrite)
+    output.save_scores(plan.scores, args.out, meta, overwrite=args.overwrite)
     if not args.quiet:
-        print(f"scores for {len(scores)} layers x {next(iter(scores.values())).numel()} channels -> {args.out}")
-        print(f"calibration: {calib.source}")
-        if check:
-            print(f"check vs hooks: max relative difference {check['max_rel_diff']:.3g} (rtol {check['rtol']:g})")
+        print(f"scores for {len(plan.scores)} layers x {next(iter(plan.scores.values())).numel()} channels -> {args.out}")
+        print(f"calibration: {source}")
+        if plan.check:
+            print(f"check vs hooks: max relative difference {plan.check['max_rel_diff']:.3g} "
+                  f"(rtol {plan.check['rtol']:g})")
     return 0
 
 
@@ -230,22 +259,12 @@ def _run(args):
     return runs.RunOptions(f"{args.out}.ckpt", args.checkpoint_every or 0, args.resume, signature)
 
 
-def _always(args) -> list[str]:
-    from . import vocab
-
-    return vocab.read_always_file(args.vocab_always) if args.vocab_always else []
-
-
 def _cmd_plan(args) -> int:
     from . import pipeline, report
 
     loaded = _load(args)
-    calib = pipeline.calibrate(loaded, _calib(args), _progress(args))
-    counts = pipeline.token_counts(loaded, _calib(args), _progress(args))
-    opts = pipeline.PruneOptions(target_params=args.target_params, vocab_order=args.vocab_order,
-                                 ffn_multiple=args.ffn_multiple, batch_size=args.batch_size, progress=_progress(args))
-    _, _, plan = pipeline.plan_split(loaded, counts, pipeline.plain_scores(loaded, calib, opts), opts)
-    print(report.plan_summary(loaded.source, calib.source, plan))
+    plan = pipeline.decide(loaded, _options(args), _calib(args), upto="planning")
+    print(report.plan_summary(loaded.source, plan.calibration.source, plan.planner))
     return 0
 
 
@@ -257,12 +276,7 @@ def _cmd_prune(args) -> int:
     protected = loading.locate(args.model)
     output.check_destination(args.out, overwrite=args.overwrite, protected=protected)
     loaded = _load(args)
-    opts = pipeline.PruneOptions(
-        vocab_keep=args.vocab_keep, ffn_keep=args.ffn_keep, target_params=args.target_params,
-        vocab_order=args.vocab_order, vocab_always=args.vocab_always, ffn_multiple=args.ffn_multiple,
-        ffn_criterion=args.ffn_criterion, seed=args.seed, scores=args.scores, batch_size=args.batch_size,
-        check=args.check, overwrite=args.overwrite, progress=_progress(args))
-    result = pipeline.prune(loaded, args.out, opts, _calib(args), _run(args))
+    result = pipeline.prune(loaded, args.out, _options(args), _calib(args), _run(args))
     if not args.quiet:
         print(report.prune_summary(result, args.out))
     return 0
@@ -285,9 +299,9 @@ def _cmd_eval(args) -> int:
         try:
             loaded = _load(args, source)
             data = pipeline.calibrate(loaded, _calib(args), _progress(args))
-            results[source] = evaluate.evaluate(loaded.model, data.input_ids, data.attention_mask,
-                                                tokenizer=loaded.tokenizer, batch_size=args.batch_size,
-                                                measure_speed=args.speed, progress=_progress(args))
+            results[source] = evaluate.evaluate(loaded.model, data, tokenizer=loaded.tokenizer,
+                                                batch_size=args.batch_size, measure_speed=args.speed,
+                                                progress=_progress(args))
             data_source = data_source or data.source
         except Exception as e:  # noqa: BLE001 - one model's failure is a cell of the table, not the end
             if args.debug or len(sources) == 1:

@@ -22,12 +22,12 @@ def check_criterion(name: str) -> None:
         raise ValueError(f"--ffn-criterion must be one of {', '.join(CRITERIA)}; got {name!r}")
 
 
-def activation_scores(model, input_ids, attention_mask, kept_ids, *, batch_size: int = 1,
-                      progress: bool | None = None, run: runs.RunOptions | None = None) -> tuple[dict, dict]:
-    """(common act^2, plain act^2) per MLP from one pass over the calibration data (sharded over torchrun
+def activation_scores(model, calib, kept_ids, *, batch_size: int = 1, progress: bool | None = None,
+                      run: runs.RunOptions | None = None) -> tuple[dict, dict]:
+    """(common act^2, plain act^2) per MLP from one pass over `calib` (a data.Calibration; sharded over torchrun
     ranks, checkpointed per `run`)."""
     scorer = ChannelScorer(model, keep_token_ids=kept_ids, plain=True)
-    runs.run(scorer, input_ids, attention_mask, batch_size=batch_size, progress=progress, opts=run)
+    runs.run(scorer, calib.input_ids, calib.attention_mask, batch_size=batch_size, progress=progress, opts=run)
     return scorer.scores, scorer.plain_scores
 
 

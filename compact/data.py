@@ -35,6 +35,17 @@ PAD_ID = 0  # padding in a short last row; attention_mask marks it, so any valid
 
 
 @dataclass
+class CalibOptions:
+    """Which calibration file to read and how much of it: up to `samples` rows of `seq_len` token ids
+    (`bin_dtype`: the id width of a .bin file)."""
+
+    path: str | None = None
+    samples: int = 16
+    seq_len: int = 2048
+    bin_dtype: str | None = None
+
+
+@dataclass
 class Calibration:
     """Packed calibration token ids, the padding mask (None when all ones) and where they came from."""
 
@@ -72,15 +83,15 @@ def pack_tokens(tokens, samples: int, seq_len: int) -> tuple[torch.LongTensor, t
     return input_ids.view(rows, seq_len), mask.view(rows, seq_len)
 
 
-def load_calibration(path, *, tokenizer=None, vocab_size: int, samples: int = 16, seq_len: int = 2048,
-                     bin_dtype: str | None = None, eos_id: int | None = None, text_field: str = "text",
-                     progress: bool | None = None) -> Calibration:
-    """Load up to ``samples`` rows of ``seq_len`` token ids from a calibration file (formats: module docstring).
+def load_calibration(opts: CalibOptions, *, tokenizer=None, vocab_size: int, eos_id: int | None = None,
+                     text_field: str = "text", progress: bool | None = None) -> Calibration:
+    """Load up to ``opts.samples`` rows of ``opts.seq_len`` token ids from the calibration file ``opts.path``
+    (formats: module docstring).
 
     Every id must lie in ``[0, vocab_size)``. ``progress`` shows a tqdm bar while tokenizing text
     (None: only on a terminal). Raises FileNotFoundError or ValueError with one line naming the file.
     """
-    path = Path(path)
+    path, samples, seq_len, bin_dtype = Path(opts.path), opts.samples, opts.seq_len, opts.bin_dtype
     if not path.is_file():
         raise FileNotFoundError(f"{path}: calibration file not found")
     if os.path.getsize(path) == 0:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import demo_text, evaluate, loading, output, pipeline, report
+from . import data, demo_text, evaluate, loading, output, pipeline, report
 
 MARKER = ".compact_demo"
 SEQ_LEN = 128
@@ -85,49 +85,17 @@ def run_demo(out: Path, quiet: bool = False) -> int:
     say = (lambda *a: None) if quiet else print
     start = time.perf_counter()
     train_texts, calib_texts, eval_texts = (demo_text.stories(n, seed) for n, seed in ((600, 1), (64, 2), (48, 3)))
-    tokenizer = train_tokenizer(train_texts)
-    say(f"[1/5] tokenizer: byte-level BPE, {len(tokenizer)} tokens, trained on {len(train_texts)} demo stories")
-    eos = tokenizer.eos_token_id
-    stream = [t for text in train_texts for t in tokenizer(text, add_special_tokens=False).input_ids + [eos]]
-    windows = torch.tensor(stream[: len(stream) // SEQ_LEN * SEQ_LEN]).view(-1, SEQ_LEN)
-    model = build_model(len(tokenizer), tokenizer.bos_token_id, eos)
-    train(model, windows, steps=150)
-    base = out / "base"
-    with output.staged_dir(base, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    model, tokenizer = _base_model(out, train_texts, say)
     calib_file = out / "calibration.txt"
     calib_file.write_text("\f".join(calib_texts))
-    say(f"[2/5] model: Llama, {sum(p.numel() for p in model.parameters()):,} parameters, trained 150 steps "
-        f"-> {base}")
-
-    regular = len(tokenizer) - 2
-    calib = pipeline.CalibOptions(str(calib_file), 16, SEQ_LEN)
-    random_scores = out / "random_scores.safetensors"
-    gen = torch.Generator().manual_seed(0)
-    output.save_scores({f"model.layers.{i}.mlp": torch.rand(384, generator=gen, dtype=torch.float64)
-                        for i in range(model.config.num_hidden_layers)}, random_scores, overwrite=True)
-    variants = {  # name: (vocab_keep, ffn_keep, scores file)
-        "vocab 90%": (regular * 9 // 10, None, None),
-        "FFN 75%, common act^2": (None, "0.75", None),
-        "FFN 75%, random channels": (None, "0.75", str(random_scores)),
-        "both (vocab 90%, FFN 75%)": (regular * 9 // 10, "0.75", None),
-    }
-    reports = {}
-    for i, (name, (vocab_keep, ffn_keep, scores)) in enumerate(variants.items()):
-        opts = pipeline.PruneOptions(vocab_keep=vocab_keep, ffn_keep=ffn_keep, scores=scores, check=scores is None,
-                                     batch_size=4, overwrite=True, progress=False)
-        reports[name] = pipeline.prune(loading.load(str(base), dtype="float32"), out / f"pruned_{i}", opts, calib)
-    both = out / f"pruned_{len(variants) - 1}"
-    check = reports["both (vocab 90%, FFN 75%)"]["checks"]["scores_vs_hooks"]
-    say(f"[3/5] pruned {len(variants)} ways by the CLI pipeline; fused scores vs forward hooks: "
-        f"max relative difference {check['max_rel_diff']:.2g} (rtol {check['rtol']:g})")
+    variants = _prune_variants(out, model, len(tokenizer) - 2, calib_file, say)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def reload(folder):
         return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
 
+    both = out / f"pruned_{len(variants) - 1}"
     pruned, pruned_tok = reload(both)
     prompt = pruned_tok("Ada and Ben carried", return_tensors="pt", add_special_tokens=False).input_ids
     sample = pruned.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=pruned_tok.eos_token_id)
@@ -144,3 +112,46 @@ def run_demo(out: Path, quiet: bool = False) -> int:
     print(report.format_table(("model", "parameters", "vocab", "FFN", "held-out tokens", "bits/byte"), rows))
     say(f"demo finished in {time.perf_counter() - start:.1f}s; files in {out}")
     return 0
+
+
+def _base_model(out: Path, train_texts: list[str], say):
+    """Steps 1-2: a byte-level BPE tokenizer and a small Llama trained on the demo stories, saved to out/base."""
+    tokenizer = train_tokenizer(train_texts)
+    say(f"[1/5] tokenizer: byte-level BPE, {len(tokenizer)} tokens, trained on {len(train_texts)} demo stories")
+    eos = tokenizer.eos_token_id
+    stream = [t for text in train_texts for t in tokenizer(text, add_special_tokens=False).input_ids + [eos]]
+    windows = torch.tensor(stream[: len(stream) // SEQ_LEN * SEQ_LEN]).view(-1, SEQ_LEN)
+    model = build_model(len(tokenizer), tokenizer.bos_token_id, eos)
+    train(model, windows, steps=150)
+    base = out / "base"
+    with output.staged_dir(base, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    say(f"[2/5] model: Llama, {sum(p.numel() for p in model.parameters()):,} parameters, trained 150 steps "
+        f"-> {base}")
+    return model, tokenizer
+
+
+def _prune_variants(out: Path, model, regular: int, calib_file: Path, say) -> dict:
+    """Step 3: out/base pruned four ways through the pipeline, into out/pruned_<i>; {name: (vocab, FFN, scores)}."""
+    calib = data.CalibOptions(str(calib_file), 16, SEQ_LEN)
+    random_scores = out / "random_scores.safetensors"
+    gen = torch.Generator().manual_seed(0)
+    output.save_scores({f"model.layers.{i}.mlp": torch.rand(384, generator=gen, dtype=torch.float64)
+                        for i in range(model.config.num_hidden_layers)}, random_scores, overwrite=True)
+    variants = {  # name: (vocab_keep, ffn_keep, scores file)
+        "vocab 90%": (regular * 9 // 10, None, None),
+        "FFN 75%, common act^2": (None, "0.75", None),
+        "FFN 75%, random channels": (None, "0.75", str(random_scores)),
+        "both (vocab 90%, FFN 75%)": (regular * 9 // 10, "0.75", None),
+    }
+    reports = {}
+    for i, (name, (vocab_keep, ffn_keep, scores)) in enumerate(variants.items()):
+        opts = pipeline.PruneOptions(vocab_keep=vocab_keep, ffn_keep=ffn_keep, scores=scores, check=scores is None,
+                                     batch_size=4, overwrite=True, progress=False)
+        reports[name] = pipeline.prune(loading.load(str(out / "base"), dtype="float32"), out / f"pruned_{i}", opts,
+                                       calib)
+    check = reports["both (vocab 90%, FFN 75%)"]["checks"]["scores_vs_hooks"]
+    say(f"[3/5] pruned {len(variants)} ways by the CLI pipeline; fused scores vs forward hooks: "
+        f"max relative difference {check['max_rel_diff']:.2g} (rtol {check['rtol']:g})")
+    return variants

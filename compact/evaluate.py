@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import memory, models
+from . import data, memory, models
 
 
 @torch.inference_mode()
@@ -88,11 +88,12 @@ def text_bytes(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     return total
 
 
-def evaluate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, tokenizer=None,
-             batch_size: int = 1, measure_speed: bool = False, progress: bool | None = None) -> dict:
-    """NLL per token, perplexity, bits per byte (with a tokenizer: fair across vocabularies) or per token,
-    parameter counts, weight bytes, the NLL pass's working memory and, with `measure_speed`, prefill/decode
-    tokens/s."""
+def evaluate(model, calib: data.Calibration, *, tokenizer=None, batch_size: int = 1, measure_speed: bool = False,
+             progress: bool | None = None) -> dict:
+    """NLL per token over `calib`, perplexity, bits per byte (with a tokenizer: fair across vocabularies) or
+    per token, parameter counts, weight bytes, the NLL pass's working memory and, with `measure_speed`,
+    prefill/decode tokens/s."""
+    input_ids, attention_mask = calib.input_ids, calib.attention_mask
     device = model.get_input_embeddings().weight.device
     with memory.work_memory(device) as used:
         total, count = nll(model, input_ids, attention_mask, batch_size=batch_size, progress=progress)

@@ -1,4 +1,4 @@
-"""Layer-streamed calibration (`--offload layerwise`): common act^2 scores without ever holding the model.
+"""Layerwise calibration (`--offload layerwise`): common act^2 scores without ever holding the model.
 
 `score_layerwise` builds the model skeleton on the `meta` device from its config, then materializes one piece
 at a time from the safetensors shards (read lazily with `safetensors.safe_open`):
@@ -17,7 +17,8 @@ at a time from the safetensors shards (read lazily with `safetensors.safe_open`)
 Peak memory: one layer + the hidden states (+ the embedding, during step 1 only). The final norm and the LM
 head are never loaded. Scores equal `compact.scoring.score_channels` on the loaded model (same batch size;
 bit-identical in the tests). Measured on the CPU (tests/test_layerwise.py): a 16-layer fp32 Llama of 258 MiB
-(16 MiB per layer), 4 sequences of 32-128 tokens: peak RSS 47-55 MiB above the baseline layer-streamed, 259-293 MiB in memory.
+(16 MiB per layer), 4 sequences of 32-128 tokens: peak RSS 47-55 MiB above the baseline layerwise, 259-293 MiB
+loaded whole.
 
 Arithmetic for Llama-3.1-70B (80 layers, hidden 8192, intermediate 28672, 64/8 heads of 128, vocab 128256,
 untied head) -- ARITHMETIC, NOT MEASURED:
@@ -28,7 +29,7 @@ untied head) -- ARITHMETIC, NOT MEASURED:
   parameters = 141.1 GB bf16: more than an 80 GB H100, and an H200 (141 GB) has no room left for activations.
 - hidden states for 16 x 2048 = 32,768 tokens: 32768 x 8192 x 2 B = 0.54 GB (512 MiB) bf16. Per batch of one
   2048-token sequence the MLP's gate/up/h are 3 x 2048 x 28672 x 2 B = 0.35 GB.
-- layer-streamed peak on the GPU: ~1.7 GB layer + 0.54 GB hidden states + ~0.5 GB activations (+ the 2.1 GB
+- layerwise peak on the GPU: ~1.7 GB layer + 0.54 GB hidden states + ~0.5 GB activations (+ the 2.1 GB
   embedding during step 1 only): ~3-5 GB instead of > 141 GB.
 - compute: 2 x 68.45e9 (layer parameters) x 32,768 tokens = 4.5e15 FLOP (+2-4% for the attention scores at 2048).
   At the H100/H200 dense bf16 peak of ~989 TFLOP/s that is 4.5 s; at a realistic 50-60% ~8-9 s.
@@ -43,6 +44,7 @@ untied head) -- ARITHMETIC, NOT MEASURED:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,7 +55,7 @@ from . import loading, models
 from .checkpoint import open_checkpoint, read_tensors
 from .models import prefix_of
 from .memory import trim_host_memory
-from .scoring import ChannelScorer
+from .scoring import ChannelScorer, ScoringOptions
 
 # ------------------------------------------------------------------------------------------- materializing
 
@@ -66,7 +68,7 @@ def materialize(module: nn.Module, prefix: str, files: dict[str, Path], device, 
     if missing:
         some = ", ".join(sorted(files)[:4])
         raise ValueError(f"the checkpoint lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
-                       f"(it holds e.g. {some}); layer-streamed loading needs the standard tensor names")
+                       f"(it holds e.g. {some}); --offload layerwise needs the standard tensor names")
     module.to_empty(device=device)
     targets = dict(module.named_parameters())
     targets.update(module.named_buffers())
@@ -91,7 +93,7 @@ def materialize(module: nn.Module, prefix: str, files: dict[str, Path], device, 
             for n, buf in buffers.items():
                 if buf.is_floating_point() and torch.isnan(buf).any():
                     raise RuntimeError(f"{prefix}{sub_name + '.' if sub_name else ''}{n}: this model's _init_weights "
-                                       f"does not set this non-persistent buffer; layer-streamed loading cannot "
+                                       f"does not set this non-persistent buffer; --offload layerwise cannot "
                                        f"rebuild it ({type(sub).__name__})")
 
 
@@ -147,55 +149,79 @@ def _auto_hidden_device(device: torch.device, hidden_bytes: int, layer_bytes: in
 
 # ------------------------------------------------------------------------------------------- scoring
 
-def score_layerwise(model_dir, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                    keep_token_ids=None, token_weights=None, batch_size: int = 1, device="cpu",
-                    dtype: torch.dtype = torch.float32, hidden_device=None, backend: str = "auto",
-                    progress: bool | None = None) -> dict[str, torch.Tensor]:
+@dataclass
+class Placement:
+    """Where `score_layerwise` computes: `device`, in `dtype` (checkpoint tensors are cast to it, as
+    from_pretrained(dtype=...) does); `hidden_device` holds the hidden states between layers (None: the
+    compute device when they fit, else the CPU)."""
+
+    device: str | torch.device = "cpu"
+    dtype: torch.dtype = torch.float32
+    hidden_device: str | torch.device | None = None
+
+
+def score_layerwise(model_dir, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    options: ScoringOptions | None = None,
+                    placement: Placement | None = None) -> dict[str, torch.Tensor]:
     """{"model.layers.{i}.mlp": float64 [I]} like `compact.scoring.score_channels`, loading one layer at a time.
 
-    `model_dir`: a Hugging Face directory with safetensors (or a cached hub id). `hidden_device`: where the
-    hidden states wait between layers; None = the compute device when they fit, else the CPU (the per-batch
-    masks and rotary tables stay on the compute device). `dtype`: the compute dtype (checkpoint tensors are
-    cast to it, as from_pretrained(dtype=...) does). `backend`: as in `score_channels`. Scores are returned
-    on the compute device; they equal `score_channels` on the loaded model with the same `batch_size`.
+    `model_dir`: a Hugging Face directory with safetensors (or a cached hub id). `options`: the token weighting,
+    batch size, scoring path and progress bar, as `score_channels` takes them. The per-batch masks and rotary
+    tables stay on the compute device. Scores are returned on the compute device; they equal `score_channels`
+    on the loaded model with the same batch size.
     """
-
+    options, placement = options or ScoringOptions(), placement or Placement()
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [sequences, length], got shape {tuple(input_ids.shape)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if options.batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {options.batch_size}")
     path = loading.locate(str(model_dir))
-    config, files, model = open_checkpoint(path, "layer-streamed scoring", model_dir, dtype)
-    device = torch.device(device)
-    decoder = models.decoder_of(model)
+    config, files, model = open_checkpoint(path, "layerwise scoring", model_dir, placement.dtype)
+    device, decoder = torch.device(placement.device), models.decoder_of(model)
     prefix = prefix_of(model, decoder)
-    layers = decoder.layers
-    show = None if progress is None else not progress
 
-    # 1. embedding + small decoder modules; record every layer's inputs, batch by batch.
+    # 1. embedding + small decoder modules (rotary embeddings); record every layer's inputs, batch by batch.
     small = [(name, child) for name, child in decoder.named_children() if name not in ("layers", "norm")]
     for name, child in small:
         materialize(child, f"{prefix}{name}.", files, device, decoder)
-    scorer = ChannelScorer(model, keep_token_ids=keep_token_ids, token_weights=token_weights, backend=backend)
-    starts = range(0, input_ids.shape[0], batch_size)
-    item = torch.empty((), dtype=dtype).element_size()
-    hidden_bytes = input_ids.numel() * config.hidden_size * item
+    # created with the embedding in place: its keep table and sums live on the compute device
+    scorer = ChannelScorer(model, keep_token_ids=options.keep_token_ids, token_weights=options.token_weights,
+                           backend=options.path)
+    hidden_device = placement.hidden_device
     if hidden_device is None:
-        hidden_device = _auto_hidden_device(device, hidden_bytes, _layer_bytes(layers[0]))
-    hidden_device = torch.device(hidden_device)
-    batches = []  # per batch: [ids, mask, hidden, per-layer (args, kwargs)]
-    with torch.inference_mode():
-        for start in starts:
-            ids = input_ids[start:start + batch_size].to(device)
-            mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
-            hidden, per_layer = _record_inputs(decoder, ids, mask)
-            batches.append([ids, mask, hidden.to(hidden_device), per_layer])
+        item = torch.empty((), dtype=placement.dtype).element_size()
+        hidden_bytes = input_ids.numel() * config.hidden_size * item
+        hidden_device = _auto_hidden_device(device, hidden_bytes, _layer_bytes(decoder.layers[0]))
+    batches = _record_batches(decoder, input_ids, attention_mask, options.batch_size, device,
+                              torch.device(hidden_device))
     for _, child in small:
         release(child)
 
     # 2. one layer at a time.
+    return _score_layers(scorer, files, batches, device, options.progress)
+
+
+def _record_batches(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    batch_size: int, device: torch.device, hidden_device: torch.device) -> list[list]:
+    """Per batch: [ids, mask, layer-0 hidden states (on `hidden_device`), per-layer (args, kwargs)]."""
+    batches = []
+    with torch.inference_mode():
+        for start in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[start:start + batch_size].to(device)
+            mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
+            hidden, per_layer = _record_inputs(decoder, ids, mask)
+            batches.append([ids, mask, hidden.to(hidden_device), per_layer])
+    return batches
+
+
+def _score_layers(scorer: ChannelScorer, files: dict[str, Path], batches: list[list], device: torch.device,
+                  progress: bool | None) -> dict[str, torch.Tensor]:
+    """Load each layer in turn, run every batch through it (scoring its MLP), keep its output, free it."""
+    decoder = models.decoder_of(scorer.model)
+    prefix, layers = prefix_of(scorer.model, decoder), decoder.layers
     with scorer, torch.inference_mode():
-        for i in tqdm(range(len(layers)), desc="layers", unit="layer", disable=show):
+        for i in tqdm(range(len(layers)), desc="layers", unit="layer",
+                      disable=None if progress is None else not progress):
             layer = layers[i]
             materialize(layer, f"{prefix}layers.{i}.", files, device, decoder)
             for batch in batches:
@@ -204,6 +230,6 @@ def score_layerwise(model_dir, input_ids: torch.Tensor, attention_mask: torch.Te
                 scorer.set_batch(ids, mask)
                 out = layer(hidden.to(device), *args, **kwargs)
                 out = out[0] if isinstance(out, tuple) else out
-                batch[2] = out.to(hidden_device) if i + 1 < len(layers) else None
+                batch[2] = out.to(hidden.device) if i + 1 < len(layers) else None
             release(layer)
     return scorer.scores

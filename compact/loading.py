@@ -23,7 +23,7 @@ class Loaded:
     tokenizer: object | None
     source: str
     report: dict | None = None  # compact_report.json of a checkpoint this package pruned
-    device: str = "cpu"  # where computation runs (a skeleton's weights are on "meta" until streamed in)
+    device: str = "cpu"  # where computation runs (a skeleton's weights stay on "meta": --offload layerwise)
 
     @property
     def offloaded(self) -> bool:
@@ -117,11 +117,11 @@ def _check_loading_info(source: str, info: dict) -> None:
 def load_skeleton(source: str, *, dtype: str = "auto", device: str | None = None,
                   trust_remote_code: bool = False) -> Loaded:
     """MODEL without its weights (on the meta device), with tokenizer and report: enough to prepare data and
-    choose the vocabulary for layer-streamed scoring and streamed pruning, which read the weights themselves."""
+    choose the vocabulary for `--offload layerwise`, whose scoring and slicing read the weights themselves."""
     path, device = locate(source), resolve_device(device)
     if path.is_file():
-        raise ValueError(f"model {source!r}: layer-streamed scoring and streamed pruning need a Hugging Face "
-                         "safetensors directory, not a llama2.c checkpoint (it is small: drop the option)")
+        raise ValueError(f"model {source!r}: --offload layerwise needs a Hugging Face safetensors directory, "
+                         "not a llama2.c checkpoint (it is small: drop the option)")
     model = checkpoint.skeleton(_config(path, trust_remote_code), resolve_dtype(dtype, device))
     return _with_extras(model, path, trust_remote_code, device)
 

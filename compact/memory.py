@@ -1,6 +1,6 @@
 """Memory figures of this process: resident set size and its peak (Linux /proc), the GPU allocator's peak, and
-handing freed heap pages back to the system (glibc malloc_trim). Used by evaluation, layer streaming and the
-benchmarks."""
+handing freed heap pages back to the system (glibc malloc_trim). Used by evaluation, `--offload layerwise` and
+the benchmarks."""
 from __future__ import annotations
 
 import os

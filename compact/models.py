@@ -101,6 +101,17 @@ def is_tied(model: nn.Module) -> bool:
 SPECIAL_ID_ATTRS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")  # config token ids
 
 
+def config_token_ids(model: nn.Module) -> list[int]:
+    """The token ids the config or the generation config names (SPECIAL_ID_ATTRS): kept whatever the vocabulary
+    cut, and renumbered by the same list (compact.slicing)."""
+    ids = []
+    for config in (model.config, getattr(model, "generation_config", None)):
+        for attr in SPECIAL_ID_ATTRS:
+            value = getattr(config, attr, None)
+            ids += value if isinstance(value, list) else [value] if isinstance(value, int) else []
+    return ids
+
+
 def parameter_counts(model: nn.Module, shapes: dict | None = None, tied: bool | None = None) -> dict[str, int]:
     """Parameters by part: embedding, head (0 when tied), attention, ffn, other (norms), total. From the model's
     own parameters, or from `shapes` ({checkpoint tensor name: shape}, e.g. of a meta skeleton's files)."""

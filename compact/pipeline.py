@@ -1,18 +1,21 @@
-"""The pruning job: calibrate -> score -> select -> slice -> save, with timings and checks for the report."""
+"""The pruning job, as the method's steps: decide a `PrunePlan` (calibration -> token counts -> planner split ->
+vocabulary -> scores -> channels), then report it and write the sliced checkpoint. The CLI's `score`, `plan`
+and `prune` run the same steps, `decide(..., upto=...)` stopping where each needs."""
 from __future__ import annotations
 
 import platform
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from . import __version__, budget, criteria, data, models, output, runs, selection, slicing, tokenizer, vocab
+from .data import CalibOptions
 from .loading import Loaded
-from .scoring import score_channels
+from .scoring import ScoringOptions, score_channels
 
 
 class CheckFailed(RuntimeError):
@@ -20,14 +23,6 @@ class CheckFailed(RuntimeError):
 
 
 CHECK_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-
-
-@dataclass
-class CalibOptions:
-    path: str | None = None
-    samples: int = 16
-    seq_len: int = 2048
-    bin_dtype: str | None = None
 
 
 @dataclass
@@ -69,9 +64,8 @@ def calibrate(loaded: Loaded, opts: CalibOptions, progress: bool | None = None) 
     report = loaded.report if Path(opts.path).suffix in data.ID_SUFFIXES else None
     remap = report["kept_token_ids"] if report else None
     calib = data.load_calibration(
-        opts.path, tokenizer=loaded.tokenizer,
+        replace(opts, seq_len=min(opts.seq_len, context)), tokenizer=loaded.tokenizer,
         vocab_size=report["sizes"]["vocab_before"] if report else model.get_input_embeddings().num_embeddings,
-        samples=opts.samples, seq_len=min(opts.seq_len, context), bin_dtype=opts.bin_dtype,
         eos_id=eos if isinstance(eos, int) and not remap else None, progress=progress)
     if remap:
         calib.input_ids = renumber(calib.input_ids, calib.attention_mask, remap, report["sizes"]["vocab_before"],
@@ -92,29 +86,6 @@ def renumber(input_ids: torch.Tensor, attention_mask, kept_token_ids: list[int],
     return new.clamp_min(0)
 
 
-def config_token_ids(model) -> list[int]:
-    """The token ids the config or the generation config names (models.SPECIAL_ID_ATTRS): kept whatever the
-    vocabulary cut, and renumbered by the same list (compact.slicing)."""
-    ids = []
-    for config in (model.config, getattr(model, "generation_config", None)):
-        for attr in models.SPECIAL_ID_ATTRS:
-            value = getattr(config, attr, None)
-            ids += value if isinstance(value, list) else [value] if isinstance(value, int) else []
-    return ids
-
-
-VOCAB_ORDERS = ("id", "frequency")
-
-
-def regular_ids(loaded: Loaded) -> list[int]:
-    """Ids of the regular (non-special) tokens that have embedding rows, ascending."""
-    rows = loaded.model.get_input_embeddings().num_embeddings
-    if loaded.tokenizer is None:
-        return list(range(rows))
-    specials = set(tokenizer.special_token_ids(loaded.tokenizer))
-    return sorted(i for i in loaded.tokenizer.get_vocab().values() if i < rows and i not in specials)
-
-
 def token_counts(loaded: Loaded, calib_opts: CalibOptions, progress: bool | None = None) -> torch.Tensor:
     """Token frequencies over the whole calibration file, streamed."""
     if calib_opts.path is None:
@@ -124,28 +95,126 @@ def token_counts(loaded: Loaded, calib_opts: CalibOptions, progress: bool | None
     return vocab.count_tokens(loaded.tokenizer, chunks, num_embeddings=rows, progress=progress)
 
 
-def kept_vocabulary(loaded: Loaded, vocab_keep: int | None, *, order: str = "id", counts=None,
-                    always=()) -> list[int] | None:
-    """Ascending old ids to keep (id order: the lowest regular ids; frequency order: the most frequent,
-    closed under merge ancestry), or None when the vocabulary is not cut."""
-    if order not in VOCAB_ORDERS:
-        raise ValueError(f"--vocab-order must be one of {', '.join(VOCAB_ORDERS)}, got {order!r}")
-    if vocab_keep is None:
-        if always:
-            raise ValueError("--vocab-always names tokens to keep when the vocabulary is cut: give --vocab-keep "
-                             "(or --target-params)")
+STEPS = ("calibration", "token counts", "planning", "vocabulary", "scoring", "selection")
+
+
+@dataclass
+class PrunePlan:
+    """What a prune keeps and why: the inputs, then each step's decision (None until `decide` runs the step)."""
+
+    loaded: Loaded
+    opts: PruneOptions
+    calib_opts: CalibOptions
+    run: runs.RunOptions | None = None
+    upto: str = "selection"  # the last step `decide` runs: "planning" for `compact plan`, "scoring" for `score`
+    timings: Timings = field(default_factory=Timings)
+    calibration: data.Calibration | None = None
+    counts: torch.Tensor | None = None
+    planner: dict | None = None  # --target-params: the rule, the candidates weighed and the choice
+    vocab_keep: int | None = None
+    ffn_keep: int | None = None  # channels per layer (None until resolved)
+    kept_token_ids: list[int] | None = None  # None: vocabulary not cut
+    scores: dict | None = None
+    check: dict | None = None  # --check: fused vs hooks
+    kept_channels: dict | None = None  # None: FFN not cut
+    parameters_before: dict | None = None
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def intermediate(self) -> int:
+        return models.intermediate_size(self.model)
+
+    def runs_step(self, step: str) -> bool:
+        return STEPS.index(step) <= STEPS.index(self.upto)
+
+    @property
+    def ffn_cut(self) -> bool:
+        """The FFN loses channels (for `score`: scores are the point)."""
+        return self.upto == "scoring" or (self.ffn_keep is not None and self.ffn_keep < self.intermediate)
+
+    @property
+    def data_scores(self) -> bool:
+        """Scores come from a pass over calibration data (not a file, not a data-free criterion)."""
+        return self.opts.scores is None and self.opts.ffn_criterion not in criteria.DATA_FREE
+
+
+def decide(loaded: Loaded, opts: PruneOptions, calib_opts: CalibOptions, run: runs.RunOptions | None = None, *,
+           upto: str = "selection") -> PrunePlan:
+    """Run the steps up to `upto` (one of STEPS), each only when the options need it; every step that runs is
+    timed. Nothing is written."""
+    if upto not in STEPS:
+        raise ValueError(f"upto must be one of {STEPS}, got {upto!r}")
+    plan = PrunePlan(loaded, opts, calib_opts, run, upto)
+    plan.vocab_keep, plan.ffn_keep = opts.vocab_keep, _resolve_targets(plan)
+    for step, needed, action in _steps(plan):
+        if plan.runs_step(step) and needed():
+            with plan.timings.phase(step):
+                action(plan)
+    return plan
+
+
+def _steps(plan: PrunePlan):
+    """(step, is it needed now, what it does), in order; the conditions read what earlier steps decided."""
+    opts = plan.opts
+    counted = opts.target_params is not None or (opts.vocab_order == "frequency" and opts.vocab_keep is not None)
+    return [
+        ("calibration", lambda: opts.target_params is not None or (plan.data_scores and plan.ffn_cut), _calibrate),
+        ("token counts", lambda: counted, _count),
+        ("planning", lambda: opts.target_params is not None, _split),
+        ("vocabulary", lambda: True, _vocabulary),
+        ("scoring", lambda: opts.scores is None and plan.ffn_cut, _score),
+        ("selection", lambda: True, _select),
+    ]
+
+
+def _calibrate(plan: PrunePlan) -> None:
+    plan.calibration = calibrate(plan.loaded, plan.calib_opts, plan.opts.progress)
+
+
+def _count(plan: PrunePlan) -> None:
+    plan.counts = token_counts(plan.loaded, plan.calib_opts, plan.opts.progress)
+
+
+def _split(plan: PrunePlan) -> None:
+    plain = plain_scores(plan.loaded, plan.calibration, plan.opts)
+    plan.vocab_keep, plan.ffn_keep, plan.planner = plan_split(plan.loaded, plan.counts, plain, plan.opts)
+
+
+def _vocabulary(plan: PrunePlan) -> None:
+    always = vocab.read_always_file(plan.opts.vocab_always) if plan.opts.vocab_always else ()
+    plan.kept_token_ids = vocab.kept_vocabulary(plan.model, plan.loaded.tokenizer, plan.vocab_keep,
+                                                order=plan.opts.vocab_order, counts=plan.counts, always=always)
+
+
+def _score(plan: PrunePlan) -> None:
+    plan.scores, plan.check = compute_scores(plan.loaded, plan.calibration, plan.kept_token_ids, plan.opts, plan.run)
+
+
+def _select(plan: PrunePlan) -> None:
+    plan.parameters_before = models.parameter_counts(plan.model)
+    if plan.opts.scores:
+        plan.scores = output.load_scores(plan.opts.scores, {n: plan.intermediate for n in models.mlps(plan.model)},
+                                         models.fingerprint(plan.model.config))
+    if plan.ffn_keep < plan.intermediate:
+        plan.kept_channels = selection.select_channels(plan.scores, plan.ffn_keep)
+
+
+def _resolve_targets(plan: PrunePlan) -> int | None:
+    """Validate what to prune (not for `score` or `plan`); the FFN keep count (None when planned)."""
+    opts = plan.opts
+    criteria.check_criterion(opts.ffn_criterion)
+    if plan.upto != "selection":
         return None
-    rows = loaded.model.get_input_embeddings().num_embeddings
-    extra = config_token_ids(loaded.model)
-    if order == "frequency":
-        return vocab.select_vocab_by_frequency(loaded.tokenizer, rows, vocab_keep, counts, always=always,
-                                               extra_ids=extra)
-    kept = vocab.select_vocab(loaded.tokenizer, rows, vocab_keep, extra_ids=extra, always=always)
-    if loaded.tokenizer is None:
-        warnings.warn("no tokenizer: id order assumes later ids are rarer, which need not hold here "
-                      "(SentencePiece puts its 256 byte pieces first); --vocab-order frequency measures it",
-                      stacklevel=2)
-    return kept
+    if opts.target_params is not None and (opts.vocab_keep or opts.ffn_keep):
+        raise ValueError("give --target-params, or --vocab-keep/--ffn-keep, not both")
+    if opts.target_params is None and opts.vocab_keep is None and opts.ffn_keep is None:
+        raise ValueError("nothing to prune: give --vocab-keep and/or --ffn-keep, or --target-params")
+    if opts.ffn_keep is None:
+        return None if opts.target_params else plan.intermediate
+    return selection.resolve_ffn_keep(opts.ffn_keep, plan.intermediate, opts.ffn_multiple)
 
 
 def plain_scores(loaded: Loaded, calib: data.Calibration, opts: PruneOptions) -> dict:
@@ -153,29 +222,31 @@ def plain_scores(loaded: Loaded, calib: data.Calibration, opts: PruneOptions) ->
     if loaded.offloaded:
         return _layerwise_scores(loaded, calib, None, PruneOptions(ffn_criterion="act2", batch_size=opts.batch_size,
                                                                    progress=opts.progress))[0]
-    return criteria.activation_scores(loaded.model, calib.input_ids, calib.attention_mask, None,
-                                      batch_size=opts.batch_size, progress=opts.progress)[1]
+    return criteria.activation_scores(loaded.model, calib, None, batch_size=opts.batch_size,
+                                      progress=opts.progress)[1]
 
 
-def plan_split(loaded: Loaded, counts: torch.Tensor, plain_scores: dict, opts: PruneOptions) -> tuple[int, int, dict]:
-    """(vocab_keep, ffn_keep, plan report) for --target-params, by the rule in compact.budget."""
-    regular = regular_ids(loaded)
-    rows = loaded.model.get_input_embeddings().num_embeddings
-    order = regular if opts.vocab_order == "id" else vocab.frequency_keep_order(loaded.tokenizer, rows, counts)
-    forced = len(kept_vocabulary(loaded, len(regular), order=opts.vocab_order, counts=counts)) - len(regular)
-    acc = budget.accounting(loaded.model, len(regular), forced)
-    curve = budget.token_loss_curve(counts, order)
-    choice, candidates = budget.plan(acc, opts.target_params, curve, plain_scores, opts.ffn_multiple)
+def plan_split(loaded: Loaded, counts: torch.Tensor, plain: dict, opts: PruneOptions) -> tuple[int, int, dict]:
+    """(vocab_keep, ffn_keep, planner report) for --target-params, by the rule in compact.budget, pricing each
+    vocabulary cut by the rows and tokens `vocab.kept_vocabulary` really keeps."""
+    model, tok = loaded.model, loaded.tokenizer
+    rows = model.get_input_embeddings().num_embeddings
+    always = vocab.read_always_file(opts.vocab_always) if opts.vocab_always else ()
+    ids, prefix = vocab.keep_curve(tok, rows, opts.vocab_order, counts, always=always)
+    regular = vocab.regular_ids(tok, rows)
+    base = len(vocab.kept_vocabulary(model, tok, len(regular), order=opts.vocab_order, counts=counts)) - len(regular)
+    curve = budget.vocab_curve(counts, ids, prefix, base)
+    choice, candidates = budget.plan(budget.accounting(model), opts.target_params, curve, plain, opts.ffn_multiple)
     return choice.vocab_keep, choice.ffn_keep, {"target": opts.target_params, "rule": budget.RULE,
                                                  "candidates": budget.summary(choice, candidates)}
 
 
 def check_against_hooks(score, calib: data.Calibration, *, batch_size: int, batches: int, dtype) -> dict:
-    """`score(ids, mask, backend)` on the first batches, fused vs the plain hook path: the largest difference
+    """`score(ids, mask, path)` on the first batches, the fused scoring path vs the plain hook path: the largest difference
     relative to each layer's maximum."""
     n = min(calib.input_ids.shape[0], batch_size * batches)
     mask = None if calib.attention_mask is None else calib.attention_mask[:n]
-    runs_ = {backend: score(calib.input_ids[:n], mask, backend) for backend in ("fused", "hooks")}
+    runs_ = {path: score(calib.input_ids[:n], mask, path) for path in ("fused", "hooks")}
     worst, where = 0.0, None
     for name, ref in runs_["hooks"].items():
         scale = ref.abs().max().clamp_min(1e-30)
@@ -192,16 +263,16 @@ def check_against_hooks(score, calib: data.Calibration, *, batch_size: int, batc
 
 def _layerwise_scores(loaded: Loaded, calib: data.Calibration, kept_ids, opts: PruneOptions) -> tuple[dict, dict | None]:
     """common act^2 (or act^2) loading one layer at a time from the checkpoint files."""
-    from .layerwise import score_layerwise
+    from .layerwise import Placement, score_layerwise
 
     if opts.ffn_criterion not in ("common-act2", "act2"):
         raise ValueError(f"--offload layerwise scores common-act2 and act2, not {opts.ffn_criterion}")
     keep = kept_ids if opts.ffn_criterion == "common-act2" else None
     dtype = loaded.model.get_input_embeddings().weight.dtype
 
-    def score(ids, mask, backend, progress=False):
-        return score_layerwise(loaded.source, ids, mask, keep_token_ids=keep, batch_size=opts.batch_size,
-                               device=loaded.device, dtype=dtype, backend=backend, progress=progress)
+    def score(ids, mask, path, progress=False):
+        scoring = ScoringOptions(keep_token_ids=keep, batch_size=opts.batch_size, path=path, progress=progress)
+        return score_layerwise(loaded.source, ids, mask, scoring, Placement(device=loaded.device, dtype=dtype))
 
     check = check_against_hooks(score, calib, batch_size=opts.batch_size, batches=opts.check_batches,
                                 dtype=dtype) if opts.check else None
@@ -211,7 +282,7 @@ def _layerwise_scores(loaded: Loaded, calib: data.Calibration, kept_ids, opts: P
 def compute_scores(loaded: Loaded, calib: data.Calibration | None, kept_ids, opts: PruneOptions,
                    run: runs.RunOptions | None = None) -> tuple[dict, dict | None]:
     """(scores by `opts.ffn_criterion`, --check result or None); data-driven criteria share one pass.
-    A skeleton model (loading.load_skeleton) is scored layer by layer from its files."""
+    Offloaded (--offload layerwise) models are scored one layer at a time from their files."""
     model = loaded.model
     if opts.ffn_criterion in criteria.DATA_FREE:
         if loaded.offloaded:
@@ -223,14 +294,14 @@ def compute_scores(loaded: Loaded, calib: data.Calibration | None, kept_ids, opt
         return _layerwise_scores(loaded, calib, kept_ids, opts)
     check = None
     if opts.check:
-        def score(ids, mask, backend):
+        def score(ids, mask, path):
             return score_channels(model, ids, mask, keep_token_ids=kept_ids, batch_size=opts.batch_size,
-                                  backend=backend, progress=False)
+                                  backend=path, progress=False)
 
         check = check_against_hooks(score, calib, batch_size=opts.batch_size, batches=opts.check_batches,
                                     dtype=model.get_input_embeddings().weight.dtype)
-    common, plain = criteria.activation_scores(model, calib.input_ids, calib.attention_mask, kept_ids,
-                                               batch_size=opts.batch_size, progress=opts.progress, run=run)
+    common, plain = criteria.activation_scores(model, calib, kept_ids, batch_size=opts.batch_size,
+                                               progress=opts.progress, run=run)
     return criteria.from_activations(model, opts.ffn_criterion, common, plain), check
 
 
@@ -246,77 +317,25 @@ def versions() -> dict:
             "triton": triton_version, "python": platform.python_version()}
 
 
-def _resolve_targets(opts: PruneOptions, intermediate: int) -> int | None:
-    """Validate what to prune; the FFN keep count (None when planned or not cut)."""
-    if opts.target_params is not None and (opts.vocab_keep or opts.ffn_keep):
-        raise ValueError("give --target-params, or --vocab-keep/--ffn-keep, not both")
-    if opts.target_params is None and opts.vocab_keep is None and opts.ffn_keep is None:
-        raise ValueError("nothing to prune: give --vocab-keep and/or --ffn-keep, or --target-params")
-    criteria.check_criterion(opts.ffn_criterion)
-    if opts.ffn_keep is None:
-        return None if opts.target_params else intermediate
-    return selection.resolve_ffn_keep(opts.ffn_keep, intermediate, opts.ffn_multiple)
-
-
-def prune(loaded: Loaded, out: Path, opts: PruneOptions, calib_opts: CalibOptions,
-          run: runs.RunOptions | None = None) -> dict:
-    """Prune `loaded` (modified in place) and write the checkpoint, tokenizer, report and scores to `out`.
-    A skeleton (loading.load_skeleton) is scored layer by layer and written tensor by tensor from its files."""
-    model, timings = loaded.model, Timings()
-    intermediate = models.intermediate_size(model)
-    ffn_keep = _resolve_targets(opts, intermediate)
-    vocab_keep, plan = opts.vocab_keep, None
-    needs_counts = opts.vocab_order == "frequency" or opts.target_params is not None
-    data_scores = opts.scores is None and opts.ffn_criterion not in criteria.DATA_FREE and (
-        ffn_keep != intermediate or calib_opts.path is not None)
-    calib = counts = None
-    if data_scores or opts.target_params is not None:
-        with timings.phase("calibration"):
-            calib = calibrate(loaded, calib_opts, opts.progress)
-    if needs_counts:
-        with timings.phase("token counts"):
-            counts = token_counts(loaded, calib_opts, opts.progress)
-    if opts.target_params is not None:
-        with timings.phase("planning"):
-            vocab_keep, ffn_keep, plan = plan_split(loaded, counts, plain_scores(loaded, calib, opts), opts)
-    always = vocab.read_always_file(opts.vocab_always) if opts.vocab_always else ()
-    with timings.phase("vocabulary"):
-        kept_ids = kept_vocabulary(loaded, vocab_keep, order=opts.vocab_order, counts=counts, always=always)
-    before = models.parameter_counts(model)
-    scores, check = None, None
-    if opts.scores:
-        scores = output.load_scores(opts.scores, {n: intermediate for n in models.mlps(model)},
-                                    models.fingerprint(model.config))
-    elif data_scores or ffn_keep != intermediate:
-        with timings.phase("scoring"):
-            scores, check = compute_scores(loaded, calib, kept_ids, opts, run)
-    with timings.phase("selection"):
-        kept_channels = selection.select_channels(scores, ffn_keep) if scores else \
-            {name: list(range(intermediate)) for name in models.mlps(model)}
-    report = _report(loaded, opts, calib_opts, calib, plan, check, before, kept_ids, kept_channels, ffn_keep, timings)
-    _write(loaded, out, opts.overwrite, kept_ids, kept_channels if ffn_keep < intermediate else None, scores,
-           report, timings, opts.progress)
-    return report
-
-
-def _report(loaded: Loaded, opts: PruneOptions, calib_opts: CalibOptions, calib, plan, check, before: dict,
-            kept_ids, kept_channels: dict, ffn_keep: int, timings: Timings) -> dict:
-    """compact_report.json, less the parameters after slicing (added by _write)."""
-    model = loaded.model
+def report(plan: PrunePlan) -> dict:
+    """compact_report.json of a decided plan, less the parameters after slicing (added by `write`)."""
+    loaded, opts, model = plan.loaded, plan.opts, plan.model
     vocab_before = model.get_input_embeddings().num_embeddings
+    kept_ids = plan.kept_token_ids
+    channels = plan.kept_channels or {name: list(range(plan.intermediate)) for name in models.mlps(model)}
     return {
-        "source": loaded.source, "calibration": calib.source if calib else None, "scores_file": opts.scores,
-        "ffn_criterion": None if opts.scores else opts.ffn_criterion, "vocab_order": opts.vocab_order,
-        "plan": plan, "offload": "layerwise" if loaded.offloaded else "none",
-        "options": {**asdict(opts), **{f"calib_{k}": v for k, v in asdict(calib_opts).items()},
-                    **_calib_used(calib)},
+        "source": loaded.source, "calibration": plan.calibration.source if plan.calibration else None,
+        "scores_file": opts.scores, "ffn_criterion": None if opts.scores else opts.ffn_criterion,
+        "vocab_order": opts.vocab_order, "plan": plan.planner, "offload": "layerwise" if loaded.offloaded else "none",
+        "options": {**asdict(opts), **{f"calib_{k}": v for k, v in asdict(plan.calib_opts).items()},
+                    **_calib_used(plan.calibration)},
         "sizes": {"vocab_before": vocab_before, "vocab_after": len(kept_ids) if kept_ids else vocab_before,
-                  "intermediate_before": models.intermediate_size(model), "intermediate_after": ffn_keep,
-                  "layers": len(kept_channels), "hidden": model.config.hidden_size},
-        "parameters": {"before": before},
-        "checks": {"scores_vs_hooks": check}, "timings_s": timings, "versions": versions(),
+                  "intermediate_before": plan.intermediate, "intermediate_after": plan.ffn_keep,
+                  "layers": len(channels), "hidden": model.config.hidden_size},
+        "parameters": {"before": plan.parameters_before},
+        "checks": {"scores_vs_hooks": plan.check}, "timings_s": plan.timings, "versions": versions(),
         "kept_token_ids": kept_ids if kept_ids is not None else list(range(vocab_before)),
-        "kept_channels": list(kept_channels.values()),
+        "kept_channels": list(channels.values()),
     }
 
 
@@ -328,43 +347,47 @@ def _calib_used(calib) -> dict:
     return {"calib_samples": samples, "calib_seq_len": seq_len}
 
 
-def _write(loaded: Loaded, out: Path, overwrite: bool, kept_ids, channels, scores, report: dict,
-           timings: Timings, progress) -> None:
-    """Slice and save checkpoint, tokenizer, scores and report into a staged folder renamed to `out` at the end."""
-    model = loaded.model
+def write(plan: PrunePlan, out: Path) -> dict:
+    """Slice and save checkpoint, tokenizer, scores and report into a staged folder renamed to `out` at the end;
+    returns the report. The model is sliced in place (or, offloaded, written tensor by tensor from its files)."""
+    model, timings = plan.model, plan.timings
     shape = models.fingerprint(model.config)  # of the model the scores belong to, before slicing
-    with output.staged_dir(out, overwrite=overwrite) as tmp:
-        if loaded.offloaded:
-            write_streamed(loaded, kept_ids, channels, tmp, report, timings, progress)
-        else:
-            with timings.phase("slicing"):
-                slicing.slice_model(model, kept_ids, channels or None)
-            report["parameters"]["after"] = models.parameter_counts(model)
-            with timings.phase("save"):
-                model.save_pretrained(tmp, safe_serialization=True)
+    result = report(plan)
+    with output.staged_dir(out, overwrite=plan.opts.overwrite) as tmp:
+        with timings.phase("slicing"):
+            result["parameters"]["after"] = _slice(plan, tmp)
         with timings.phase("save"):
-            save_tokenizer(loaded, report["kept_token_ids"], tmp, report)
-            if scores is not None:
-                output.save_scores(scores, tmp / "compact_scores.safetensors", shape)
-        output.write_json(tmp / "compact_report.json", report)
+            if not plan.loaded.offloaded:
+                model.save_pretrained(tmp, safe_serialization=True)
+            result["tokenizer"] = save_tokenizer(plan.loaded, result["kept_token_ids"], tmp)
+            if plan.scores is not None:
+                output.save_scores(plan.scores, tmp / "compact_scores.safetensors", shape)
+        output.write_json(tmp / "compact_report.json", result)
+    return result
 
 
-def write_streamed(loaded: Loaded, kept_ids, kept_channels, folder: Path, report: dict, timings: Timings,
-                   progress) -> None:
-    """Slice the checkpoint tensor by tensor from the source files into `folder` (never the whole model)."""
-    from .streamed import write_pruned
+def _slice(plan: PrunePlan, folder: Path) -> dict:
+    """Apply the kept ids and channels; the parameter counts after. Offloaded: the pruned shards go to `folder`."""
+    if plan.loaded.offloaded:
+        from .layerwise_slicing import write_layerwise
 
-    with timings.phase("slicing"):
-        summary = write_pruned(loaded.source, folder, kept_ids, kept_channels, device=loaded.device,
-                               progress=progress)
-    report["parameters"]["after"] = summary["parameters"]["after"]
+        summary = write_layerwise(plan.loaded.source, folder, plan.kept_token_ids, plan.kept_channels,
+                                  device=plan.loaded.device, progress=plan.opts.progress)
+        return summary["parameters"]["after"]
+    slicing.slice_model(plan.model, plan.kept_token_ids, plan.kept_channels)
+    return models.parameter_counts(plan.model)
 
 
-def save_tokenizer(loaded: Loaded, kept_ids: list[int], folder: Path, report: dict) -> None:
-    """The tokenizer cut to `kept_ids` into `folder`; a warning when the model has none."""
+def prune(loaded: Loaded, out: Path, opts: PruneOptions, calib_opts: CalibOptions,
+          run: runs.RunOptions | None = None) -> dict:
+    """Decide and write: prune `loaded` (modified in place) into `out`; returns the report."""
+    return write(decide(loaded, opts, calib_opts, run), out)
+
+
+def save_tokenizer(loaded: Loaded, kept_ids: list[int], folder: Path) -> str | None:
+    """The tokenizer cut to `kept_ids` into `folder` (what the report records); a warning when there is none."""
     if loaded.tokenizer is None:
         warnings.warn("the model has no tokenizer: the pruned checkpoint is written without one", stacklevel=2)
-        report["tokenizer"] = None
-    else:
-        tokenizer.prune_tokenizer(loaded.tokenizer, kept_ids).save_pretrained(folder)
-        report["tokenizer"] = "pruned to kept_token_ids"
+        return None
+    tokenizer.prune_tokenizer(loaded.tokenizer, kept_ids).save_pretrained(folder)
+    return "pruned to kept_token_ids"

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from .scoring import ChannelScorer, run_scorer
+from .scoring import ChannelScorer, Checkpointing, run_scorer
 
 
 @dataclass
@@ -126,7 +126,8 @@ def run(scorer: ChannelScorer, input_ids: torch.Tensor, attention_mask: torch.Te
         if path is not None and opts.every and done % opts.every == 0 and done < batches:
             save_checkpoint(path, scorer, done, signature)
 
-    run_scorer(scorer, ids, mask, batch_size=batch_size, progress=progress, start_batch=start, on_batch=on_batch)
+    run_scorer(scorer, ids, mask, batch_size=batch_size, progress=progress,
+               checkpointing=Checkpointing(start, on_batch))
     if world > 1:
         for value in _state(scorer).values():
             dist.all_reduce(value, op=dist.ReduceOp.SUM)

@@ -4,13 +4,28 @@ from __future__ import annotations
 import torch
 
 
-def resolve_ffn_keep(value: float | int | str, intermediate: int, multiple: int = 64) -> int:
-    """K from `--ffn-keep`: an int count, or a ratio in (0, 1] rounded to a multiple of `multiple`."""
-    text = str(value)
+def parse_ffn_keep(value: float | int | str) -> int | float:
+    """`--ffn-keep` as a channel count (an int, "128", "1ch") or a ratio in (0, 1] (a float, "0.5", "1.0").
+    A bare "1" is refused: one channel and all channels are both plausible readings."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    count = text[:-2] if text.lower().endswith("ch") else text
+    if count.lstrip("+") == "1" and count is text:
+        raise ValueError("--ffn-keep 1 is ambiguous: write 1ch to keep one channel per layer, or 1.0 to keep all")
+    if count.lstrip("+").isdigit():
+        return int(count)
     try:
-        number = int(text) if text.lstrip("+").isdigit() else float(text)
+        if count is text:
+            return float(text)
     except ValueError:
-        raise ValueError(f"--ffn-keep must be a channel count or a ratio in (0, 1], got {value!r}") from None
+        pass
+    raise ValueError(f"--ffn-keep must be a channel count (128, 1ch) or a ratio in (0, 1] (0.5, 1.0), got {value!r}")
+
+
+def resolve_ffn_keep(value: float | int | str, intermediate: int, multiple: int = 64) -> int:
+    """K from `--ffn-keep` (see parse_ffn_keep): a count, or a ratio rounded to a multiple of `multiple`."""
+    number = parse_ffn_keep(value)
     if multiple < 1:
         raise ValueError(f"--ffn-multiple must be at least 1, got {multiple}")
     if isinstance(number, float):

@@ -1,4 +1,4 @@
-"""Slicing: one plan of what a prune cuts, applied to a model in memory or (by `compact.streamed`) to its
+"""Slicing: one plan of what a prune cuts, applied to a model in memory or (by `compact.layerwise_slicing`) to its
 safetensors files tensor by tensor.
 
 `plan` decides, from a model or its meta skeleton and the names of the tensors there are, which tensors lose

@@ -17,6 +17,7 @@ and SentencePiece BPE with byte fallback (Llama 2, Mistral, TinyLlama, Gemma), a
 from __future__ import annotations
 
 import itertools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from . import models
 from .tokenizer import as_fast, check_supported, component_state, is_byte_level, special_token_ids, steps_of
 
 _BYTE_FALLBACK_PIECES = [f"<0x{b:02X}>" for b in range(256)]
+_ASCII_CHARS = ["\t", "\n", *map(chr, range(0x21, 0x7F))]  # single-character tokens kept in every order
 _COUNT_BATCH_CHARS = 1 << 20  # characters of text count_tokens tokenizes per batch
 def select_vocab(tokenizer, num_embeddings: int, keep: int, *, extra_ids=(), always=()) -> list[int]:
     """Ascending old ids to keep: the ``keep`` lowest regular ids, every special/added id and ``extra_ids``,
@@ -34,7 +37,8 @@ def select_vocab(tokenizer, num_embeddings: int, keep: int, *, extra_ids=(), alw
 
     Also always kept, so that any text still encodes losslessly: the base symbols (the 256 byte tokens
     of byte-level BPE, or the byte-fallback pieces ``<0x00>``..``<0xFF>`` and the ``▁`` the decoder
-    turns into a space), and every single-character token a kept token is spelled with (SentencePiece
+    turns into a space), the single-character tokens of printable ASCII (digits and punctuation spell
+    common text), and every single-character token a kept token is spelled with (SentencePiece
     BPE puts its characters at the end of the vocabulary, yet its merges start from them). So the result
     can hold a few more ids than ``keep`` plus the specials. ``tokenizer=None`` means every embedding
     row is a regular token. Rows at or beyond the tokenizer's length (padding rows) and ids >=
@@ -50,7 +54,7 @@ def select_vocab(tokenizer, num_embeddings: int, keep: int, *, extra_ids=(), alw
     _check_keep(keep, len(regular))
     kept = set(regular[:keep])
     if always:
-        _add_always(tokenizer, vocab, always, num_embeddings, kept, forced, set(regular),
+        _add_always(tokenizer, always, num_embeddings, (kept, forced, set(regular)),
                     _MergeTree(tokenizer.backend_tokenizer))
     if tokenizer is not None:
         forced |= _alphabet_ids(tokenizer.convert_ids_to_tokens(sorted(kept - forced)), vocab)
@@ -152,7 +156,7 @@ def select_vocab_by_frequency(tokenizer, num_embeddings: int, keep: int, counts,
     allowed = set(regular)
     tree = _MergeTree(tokenizer.backend_tokenizer)
     kept = forced & allowed  # regular ids kept so far; the base symbols count towards keep
-    _add_always(tokenizer, vocab, always, num_embeddings, kept, forced, allowed, tree)
+    _add_always(tokenizer, always, num_embeddings, (kept, forced, allowed), tree)
     pending = [i for i in _by_count(counts, regular) if i not in kept]
     while len(kept) < keep and pending:
         before, skipped = len(kept), []
@@ -196,6 +200,82 @@ def frequency_keep_order(tokenizer, num_embeddings: int, counts, *, always=()) -
     return order
 
 
+VOCAB_ORDERS = ("id", "frequency")
+
+
+def regular_ids(tokenizer, num_embeddings: int) -> list[int]:
+    """Ids of the regular (non-special) tokens that have embedding rows, ascending."""
+    if tokenizer is None:
+        return list(range(num_embeddings))
+    specials = set(special_token_ids(tokenizer))
+    return sorted(i for i in tokenizer.get_vocab().values() if i < num_embeddings and i not in specials)
+
+
+def kept_vocabulary(model, tokenizer, vocab_keep: int | None, *, order: str = "id", counts=None,
+                    always=()) -> list[int] | None:
+    """The vocabulary policy: ascending old ids to keep (id order: the lowest regular ids; frequency order: the
+    most frequent, closed under merge ancestry; the config's token ids in both), or None when not cut."""
+    if order not in VOCAB_ORDERS:
+        raise ValueError(f"--vocab-order must be one of {', '.join(VOCAB_ORDERS)}, got {order!r}")
+    if vocab_keep is None:
+        if always:
+            raise ValueError("--vocab-always names tokens to keep when the vocabulary is cut: give --vocab-keep "
+                             "(or --target-params)")
+        return None
+    rows = model.get_input_embeddings().num_embeddings
+    extra = models.config_token_ids(model)
+    if order == "frequency":
+        return select_vocab_by_frequency(tokenizer, rows, vocab_keep, counts, always=always, extra_ids=extra)
+    kept = select_vocab(tokenizer, rows, vocab_keep, extra_ids=extra, always=always)
+    if tokenizer is None:
+        warnings.warn("no tokenizer: id order assumes later ids are rarer, which need not hold here "
+                      "(SentencePiece puts its 256 byte pieces first); --vocab-order frequency measures it",
+                      stacklevel=2)
+    return kept
+
+
+def keep_curve(tokenizer, num_embeddings: int, order: str, counts=None, *, always=()) -> tuple[list[int], list[int]]:
+    """(ids, prefix): the regular ids in the order a growing cut keeps them, and for every ``keep`` N in
+    0..regular, ``prefix[N]`` = how many of them :func:`kept_vocabulary` keeps at N (its cut plus the tokens
+    kept whatever N: base symbols, ``always`` with their ancestors, the characters kept tokens are spelled
+    with). Exact in id order; in frequency order ``ids`` is :func:`frequency_keep_order`, which the selection
+    follows up to the room a too-large last group leaves. The budget planner prices cuts along it."""
+    if order == "frequency":
+        ids = frequency_keep_order(tokenizer, num_embeddings, counts, always=always)
+        start = 0 if tokenizer is None else len(_initial(as_fast(tokenizer), num_embeddings, always))
+        return ids, [max(n, start) for n in range(len(ids) + 1)]
+    if tokenizer is None:
+        return list(range(num_embeddings)), list(range(num_embeddings + 1))
+    tokenizer = as_fast(tokenizer)
+    vocab, _, regular, _ = _partition(tokenizer, num_embeddings)
+    allowed = set(regular)
+    names = {i: t for t, i in vocab.items()}
+    ids, kept = [], set()
+
+    def add(token_id: int) -> None:
+        for new in [*sorted(_alphabet_ids([names[token_id]], vocab) & allowed - kept - {token_id}), token_id]:
+            if new not in kept:
+                ids.append(new)
+                kept.add(new)
+
+    for token_id in sorted(_initial(tokenizer, num_embeddings, always)):
+        add(token_id)
+    prefix = [len(ids)]
+    for token_id in regular:
+        add(token_id)
+        prefix.append(len(ids))
+    return ids, prefix
+
+
+def _initial(tokenizer, num_embeddings: int, always) -> set[int]:
+    """The regular ids kept whatever the cut: base symbols, and the ``always`` tokens with their ancestors."""
+    _, _, regular, forced = _partition(tokenizer, num_embeddings)
+    allowed = set(regular)
+    kept = forced & allowed
+    _add_always(tokenizer, list(always), num_embeddings, (kept, forced, allowed), _MergeTree(tokenizer.backend_tokenizer))
+    return kept
+
+
 def read_always_file(path) -> list[str]:
     """The token strings of a ``--vocab-always`` file: one per line, spelled as the vocabulary spells them
     (``Ġthe`` in byte-level BPE, ``▁the`` in SentencePiece). UTF-8; the line break (``\\n`` or ``\\r\\n``) is
@@ -229,16 +309,20 @@ def _flat_ids(values) -> set[int]:
 
 
 def _base_symbol_ids(tokenizer, vocab: dict[str, int]) -> set[int]:
-    """Ids of the tokens needed to spell any text: byte tokens, plus symbols the decoder rewrites.
+    """Ids of the tokens needed to spell any text well: byte tokens, symbols the decoder rewrites, and the
+    single-character tokens of printable ASCII (digits, punctuation, letters) with tab and newline.
 
     A symbol such as SentencePiece's ``▁`` must stay a token: spelled with byte-fallback pieces it
-    would skip the decoder's ``▁`` -> space step and decode as a literal ``▁``.
+    would skip the decoder's ``▁`` -> space step and decode as a literal ``▁``. The ASCII characters matter
+    where a vocabulary has them at high ids (Llama 2's digits are 29896-29955) and splits text into them
+    ("1993" is ``▁ 1 9 9 3``): dropped, they fall back to byte pieces the model never saw.
     """
     backend = tokenizer.backend_tokenizer
     check_supported(backend)
     pieces = list(_BYTE_FALLBACK_PIECES) if backend.model.byte_fallback else []
     if is_byte_level(backend):
         pieces += bytes_to_unicode().values()
+    pieces += _ASCII_CHARS
     for step in steps_of(component_state(backend.decoder)):
         pieces += [step.get("pattern", {}).get("String"), step.get("replacement")]
     return {vocab[p] for p in pieces if p in vocab}
@@ -304,10 +388,11 @@ def _by_count(counts: torch.Tensor, ids: list[int]) -> list[int]:
     return index[order].tolist()
 
 
-def _add_always(tokenizer, vocab, always: list, num_embeddings: int, kept: set, forced: set, allowed: set,
-                tree) -> None:
-    """Add the ``--vocab-always`` tokens and the merge ancestors they need to ``kept`` (in place)."""
-    for token, token_id in zip(always, _always_ids(tokenizer, vocab, always, num_embeddings)):
+def _add_always(tokenizer, always: list, num_embeddings: int, sets: tuple[set, set, set], tree) -> None:
+    """Add the ``--vocab-always`` tokens and the merge ancestors they need to the kept set (in place);
+    ``sets`` = (kept, forced, allowed)."""
+    kept, forced, allowed = sets
+    for token, token_id in zip(always, _always_ids(tokenizer, tokenizer.get_vocab(), always, num_embeddings)):
         if token_id in forced:
             continue
         add = tree.closure(token_id, kept, allowed)

@@ -1,6 +1,9 @@
-"""bench/: the scripts' no-GPU exit, and the measure/CSV/plot loop on CPU with a fake timer (nothing timed)."""
+"""bench/: the scripts' no-GPU exit, the measure/CSV/plot loop on CPU with a fake timer (nothing timed), and
+bench/calibration.py end to end on a tiny shape. The scripts are loaded from their files or run as processes,
+never imported through sys.path."""
 import csv
 import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -13,13 +16,22 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 SCRIPTS = sorted(BENCH.glob("bench_*.py"))
 
 
+def load(name: str, monkeypatch):
+    """bench/<name>.py loaded from its file, registered under the name the other scripts import it by
+    (undone after the test)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture
 def bench(monkeypatch):
-    """The bench modules, importable as the scripts import each other; torch.compile without Inductor."""
-    monkeypatch.syspath_prepend(str(BENCH))
+    """The bench modules, dependencies first (common imports plot); torch.compile without Inductor."""
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    import bench_gather, bench_scores, common, plot
-    return common, plot, bench_scores, bench_gather
+    plot, common = load("plot", monkeypatch), load("common", monkeypatch)
+    return common, plot, load("bench_scores", monkeypatch), load("bench_gather", monkeypatch)
 
 
 @pytest.fixture
@@ -131,3 +143,35 @@ def test_plot_skipped_without_matplotlib(bench, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     assert plot.plot_csv(tmp_path / "any.csv") is None
     assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------ bench/calibration.py
+
+def run_calibration(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / "calibration.py"), *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_calibration_bench_in_process(tmp_path):
+    """The in-process loop (the GPU path's, here on the CPU) on a tiny shape: rows, agreement, CSV, PNG."""
+    proc = run_calibration("--device", "cpu", "--in-process", "--shapes", "tiny-llama", "--repeats", "2",
+                           "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = read_rows(tmp_path / "calibration_cpu.csv")
+    assert [r["variant"] for r in rows] == ["hooks_full_forward", "score_channels"]
+    ours = rows[-1]
+    assert ours["agree"] == "True" and float(ours["max_rel_diff_layer"]) <= 1e-6, ours
+    assert len(ours["speedups"].split()) == 2 and float(ours["speedup_median"]) > 0
+    assert ours["tokens"] == str(4 * 32) and "one process for both variants" in ours["memory"]
+    runs = read_rows(tmp_path / "calibration_cpu_runs.csv")
+    assert [(r["pair"], r["variant"]) for r in runs] == [("0", "hooks_full_forward"), ("0", "score_channels"),
+                                                         ("1", "score_channels"), ("1", "hooks_full_forward")]
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "calibration_cpu.png").stat().st_size > 0
+
+
+def test_calibration_bench_without_gpu(tmp_path):
+    proc = run_calibration("--device", "cuda", "--out", str(tmp_path), env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "needs a CUDA GPU; nothing measured" in proc.stdout
+    assert not any(tmp_path.iterdir())

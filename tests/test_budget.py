@@ -30,7 +30,13 @@ def _accounting(vocab, hidden, layers, inter, tied=True):
     per_row = hidden if tied else 2 * hidden
     fixed = layers * 4 * hidden * hidden
     total = fixed + vocab * per_row + inter * 3 * layers * hidden
-    return budget.Accounting(total, fixed, per_row, 3 * layers * hidden, 0, vocab, inter)
+    return budget.Accounting(total, fixed, per_row, 3 * layers * hidden, inter), vocab
+
+
+def _curve(counts):
+    """Every row a regular token, kept in id order."""
+    n = counts.numel()
+    return budget.vocab_curve(counts, list(range(n)), list(range(n + 1)), 0)
 
 
 def test_rule_prefers_vocabulary_cuts_on_small_models_and_ffn_cuts_on_large():
@@ -38,23 +44,23 @@ def test_rule_prefers_vocabulary_cuts_on_small_models_and_ffn_cuts_on_large():
     def evidence(vocab, inter, layers):
         zipf = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)
         scores = {f"model.layers.{i}.mlp": torch.linspace(1, 0.01, inter, dtype=torch.float64) for i in range(layers)}
-        return budget.token_loss_curve(zipf, list(range(vocab))), scores
+        return _curve(zipf), scores
 
     small = _accounting(vocab=151_936, hidden=896, layers=24, inter=4864)       # Qwen2.5-0.5B-like
     large = _accounting(vocab=128_256, hidden=8192, layers=80, inter=28672)     # Llama-3.1-70B-like
     picks = {}
-    for name, acc in (("small", small), ("large", large)):
-        curve, scores = evidence(acc.regular, acc.intermediate, 4)
+    for name, (acc, vocab) in (("small", small), ("large", large)):
+        curve, scores = evidence(vocab, acc.intermediate, 4)
         choice, _ = budget.plan(acc, 0.8, curve, scores, multiple=64)
-        picks[name] = (choice.vocab_keep / acc.regular, choice.ffn_keep / acc.intermediate)
+        picks[name] = (choice.vocab_keep / vocab, choice.ffn_keep / acc.intermediate)
         assert abs(choice.fraction - 0.8) <= 0.01
     assert picks["small"][0] < picks["small"][1], f"small model should cut vocabulary more: {picks['small']}"
     assert picks["large"][1] < picks["large"][0], f"large model should cut FFN more: {picks['large']}"
 
 
 def test_unreachable_target_is_a_clear_error():
-    acc = _accounting(vocab=1000, hidden=64, layers=2, inter=128)
-    curve = budget.token_loss_curve(torch.ones(1000), list(range(1000)))
+    acc, _ = _accounting(vocab=1000, hidden=64, layers=2, inter=128)
+    curve = _curve(torch.ones(1000))
     scores = {"model.layers.0.mlp": torch.ones(128, dtype=torch.float64)}
     with pytest.raises(ValueError, match="cannot be met within 1%"):
         budget.plan(acc, 0.01, curve, scores, multiple=64)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from compact.data import Calibration, load_calibration, pack_tokens
+from compact.data import CalibOptions, Calibration, load_calibration, pack_tokens
 
 SHARED_DATA = Path(os.environ.get("COMPACT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SENTENCES = [
@@ -88,7 +88,7 @@ def test_pack_errors():
 def test_npy_1d_round_trip(tmp_path):
     path = tmp_path / "stream.npy"
     np.save(path, np.arange(100, dtype=np.int32) % 50)
-    cal = load_calibration(path, vocab_size=50, samples=3, seq_len=16)
+    cal = load_calibration(CalibOptions(str(path), samples=3, seq_len=16), vocab_size=50)
     assert isinstance(cal, Calibration) and cal.attention_mask is None
     assert cal.input_ids.dtype == torch.long
     assert cal.input_ids.flatten().tolist() == [i % 50 for i in range(48)]
@@ -99,10 +99,11 @@ def test_npy_2d_used_as_is(tmp_path):
     path = tmp_path / "rows.npy"
     rows = np.arange(60, dtype=np.int64).reshape(6, 10)
     np.save(path, rows)
-    cal = load_calibration(path, vocab_size=60, samples=4, seq_len=7)
+    cal = load_calibration(CalibOptions(str(path), samples=4, seq_len=7), vocab_size=60)
     assert cal.input_ids.tolist() == rows[:4, :7].tolist() and cal.attention_mask is None
     assert "rows 0..3 of a [6, 10] array" in cal.source
-    assert load_calibration(path, vocab_size=60, samples=100, seq_len=100).input_ids.shape == (6, 10)
+    whole = load_calibration(CalibOptions(str(path), samples=100, seq_len=100), vocab_size=60)
+    assert whole.input_ids.shape == (6, 10)
 
 
 @pytest.mark.parametrize("dtype", ["uint16", "uint32"])
@@ -110,7 +111,7 @@ def test_bin_round_trip(tmp_path, dtype):
     path = tmp_path / "train.bin"
     tokens = (np.arange(1000) * 7919 % 70000 if dtype == "uint32" else np.arange(1000) % 5000).astype(dtype)
     tokens.tofile(path)
-    cal = load_calibration(path, vocab_size=70000, samples=4, seq_len=64, bin_dtype=dtype)
+    cal = load_calibration(CalibOptions(str(path), samples=4, seq_len=64, bin_dtype=dtype), vocab_size=70000)
     assert cal.input_ids.flatten().tolist() == tokens[:256].tolist()
     assert cal.source == f"train.bin: 4 x 64 tokens from the first 256 of 1,000 {dtype} tokens"
 
@@ -118,7 +119,7 @@ def test_bin_round_trip(tmp_path, dtype):
 def test_bin_short_file_pads(tmp_path):
     path = tmp_path / "short.bin"
     np.arange(1, 101, dtype=np.uint16).tofile(path)
-    cal = load_calibration(path, vocab_size=200, samples=4, seq_len=64, bin_dtype="uint16")
+    cal = load_calibration(CalibOptions(str(path), samples=4, seq_len=64, bin_dtype="uint16"), vocab_size=200)
     assert cal.input_ids.shape == (2, 64) and cal.attention_mask[1].sum().item() == 36
     assert "1 x 64 + 1 x 36 tokens (last row padded)" in cal.source
 
@@ -133,7 +134,7 @@ def test_bin_large_reads_only_the_prefix(tmp_path):
     data.flush()
     del data
     start = time.perf_counter()
-    cal = load_calibration(path, vocab_size=1000, samples=16, seq_len=2048, bin_dtype="uint16")
+    cal = load_calibration(CalibOptions(str(path), samples=16, seq_len=2048, bin_dtype="uint16"), vocab_size=1000)
     assert time.perf_counter() - start < 2.0
     assert cal.input_ids.shape == (16, 2048)
     assert cal.input_ids.flatten().tolist() == (np.arange(16 * 2048) % 1000).tolist()
@@ -146,8 +147,8 @@ def test_txt_one_document(tmp_path, tokenizer):
     text = "\n".join(SENTENCES[:8]) + "\n"
     path = tmp_path / "corpus.txt"
     path.write_text(text)
-    cal = load_calibration(path, tokenizer=tokenizer, vocab_size=len(tokenizer), samples=100, seq_len=32,
-                           progress=False)
+    cal = load_calibration(CalibOptions(str(path), samples=100, seq_len=32), tokenizer=tokenizer,
+                           vocab_size=len(tokenizer), progress=False)
     expected = encode(tokenizer, text)
     assert cal.input_ids[cal.attention_mask.bool()].tolist() == expected
     assert "1 document(s)" in cal.source and type(tokenizer).__name__ in cal.source
@@ -158,19 +159,20 @@ def test_txt_form_feeds_separate_documents(tmp_path, tokenizer):
     path = tmp_path / "docs.txt"
     path.write_text("\f".join(docs))
     eos = tokenizer.eos_token_id
-    cal = load_calibration(path, tokenizer=tokenizer, vocab_size=len(tokenizer), samples=1, seq_len=1000)
+    opts = CalibOptions(str(path), samples=1, seq_len=1000)
+    cal = load_calibration(opts, tokenizer=tokenizer, vocab_size=len(tokenizer))
     expected = encode(tokenizer, docs[0]) + [eos] + encode(tokenizer, docs[1]) + [eos] + encode(tokenizer, docs[3])
     assert cal.input_ids[0].tolist() == expected
     assert "3 document(s)" in cal.source and f"joined by eos {eos}" in cal.source
-    cal = load_calibration(path, tokenizer=tokenizer, vocab_size=len(tokenizer), samples=1, seq_len=1000, eos_id=0)
+    cal = load_calibration(opts, tokenizer=tokenizer, vocab_size=len(tokenizer), eos_id=0)
     assert cal.input_ids[0].tolist() == [0 if t == eos else t for t in expected]
 
 
 def test_txt_without_eos_concatenates(tmp_path, tokenizer):
     path = tmp_path / "docs.txt"
     path.write_text("one\ftwo")
-    cal = load_calibration(path, tokenizer=Recording(tokenizer.backend_tokenizer), vocab_size=len(tokenizer),
-                           samples=1, seq_len=100)
+    cal = load_calibration(CalibOptions(str(path), samples=1, seq_len=100),
+                           tokenizer=Recording(tokenizer.backend_tokenizer), vocab_size=len(tokenizer))
     assert cal.input_ids[0].tolist() == encode(tokenizer, "one") + encode(tokenizer, "two")
     assert "joined without separator" in cal.source
 
@@ -181,7 +183,8 @@ def test_txt_streams_only_a_prefix(tmp_path, tokenizer):
     path = tmp_path / "large.txt"
     path.write_text(text)
     recording = Recording(tokenizer.backend_tokenizer)
-    cal = load_calibration(path, tokenizer=recording, vocab_size=len(tokenizer), samples=2, seq_len=64)
+    cal = load_calibration(CalibOptions(str(path), samples=2, seq_len=64), tokenizer=recording,
+                           vocab_size=len(tokenizer))
     assert recording.chars <= 1 << 16 and len(text) > 18 * (1 << 16)
     assert cal.input_ids.flatten().tolist() == encode(tokenizer, text[:5000])[:128]
 
@@ -189,7 +192,8 @@ def test_txt_streams_only_a_prefix(tmp_path, tokenizer):
 def test_progress_bar(tmp_path, tokenizer, capsys):
     path = tmp_path / "corpus.txt"
     path.write_text(" ".join(SENTENCES))
-    load_calibration(path, tokenizer=tokenizer, vocab_size=len(tokenizer), samples=2, seq_len=16, progress=True)
+    load_calibration(CalibOptions(str(path), samples=2, seq_len=16), tokenizer=tokenizer, vocab_size=len(tokenizer),
+                     progress=True)
     assert "tokenizing corpus.txt" in capsys.readouterr().err
 
 
@@ -200,7 +204,8 @@ def test_jsonl_documents_across_batches(tmp_path):
     path.write_text("\n".join(json.dumps({"id": i, "body": d}) for i, d in enumerate(docs)) + "\n\n")
     expected = [t for d in docs for t in (len(d) % 50 + 2, 1)][:-1]
     tok = DocLength()
-    cal = load_calibration(path, tokenizer=tok, vocab_size=52, samples=2, seq_len=4000, eos_id=1, text_field="body")
+    cal = load_calibration(CalibOptions(str(path), samples=2, seq_len=4000), tokenizer=tok, vocab_size=52, eos_id=1,
+                           text_field="body")
     assert tok.calls > 3
     assert cal.input_ids[cal.attention_mask.bool()].tolist() == expected
     assert "3000 document(s)" in cal.source
@@ -209,8 +214,8 @@ def test_jsonl_documents_across_batches(tmp_path):
 def test_deterministic(tmp_path, tokenizer):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES))
-    kwargs = dict(tokenizer=tokenizer, vocab_size=len(tokenizer), samples=3, seq_len=50)
-    a, b = load_calibration(path, **kwargs), load_calibration(path, **kwargs)
+    opts = CalibOptions(str(path), samples=3, seq_len=50)
+    a, b = (load_calibration(opts, tokenizer=tokenizer, vocab_size=len(tokenizer)) for _ in range(2))
     assert torch.equal(a.input_ids, b.input_ids) and a.source == b.source
     assert a.attention_mask is None and a.input_ids.shape == (3, 50)
 
@@ -225,7 +230,7 @@ def test_real_llama2_tokenizer_on_sotu(tmp_path):
 
     shutil.copy(model, tmp_path / "tokenizer.model")
     tok = AutoTokenizer.from_pretrained(tmp_path)
-    cal = load_calibration(corpus, tokenizer=tok, vocab_size=32000, samples=4, seq_len=512)
+    cal = load_calibration(CalibOptions(str(corpus), samples=4, seq_len=512), tokenizer=tok, vocab_size=32000)
     assert cal.input_ids.shape == (4, 512) and cal.attention_mask is None
     head = corpus.read_text(encoding="utf-8")[:20_000]
     assert cal.input_ids.flatten().tolist() == encode(tok, head)[:2048]
@@ -235,77 +240,77 @@ def test_real_llama2_tokenizer_on_sotu(tmp_path):
 
 def test_missing_empty_and_unknown(tmp_path):
     with pytest.raises(FileNotFoundError, match="absent.npy"):
-        load_calibration(tmp_path / "absent.npy", vocab_size=10)
+        load_calibration(CalibOptions(str(tmp_path / "absent.npy")), vocab_size=10)
     (tmp_path / "empty.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="empty.bin: calibration file is empty"):
-        load_calibration(tmp_path / "empty.bin", vocab_size=10, bin_dtype="uint16")
+        load_calibration(CalibOptions(str(tmp_path / "empty.bin"), bin_dtype="uint16"), vocab_size=10)
     (tmp_path / "data.csv").write_text("1,2,3")
     with pytest.raises(ValueError, match=r"data.csv: unknown calibration format '.csv'"):
-        load_calibration(tmp_path / "data.csv", vocab_size=10)
+        load_calibration(CalibOptions(str(tmp_path / "data.csv")), vocab_size=10)
 
 
 def test_ids_out_of_range(tmp_path):
     path = tmp_path / "ids.npy"
     np.save(path, np.array([1, 2, 70, 3], dtype=np.int64))
     with pytest.raises(ValueError, match=r"ids.npy: token ids must lie in \[0, 50\), found min 1 and max 70"):
-        load_calibration(path, vocab_size=50)
+        load_calibration(CalibOptions(str(path)), vocab_size=50)
     np.save(path, np.array([[1, -4], [2, 3]], dtype=np.int16))
     with pytest.raises(ValueError, match="found min -4 and max 3"):
-        load_calibration(path, vocab_size=50)
+        load_calibration(CalibOptions(str(path)), vocab_size=50)
 
 
 def test_text_ids_beyond_model_vocab(tmp_path, tokenizer):
     path = tmp_path / "t.txt"
     path.write_text("The quick brown fox.")
     with pytest.raises(ValueError, match=r"t.txt: token ids must lie in \[0, 3\)"):
-        load_calibration(path, tokenizer=tokenizer, vocab_size=3)
+        load_calibration(CalibOptions(str(path)), tokenizer=tokenizer, vocab_size=3)
 
 
 def test_bad_npy(tmp_path):
     path = tmp_path / "x.npy"
     np.save(path, np.ones((2, 2, 2), dtype=np.int32))
     with pytest.raises(ValueError, match="x.npy: expected a 1-D or 2-D integer array, got 3-D int32"):
-        load_calibration(path, vocab_size=10)
+        load_calibration(CalibOptions(str(path)), vocab_size=10)
     np.save(path, np.ones(4, dtype=np.float32))
     with pytest.raises(ValueError, match="got 1-D float32"):
-        load_calibration(path, vocab_size=10)
+        load_calibration(CalibOptions(str(path)), vocab_size=10)
     np.save(path, np.zeros(0, dtype=np.int32))
     with pytest.raises(ValueError, match="holds no tokens"):
-        load_calibration(path, vocab_size=10)
+        load_calibration(CalibOptions(str(path)), vocab_size=10)
     path.write_bytes(b"not numpy at all")
     with pytest.raises(ValueError, match="x.npy: not a readable .npy array"):
-        load_calibration(path, vocab_size=10)
+        load_calibration(CalibOptions(str(path)), vocab_size=10)
 
 
 def test_bad_bin(tmp_path):
     path = tmp_path / "x.bin"
     np.arange(5, dtype=np.uint16).tofile(path)
     with pytest.raises(ValueError, match=r"x.bin: a .bin token file needs --calib-dtype uint16 or uint32"):
-        load_calibration(path, vocab_size=10)
+        load_calibration(CalibOptions(str(path)), vocab_size=10)
     with pytest.raises(ValueError, match="got 'int8'"):
-        load_calibration(path, vocab_size=10, bin_dtype="int8")
+        load_calibration(CalibOptions(str(path), bin_dtype="int8"), vocab_size=10)
     with pytest.raises(ValueError, match="x.bin: size 10 is not a multiple of 4"):
-        load_calibration(path, vocab_size=10, bin_dtype="uint32")
+        load_calibration(CalibOptions(str(path), bin_dtype="uint32"), vocab_size=10)
 
 
 def test_text_errors(tmp_path, tokenizer):
     txt = tmp_path / "a.txt"
     txt.write_text("hello")
     with pytest.raises(ValueError, match=r"a.txt: .txt text needs a tokenizer .* --tokenizer PATH .*\.npy"):
-        load_calibration(txt, vocab_size=10)
+        load_calibration(CalibOptions(str(txt)), vocab_size=10)
     txt.write_bytes(b"caf\xe9 \xff\xfe")
     with pytest.raises(ValueError, match="a.txt: not UTF-8 text"):
-        load_calibration(txt, tokenizer=tokenizer, vocab_size=len(tokenizer))
+        load_calibration(CalibOptions(str(txt)), tokenizer=tokenizer, vocab_size=len(tokenizer))
     txt.write_text("\n\n")
     with pytest.raises(ValueError, match="a.txt: no tokens"):
-        load_calibration(txt, tokenizer=DocLength(), vocab_size=10)
+        load_calibration(CalibOptions(str(txt)), tokenizer=DocLength(), vocab_size=10)
     jsonl = tmp_path / "b.jsonl"
     jsonl.write_text('{"text": "fine"}\n{"title": "no text"}\n')
     with pytest.raises(ValueError, match="b.jsonl:2: no string field 'text'"):
-        load_calibration(jsonl, tokenizer=tokenizer, vocab_size=len(tokenizer))
+        load_calibration(CalibOptions(str(jsonl)), tokenizer=tokenizer, vocab_size=len(tokenizer))
     jsonl.write_text('{"text": "fine"}\n{oops\n')
     with pytest.raises(ValueError, match="b.jsonl:2: invalid JSON"):
-        load_calibration(jsonl, tokenizer=tokenizer, vocab_size=len(tokenizer))
+        load_calibration(CalibOptions(str(jsonl)), tokenizer=tokenizer, vocab_size=len(tokenizer))
 
 
 class DocLength:

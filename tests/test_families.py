@@ -18,6 +18,7 @@ import transformers as tf
 from safetensors.torch import load_file
 
 from compact import loading, models, output, pipeline, slicing
+from compact.data import CalibOptions
 from compact.scoring import ChannelScorer, score_channels
 import tiny_models
 from kernels.tolerances import assert_close, fp32_forward_rtol
@@ -172,24 +173,24 @@ def test_score_channels_fused_equals_hooks_and_reference(case, kernels, monkeypa
 
 
 @cases
-@pytest.mark.parametrize("backend", ["fused", "hooks"])
-def test_channel_scorer_in_user_loop_restores_model(case, backend):
+@pytest.mark.parametrize("path", ["fused", "hooks"])
+def test_channel_scorer_in_user_loop_restores_model(case, path):
     model = build(case)
     kept = kept_tokens(model.config, seed=2)
     batches = [padded_batch(seed=3, pad_row=1), padded_batch(seed=4, pad_row=0, pad=5)]
     before = [logits(model, ids, mask) for ids, mask in batches]
     all_ids = torch.cat([b[0] for b in batches])
     all_mask = torch.cat([b[1] for b in batches])
-    expected = score_channels(model, all_ids, all_mask, keep_token_ids=kept, batch_size=2, backend=backend,
+    expected = score_channels(model, all_ids, all_mask, keep_token_ids=kept, batch_size=2, backend=path,
                               progress=False)
     assert_scores_close(expected, reference_scores(model, batches, kept),
                         what=f"{case}: score_channels over both batches vs float64 reference")
 
-    with ChannelScorer(model, keep_token_ids=kept, backend=backend) as s, torch.no_grad():
+    with ChannelScorer(model, keep_token_ids=kept, backend=path) as s, torch.no_grad():
         for ids, mask in batches:
             model(input_ids=ids, attention_mask=mask)
-    assert_scores_close(s.scores, expected, what=f"{case} ChannelScorer({backend}) under no_grad")
-    assert_restored(model, batches, before, f"{case} ChannelScorer({backend}) under no_grad")
+    assert_scores_close(s.scores, expected, what=f"{case} ChannelScorer({path}) under no_grad")
+    assert_restored(model, batches, before, f"{case} ChannelScorer({path}) under no_grad")
 
     # With autograd on: same scores, and the gradients are those of the plain model.
     def run_backward(scorer=None):
@@ -200,24 +201,24 @@ def test_channel_scorer_in_user_loop_restores_model(case, backend):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain = run_backward()
-    with ChannelScorer(model, keep_token_ids=kept, backend=backend) as s:
+    with ChannelScorer(model, keep_token_ids=kept, backend=path) as s:
         scored = run_backward()
-    assert_scores_close(s.scores, expected, what=f"{case} ChannelScorer({backend}) with grad enabled")
+    assert_scores_close(s.scores, expected, what=f"{case} ChannelScorer({path}) with grad enabled")
     assert set(scored) == set(plain), f"{case}: parameters with a gradient differ under the scorer"
     gate = "model.layers.0.mlp." + ("gate_up_proj" if case == "phi3" else "gate_proj") + ".weight"
     assert gate in scored and scored[gate].abs().sum() > 0, f"{case}: no gradient reached {gate}"
     for n in plain:
         # The backward pass runs the chain again in reverse: twice the forward's depth.
-        assert_logits_close(scored[n], plain[n], rtol=2 * FWD_RTOL, what=f"{case} ChannelScorer({backend}) grad of {n}")
+        assert_logits_close(scored[n], plain[n], rtol=2 * FWD_RTOL, what=f"{case} ChannelScorer({path}) grad of {n}")
     model.zero_grad(set_to_none=True)
-    assert_restored(model, batches, before, f"{case} ChannelScorer({backend}) with grad enabled")
+    assert_restored(model, batches, before, f"{case} ChannelScorer({path}) with grad enabled")
 
     # An exception inside the block still restores the model.
     with pytest.raises(RuntimeError, match="user error"):
-        with ChannelScorer(model, keep_token_ids=kept, backend=backend), torch.no_grad():
+        with ChannelScorer(model, keep_token_ids=kept, backend=path), torch.no_grad():
             model(input_ids=batches[0][0], attention_mask=batches[0][1])
             raise RuntimeError("user error")
-    assert_restored(model, batches, before, f"{case} ChannelScorer({backend}) after an exception")
+    assert_restored(model, batches, before, f"{case} ChannelScorer({path}) after an exception")
 
 
 # ------------------------------------------------------------------------------------------------ slicing
@@ -320,7 +321,7 @@ def test_prune_end_to_end(case, tmp_path):
     assert loaded.tokenizer is None
     keep_vocab, keep_ffn = 60, 24
     opts = pipeline.PruneOptions(vocab_keep=keep_vocab, ffn_keep=str(keep_ffn), batch_size=2, check=True, progress=False)
-    calib_opts = pipeline.CalibOptions(path=str(tmp_path / "calib.npy"), samples=4, seq_len=12)
+    calib_opts = CalibOptions(path=str(tmp_path / "calib.npy"), samples=4, seq_len=12)
     pipeline.prune(loaded, out, opts, calib_opts)
 
     report = json.loads((out / "compact_report.json").read_text())
@@ -397,7 +398,7 @@ def test_prune_from_scores_file_breaks_ties_to_lower_index(case, tmp_path):
     output.save_scores(scores, tmp_path / "scores.safetensors")
     keep = 16
     opts = pipeline.PruneOptions(ffn_keep=str(keep), scores=str(tmp_path / "scores.safetensors"), progress=False)
-    report = pipeline.prune(loading.load(str(src), dtype="float32", device="cpu"), out, opts, pipeline.CalibOptions())
+    report = pipeline.prune(loading.load(str(src), dtype="float32", device="cpu"), out, opts, CalibOptions())
     saved = load_file(str(out / "compact_scores.safetensors"))
     for i, chosen in enumerate(report["kept_channels"]):
         s = saved[f"model.layers.{i}.mlp"].tolist()

@@ -1,9 +1,10 @@
-"""Layer-streamed calibration (`compact.layerwise.score_layerwise`) against the in-memory `score_channels`.
+"""Layerwise calibration (`compact.layerwise.score_layerwise`) against the in-memory `score_channels`.
 
 Every supported family as a tiny random model saved with save_pretrained (several shards, and one file),
-padded batches, a kept-token set: the streamed scores equal the in-memory ones (within the float32 bound of
-the network's arithmetic, relative to the layer maximum; in practice bit-identical). Plus bf16, the Triton kernels under the interpreter, a real checkpoint
-(stories260K), clear errors, and the peak memory of both paths on a 16-layer model of ~270 MB (printed).
+padded batches, a kept-token set: the layerwise scores equal the in-memory ones (within the float32 bound of
+the network's arithmetic, relative to the layer maximum; in practice bit-identical). Plus bf16, the Triton
+kernels under the interpreter, a real checkpoint (stories260K), clear errors, and the peak memory of both
+paths on a 16-layer model of ~270 MB (printed).
 """
 from __future__ import annotations
 
@@ -22,11 +23,11 @@ import tiny_models
 from memory_probe import PRELUDE
 from tiny_models import CASES, HIDDEN, INTER, VOCAB
 from compact import models
-from compact.layerwise import score_layerwise
-from compact.scoring import score_channels
+from compact.layerwise import Placement, score_layerwise
+from compact.scoring import ScoringOptions, score_channels
 
 SEQ, LAYERS = 12, 3
-# Layer streaming and the in-memory forward run the same ops on the same batches, but float32 BLAS results may
+# The layerwise and the in-memory forward run the same ops on the same batches, but float32 BLAS results may
 # still round differently (blocking, threads): bounded by the network's arithmetic (tests/kernels/tolerances.py).
 FWD_RTOL = fp32_forward_rtol(9 * LAYERS + 2, max(HIDDEN, INTER, SEQ))
 
@@ -84,20 +85,20 @@ def test_layerwise_equals_in_memory(case, tmp_path):
     folder = save(build(case), tmp_path / case, sharded=True)
     ids, mask = batch()
     ref = in_memory(folder, ids, mask, keep_token_ids=KEEP, batch_size=2)
-    got = score_layerwise(folder, ids, mask, keep_token_ids=KEEP, batch_size=2, progress=False)
+    got = score_layerwise(folder, ids, mask, ScoringOptions(keep_token_ids=KEEP, batch_size=2, progress=False))
     assert_scores_equal(got, ref, rtol=FWD_RTOL, what=f"{case} layerwise vs in-memory")
 
 
 @pytest.mark.parametrize("case", ["qwen2", "gemma2"])
 def test_single_file_token_weights_no_mask_hooks(case, tmp_path):
     """One model.safetensors, a float token-weight table, no attention mask, hidden states forced to the CPU,
-    and the plain hook backend."""
+    and the plain hook scoring path."""
     folder = save(build(case, seed=3), tmp_path / case, sharded=False)
     ids, _ = batch(seed=4, rows=3)
     weights = torch.rand(VOCAB, generator=torch.Generator().manual_seed(5))
     ref = in_memory(folder, ids, None, token_weights=weights, batch_size=3)
-    got = score_layerwise(folder, ids, None, token_weights=weights, batch_size=3, hidden_device="cpu",
-                          backend="hooks", progress=False)
+    got = score_layerwise(folder, ids, None, ScoringOptions(token_weights=weights, batch_size=3, path="hooks",
+                                                            progress=False), Placement(hidden_device="cpu"))
     assert_scores_equal(got, ref, rtol=FWD_RTOL, what=f"{case} single file, hooks")
 
 
@@ -107,8 +108,8 @@ def test_bf16(case, tmp_path):
     folder = save(build(case).to(torch.bfloat16), tmp_path / case, sharded=True)
     ids, mask = batch()
     ref = in_memory(folder, ids, mask, dtype=torch.bfloat16, keep_token_ids=KEEP, batch_size=2)
-    got = score_layerwise(folder, ids, mask, dtype=torch.bfloat16, keep_token_ids=KEEP, batch_size=2,
-                          progress=False)
+    got = score_layerwise(folder, ids, mask, ScoringOptions(keep_token_ids=KEEP, batch_size=2, progress=False),
+                          Placement(dtype=torch.bfloat16))
     # bf16 rounding (2^-8) would make an arithmetic bound meaningless; the claim here is that both paths run
     # the same bf16 ops on the same batches, so only the float32 sum of the squares (rows * u) may differ.
     assert_scores_equal(got, ref, rtol=1e-6, what=f"{case} bf16")
@@ -122,7 +123,7 @@ def test_triton_kernels_under_interpreter(case, tmp_path, monkeypatch):
     folder = save(build(case), tmp_path / case, sharded=True)
     ids, mask = batch(rows=3)
     ref = in_memory(folder, ids, mask, keep_token_ids=KEEP, batch_size=2)
-    got = score_layerwise(folder, ids, mask, keep_token_ids=KEEP, batch_size=2, progress=False)
+    got = score_layerwise(folder, ids, mask, ScoringOptions(keep_token_ids=KEEP, batch_size=2, progress=False))
     assert_scores_equal(got, ref, rtol=FWD_RTOL, what=f"{case} triton interpreter")
 
 
@@ -137,7 +138,7 @@ def test_real_checkpoint_stories260k(shared_data, tmp_path):
     mask[2, 40:] = 0
     keep = list(range(400))
     ref = in_memory(folder, ids, mask, keep_token_ids=keep, batch_size=4)
-    got = score_layerwise(folder, ids, mask, keep_token_ids=keep, batch_size=4, progress=False)
+    got = score_layerwise(folder, ids, mask, ScoringOptions(keep_token_ids=keep, batch_size=4, progress=False))
     config = tf.AutoConfig.from_pretrained(folder)
     assert_scores_equal(got, ref, rtol=decoder_rtol(config, 64), what="stories260K")
 
@@ -178,20 +179,21 @@ MEASURE = PRELUDE + textwrap.dedent("""
     import transformers
     import transformers.models.llama.modeling_llama  # library code: imported before the baselines
     from compact.layerwise import score_layerwise
-    from compact.scoring import score_channels
+    from compact.scoring import ScoringOptions, score_channels
     transformers.AutoConfig.from_pretrained(folder)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 512, (4, 32), generator=gen)
     mask = torch.ones_like(ids); mask[1, 20:] = 0
-    # Layer-streamed first: memory it leaves to the allocator could only make the in-memory figure smaller.
+    # Layerwise first: memory it leaves to the allocator could only make the in-memory figure smaller.
     base = start()
-    streamed = score_layerwise(folder, ids, mask, keep_token_ids=range(400), batch_size=2, progress=False)
+    layerwise = score_layerwise(folder, ids, mask, ScoringOptions(keep_token_ids=range(400), batch_size=2,
+                                                                   progress=False))
     figures = {"layerwise": {"base": base, "peak": status()["VmHWM"]}}
     base = start()
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     whole = score_channels(model, ids, mask, keep_token_ids=range(400), batch_size=2, progress=False)
     figures["in-memory"] = {"base": base, "peak": status()["VmHWM"]}
-    torch.save({"layerwise": streamed, "in-memory": whole}, out)
+    torch.save({"layerwise": layerwise, "in-memory": whole}, out)
     print(json.dumps(figures))
 """)
 
@@ -207,7 +209,7 @@ def measure(folder, tmp_path) -> tuple[dict, dict]:
 
 @pytest.mark.slow
 def test_peak_memory_16_layers(tmp_path):
-    """A 16-layer model of ~270 MB (fp32): layer-streamed peak RSS vs loading it whole. Prints the figures."""
+    """A 16-layer model of ~270 MB (fp32): layerwise peak RSS vs loading it whole. Prints the figures."""
     if not os.path.exists("/proc/self/status"):
         pytest.skip("needs /proc (Linux) to read the peak RSS")
     config = tf.LlamaConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=8,
@@ -221,11 +223,11 @@ def test_peak_memory_16_layers(tmp_path):
     layer = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
     del model
     figures, scores = measure(folder, tmp_path)
-    streamed, whole = figures["layerwise"], figures["in-memory"]
+    layerwise, whole = figures["layerwise"], figures["in-memory"]
     assert_scores_equal(scores["layerwise"], scores["in-memory"], rtol=decoder_rtol(config, 32), what="16-layer model")
     mb = 1 / 2**20
-    s_peak, w_peak = (streamed["peak"] - streamed["base"]) * mb, (whole["peak"] - whole["base"]) * mb
+    s_peak, w_peak = (layerwise["peak"] - layerwise["base"]) * mb, (whole["peak"] - whole["base"]) * mb
     print(f"\n16-layer Llama: weights {total * mb:.0f} MiB fp32, one layer {layer * mb:.1f} MiB; peak RSS above the "
-          f"post-import baseline: layer-streamed {s_peak:.0f} MiB, in memory {w_peak:.0f} MiB "
+          f"post-import baseline: layerwise {s_peak:.0f} MiB, in memory {w_peak:.0f} MiB "
           f"(ratio {s_peak / w_peak:.2f})")
-    assert s_peak < 0.5 * w_peak, f"layer-streamed peak {s_peak:.0f} MiB is not under half of {w_peak:.0f} MiB"
+    assert s_peak < 0.5 * w_peak, f"layerwise peak {s_peak:.0f} MiB is not under half of {w_peak:.0f} MiB"

@@ -6,13 +6,12 @@ only its checks count (a few seconds in all). For figures:
     pytest tests/test_perf.py --benchmark-enable            # a table per group: scoring, kernels, slicing
     pytest tests/test_perf.py --benchmark-enable --benchmark-columns=min,median,max,rounds
 
-The end-to-end comparison on real model shapes is bench/calibration.py (see bench/README.md).
+The end-to-end comparison on real model shapes is bench/calibration.py (see bench/README.md); its hook baseline,
+tests/hook_baseline.py, is the reference here.
 """
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,22 +20,11 @@ pytest.importorskip("pytest_benchmark")
 
 import compact_kernels as ck
 from compact import models, slicing
-from compact.scoring import ChannelScorer, run_scorer, score_channels
+from compact.scoring import ChannelScorer, Checkpointing, run_scorer, score_channels
+from hook_baseline import hook_scores
 from kernels.tolerances import decoder_rtol, fp32_sum_rtol
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 VOCAB, SAMPLES, SEQ, BATCH = 512, 4, 64, 2
-
-
-@pytest.fixture(scope="module")
-def calibration():
-    """bench/calibration.py as a module (its hook baseline is the reference here)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import calibration
-    finally:
-        sys.path.remove(str(BENCH))
-    return calibration
 
 
 def small_config():
@@ -81,7 +69,7 @@ def assert_untouched(model) -> None:
 # ------------------------------------------------------------------------------------------------ scoring
 
 @pytest.mark.benchmark(group="scoring")
-def test_score_channels_cpu(benchmark, small, calibration):
+def test_score_channels_cpu(benchmark, small):
     """The fast CPU path: decoder only, stops after the last MLP, same scores as the hook baseline."""
     model, ids, mask, kept, table = small
     decoder = models.decoder_of(model)
@@ -95,17 +83,17 @@ def test_score_channels_cpu(benchmark, small, calibration):
             handle.remove()
     assert not ran, f"score_channels ran {sorted(set(ran))}: it must stop after the last MLP"
     assert_untouched(model)
-    want = calibration.hook_scores(model, ids, mask, table, BATCH)
+    want = hook_scores(model, ids, mask, table, BATCH)
     assert_scores_close(scores, want, "score_channels vs hooks on the full forward")
     again = score_channels(model, ids, mask, keep_token_ids=kept, batch_size=BATCH, progress=False)
     assert all(torch.equal(again[k], scores[k]) for k in scores), "score_channels is not deterministic"
 
 
 @pytest.mark.benchmark(group="scoring")
-def test_hooks_full_forward_baseline(benchmark, small, calibration):
+def test_hooks_full_forward_baseline(benchmark, small):
     """The baseline users write (full forward, logits, hooks on down_proj): the figure to compare against."""
     model, ids, mask, kept, table = small
-    scores = benchmark(calibration.hook_scores, model, ids, mask, table, BATCH)
+    scores = benchmark(hook_scores, model, ids, mask, table, BATCH)
     ref = score_channels(model, ids, mask, keep_token_ids=kept, batch_size=BATCH, backend="hooks", progress=False)
     assert_scores_close(scores, ref, "bench baseline vs ChannelScorer(backend='hooks')")
     assert_untouched(model)
@@ -138,7 +126,7 @@ def test_interrupted_run_restores_model(small):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_scorer(scorer, ids, mask, batch_size=BATCH, on_batch=stop)
+        run_scorer(scorer, ids, mask, batch_size=BATCH, checkpointing=Checkpointing(on_batch=stop))
     assert_untouched(model)
     assert scorer._stop_after is None and not scorer._driven
     with torch.no_grad():
@@ -235,34 +223,3 @@ def test_slice_vocabulary_cpu(benchmark, small):
     assert torch.equal(pruned.get_input_embeddings().weight, model.get_input_embeddings().weight[index])
     assert torch.equal(pruned.get_output_embeddings().weight, model.get_output_embeddings().weight[index])
     assert pruned.config.vocab_size == len(kept)
-
-
-# ------------------------------------------------------------------------------------ bench/calibration.py
-
-def test_calibration_bench_in_process(calibration, tmp_path, capsys):
-    """The in-process loop (the GPU path's, here on the CPU) on a tiny shape: rows, agreement, CSV, PNG."""
-    import csv
-
-    argv = ["--device", "cpu", "--in-process", "--shapes", "tiny-llama", "--repeats", "2", "--out", str(tmp_path)]
-    assert calibration.main(argv) == 0, capsys.readouterr().out
-    with open(tmp_path / "calibration_cpu.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["variant"] for r in rows] == list(calibration.VARIANTS)
-    ours = rows[-1]
-    assert ours["agree"] == "True" and float(ours["max_rel_diff_layer"]) <= 1e-6, ours
-    assert len(ours["speedups"].split()) == 2 and float(ours["speedup_median"]) > 0
-    assert ours["tokens"] == str(4 * 32) and "one process for both variants" in ours["memory"]
-    with open(tmp_path / "calibration_cpu_runs.csv", newline="") as f:
-        runs = list(csv.DictReader(f))
-    assert [(r["pair"], r["variant"]) for r in runs] == [("0", "hooks_full_forward"), ("0", "score_channels"),
-                                                         ("1", "score_channels"), ("1", "hooks_full_forward")]
-    pytest.importorskip("matplotlib")
-    assert (tmp_path / "calibration_cpu.png").stat().st_size > 0
-
-
-def test_calibration_bench_without_gpu(calibration, tmp_path, capsys):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
-    assert calibration.main(["--device", "cuda", "--out", str(tmp_path)]) == 0
-    assert "needs a CUDA GPU; nothing measured" in capsys.readouterr().out
-    assert not any(tmp_path.iterdir())

@@ -94,20 +94,20 @@ def test_offload_layerwise_matches_in_memory(tiny, tmp_path):
     close(load_file(str(out)), load_file(str(root / "plain.safetensors")), root / "model")
 
 
-def test_streamed_prune_writes_the_in_memory_checkpoint(tiny, tmp_path):
+def test_layerwise_prune_writes_the_in_memory_checkpoint(tiny, tmp_path):
     import json
 
     root, _ = tiny
     common = ["prune", str(root / "model"), "--scores", str(root / "plain.safetensors"), "--vocab-keep", "200",
               "--ffn-keep", "256", "--quiet"]
     assert cli.main(common + ["--out", str(tmp_path / "memory")]) == 0
-    assert cli.main(common + ["--out", str(tmp_path / "streamed"), "--offload", "layerwise"]) == 0
+    assert cli.main(common + ["--out", str(tmp_path / "layerwise"), "--offload", "layerwise"]) == 0
     tensors = {kind: {k: v for f in sorted((tmp_path / kind).glob("model*.safetensors")) for k, v in load_file(str(f)).items()}
-               for kind in ("memory", "streamed")}
-    assert sorted(tensors["memory"]) == sorted(tensors["streamed"])
+               for kind in ("memory", "layerwise")}
+    assert sorted(tensors["memory"]) == sorted(tensors["layerwise"])
     for name, value in tensors["memory"].items():
-        other = tensors["streamed"][name]
+        other = tensors["layerwise"][name]
         assert value.dtype == other.dtype and torch.equal(value.view(torch.uint8), other.view(torch.uint8)), name
-    reports = {k: json.loads((tmp_path / k / "compact_report.json").read_text()) for k in ("memory", "streamed")}
+    reports = {k: json.loads((tmp_path / k / "compact_report.json").read_text()) for k in ("memory", "layerwise")}
     for key in ("kept_token_ids", "kept_channels", "sizes", "parameters"):
-        assert reports["memory"][key] == reports["streamed"][key], key
+        assert reports["memory"][key] == reports["layerwise"][key], key

@@ -14,15 +14,16 @@ def test_top_channels_ties_to_lower_index_ascending():
         selection.top_channels(scores, 7)
 
 
-@pytest.mark.parametrize("value,expected", [("128", 128), (100, 100), ("0.5", 2432), ("1", 1), ("1.0", 4864),
-                                            ("0.001", 64), ("0.9999", 4864)])
+@pytest.mark.parametrize("value,expected", [("128", 128), (100, 100), ("0.5", 2432), ("1ch", 1), ("128ch", 128),
+                                            (1, 1), ("1.0", 4864), (1.0, 4864), ("0.001", 64), ("0.9999", 4864)])
 def test_resolve_ffn_keep(value, expected):
     assert selection.resolve_ffn_keep(value, 4864, 64) == expected
 
 
 @pytest.mark.parametrize("value,multiple,message", [
     ("0", 64, "between 1 and"), ("4865", 64, "between 1 and"), ("1.5", 64, r"in \(0, 1\]"),
-    ("-0.5", 64, r"in \(0, 1\]"), ("abc", 64, "channel count or a ratio"),
+    ("-0.5", 64, r"in \(0, 1\]"), ("abc", 64, "channel count"), ("1", 64, "ambiguous: write 1ch"),
+    ("+1", 64, "ambiguous"), ("0.5ch", 64, "channel count"), ("ch", 64, "channel count"),
     ("0.5", 8000, "cannot be rounded to a multiple of --ffn-multiple 8000")])
 def test_resolve_ffn_keep_errors(value, multiple, message):
     with pytest.raises(ValueError, match=message):

@@ -1,5 +1,5 @@
 """Tiny random models of every supported family, built offline from their configs: the one builder the family,
-layer-streaming and streamed-pruning tests share.
+layerwise scoring and layerwise slicing tests share.
 
 Special ids are spread out (Phi-3's pad/eos sit at the top of the vocabulary) so that renumbering them shows.
 Weights are redrawn at std 1/sqrt(fan_in) and norms/biases jittered: with the stock init (std 0.02) the FFN

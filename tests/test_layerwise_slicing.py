@@ -1,4 +1,4 @@
-"""Streamed pruning (`compact.streamed.prune_streamed`) against the in-memory path.
+"""Layerwise slicing (`compact.layerwise_slicing.prune_layerwise`) against the in-memory path.
 
 For every supported family (Llama tied and untied included), from one file and from several shards: the
 checkpoint written tensor by tensor equals `slice_vocabulary` + `slice_ffn` on the loaded model followed by
@@ -25,7 +25,7 @@ import tiny_models
 from memory_probe import PRELUDE
 from tiny_models import CASES, INTER, VOCAB
 from compact import models, slicing
-from compact.streamed import prune_streamed, write_pruned
+from compact.layerwise_slicing import prune_layerwise, write_layerwise
 
 def build(case: str, seed: int = 0, dtype=torch.float32):
     return tiny_models.build(case, seed).to(dtype)
@@ -83,19 +83,19 @@ def assert_same_checkpoint(got: Path, ref: Path, what: str) -> None:
     for name in ("config.json", "generation_config.json"):
         ja, jb = json.loads((ref / name).read_text()), json.loads((got / name).read_text())
         diff = {k: (ja.get(k), jb.get(k)) for k in set(ja) | set(jb) if ja.get(k) != jb.get(k)}
-        assert not diff, f"{what} {name}: (in-memory, streamed) differ: {diff}"
+        assert not diff, f"{what} {name}: (in-memory, layerwise) differ: {diff}"
 
 
 # ------------------------------------------------------------------------------------------------ equality
 
 @pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "one-file"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_streamed_equals_in_memory(case, sharded, tmp_path):
+def test_layerwise_equals_in_memory(case, sharded, tmp_path):
     src = source(case, tmp_path / "src", sharded=sharded)
     model = build(case)
     ids, channels = kept_ids(model.config), kept_channels(model)
     before, after = in_memory(src, tmp_path / "ref", ids, channels, torch.float32)
-    summary = prune_streamed(src, tmp_path / "out", ids, channels, progress=False)
+    summary = prune_layerwise(src, tmp_path / "out", ids, channels)
     out = tmp_path / "out"
     assert_same_checkpoint(out, tmp_path / "ref", case)
     assert summary["parameters"] == {"before": before, "after": after}
@@ -130,7 +130,7 @@ def test_bf16_source_kept_in_bf16(case, tmp_path):
     model = build(case)
     ids, channels = kept_ids(model.config, 1), kept_channels(model, 16, 1)
     in_memory(src, tmp_path / "ref", ids, channels, torch.bfloat16)
-    prune_streamed(src, tmp_path / "out", ids, channels, progress=False)
+    prune_layerwise(src, tmp_path / "out", ids, channels)
     assert_same_checkpoint(tmp_path / "out", tmp_path / "ref", f"{case} bf16")
     assert all(t.dtype == torch.bfloat16 for t in tensors(tmp_path / "out").values())
 
@@ -142,7 +142,7 @@ def test_one_axis_only(part, tmp_path):
     ids = kept_ids(model.config) if part == "vocabulary" else None
     channels = kept_channels(model) if part == "ffn" else None
     before, after = in_memory(src, tmp_path / "ref", ids, channels, torch.float32)
-    summary = prune_streamed(src, tmp_path / "out", ids, channels, progress=False)
+    summary = prune_layerwise(src, tmp_path / "out", ids, channels)
     assert_same_checkpoint(tmp_path / "out", tmp_path / "ref", part)
     assert summary["parameters"] == {"before": before, "after": after}
     sizes = summary["sizes"]
@@ -152,7 +152,7 @@ def test_one_axis_only(part, tmp_path):
 
 def test_unreadable_generation_config_is_derived_as_in_memory(tmp_path):
     """A damaged generation_config.json: like from_pretrained, the pruned checkpoint gets one derived from
-    config.json (the same renumbered token ids as the in-memory prune writes), and the streamed prune says so.
+    config.json (the same renumbered token ids as the in-memory prune writes), and the layerwise prune says so.
     (transformers' own fallback differs in a few unrelated defaults, e.g. output_attentions None vs False.)"""
     src = source("llama", tmp_path / "src", sharded=False)
     (src / "generation_config.json").write_text("{broken")
@@ -160,10 +160,10 @@ def test_unreadable_generation_config_is_derived_as_in_memory(tmp_path):
     ids, channels = kept_ids(model.config), kept_channels(model)
     in_memory(src, tmp_path / "ref", ids, channels, torch.float32)
     with pytest.warns(UserWarning, match="generation_config.json cannot be read"):
-        prune_streamed(src, tmp_path / "out", ids, channels, progress=False)
+        prune_layerwise(src, tmp_path / "out", ids, channels)
     got, want = (json.loads((tmp_path / d / "generation_config.json").read_text()) for d in ("out", "ref"))
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        assert got.get(attr) == want.get(attr), f"{attr}: streamed {got.get(attr)}, in memory {want.get(attr)}"
+        assert got.get(attr) == want.get(attr), f"{attr}: layerwise {got.get(attr)}, in memory {want.get(attr)}"
     assert got.get("bos_token_id") == ids.index(1), "the token ids were not renumbered"
 
 
@@ -180,7 +180,7 @@ def test_atomic_output_and_finish_hook(tmp_path):
         raise RuntimeError("tokenizer surgery failed")
 
     with pytest.raises(RuntimeError, match="tokenizer surgery failed"):
-        prune_streamed(src, out, ids, channels, finish=failing, progress=False)
+        prune_layerwise(src, out, ids, channels, finish=failing)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], \
         "a failed prune left files behind"
 
@@ -190,13 +190,13 @@ def test_atomic_output_and_finish_hook(tmp_path):
         (folder / "compact_report.json").write_text(json.dumps({"sizes": summary["sizes"]}))
         seen.update(summary)
 
-    summary = prune_streamed(src, out, ids, channels, finish=finish, progress=False)
+    summary = prune_layerwise(src, out, ids, channels, finish=finish)
     assert seen == summary and (out / "compact_report.json").is_file()
     with pytest.raises(ValueError, match="not empty"):
-        prune_streamed(src, out, ids, channels, progress=False)
+        prune_layerwise(src, out, ids, channels)
     with pytest.raises(ValueError, match="overlaps the source"):
-        prune_streamed(src, src / "inside", ids, channels, progress=False)
-    prune_streamed(src, out, ids, None, overwrite=True, progress=False)
+        prune_layerwise(src, src / "inside", ids, channels)
+    prune_layerwise(src, out, ids, None, overwrite=True)
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == INTER
     assert not (out / "compact_report.json").exists()
 
@@ -207,36 +207,37 @@ def test_bad_input(tmp_path):
     ids, channels = kept_ids(model.config), kept_channels(model)
     (tmp_path / "w").mkdir()
     with pytest.raises(ValueError, match="ascending"):
-        write_pruned(src, tmp_path / "w", ids[::-1], None)
+        write_layerwise(src, tmp_path / "w", ids[::-1], None)
     with pytest.raises(IndexError, match="outside"):
-        write_pruned(src, tmp_path / "w", ids + [VOCAB], None)
+        write_layerwise(src, tmp_path / "w", ids + [VOCAB], None)
     with pytest.raises(ValueError, match="same number of channels"):
-        write_pruned(src, tmp_path / "w", None, {**channels, "model.layers.1.mlp": channels["model.layers.1.mlp"][:5]})
+        write_layerwise(src, tmp_path / "w", None,
+                        {**channels, "model.layers.1.mlp": channels["model.layers.1.mlp"][:5]})
     with pytest.raises(KeyError, match="every MLP"):
-        write_pruned(src, tmp_path / "w", None, {"model.layers.0.mlp": channels["model.layers.0.mlp"]})
+        write_layerwise(src, tmp_path / "w", None, {"model.layers.0.mlp": channels["model.layers.0.mlp"]})
     with pytest.raises(IndexError, match="outside"):
-        write_pruned(src, tmp_path / "w", None, {n: c[:-1] + [INTER] for n, c in channels.items()})
+        write_layerwise(src, tmp_path / "w", None, {n: c[:-1] + [INTER] for n, c in channels.items()})
     with pytest.raises(models.UnsupportedModelError):
         tf.GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
-        write_pruned(tmp_path / "gpt2", tmp_path / "w", ids, None)
+        write_layerwise(tmp_path / "gpt2", tmp_path / "w", ids, None)
 
 
 # ------------------------------------------------------------------------------------------------- memory
 
 MEASURE = PRELUDE + textwrap.dedent("""
-    src, streamed_out, whole_out = sys.argv[1], sys.argv[2], sys.argv[3]
+    src, layerwise_out, whole_out = sys.argv[1], sys.argv[2], sys.argv[3]
     import torch, transformers
     import transformers.models.llama.modeling_llama  # library code: imported before the baselines
     from compact import models, slicing
-    from compact.streamed import prune_streamed
+    from compact.layerwise_slicing import prune_layerwise
     config = transformers.AutoConfig.from_pretrained(src)
     ids = list(range(0, config.vocab_size, 2))
     channels = {f"model.layers.{i}.mlp": list(range(0, config.intermediate_size, 2))
                 for i in range(config.num_hidden_layers)}
-    # Streamed first: memory it leaves to the allocator could only make the in-memory figure smaller.
+    # Layerwise first: memory it leaves to the allocator could only make the in-memory figure smaller.
     base = start()
-    prune_streamed(src, streamed_out, ids, channels, progress=False)
-    figures = {"streamed": {"base": base, "peak": status()["VmHWM"]}}
+    prune_layerwise(src, layerwise_out, ids, channels)
+    figures = {"layerwise": {"base": base, "peak": status()["VmHWM"]}}
     base = start()
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     slicing.slice_vocabulary(model, ids)
@@ -247,10 +248,10 @@ MEASURE = PRELUDE + textwrap.dedent("""
 """)
 
 
-def measure(src: Path, streamed_out: Path, whole_out: Path) -> dict[str, dict]:
+def measure(src: Path, layerwise_out: Path, whole_out: Path) -> dict[str, dict]:
     """Both paths in one fresh process, each from a reset high-water mark: {mode: {base, peak} RSS in bytes}."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    run = subprocess.run([sys.executable, "-c", MEASURE, str(src), str(streamed_out), str(whole_out)],
+    run = subprocess.run([sys.executable, "-c", MEASURE, str(src), str(layerwise_out), str(whole_out)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -258,7 +259,7 @@ def measure(src: Path, streamed_out: Path, whole_out: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_peak_memory_about_two_tensors(tmp_path):
-    """A ~200 MB model whose largest tensors (embedding, head) are 16 MiB: streamed pruning's peak RSS stays
+    """A ~200 MB model whose largest tensors (embedding, head) are 16 MiB: layerwise slicing's peak RSS stays
     near two of them, while the in-memory path holds the model. Prints the figures."""
     if not os.path.exists("/proc/self/status"):
         pytest.skip("needs /proc (Linux) to read the peak RSS")
@@ -271,12 +272,12 @@ def test_peak_memory_about_two_tensors(tmp_path):
     largest = max(p.numel() * 4 for p in model.parameters())
     total = sum(p.numel() * 4 for p in model.parameters())
     del model
-    peaks = measure(tmp_path / "src", tmp_path / "streamed", tmp_path / "whole")
-    streamed, whole = peaks["streamed"], peaks["in-memory"]
-    assert_same_checkpoint(tmp_path / "streamed", tmp_path / "whole", "200 MB model")
+    peaks = measure(tmp_path / "src", tmp_path / "layerwise", tmp_path / "whole")
+    layerwise, whole = peaks["layerwise"], peaks["in-memory"]
+    assert_same_checkpoint(tmp_path / "layerwise", tmp_path / "whole", "200 MB model")
     mb = 1 / 2**20
-    s_peak, w_peak = (streamed["peak"] - streamed["base"]) * mb, (whole["peak"] - whole["base"]) * mb
-    print(f"\nstreamed prune of a {total * mb:.0f} MiB model (largest tensor {largest * mb:.0f} MiB): peak RSS above the "
-          f"post-import baseline {s_peak:.0f} MiB = {s_peak / (largest * mb):.2f} x the largest tensor; "
+    s_peak, w_peak = (layerwise["peak"] - layerwise["base"]) * mb, (whole["peak"] - whole["base"]) * mb
+    print(f"\nlayerwise prune of a {total * mb:.0f} MiB model (largest tensor {largest * mb:.0f} MiB): peak RSS "
+          f"above the post-import baseline {s_peak:.0f} MiB = {s_peak / (largest * mb):.2f} x the largest tensor; "
           f"in memory (load, slice, save_pretrained) {w_peak:.0f} MiB")
-    assert s_peak < 2.5 * largest * mb + 16, f"streamed peak {s_peak:.0f} MiB is more than ~2 largest tensors"
+    assert s_peak < 2.5 * largest * mb + 16, f"layerwise peak {s_peak:.0f} MiB is more than ~2 largest tensors"
