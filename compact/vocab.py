@@ -253,8 +253,8 @@ def keep_curve(tokenizer, num_embeddings: int, order: str, counts=None, *, alway
     ids, kept = [], set()
 
     def add(token_id: int) -> None:
-        for new in [*sorted(_alphabet_ids([names[token_id]], vocab) & allowed - kept - {token_id}), token_id]:
-            if new not in kept:
+        for new in [*sorted(_alphabet_ids([names[token_id]], vocab)), token_id]:
+            if new in allowed and new not in kept:
                 ids.append(new)
                 kept.add(new)
 

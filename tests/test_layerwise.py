@@ -212,11 +212,8 @@ def test_peak_memory_16_layers(tmp_path):
     """A 16-layer model of ~270 MB (fp32): layerwise peak RSS vs loading it whole. Prints the figures."""
     if not os.path.exists("/proc/self/status"):
         pytest.skip("needs /proc (Linux) to read the peak RSS")
-    config = tf.LlamaConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=8,
-                            num_key_value_heads=8, vocab_size=512, max_position_embeddings=256,
-                            tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(config).eval()
+    model = tiny_models.big_llama(intermediate=2048, vocab=512)
+    config = model.config
     folder = tmp_path / "big"
     model.save_pretrained(folder, max_shard_size="100MB")
     total = sum(p.numel() * 4 for p in model.parameters())

@@ -263,11 +263,7 @@ def test_peak_memory_about_two_tensors(tmp_path):
     near two of them, while the in-memory path holds the model. Prints the figures."""
     if not os.path.exists("/proc/self/status"):
         pytest.skip("needs /proc (Linux) to read the peak RSS")
-    config = tf.LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=16, num_attention_heads=8,
-                            num_key_value_heads=8, vocab_size=8192, max_position_embeddings=256,
-                            tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = tf.LlamaForCausalLM(config)
+    model = tiny_models.big_llama(intermediate=1536, vocab=8192)
     model.save_pretrained(tmp_path / "src", max_shard_size="100MB")
     largest = max(p.numel() * 4 for p in model.parameters())
     total = sum(p.numel() * 4 for p in model.parameters())

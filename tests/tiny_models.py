@@ -54,3 +54,12 @@ def build(case: str, seed: int = 0, layers: int = 2) -> torch.nn.Module:
             else:
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
     return model
+
+
+def big_llama(intermediate: int, vocab: int):
+    """A 16-layer, hidden-512 float32 Llama (~200-270 MB) for the peak-memory tests, seeded."""
+    config = tf.LlamaConfig(hidden_size=512, intermediate_size=intermediate, num_hidden_layers=16,
+                            num_attention_heads=8, num_key_value_heads=8, vocab_size=vocab,
+                            max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(config).eval()
