@@ -99,7 +99,7 @@ def load_calibration(opts: CalibOptions, *, tokenizer=None, vocab_size: int, eos
     if vocab_size < 1 or samples < 1 or seq_len < 1:
         raise ValueError(f"{path}: vocab_size, samples and seq_len must be >= 1, "
                          f"got {vocab_size}, {samples}, {seq_len}")
-    suffix = path.suffix.lower()
+    suffix, bos = path.suffix.lower(), None
     if suffix == ".npy":
         array = _load_npy(path)
         if array.ndim == 2:
@@ -116,16 +116,39 @@ def load_calibration(opts: CalibOptions, *, tokenizer=None, vocab_size: int, eos
             raise ValueError(f"{path}: {suffix} text needs a tokenizer and the model has none: name one with "
                              "--tokenizer PATH (folder, tokenizer.json or tokenizer.model), or give token ids "
                              "(.npy, or a .bin memmap with --calib-dtype)")
+        bos = bos_by_default(tokenizer) if seq_len > 1 else None
+        seq_len -= bos is not None  # rows start with the BOS the tokenizer adds, as the model saw text in training
         pieces = _txt_pieces(path, _block_chars(samples * seq_len)) if suffix == ".txt" \
             else _jsonl_pieces(path, text_field)
         tokens, origin = _tokenize(pieces, tokenizer, eos_id, samples * seq_len, path, progress)
+        if bos is not None:
+            origin += f", each row starting with bos {bos}"
     else:
         raise ValueError(f"{path}: unknown calibration format {suffix!r} (expected .txt, .jsonl, .npy or .bin)")
     if len(tokens) == 0:
         raise ValueError(f"{path}: no tokens in calibration file")
     input_ids, attention_mask = pack_tokens(tokens, samples, seq_len)
+    if bos is not None:
+        input_ids, attention_mask = _with_bos(input_ids, attention_mask, bos)
     _check_ids(input_ids, vocab_size, path)
     return Calibration(input_ids, attention_mask, f"{path.name}: {_describe(input_ids, attention_mask)} from {origin}")
+
+
+def bos_by_default(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts before text by default (Llama 2/3 do, Qwen and SmolLM2 do not), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or not hasattr(tokenizer, "convert_ids_to_tokens"):
+        return None
+    ids = tokenizer("a").input_ids
+    return bos if ids and ids[0] == bos else None
+
+
+def _with_bos(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, bos: int):
+    """A BOS column in front of packed rows (and of their mask)."""
+    column = torch.full((input_ids.shape[0], 1), bos, dtype=input_ids.dtype)
+    if attention_mask is not None:
+        attention_mask = torch.cat([torch.ones_like(column), attention_mask], dim=1)
+    return torch.cat([column, input_ids], dim=1), attention_mask
 
 
 def _describe(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> str:

@@ -3,9 +3,11 @@ llama2.c checkpoint file; plus its tokenizer when it has one. Never downloads.""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,20 +69,21 @@ def _hub_snapshot(model_id: str) -> Path | None:
 
 
 def locate(source: str) -> Path:
-    """The path behind MODEL: a directory with config.json, a llama2.c file, or a cached hub id."""
+    """The path behind MODEL: a directory with config.json, a llama2.c file, a .gguf file, or a cached hub id."""
     path = Path(source)
-    if path.is_file() and llama2c.is_llama2c_checkpoint(path):
+    if path.is_file() and (path.suffix == ".gguf" or llama2c.is_llama2c_checkpoint(path)):
         return path
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model {source!r}: directory has no config.json")
         return path
     if path.exists():
-        raise ValueError(f"model {source!r}: not a Hugging Face directory or a llama2.c checkpoint")
+        raise ValueError(f"model {source!r}: not a Hugging Face directory, a .gguf file or a llama2.c checkpoint")
     snapshot = None if source.startswith((".", "/")) or source.count("/") > 1 else _hub_snapshot(source)
     if snapshot is None:
         raise FileNotFoundError(
-            f"model {source!r} not found: not a local directory, a llama2.c checkpoint, or a hub id in the local cache")
+            f"model {source!r} not found: not a local directory, a .gguf file, a llama2.c checkpoint, or a hub id in "
+            "the local cache")
     return snapshot
 
 
@@ -90,6 +93,8 @@ def load(source: str, *, dtype: str = "auto", device: str | None = None, trust_r
 
     path, device = locate(source), resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    if path.suffix == ".gguf":
+        return _load_gguf(path, torch_dtype, device)
     if path.is_file():
         model = llama2c.load_llama2c(path, dtype=torch_dtype).to(device)
         return Loaded(model, None, f"llama2.c checkpoint {path}", device=device)
@@ -107,6 +112,54 @@ def load(source: str, *, dtype: str = "auto", device: str | None = None, trust_r
     return _with_extras(model.to(device).eval(), path, trust_remote_code, device)
 
 
+def _load_gguf(path: Path, dtype: torch.dtype, device: str) -> Loaded:
+    """A GGUF file (llama.cpp's format, tokenizer inside) through transformers' GGUF support, dequantized to
+    `dtype`: afterwards a plain model that save_pretrained writes as a normal safetensors checkpoint."""
+    where = {"pretrained_model_name_or_path": path.parent, "gguf_file": path.name}
+    with _tqdm_follows_transformers():
+        return _read_gguf(path, where, dtype, device)
+
+
+@contextmanager
+def _tqdm_follows_transformers():
+    """transformers' GGUF reader draws a plain tqdm bar: hide it when transformers' own bars are off."""
+    from transformers.utils import logging as hf_logging
+
+    saved = os.environ.get("TQDM_DISABLE")
+    if not hf_logging.is_progress_bar_enabled():
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = saved
+
+
+def _read_gguf(path: Path, where: dict, dtype: torch.dtype, device: str) -> Loaded:
+    """The GGUF loading itself; what transformers cannot read is one ValueError line."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(**where)
+        models.family_of(config)  # GGUF quantization is undone on loading: no check_prunable
+        tokenizer = AutoTokenizer.from_pretrained(**where)
+        model = AutoModelForCausalLM.from_pretrained(**where, dtype=dtype)
+    except ImportError as e:
+        raise ValueError(f"model {path}: loading GGUF needs the gguf and accelerate packages "
+                         f"(pip install 'compact[gguf]'): {' '.join(str(e).split())}") from None
+    except models.UnsupportedModelError:
+        raise
+    except (ValueError, NotImplementedError, KeyError, TypeError, OSError) as e:
+        raise ValueError(f"model {path}: transformers cannot read this GGUF file "
+                         f"({' '.join(str(e).split())[:300]})") from None
+    model.hf_quantizer = None  # dequantized already; else save_pretrained refuses a "gguf-quantized" model
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return Loaded(model.to(device).eval(), tokenizer, str(path), device=device)
+
+
 def _check_loading_info(source: str, info: dict) -> None:
     """Missing, unexpected or mis-shaped tensors are an error: transformers would invent or drop weights."""
     names = {key: [str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ()]
@@ -121,7 +174,8 @@ def load_skeleton(source: str, *, dtype: str = "auto", device: str | None = None
     path, device = locate(source), resolve_device(device)
     if path.is_file():
         raise ValueError(f"model {source!r}: --offload layerwise needs a Hugging Face safetensors directory, "
-                         "not a llama2.c checkpoint (it is small: drop the option)")
+                         f"not a {'GGUF' if path.suffix == '.gguf' else 'llama2.c'} file (prune it in memory, or "
+                         "convert it first)")
     model = checkpoint.skeleton(_config(path, trust_remote_code), resolve_dtype(dtype, device))
     return _with_extras(model, path, trust_remote_code, device)
 

@@ -236,6 +236,23 @@ def test_real_llama2_tokenizer_on_sotu(tmp_path):
     assert cal.input_ids.flatten().tolist() == encode(tok, head)[:2048]
 
 
+def test_rows_start_with_the_bos_the_tokenizer_adds(tmp_path):
+    """A tokenizer that puts BOS before text (Llama 2 here) gets BOS at the start of every row, as the model saw
+    text in training; the rest of the rows is the text's tokens in order. One that adds none gets none."""
+    from tokenizers_fixtures import llama2_tokenizer
+
+    tok = llama2_tokenizer(tmp_path)  # skips without ../shared/data
+    corpus = tmp_path / "calib.txt"
+    corpus.write_text((SHARED_DATA / "sotu.txt").read_text(encoding="utf-8")[:20_000], encoding="utf-8")
+    cal = load_calibration(CalibOptions(str(corpus), samples=3, seq_len=64), tokenizer=tok, vocab_size=32000)
+    assert cal.input_ids.shape == (3, 64) and cal.input_ids[:, 0].tolist() == [tok.bos_token_id] * 3
+    assert cal.input_ids[:, 1:].flatten().tolist() == encode(tok, corpus.read_text(encoding="utf-8"))[:3 * 63]
+    assert "each row starting with bos 1" in cal.source
+    tok.add_bos_token = False
+    plain = load_calibration(CalibOptions(str(corpus), samples=3, seq_len=64), tokenizer=tok, vocab_size=32000)
+    assert plain.input_ids.flatten().tolist() == encode(tok, corpus.read_text(encoding="utf-8"))[:3 * 64]
+
+
 # ---- errors --------------------------------------------------------------------------------------------------
 
 def test_missing_empty_and_unknown(tmp_path):
