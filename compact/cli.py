@@ -126,6 +126,9 @@ def _prune_command(sub) -> None:
                    help="keep this fraction of the parameters; the split between vocabulary and FFN is planned")
     _vocab_options(r)
     _criterion_options(r)
+    r.add_argument("--ffn-repair", action="store_true",
+                   help="re-fit each down_proj's kept columns by least squares on the calibration activations, so "
+                        "the layer's output matches the unpruned one (closed form, no training)")
     r.add_argument("--scores", help="use this scores file instead of calibrating")
     _calib_options(r)
     r.add_argument("--check", action="store_true", help="recompute the first batches with forward hooks and compare")

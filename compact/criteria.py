@@ -4,8 +4,6 @@ from __future__ import annotations
 import torch
 
 from . import models
-from . import runs
-from .scoring import ChannelScorer
 
 CRITERIA = {
     "common-act2": "sum of h_c^2 over calibration tokens in the kept vocabulary (COMPACT's criterion)",
@@ -20,15 +18,6 @@ DATA_FREE = ("magnitude", "random")
 def check_criterion(name: str) -> None:
     if name not in CRITERIA:
         raise ValueError(f"--ffn-criterion must be one of {', '.join(CRITERIA)}; got {name!r}")
-
-
-def activation_scores(model, calib, kept_ids, *, batch_size: int = 1, progress: bool | None = None,
-                      run: runs.RunOptions | None = None) -> tuple[dict, dict]:
-    """(common act^2, plain act^2) per MLP from one pass over `calib` (a data.Calibration; sharded over torchrun
-    ranks, checkpointed per `run`)."""
-    scorer = ChannelScorer(model, keep_token_ids=kept_ids, plain=True)
-    runs.run(scorer, calib.input_ids, calib.attention_mask, batch_size=batch_size, progress=progress, opts=run)
-    return scorer.scores, scorer.plain_scores
 
 
 def _channel_weight_norms(mlp, family, p: int) -> tuple[torch.Tensor, torch.Tensor]:

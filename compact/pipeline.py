@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, budget, criteria, data, models, output, runs, selection, slicing, tokenizer, vocab
+from . import (__version__, budget, criteria, data, models, output, repair, runs, selection, slicing, tokenizer,
+               vocab)
 from .data import CalibOptions
 from .loading import Loaded
-from .scoring import ScoringOptions, score_channels
+from .scoring import ChannelScorer, ScoringOptions, score_channels
 
 
 class CheckFailed(RuntimeError):
@@ -39,6 +40,7 @@ class PruneOptions:
     batch_size: int = 1
     check: bool = False
     check_batches: int = 2
+    ffn_repair: bool = False
     overwrite: bool = False
     progress: bool | None = None
 
@@ -117,6 +119,7 @@ class PrunePlan:
     scores: dict | None = None
     check: dict | None = None  # --check: fused vs hooks
     kept_channels: dict | None = None  # None: FFN not cut
+    grams: dict | None = None  # --ffn-repair: the Gram matrices of down_proj's inputs (compact.repair)
     parameters_before: dict | None = None
 
     @property
@@ -189,10 +192,6 @@ def _vocabulary(plan: PrunePlan) -> None:
                                                 order=plan.opts.vocab_order, counts=plan.counts, always=always)
 
 
-def _score(plan: PrunePlan) -> None:
-    plan.scores, plan.check = compute_scores(plan.loaded, plan.calibration, plan.kept_token_ids, plan.opts, plan.run)
-
-
 def _select(plan: PrunePlan) -> None:
     plan.parameters_before = models.parameter_counts(plan.model)
     if plan.opts.scores:
@@ -206,6 +205,10 @@ def _resolve_targets(plan: PrunePlan) -> int | None:
     """Validate what to prune (not for `score` or `plan`); the FFN keep count (None when planned)."""
     opts = plan.opts
     criteria.check_criterion(opts.ffn_criterion)
+    if opts.ffn_repair and (opts.scores or opts.ffn_criterion in criteria.DATA_FREE or plan.loaded.offloaded):
+        raise ValueError("--ffn-repair fits down_proj on the calibration pass: it needs --calib and a data-driven "
+                         "--ffn-criterion, with the model in memory (not --scores, magnitude/random, or "
+                         "--offload layerwise)")
     if plan.upto != "selection":
         return None
     if opts.target_params is not None and (opts.vocab_keep or opts.ffn_keep):
@@ -222,8 +225,16 @@ def plain_scores(loaded: Loaded, calib: data.Calibration, opts: PruneOptions) ->
     if loaded.offloaded:
         return _layerwise_scores(loaded, calib, None, PruneOptions(ffn_criterion="act2", batch_size=opts.batch_size,
                                                                    progress=opts.progress))[0]
-    return criteria.activation_scores(loaded.model, calib, None, batch_size=opts.batch_size,
-                                      progress=opts.progress)[1]
+    return _activation_pass(loaded.model, calib, None, replace(opts, ffn_repair=False)).plain_scores
+
+
+def _activation_pass(model, calib: data.Calibration, kept_ids, opts: PruneOptions,
+                     run: runs.RunOptions | None = None) -> ChannelScorer:
+    """One pass over the calibration data: common and plain act^2 (and, for --ffn-repair, the Gram matrices)."""
+    scorer = ChannelScorer(model, keep_token_ids=kept_ids, plain=True, gram=opts.ffn_repair)
+    runs.run(scorer, calib.input_ids, calib.attention_mask, batch_size=opts.batch_size, progress=opts.progress,
+             opts=run)
+    return scorer
 
 
 def plan_split(loaded: Loaded, counts: torch.Tensor, plain: dict, opts: PruneOptions) -> tuple[int, int, dict]:
@@ -279,30 +290,31 @@ def _layerwise_scores(loaded: Loaded, calib: data.Calibration, kept_ids, opts: P
     return score(calib.input_ids, calib.attention_mask, "auto", opts.progress), check
 
 
-def compute_scores(loaded: Loaded, calib: data.Calibration | None, kept_ids, opts: PruneOptions,
-                   run: runs.RunOptions | None = None) -> tuple[dict, dict | None]:
-    """(scores by `opts.ffn_criterion`, --check result or None); data-driven criteria share one pass.
-    Offloaded (--offload layerwise) models are scored one layer at a time from their files."""
+def _score(plan: PrunePlan) -> None:
+    """Scores by the criterion (data-driven ones share one pass), the --check result, and for --ffn-repair the
+    Gram matrices. Offloaded (--offload layerwise) models are scored one layer at a time from their files."""
+    loaded, opts, calib, kept_ids = plan.loaded, plan.opts, plan.calibration, plan.kept_token_ids
     model = loaded.model
     if opts.ffn_criterion in criteria.DATA_FREE:
         if loaded.offloaded:
             raise ValueError(f"--ffn-criterion {opts.ffn_criterion} needs the weights: drop --offload layerwise")
-        return criteria.data_free_scores(model, opts.ffn_criterion, opts.seed), None
+        plan.scores = criteria.data_free_scores(model, opts.ffn_criterion, opts.seed)
+        return
     if loaded.offloaded:
-        if run is not None and (run.every or run.resume or runs.distributed()[1] > 1):
+        if plan.run is not None and (plan.run.every or plan.run.resume or runs.distributed()[1] > 1):
             raise ValueError("--offload layerwise runs in one process without checkpoints")
-        return _layerwise_scores(loaded, calib, kept_ids, opts)
-    check = None
+        plan.scores, plan.check = _layerwise_scores(loaded, calib, kept_ids, opts)
+        return
     if opts.check:
         def score(ids, mask, path):
             return score_channels(model, ids, mask, keep_token_ids=kept_ids, batch_size=opts.batch_size,
                                   backend=path, progress=False)
 
-        check = check_against_hooks(score, calib, batch_size=opts.batch_size, batches=opts.check_batches,
-                                    dtype=model.get_input_embeddings().weight.dtype)
-    common, plain = criteria.activation_scores(model, calib, kept_ids, batch_size=opts.batch_size,
-                                               progress=opts.progress, run=run)
-    return criteria.from_activations(model, opts.ffn_criterion, common, plain), check
+        plan.check = check_against_hooks(score, calib, batch_size=opts.batch_size, batches=opts.check_batches,
+                                         dtype=model.get_input_embeddings().weight.dtype)
+    scorer = _activation_pass(model, calib, kept_ids, opts, plan.run)
+    plan.scores = criteria.from_activations(model, opts.ffn_criterion, scorer.scores, scorer.plain_scores)
+    plan.grams = scorer.grams
 
 
 def versions() -> dict:
@@ -374,6 +386,8 @@ def _slice(plan: PrunePlan, folder: Path) -> dict:
         summary = write_layerwise(plan.loaded.source, folder, plan.kept_token_ids, plan.kept_channels,
                                   device=plan.loaded.device, progress=plan.opts.progress)
         return summary["parameters"]["after"]
+    if plan.grams is not None and plan.kept_channels is not None:
+        repair.repair_down_proj(plan.model, plan.grams, plan.kept_channels)
     slicing.slice_model(plan.model, plan.kept_token_ids, plan.kept_channels)
     return models.parameter_counts(plan.model)
 

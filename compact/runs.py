@@ -49,6 +49,8 @@ def _state(scorer: ChannelScorer) -> dict[str, torch.Tensor]:
     state = {f"scores/{k}": v for k, v in scorer.scores.items()}
     if scorer.plain_scores is not None:
         state.update({f"plain/{k}": v for k, v in scorer.plain_scores.items()})
+    if scorer.grams is not None:
+        state.update({f"gram/{k}": v for k, v in scorer.grams.items()})
     state["mass"] = scorer.mass
     return state
 

@@ -127,11 +127,13 @@ class ChannelScorer:
     `token_weights` table of vocabulary size) times its attention mask; all ones when neither is given.
     `backend` is the scoring path: "fused" (= "auto") replaces each MLP's act-and-mul by `glu_and_score`;
     "hooks" is the plain forward-pre-hook path on `down_proj`, the reference the fused path is checked against.
-    `plain=True` also accumulates unweighted act^2 (attention mask only) in `plain_scores`, in the same pass.
+    `plain=True` also accumulates unweighted act^2 (attention mask only) in `plain_scores`, in the same pass;
+    `gram=True` the weighted Gram matrix of down_proj's input, `grams[name]` = sum_t w_t h_t h_t^T (float64
+    [I, I], its diagonal the scores), which compact.repair solves with.
     """
 
     def __init__(self, model: nn.Module, *, keep_token_ids=None, token_weights=None, backend: str = "auto",
-                 plain: bool = False):
+                 plain: bool = False, gram: bool = False):
         if backend not in PATHS:
             raise ValueError(f"backend (the scoring path) must be one of {', '.join(PATHS)}, got {backend!r}")
         if keep_token_ids is not None and token_weights is not None:
@@ -153,6 +155,8 @@ class ChannelScorer:
         size = models.intermediate_size(model)
         self.scores = {name: torch.zeros(size, dtype=torch.float64, device=device) for name in self.mlps}
         self.plain_scores = {name: torch.zeros_like(s) for name, s in self.scores.items()} if plain else None
+        self.grams = {name: torch.zeros(size, size, dtype=torch.float64, device=device)
+                      for name in self.mlps} if gram else None
         self.mass = torch.zeros((), dtype=torch.float64, device=device)  # float64 sum of the token weights seen
         self._weights: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
@@ -175,6 +179,14 @@ class ChannelScorer:
             self._weights = ck.token_weights(input_ids, self.table, attention_mask)
         # float32 per batch (exact for 0/1 weights below 2^24 tokens), float64 across batches.
         self.mass += input_ids.numel() if self._weights is None else self._weights.sum().to(torch.float64)
+
+    def _add_gram(self, name: str, h: torch.Tensor) -> None:
+        """grams[name] += h^T diag(w) h for this batch (float32 products, float64 across batches)."""
+        if self.grams is None:
+            return
+        h2 = h.detach().reshape(-1, h.shape[-1]).float()
+        weighted = h2 if self._weights is None else h2 * self._weights.reshape(-1, 1).float()
+        self.grams[name].add_((weighted.T @ h2).double())
 
     def _decoder_pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -237,6 +249,7 @@ class ChannelScorer:
         ck.check_weights(self._weights, x.shape[:-1], device)
         stop = name == self._stop_after
         out = None if stop else mlp.down_proj(h)
+        self._add_gram(name, h)
         if h.dtype == torch.float32:
             sq = h.square_()
         else:
@@ -263,6 +276,7 @@ class ChannelScorer:
                 h = ck.glu_and_score(gate, up, activation=activation, weights=scorer._weights, scores=scores)
             if scorer.plain_scores is not None:
                 ck.channel_scores(h.detach(), scorer._mask, out=scorer.plain_scores[name])
+            scorer._add_gram(name, h)
             scorer._stop_here(name)
             return mlp.down_proj(h)
 
@@ -273,6 +287,7 @@ class ChannelScorer:
             reference.channel_scores(args[0].detach(), self._weights, out=self.scores[name])
             if self.plain_scores is not None:
                 reference.channel_scores(args[0].detach(), self._mask, out=self.plain_scores[name])
+            self._add_gram(name, args[0])
             self._stop_here(name)
 
         return hook

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compact import cli, criteria, data, evaluate, loading
+from compact import cli, criteria, evaluate, loading
 from compact.llama2c import load_llama2c
-from compact.scoring import score_channels
+from compact.scoring import ChannelScorer, run_scorer, score_channels
 from kernels.tolerances import assert_close, decoder_rtol, fp32_sum_rtol
 
 
@@ -49,8 +49,8 @@ def test_one_pass_gives_common_and_plain_act2(stories):
     model = load_llama2c(ckpt)
     ids = torch.from_numpy(np.load(calib))[:4]
     kept = list(range(300))
-    common, plain = criteria.activation_scores(model, data.Calibration(ids, None, "test"), kept, batch_size=2,
-                                                 progress=False)
+    scorer = run_scorer(ChannelScorer(model, keep_token_ids=kept, plain=True), ids, batch_size=2, progress=False)
+    common, plain = scorer.scores, scorer.plain_scores
     ref_common = score_channels(model, ids, keep_token_ids=kept, batch_size=2, progress=False)
     ref_plain = score_channels(model, ids, batch_size=2, progress=False)
     rtol = decoder_rtol(model.config, ids.shape[1])  # two decoder passes that may round differently
