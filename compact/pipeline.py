@@ -31,7 +31,7 @@ class PruneOptions:
     vocab_keep: int | None = None
     ffn_keep: str | None = None
     target_params: float | None = None
-    vocab_order: str = "id"
+    vocab_order: str = "auto"  # frequency when there is calibration data, else id
     vocab_always: str | None = None
     ffn_multiple: int = 64
     ffn_criterion: str = "common-act2"
@@ -150,6 +150,8 @@ def decide(loaded: Loaded, opts: PruneOptions, calib_opts: CalibOptions, run: ru
     timed. Nothing is written."""
     if upto not in STEPS:
         raise ValueError(f"upto must be one of {STEPS}, got {upto!r}")
+    if opts.vocab_order == "auto":
+        opts = replace(opts, vocab_order="frequency" if calib_opts.path else "id")
     plan = PrunePlan(loaded, opts, calib_opts, run, upto)
     plan.vocab_keep, plan.ffn_keep = opts.vocab_keep, _resolve_targets(plan)
     for step, needed, action in _steps(plan):

@@ -35,7 +35,8 @@ def hook_reference(model, ids, kept=None):
 def test_score_matches_hook_reference(stories, tmp_path, vocab_keep):
     ckpt, calib, _ = stories
     out = tmp_path / "scores.safetensors"
-    args = ["score", str(ckpt), "--calib", str(calib), "--out", str(out), "--batch-size", "4", "--quiet", "--check"]
+    args = ["score", str(ckpt), "--calib", str(calib), "--out", str(out), "--batch-size", "4", "--quiet", "--check",
+            "--vocab-order", "id"]
     assert cli.main(args + (["--vocab-keep", str(vocab_keep)] if vocab_keep else [])) == 0
     got = load_file(str(out))
     kept = list(range(vocab_keep)) if vocab_keep else None
@@ -72,7 +73,7 @@ def test_prune_report_and_slices(stories, tmp_path):
     ckpt, calib, _ = stories
     out = tmp_path / "both"
     assert cli.main(["prune", str(ckpt), "--out", str(out), "--vocab-keep", "400", "--ffn-keep", "0.75",
-                     "--ffn-multiple", "16", "--calib", str(calib), "--quiet"]) == 0
+                     "--ffn-multiple", "16", "--calib", str(calib), "--vocab-order", "id", "--quiet"]) == 0
     import json
 
     from transformers import AutoModelForCausalLM

@@ -244,8 +244,9 @@ def test_score_then_prune_with_scores_matches_one_go(case, corpus):
     rc, _, err = _run(["score", case.src, "--calib", corpus.calib, *CALIB_ARGS, "--vocab-keep", VOCAB_KEEP,
                        "--out", scores, "--quiet"])
     assert rc == 0, err
+    # --calib again for the token counts of the frequency-ordered vocabulary (the default with --calib)
     rc, _, err = _run(["prune", case.src, "--scores", scores, "--ffn-keep", FFN_KEPT, "--vocab-keep", VOCAB_KEEP,
-                       "--out", out2, "--dtype", "float32", "--quiet"])
+                       "--calib", corpus.calib, "--out", out2, "--dtype", "float32", "--quiet"])
     assert rc == 0, err
     one_go, two_step = case.report, _report(out2)
     assert two_step["kept_channels"] == one_go["kept_channels"]
