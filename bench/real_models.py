@@ -70,6 +70,8 @@ def grid() -> list[tuple[str, str, str, list[str]]]:
         rows += [(f"t{target}-paper", group, "paper (id order)", ["--target-params", target, "--vocab-order", "id"]),
                  (f"t{target}-frequency", group, "frequency order", ["--target-params", target]),
                  (f"t{target}-repair", group, "frequency + repair", ["--target-params", target, "--ffn-repair"])]
+    rows.append(("t0.65-repair-64", "--target-params 0.65", "frequency + repair, 64 x 512 calibration",
+                 ["--target-params", "0.65", "--ffn-repair", "--samples", "64"]))
     return rows
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
-from . import models
+from . import models, repair
 
 
 @dataclass
@@ -72,7 +73,8 @@ def vocab_curve(counts: torch.Tensor, keep_ids: list[int], prefix: list[int], ba
 
 
 RULE = ("keep the target fraction of parameters; among the splits that do, take the least "
-        "token_loss(N) + score_loss(K) (calibration token mass dropped + mean act^2 mass dropped)")
+        "token_loss(N) + score_loss(K) (calibration token mass dropped + mean act^2 mass dropped; with "
+        "--ffn-repair, each layer's act^2 share times the share of its output error the repair leaves)")
 
 
 def token_loss_curve(counts: torch.Tensor, keep_order: list[int]) -> torch.Tensor:
@@ -92,20 +94,43 @@ def loss_curve(mass: torch.Tensor) -> torch.Tensor:
     return 1.0 - kept / total
 
 
-def score_loss_curve(scores: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[I+1] mean over layers of the act^2 share outside the top-K channels, for K = 0..I."""
+def score_loss_curve(scores: dict[str, torch.Tensor], left: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """[I+1] mean over layers of the act^2 share outside the top-K channels, for K = 0..I. With `left` ({name:
+    [I+1]}, the share of the output error the down_proj repair leaves at each K), each layer's share times it."""
     curves = [loss_curve(torch.sort(s.double().cpu(), descending=True).values) for s in scores.values()]
+    if left is not None:
+        curves = [c * left[name].double().cpu() for c, name in zip(curves, scores)]
     return torch.stack(curves).mean(0)
 
 
-def plan(acc: Accounting, target: float, vocab: VocabCurve, scores: dict[str, torch.Tensor],
+def repair_left(model, scores: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], multiple: int,
+                points: int = 6) -> dict:
+    """{name: [I+1]}: the share of the output error compact.repair leaves when the top-K channels (by `scores`)
+    stay. Solved exactly at `points` channel counts spread over the ones the planner weighs (multiples of
+    `multiple` below I; each solve costs ~K^3), linear between them; 1.0 at K = I and 0."""
+    size = next(iter(scores.values())).numel()
+    ks = list(range(size - multiple, 0, -multiple))
+    exact = sorted({ks[round(i * (len(ks) - 1) / max(points - 1, 1))] for i in range(points)}) if ks else []
+    left = {}
+    for name, mlp in models.mlps(model).items():
+        order = torch.sort(scores[name].double().cpu(), descending=True, stable=True).indices
+        curve = torch.ones(size + 1, dtype=torch.float64)
+        values = [repair.error_left(mlp.down_proj.weight.detach(), grams[name],
+                                    order[:k].sort().values.to(grams[name].device)) for k in exact]
+        for k in ks:
+            curve[k] = float(np.interp(k, exact, values))
+        left[name] = curve
+    return left
+
+
+def plan(acc: Accounting, target: float, vocab: VocabCurve, score_curve: torch.Tensor,
          multiple: int = 64) -> tuple[Candidate, list[Candidate]]:
     """(choice, candidates): for each FFN size, the largest vocabulary cut whose rows fit the rest of the budget,
-    if that lands within 1% of `target`; the choice is the least costly of them."""
+    if that lands within 1% of `target`; the choice is the least costly of them. `score_curve`: [I+1] FFN loss
+    by channels kept (score_loss_curve)."""
     if not 0 < target <= 1:
         raise ValueError(f"--target-params must be in (0, 1], got {target}")
     budget = target * acc.total
-    score_curve = score_loss_curve(scores)
     candidates = []
     for ffn_keep in range(acc.intermediate, 0, -multiple):
         room = (budget - acc.fixed - ffn_keep * acc.per_channel) // acc.per_row

@@ -144,6 +144,7 @@ def _plan_command(sub) -> None:
     _calib_options(n, required=True)
     n.add_argument("--target-params", type=_fraction, required=True, metavar="F", help="fraction of parameters to keep")
     n.add_argument("--ffn-multiple", type=_positive_int, default=64, help="FFN channel counts are multiples of this")
+    n.add_argument("--ffn-repair", action="store_true", help="plan for a prune with --ffn-repair (FFN cuts cost less)")
     _vocab_options(n)
     n.set_defaults(func=_cmd_plan)
 

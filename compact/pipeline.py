@@ -184,8 +184,8 @@ def _count(plan: PrunePlan) -> None:
 
 
 def _split(plan: PrunePlan) -> None:
-    plain = plain_scores(plan.loaded, plan.calibration, plan.opts)
-    plan.vocab_keep, plan.ffn_keep, plan.planner = plan_split(plan.loaded, plan.counts, plain, plan.opts)
+    evidence = plain_scores(plan.loaded, plan.calibration, plan.opts)
+    plan.vocab_keep, plan.ffn_keep, plan.planner = plan_split(plan.loaded, plan.counts, evidence, plan.opts)
 
 
 def _vocabulary(plan: PrunePlan) -> None:
@@ -222,12 +222,15 @@ def _resolve_targets(plan: PrunePlan) -> int | None:
     return selection.resolve_ffn_keep(opts.ffn_keep, plan.intermediate, opts.ffn_multiple)
 
 
-def plain_scores(loaded: Loaded, calib: data.Calibration, opts: PruneOptions) -> dict:
-    """act^2 over all calibration tokens, the FFN evidence of the budget planner."""
+def plain_scores(loaded: Loaded, calib: data.Calibration, opts: PruneOptions) -> tuple[dict, dict | None]:
+    """(act^2 over all calibration tokens, their Gram matrices for --ffn-repair or None): the FFN evidence of
+    the budget planner."""
     if loaded.offloaded:
-        return _layerwise_scores(loaded, calib, None, PruneOptions(ffn_criterion="act2", batch_size=opts.batch_size,
-                                                                   progress=opts.progress))[0]
-    return _activation_pass(loaded.model, calib, None, replace(opts, ffn_repair=False)).plain_scores
+        scores = _layerwise_scores(loaded, calib, None, PruneOptions(ffn_criterion="act2", batch_size=opts.batch_size,
+                                                                     progress=opts.progress))[0]
+        return scores, None
+    scorer = _activation_pass(loaded.model, calib, None, opts)
+    return scorer.plain_scores, scorer.grams
 
 
 def _activation_pass(model, calib: data.Calibration, kept_ids, opts: PruneOptions,
@@ -239,9 +242,10 @@ def _activation_pass(model, calib: data.Calibration, kept_ids, opts: PruneOption
     return scorer
 
 
-def plan_split(loaded: Loaded, counts: torch.Tensor, plain: dict, opts: PruneOptions) -> tuple[int, int, dict]:
+def plan_split(loaded: Loaded, counts: torch.Tensor, evidence: tuple, opts: PruneOptions) -> tuple[int, int, dict]:
     """(vocab_keep, ffn_keep, planner report) for --target-params, by the rule in compact.budget, pricing each
-    vocabulary cut by the rows and tokens `vocab.kept_vocabulary` really keeps."""
+    vocabulary cut by the rows and tokens `vocab.kept_vocabulary` really keeps, and each FFN cut by its act^2
+    share (times the error share the repair leaves, with --ffn-repair). `evidence`: plain_scores' pair."""
     model, tok = loaded.model, loaded.tokenizer
     rows = model.get_input_embeddings().num_embeddings
     always = vocab.read_always_file(opts.vocab_always) if opts.vocab_always else ()
@@ -249,7 +253,11 @@ def plan_split(loaded: Loaded, counts: torch.Tensor, plain: dict, opts: PruneOpt
     regular = vocab.regular_ids(tok, rows)
     base = len(vocab.kept_vocabulary(model, tok, len(regular), order=opts.vocab_order, counts=counts)) - len(regular)
     curve = budget.vocab_curve(counts, ids, prefix, base)
-    choice, candidates = budget.plan(budget.accounting(model), opts.target_params, curve, plain, opts.ffn_multiple)
+    plain, grams = evidence
+    left = budget.repair_left(model, plain, grams, opts.ffn_multiple) if grams is not None else None
+    ffn_curve = budget.score_loss_curve(plain, left)
+    choice, candidates = budget.plan(budget.accounting(model), opts.target_params, curve, ffn_curve,
+                                     opts.ffn_multiple)
     return choice.vocab_keep, choice.ffn_keep, {"target": opts.target_params, "rule": budget.RULE,
                                                  "candidates": budget.summary(choice, candidates)}
 

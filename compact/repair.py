@@ -41,3 +41,18 @@ def refit(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, ridge: f
     g_kk = g_kk + ridge * g_kk.diagonal().mean() * torch.eye(len(kept), dtype=torch.float64, device=g_kk.device)
     rhs = weight[:, dropped].double() @ gram[dropped][:, kept].double()  # W_D G_DK  [D_out, K]
     return weight[:, kept].double() + torch.linalg.solve(g_kk, rhs.T).T  # G_KK symmetric: rhs G_KK^-1
+
+
+def error_left(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, ridge: float = RIDGE) -> float:
+    """The share of the output error of dropping the other channels that the re-fit leaves:
+    sum_t ||W h_t - W' h_{t,K}||^2 / sum_t ||W_D h_{t,D}||^2 from the Gram alone (1.0 when nothing is dropped)."""
+    weight, gram = weight.double(), gram.double()
+    dropped = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
+    dropped[kept] = False
+    if not dropped.any():
+        return 1.0
+    w_d, g_dd, g_dk = weight[:, dropped], gram[dropped][:, dropped], gram[dropped][:, kept]
+    before = float(((w_d @ g_dd) * w_d).sum())
+    delta = refit(weight, gram, kept, ridge) - weight[:, kept]  # the correction W_D G_DK (G_KK + r I)^-1
+    after = before - 2 * float(((delta @ g_dk.T) * w_d).sum()) + float(((delta @ gram[kept][:, kept]) * delta).sum())
+    return after / before if before > 0 else 1.0

@@ -28,6 +28,24 @@ def test_refit_is_the_least_squares_solution():
     assert after < 0.05 * before  # 8 kept channels span the 6-dimensional signal
 
 
+def test_error_left_is_the_residual_of_the_refit():
+    """error_left from the Gram alone equals the residual computed from the activations themselves."""
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(300, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, 20, generator=gen, dtype=torch.float64)
+    h += 0.3 * torch.randn(300, 20, generator=gen, dtype=torch.float64)
+    weight = torch.randn(8, 20, generator=gen, dtype=torch.float64)
+    kept = torch.tensor([1, 4, 5, 9, 10, 15, 17])
+    dropped = torch.tensor([i for i in range(20) if i not in kept.tolist()])
+    refit = repair.refit(weight, h.T @ h, kept)
+    before = (h[:, dropped] @ weight[:, dropped].T).square().sum()
+    after = (h @ weight.T - h[:, kept] @ refit.T).square().sum()
+    got = repair.error_left(weight, h.T @ h, kept)
+    # two float64 evaluations of sums of ~1e4 terms; the Gram form subtracts terms of the size of `before`
+    assert abs(got - float(after / before)) <= 1e-9, (got, float(after / before))
+    assert 0 < got < 0.5
+    assert repair.error_left(weight, h.T @ h, torch.arange(20)) == 1.0
+
+
 def test_gram_comes_from_the_scoring_pass(stories):
     """ChannelScorer(gram=True): sum_t w_t h_t h_t^T with the kept-vocabulary weights; its diagonal is the scores."""
     ckpt, calib, _ = stories
