@@ -93,3 +93,18 @@ def test_repair_needs_the_calibration_pass(stories, tmp_path, extra, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and ("--ffn-repair" in err or "--offload layerwise" in err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_planner_prices_ffn_cuts_lower_with_repair(stories, capsys):
+    """`compact plan --ffn-repair`: the same candidates, each FFN loss scaled by the error share the re-fit
+    leaves (in (0, 1]), so never above the plain planner's."""
+    ckpt, calib, _ = stories
+    losses = {}
+    for extra in ([], ["--ffn-repair"]):
+        assert cli.main(["plan", str(ckpt), "--calib", str(calib), "--target-params", "0.8", "--ffn-multiple", "4",
+                         *extra]) == 0
+        table = capsys.readouterr().out.split("\n\n")[1].splitlines()[2:]
+        losses[bool(extra)] = {row.split()[-5]: float(row.split()[-2]) for row in table}  # FFN keep -> score loss
+    assert losses[True].keys() == losses[False].keys()
+    assert all(losses[True][k] <= losses[False][k] for k in losses[False])
+    assert any(losses[True][k] < 0.9 * losses[False][k] for k in losses[False])
