@@ -67,6 +67,13 @@ def _criterion_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random criterion (default 0)")
 
 
+def _check_and_run_options(p: argparse.ArgumentParser) -> None:
+    """--check, --overwrite and the checkpoint/resume options of `score` and `prune`."""
+    p.add_argument("--check", action="store_true", help="recompute the first batches with forward hooks and compare")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _run_options(p)
+
+
 def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=_positive_int, metavar="B",
                    help="save partial sums every B batches to OUT.ckpt (resumable with --resume)")
@@ -108,9 +115,7 @@ def _score_command(sub) -> None:
     _vocab_options(s)
     _criterion_options(s)
     s.add_argument("--out", required=True, type=Path, help="scores file (.safetensors)")
-    s.add_argument("--check", action="store_true", help="recompute the first batches with forward hooks and compare")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    _run_options(s)
+    _check_and_run_options(s)
     s.set_defaults(func=_cmd_score)
 
 
@@ -119,7 +124,9 @@ def _prune_command(sub) -> None:
     r = sub.add_parser("prune", help="prune vocabulary and/or FFN channels -> a standard checkpoint")
     _model_options(r)
     r.add_argument("--out", required=True, type=Path, help="output directory (refused if not empty, unless --overwrite)")
-    r.add_argument("--vocab-keep", type=_positive_int, help="regular tokens to keep (the N lowest ids) plus specials; byte tokens always stay")
+    r.add_argument("--vocab-keep", type=_positive_int,
+                   help="regular tokens to keep (the lowest ids or the most frequent: --vocab-order) plus specials; "
+                        "byte tokens, ASCII characters and the word-boundary piece always stay")
     r.add_argument("--ffn-keep", type=_ffn_keep, help="FFN channels to keep per layer: a count (128, or 1ch for one), or a ratio in (0, 1] (0.5; 1.0 keeps all)")
     r.add_argument("--ffn-multiple", type=_positive_int, default=64, help="round a --ffn-keep ratio to this (default 64)")
     r.add_argument("--target-params", type=_fraction, metavar="F",
@@ -131,9 +138,7 @@ def _prune_command(sub) -> None:
                         "the layer's output matches the unpruned one (closed form, no training)")
     r.add_argument("--scores", help="use this scores file instead of calibrating")
     _calib_options(r)
-    r.add_argument("--check", action="store_true", help="recompute the first batches with forward hooks and compare")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    _run_options(r)
+    _check_and_run_options(r)
     r.set_defaults(func=_cmd_prune)
 
 
