@@ -110,3 +110,12 @@ def test_common_act2_beats_random_and_magnitude_at_ffn_75(smol, tmp_path):
         nll[criterion] = evaluate.evaluate(pruned.model, data, tokenizer=pruned.tokenizer)["bits_per_byte"]
     print("held-out bits/byte at FFN 75%:", nll)
     assert nll["common-act2"] < nll["random"] and nll["common-act2"] < nll["magnitude"], nll
+
+
+def test_a_file_that_is_not_gguf_is_a_one_line_error(tmp_path):
+    bogus = tmp_path / "model.gguf"
+    bogus.write_bytes(b"GGUF but not really" * 10)
+    rc, err = _run(["prune", bogus, "--out", tmp_path / "out", "--vocab-keep", 10])
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "model.gguf" in err, err
+    assert "cannot read this GGUF file" in err or "needs the gguf and accelerate packages" in err, err
+    assert not (tmp_path / "out").exists()
