@@ -39,6 +39,9 @@ class VocabCurve:
 
     rows: torch.Tensor  # [regular + 1] int64, nondecreasing
     token_loss: torch.Tensor  # [regular + 1] float64
+    # frequency order: the loss cross-fitted on halves of the calibration text (the order chosen on one half,
+    # the loss measured on the other), which the in-sample token_loss underestimates; the cost uses it
+    heldout_loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -50,10 +53,11 @@ class Candidate:
     fraction: float
     token_loss: float
     score_loss: float
+    heldout_loss: float | None = None
 
     @property
     def cost(self) -> float:
-        return self.token_loss + self.score_loss
+        return (self.token_loss if self.heldout_loss is None else self.heldout_loss) + self.score_loss
 
 
 def accounting(model) -> Accounting:
@@ -73,7 +77,8 @@ def vocab_curve(counts: torch.Tensor, keep_ids: list[int], prefix: list[int], ba
 
 
 RULE = ("keep the target fraction of parameters; among the splits that do, take the least "
-        "token_loss(N) + score_loss(K) (calibration token mass dropped + mean act^2 mass dropped; with "
+        "token_loss(N) + score_loss(K) (calibration token mass dropped, cross-fitted on halves of the text in "
+        "frequency order, + mean act^2 mass dropped; with "
         "--ffn-repair, each layer's act^2 share times the share of its output error the repair leaves)")
 
 
@@ -141,8 +146,9 @@ def plan(acc: Accounting, target: float, vocab: VocabCurve, score_curve: torch.T
         params = acc.parameters(rows, ffn_keep)
         if abs(params / acc.total - target) > 0.01:
             continue  # no vocabulary size lands this FFN size within 1% of the target
+        heldout = None if vocab.heldout_loss is None else float(vocab.heldout_loss[vocab_keep])
         candidates.append(Candidate(vocab_keep, rows, ffn_keep, params, params / acc.total,
-                                    float(vocab.token_loss[vocab_keep]), float(score_curve[ffn_keep])))
+                                    float(vocab.token_loss[vocab_keep]), float(score_curve[ffn_keep]), heldout))
     if not candidates:
         smallest = acc.parameters(int(vocab.rows[1]), multiple) / acc.total
         raise ValueError(f"--target-params {target} cannot be met within 1%: splits keep between "

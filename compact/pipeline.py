@@ -3,6 +3,7 @@ vocabulary -> scores -> channels), then report it and write the sliced checkpoin
 and `prune` run the same steps, `decide(..., upto=...)` stopping where each needs."""
 from __future__ import annotations
 
+import itertools
 import platform
 import time
 import warnings
@@ -88,13 +89,25 @@ def renumber(input_ids: torch.Tensor, attention_mask, kept_token_ids: list[int],
     return new.clamp_min(0)
 
 
-def token_counts(loaded: Loaded, calib_opts: CalibOptions, progress: bool | None = None) -> torch.Tensor:
-    """Token frequencies over the whole calibration file, streamed."""
+def token_counts(loaded: Loaded, calib_opts: CalibOptions, progress: bool | None = None, part=None) -> torch.Tensor:
+    """Token frequencies over the whole calibration file, streamed; `part` 0 or 1: over every other line of
+    text (block of 4096 ids), the two halves the planner cross-fits frequency order on."""
     if calib_opts.path is None:
         raise ValueError("--vocab-order frequency and --target-params need calibration data: pass --calib PATH")
     rows = loaded.model.get_input_embeddings().num_embeddings
     chunks = data.stream(calib_opts.path, bin_dtype=calib_opts.bin_dtype)
+    if part is not None:
+        chunks = itertools.islice(_pieces(chunks), part, None, 2)
     return vocab.count_tokens(loaded.tokenizer, chunks, num_embeddings=rows, progress=progress)
+
+
+def _pieces(chunks):
+    """Lines of text chunks, 4096-id blocks of id chunks."""
+    for chunk in chunks:
+        if isinstance(chunk, str):
+            yield from chunk.splitlines(keepends=True)
+        else:
+            yield from (chunk[i:i + 4096] for i in range(0, len(chunk), 4096))
 
 
 STEPS = ("calibration", "token counts", "planning", "vocabulary", "scoring", "selection")
@@ -112,6 +125,7 @@ class PrunePlan:
     timings: Timings = field(default_factory=Timings)
     calibration: data.Calibration | None = None
     counts: torch.Tensor | None = None
+    halves: tuple | None = None  # counts over alternate halves of the text (the planner's cross-fit)
     planner: dict | None = None  # --target-params: the rule, the candidates weighed and the choice
     vocab_keep: int | None = None
     ffn_keep: int | None = None  # channels per layer (None until resolved)
@@ -181,11 +195,14 @@ def _calibrate(plan: PrunePlan) -> None:
 
 def _count(plan: PrunePlan) -> None:
     plan.counts = token_counts(plan.loaded, plan.calib_opts, plan.opts.progress)
+    if plan.opts.target_params is not None and plan.opts.vocab_order == "frequency":
+        plan.halves = tuple(token_counts(plan.loaded, plan.calib_opts, False, part) for part in (0, 1))
 
 
 def _split(plan: PrunePlan) -> None:
     evidence = plain_scores(plan.loaded, plan.calibration, plan.opts)
-    plan.vocab_keep, plan.ffn_keep, plan.planner = plan_split(plan.loaded, plan.counts, evidence, plan.opts)
+    plan.vocab_keep, plan.ffn_keep, plan.planner = plan_split(plan.loaded, (plan.counts, plan.halves), evidence,
+                                                              plan.opts)
 
 
 def _vocabulary(plan: PrunePlan) -> None:
@@ -242,17 +259,13 @@ def _activation_pass(model, calib: data.Calibration, kept_ids, opts: PruneOption
     return scorer
 
 
-def plan_split(loaded: Loaded, counts: torch.Tensor, evidence: tuple, opts: PruneOptions) -> tuple[int, int, dict]:
+def plan_split(loaded: Loaded, counts: tuple, evidence: tuple, opts: PruneOptions) -> tuple[int, int, dict]:
     """(vocab_keep, ffn_keep, planner report) for --target-params, by the rule in compact.budget, pricing each
     vocabulary cut by the rows and tokens `vocab.kept_vocabulary` really keeps, and each FFN cut by its act^2
-    share (times the error share the repair leaves, with --ffn-repair). `evidence`: plain_scores' pair."""
-    model, tok = loaded.model, loaded.tokenizer
-    rows = model.get_input_embeddings().num_embeddings
-    always = vocab.read_always_file(opts.vocab_always) if opts.vocab_always else ()
-    ids, prefix = vocab.keep_curve(tok, rows, opts.vocab_order, counts, always=always)
-    regular = vocab.regular_ids(tok, rows)
-    base = len(vocab.kept_vocabulary(model, tok, len(regular), order=opts.vocab_order, counts=counts)) - len(regular)
-    curve = budget.vocab_curve(counts, ids, prefix, base)
+    share (times the error share the repair leaves, with --ffn-repair). `counts`: (all, halves or None);
+    `evidence`: plain_scores' pair."""
+    model = loaded.model
+    curve = _vocab_curve(loaded, counts, opts)
     plain, grams = evidence
     left = budget.repair_left(model, plain, grams, opts.ffn_multiple) if grams is not None else None
     ffn_curve = budget.score_loss_curve(plain, left)
@@ -260,6 +273,23 @@ def plan_split(loaded: Loaded, counts: torch.Tensor, evidence: tuple, opts: Prun
                                      opts.ffn_multiple)
     return choice.vocab_keep, choice.ffn_keep, {"target": opts.target_params, "rule": budget.RULE,
                                                  "candidates": budget.summary(choice, candidates)}
+
+
+def _vocab_curve(loaded: Loaded, counts: tuple, opts: PruneOptions) -> budget.VocabCurve:
+    """Rows kept and calibration tokens dropped at every N; in frequency order also the cross-fitted loss: the
+    keep order from one half of the text, the loss on the other, both ways, averaged."""
+    tok, (counts, halves) = loaded.tokenizer, counts
+    rows = loaded.model.get_input_embeddings().num_embeddings
+    always = vocab.read_always_file(opts.vocab_always) if opts.vocab_always else ()
+    regular = vocab.regular_ids(tok, rows)
+    base = len(vocab.kept_vocabulary(loaded.model, tok, len(regular), order=opts.vocab_order,
+                                     counts=counts)) - len(regular)
+    curve = budget.vocab_curve(counts, *vocab.keep_curve(tok, rows, opts.vocab_order, counts, always=always), base)
+    if halves is not None:
+        losses = [budget.vocab_curve(measure, *vocab.keep_curve(tok, rows, "frequency", order, always=always),
+                                     base).token_loss for order, measure in (halves, halves[::-1])]
+        curve.heldout_loss = (losses[0] + losses[1]) / 2
+    return curve
 
 
 def check_against_hooks(score, calib: data.Calibration, *, batch_size: int, batches: int, dtype) -> dict:

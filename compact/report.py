@@ -91,12 +91,14 @@ def eval_table(results: dict[str, dict], data: str | None) -> str:
 
 def plan_summary(model: str, data: str, plan: dict) -> str:
     rows = [("*" if c["chosen"] else "", f"{c['vocab_keep']:,}", f"{c['vocab_rows']:,}", f"{c['ffn_keep']:,}",
-             f"{c['fraction']:.2%}",
-             f"{c['token_loss']:.4f}", f"{c['score_loss']:.4f}", f"{c['cost']:.4f}") for c in plan["candidates"]]
+             f"{c['fraction']:.2%}", f"{c['token_loss']:.4f}",
+             "-" if c.get("heldout_loss") is None else f"{c['heldout_loss']:.4f}",
+             f"{c['score_loss']:.4f}", f"{c['cost']:.4f}") for c in plan["candidates"]]
     chosen = next(c for c in plan["candidates"] if c["chosen"])
     return "\n".join([
         f"plan for {model}: keep {plan['target']:.0%} of the parameters (calibration: {data})",
         f"rule: {plan['rule']}", "",
-        format_table(("", "vocab keep", "rows kept", "FFN keep", "params kept", "token loss", "score loss", "cost"), rows), "",
+        format_table(("", "vocab keep", "rows kept", "FFN keep", "params kept", "token loss", "cross-fitted",
+                      "score loss", "cost"), rows), "",
         f"choice: --vocab-keep {chosen['vocab_keep']} --ffn-keep {chosen['ffn_keep']} "
         f"({chosen['fraction']:.2%} of the parameters)"])

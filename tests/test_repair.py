@@ -104,7 +104,7 @@ def test_planner_prices_ffn_cuts_lower_with_repair(stories, capsys):
         assert cli.main(["plan", str(ckpt), "--calib", str(calib), "--target-params", "0.8", "--ffn-multiple", "4",
                          *extra]) == 0
         table = capsys.readouterr().out.split("\n\n")[1].splitlines()[2:]
-        losses[bool(extra)] = {row.split()[-5]: float(row.split()[-2]) for row in table}  # FFN keep -> score loss
+        losses[bool(extra)] = {row.split()[-6]: float(row.split()[-2]) for row in table}  # FFN keep -> score loss
     assert losses[True].keys() == losses[False].keys()
     assert all(losses[True][k] <= losses[False][k] for k in losses[False])
     assert any(losses[True][k] < 0.9 * losses[False][k] for k in losses[False])
