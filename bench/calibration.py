@@ -457,12 +457,10 @@ def summarize(shape: str, rows: list[dict], first: dict, meta: dict, args, info:
 # -------------------------------------------------------------------------------------------------- plot
 
 def plot(summary: list[dict], png: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("bench/calibration: matplotlib is not installed; no plot")
+    from bench.plot import pyplot
+
+    plt = pyplot("bench/calibration")
+    if plt is None:
         return
     shapes = list(dict.fromkeys(r["shape"] for r in summary))
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -36,15 +36,23 @@ def _panel(ax, op: str, rows: list[dict]) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def plot_csv(csv_path) -> Path | None:
-    """Write <csv stem>.png beside the CSV; None (with a message) without matplotlib or measured rows."""
-    csv_path = Path(csv_path)
+def pyplot(who: str):
+    """matplotlib.pyplot on the Agg backend, or None with a message naming `who` (matplotlib is bench-only)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"bench/plot: matplotlib is not installed; no plot for {csv_path}")
+        print(f"{who}: matplotlib is not installed; no plot (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot_csv(csv_path) -> Path | None:
+    """Write <csv stem>.png beside the CSV; None (with a message) without matplotlib or measured rows."""
+    csv_path = Path(csv_path)
+    plt = pyplot(f"bench/plot ({csv_path.name})")
+    if plt is None:
         return None
     with csv_path.open(newline="") as f:
         ops = _by_op(list(csv.DictReader(f)))

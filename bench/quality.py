@@ -517,12 +517,10 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def plot(a_rows: list[dict], b_rows: list[dict], path: Path) -> Path | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        say("bench/quality.py: matplotlib is not installed; no PNG (pip install matplotlib)")
+    from bench.plot import pyplot
+
+    plt = pyplot("bench/quality.py")
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(15, 6))
     if a_rows:

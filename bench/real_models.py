@@ -167,12 +167,10 @@ def inference(model: Path, text: tuple[Path, Path], work: Path) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    from bench.plot import pyplot
+
+    plt = pyplot("bench/real_models")
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = {"paper (id order)": ("tab:red", "o"), "frequency order": ("tab:blue", "s"),
