@@ -116,7 +116,8 @@ def row(name, group, method, args, report=None, seconds=None, peak=None) -> dict
 
 
 def planner_candidates(model: Path, text: tuple[Path, Path], work: Path, base: float, done: dict) -> list[dict]:
-    """The 0.65 planner's candidates (frequency order) pruned as they are priced: cost against bits/byte."""
+    """The 0.65 planner's choice (frequency order) and its neighbours, pruned as they are priced: cost against
+    bits/byte."""
     from compact import loading, pipeline
     from compact.data import CalibOptions
 
@@ -125,7 +126,9 @@ def planner_candidates(model: Path, text: tuple[Path, Path], work: Path, base: f
     opts = pipeline.PruneOptions(target_params=0.65, progress=False)
     plan = pipeline.decide(loaded, opts, CalibOptions(str(calib), 16, 512), upto="planning")
     rows = []
-    for c in plan.planner["candidates"][::2]:
+    candidates = plan.planner["candidates"]
+    chosen = next(i for i, c in enumerate(candidates) if c["chosen"])
+    for c in candidates[max(chosen - 1, 0):chosen + 3]:  # the choice and its neighbours in FFN size
         name = f"plan0.65-N{c['vocab_keep']}-K{c['ffn_keep']}"
         if name in done:
             continue
