@@ -106,7 +106,7 @@ def test_common_act2_beats_random_and_magnitude_at_ffn_75(smol, tmp_path):
         pipeline.prune(loading.load(str(folder), dtype="float32"), tmp_path / criterion, opts,
                        CalibOptions(str(calib), samples=4, seq_len=64))
         pruned = loading.load(str(tmp_path / criterion), dtype="float32")
-        data = pipeline.calibrate(pruned, CalibOptions(str(held), samples=2, seq_len=256))
+        data = pipeline.calibrate(pruned, CalibOptions(str(held), samples=1, seq_len=384))
         nll[criterion] = evaluate.evaluate(pruned.model, data, tokenizer=pruned.tokenizer)["bits_per_byte"]
     print("held-out bits/byte at FFN 75%:", nll)
     assert nll["common-act2"] < nll["random"] and nll["common-act2"] < nll["magnitude"], nll

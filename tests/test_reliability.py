@@ -329,8 +329,23 @@ def test_concurrent_runs_into_one_out(world):
 
 # ---------------------------------------------------------------------------------------------- signals
 
+def _interruptible() -> None:
+    """SIGINT handled (KeyboardInterrupt), as in a terminal: a shell's background job (`cmd &`, nohup) starts
+    with SIGINT ignored, Python then installs no handler, and children inherit the ignoring (exec resets only
+    handled signals)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture
+def interruptible():
+    saved = signal.getsignal(signal.SIGINT)
+    _interruptible()
+    yield
+    signal.signal(signal.SIGINT, saved)
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_while_writing_removes_the_staging(world, monkeypatch, sig, code):
+def test_signal_while_writing_removes_the_staging(world, monkeypatch, interruptible, sig, code):
     """The signal arrives while the checkpoint is being written (inside the staging folder)."""
     from compact import pipeline
 
@@ -357,7 +372,7 @@ def test_signal_while_scoring(world, sig, code):
     argv = ["score", src, "--out", "s.safetensors", "--calib", "long.npy", "--samples", "2000", "--seq-len", "16",
             "--checkpoint-every", "1", "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "compact", *argv], cwd=root, env=env, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_interruptible)
     ckpt, deadline = root / "s.safetensors.ckpt", time.time() + 120
     try:
         while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
