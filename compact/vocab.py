@@ -272,7 +272,9 @@ def _initial(tokenizer, num_embeddings: int, always) -> set[int]:
     _, _, regular, forced = _partition(tokenizer, num_embeddings)
     allowed = set(regular)
     kept = forced & allowed
-    _add_always(tokenizer, list(always), num_embeddings, (kept, forced, allowed), _MergeTree(tokenizer.backend_tokenizer))
+    if always:  # the merge tree is costly to build and only the always tokens need it
+        _add_always(tokenizer, list(always), num_embeddings, (kept, forced, allowed),
+                    _MergeTree(tokenizer.backend_tokenizer))
     return kept
 
 
