@@ -25,7 +25,7 @@ step() {  # step NAME SECONDS COMMAND...: run under timeout, log, record rc and 
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv 2>&1 | tee -a "$LOG"
-step kernel-tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels
+step kernel-tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernel_ops
 step bench-scores 180 "$PY" bench/bench_scores.py --out "$OUT" "$@"
 step bench-gather 60 "$PY" bench/bench_gather.py --out "$OUT" "$@"
 step calibration 180 "$PY" bench/calibration.py --device cuda --out "$OUT"

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from compact import cli, criteria, evaluate, loading
 from compact.llama2c import load_llama2c
 from compact.scoring import ChannelScorer, run_scorer, score_channels
-from kernels.tolerances import assert_close, decoder_rtol, fp32_sum_rtol
+from kernel_ops.tolerances import assert_close, decoder_rtol, fp32_sum_rtol
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,13 @@ from compact import loading, models, output, pipeline, slicing
 from compact.data import CalibOptions
 from compact.scoring import ChannelScorer, score_channels
 import tiny_models
-from kernels.tolerances import assert_close, fp32_forward_rtol
+from kernel_ops.tolerances import assert_close, fp32_forward_rtol
 from tiny_models import CASES, HIDDEN, INTER, VOCAB
 
 LAYERS, SEQ = 2, 10
 # Two float32 forwards of these models (or one against float64 arithmetic) round differently with the BLAS
 # blocking, thread count and batch shape; their difference is bounded by the float32 arithmetic of the
-# network's chain of reductions (tests/kernels/tolerances.py): 9 per layer + final norm and head, each of at
+# network's chain of reductions (tests/kernel_ops/tolerances.py): 9 per layer + final norm and head, each of at
 # most max(HIDDEN, INTER, SEQ) terms. About 2.3e-4, well below what a wrong weight, mask, channel or row
 # changes (> 1e-2; each test checks that its change is at least 10x this).
 FWD_RTOL = fp32_forward_rtol(9 * LAYERS + 2, max(HIDDEN, INTER, SEQ))

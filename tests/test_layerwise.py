@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers as tf
 
-from kernels.tolerances import decoder_rtol, fp32_forward_rtol
+from kernel_ops.tolerances import decoder_rtol, fp32_forward_rtol
 import tiny_models
 from memory_probe import PRELUDE
 from tiny_models import CASES, HIDDEN, INTER, VOCAB
@@ -28,7 +28,7 @@ from compact.scoring import ScoringOptions, score_channels
 
 SEQ, LAYERS = 12, 3
 # The layerwise and the in-memory forward run the same ops on the same batches, but float32 BLAS results may
-# still round differently (blocking, threads): bounded by the network's arithmetic (tests/kernels/tolerances.py).
+# still round differently (blocking, threads): bounded by the network's arithmetic (tests/kernel_ops/tolerances.py).
 FWD_RTOL = fp32_forward_rtol(9 * LAYERS + 2, max(HIDDEN, INTER, SEQ))
 
 

@@ -22,7 +22,7 @@ import compact_kernels as ck
 from compact import models, slicing
 from compact.scoring import ChannelScorer, Checkpointing, run_scorer, score_channels
 from hook_baseline import hook_scores
-from kernels.tolerances import decoder_rtol, fp32_sum_rtol
+from kernel_ops.tolerances import decoder_rtol, fp32_sum_rtol
 
 VOCAB, SAMPLES, SEQ, BATCH = 512, 4, 64, 2
 
@@ -52,7 +52,7 @@ def small():
 
 
 def assert_scores_close(got: dict, want: dict, what: str) -> None:
-    """Within float32 rounding of two decoder passes (tests/kernels/tolerances.py), relative to the layer maximum."""
+    """Within float32 rounding of two decoder passes (tests/kernel_ops/tolerances.py), relative to the layer maximum."""
     rtol = decoder_rtol(small_config(), SEQ)
     assert list(got) == list(want), f"{what}: layers {list(got)} != {list(want)}"
     for name in want:

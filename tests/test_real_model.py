@@ -13,7 +13,7 @@ import torch
 import real_model
 from compact import cli, evaluate, loading, pipeline
 from compact.data import CalibOptions
-from kernels.tolerances import assert_close, fp32_forward_rtol
+from kernel_ops.tolerances import assert_close, fp32_forward_rtol
 
 CALIB = ["--samples", "4", "--seq-len", "64"]
 

@@ -8,7 +8,7 @@ import torch
 from compact import cli, evaluate, loading, repair
 from compact.llama2c import load_llama2c
 from compact.scoring import ChannelScorer, run_scorer
-from kernels.tolerances import assert_close, fp32_sum_rtol
+from kernel_ops.tolerances import assert_close, fp32_sum_rtol
 
 
 def test_refit_is_the_least_squares_solution():

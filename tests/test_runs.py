@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from compact import cli
-from kernels.tolerances import assert_close, decoder_rtol
+from kernel_ops.tolerances import assert_close, decoder_rtol
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def tiny(tmp_path_factory):
 
 def close(a, b, model_dir):
     """Equal sums up to float32 rounding: other batch splits, ranks and thread counts round the forward
-    differently, within the bound of the network's arithmetic (tests/kernels/tolerances.py). Skipping or
+    differently, within the bound of the network's arithmetic (tests/kernel_ops/tolerances.py). Skipping or
     double-counting one of the 96 sequences moves the sums by about 1%, several times this bound."""
     from transformers import AutoConfig
 
