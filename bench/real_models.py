@@ -40,7 +40,9 @@ from tests import real_model  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 CSV = RESULTS / "real_models.csv"
 FIELDS = ["name", "group", "method", "args", "vocab_rows", "ffn", "parameters", "fraction", "bits_per_byte", "delta",
-          "planner_cost", "prune_s", "prune_peak_mib", "cpu"]
+          "calib_bits_per_byte", "planner_cost", "prune_s", "prune_peak_mib", "cpu"]
+DRAWS = 3  # calibration draws: the first half of the text read from 0, 1/3 and 2/3 of its length (wrapping)
+SEEN_CHARS = 40_000  # the calibration text's own bits/byte: its first 40 KB (what 16 x 512 tokens read)
 CALIB = ["--samples", "16", "--seq-len", "512"]
 CRITERIA = ("common-act2", "act2", "wanda", "magnitude", "random")
 PAPER = {"memory": 0.64, "throughput": 1.37}  # Llama-3.1-8B after COMPACT, from the paper
@@ -54,25 +56,52 @@ def grid() -> list[tuple[str, str, str, list[str]]]:
     rows = []
     for keep in ("0.75", "0.5"):
         for c in CRITERIA:
-            rows.append((f"ffn{keep}-{c}", f"FFN {float(keep):.0%}", c, ["--ffn-keep", keep, "--ffn-criterion", c]))
+            rows.append((f"ffn{keep}-{c}", f"FFN {float(keep):.0%}", c,
+                         ["--ffn-keep", keep, "--ffn-criterion", c, "--refit", "none"]))
         rows.append((f"ffn{keep}-repair", f"FFN {float(keep):.0%}", "common-act2 + repair",
-                     ["--ffn-keep", keep, "--ffn-repair"]))
+                     ["--ffn-keep", keep, "--refit", "same-input"]))
     for frac in (0.75, 0.5, 0.25):
         for order in ("id", "frequency"):
             rows.append((f"vocab{frac}-{order}", f"vocabulary {frac:.0%}", f"{order} order",
                          ["--vocab-keep", str(int(frac * 49135)), "--vocab-order", order]))
     both = ["--vocab-keep", str(49135 // 2), "--ffn-keep", "0.75"]
-    rows += [("both-paper", "vocab 50% + FFN 75%", "paper (id order)", [*both, "--vocab-order", "id"]),
-             ("both-frequency", "vocab 50% + FFN 75%", "frequency order", [*both, "--vocab-order", "frequency"]),
-             ("both-repair", "vocab 50% + FFN 75%", "frequency + repair", [*both, "--ffn-repair"])]
+    rows += [("both-paper", "vocab 50% + FFN 75%", "paper (id order)", [*both, "--vocab-order", "id", "--refit", "none"]),
+             ("both-frequency", "vocab 50% + FFN 75%", "frequency order", [*both, "--refit", "none"]),
+             ("both-repair", "vocab 50% + FFN 75%", "frequency + repair", [*both, "--refit", "same-input"])]
     for target in ("0.80", "0.65", "0.50"):
         group = f"--target-params {target}"
-        rows += [(f"t{target}-paper", group, "paper (id order)", ["--target-params", target, "--vocab-order", "id"]),
-                 (f"t{target}-frequency", group, "frequency order", ["--target-params", target]),
-                 (f"t{target}-repair", group, "frequency + repair", ["--target-params", target, "--ffn-repair"])]
+        for draw in range(DRAWS):
+            d = f"-d{draw}" if draw else ""
+            rows += [(f"t{target}-paper{d}", group, "paper (id order)",
+                      ["--target-params", target, "--vocab-order", "id", "--refit", "none"]),
+                     (f"t{target}-frequency{d}", group, "frequency order", ["--target-params", target, "--refit", "none"]),
+                     (f"t{target}-default{d}", group, "default (sequential re-fit)", ["--target-params", target])]
+        rows.append((f"t{target}-repair", group, "frequency + repair", ["--target-params", target, "--refit", "same-input"]))
     rows.append(("t0.65-repair-64", "--target-params 0.65", "frequency + repair, 64 x 512 calibration",
-                 ["--target-params", "0.65", "--ffn-repair", "--samples", "64"]))
+                 ["--target-params", "0.65", "--refit", "same-input", "--samples", "64"]))
+    return rows + refit_grid()
+
+
+def refit_grid() -> list[tuple[str, str, str, list[str]]]:
+    """At 0.65: {common act^2, OBS elimination} x {no, same-input, sequential re-fit} x {16, 64} x 512 tokens,
+    each calibration draw."""
+    rows = []
+    for select in ("scores", "obs"):
+        for refit in ("none", "same-input", "sequential"):
+            for samples in ("16", "64"):
+                for draw in range(DRAWS):
+                    rows.append((f"r0.65-{select}-{refit}-{samples}-d{draw}", "re-fit grid at 0.65",
+                                 f"{'common act^2' if select == 'scores' else 'OBS elimination'}, {refit} re-fit, "
+                                 f"{samples} x 512",
+                                 ["--target-params", "0.65", "--ffn-select", select, "--refit", refit,
+                                  "--samples", samples]))
     return rows
+
+
+def draw_of(name: str) -> int:
+    """The calibration draw of a row: its -dK suffix, 0 without one."""
+    tail = name.rsplit("-d", 1)
+    return int(tail[1]) if len(tail) == 2 and tail[1].isdigit() else 0
 
 
 def cpu_name() -> str:
@@ -136,13 +165,18 @@ def planner_candidates(model: Path, text: tuple[Path, Path], work: Path, base: f
         report, seconds, peak = prune(model, work / name, args, calib)
         r = row(name, "planner candidates at 0.65", "frequency order", args, report, seconds, peak)
         r["planner_cost"] = f"{c['cost']:.4f}"
-        rows.append(measured(r, work / name, held, base))
+        rows.append(measured(r, work / name, text, base))
     return rows
 
 
-def measured(r: dict, folder: Path, held: Path, base: float) -> dict:
-    """`r` with the held-out figures of the pruned model in `folder` (deleted afterwards: ~0.4 GB each)."""
+def measured(r: dict, folder: Path, text: tuple[Path, Path], base: float) -> dict:
+    """`r` with the held-out figures of the pruned model in `folder` and the bits/byte of the start of its
+    calibration text (`text`: calibration, held-out; the folder is deleted afterwards: ~0.4 GB each)."""
+    calib, held = text
     bpb, _ = bits_per_byte(folder, held)
+    seen = calib.with_name(calib.stem + "-seen.txt")
+    seen.write_text(calib.read_text(encoding="utf-8")[:SEEN_CHARS], encoding="utf-8")
+    r["calib_bits_per_byte"] = f"{bits_per_byte(folder, seen)[0]:.4f}"
     shutil.rmtree(folder, ignore_errors=True)
     r.update(bits_per_byte=f"{bpb:.4f}", delta=f"{bpb - base:+.4f}", fraction=f"{r['parameters'] / 134_515_008:.4f}")
     print(f"{r['name']:<34} {r['fraction']:>7} {r['bits_per_byte']:>8} {r['delta']:>8} {r['prune_s']:>7}s", flush=True)
@@ -206,15 +240,17 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="compact-real-"))
     try:
         text = real_model.split_text(ROOT.parent / "shared" / "data" / "sotu.txt", work)
+        draws = [text[0]] + [rotated(text[0], k / DRAWS) for k in range(1, DRAWS)]
         done = {} if args.fresh or not CSV.exists() else {r["name"]: r for r in csv.DictReader(CSV.open())}
         base = float(done["original"]["bits_per_byte"]) if "original" in done else bits_per_byte(model, text[1])[0]
         done["original"] = {**row("original", "original", "original", []), "bits_per_byte": f"{base:.4f}",
                             "delta": "+0.0000", "fraction": "1.0000"}
         for name, group, method, prune_args in sorted(grid(), key=lambda g: _priority(g[0])):
             if name not in done and wanted(name):
-                report, seconds, peak = prune(model, work / name, prune_args, text[0])
+                calib = draws[draw_of(name)]
+                report, seconds, peak = prune(model, work / name, prune_args, calib)
                 done[name] = measured(row(name, group, method, prune_args, report, seconds, peak), work / name,
-                                      text[1], base)
+                                      (calib, text[1]), base)
                 write(done)
         if wanted("plan"):
             for r in planner_candidates(model, text, work, base, done):
@@ -228,9 +264,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def rotated(calib: Path, share: float) -> Path:
+    """The calibration text read from `share` of its length (at a line start), wrapping around to its start."""
+    text = calib.read_text(encoding="utf-8")
+    cut = text.index("\n", int(share * len(text))) + 1
+    path = calib.with_name(f"{calib.stem}-from{share:.2f}.txt")
+    path.write_text(text[cut:] + text[:cut], encoding="utf-8")
+    return path
+
+
 def _priority(name: str) -> int:
     """Measuring order: the headline rows first (a partial run still answers the main question)."""
-    first = ("t0.65", "both", "vocab0.5-", "ffn0.75")
+    first = ("t0.65-default", "t0.50-default", "r0.65-obs-sequential-16-d0", "r0.65-scores-same-input-16-d0",
+             "r0.65-obs-same-input-16-d0", "t0.80-default", "r0.65", "t0.65", "both", "vocab0.5-", "ffn0.75")
     return next((i for i, prefix in enumerate(first) if name.startswith(prefix)), len(first))
 
 
@@ -238,6 +284,9 @@ def write(done: dict) -> None:
     """The CSV in grid order (original first, planner candidates last), whatever the order of measuring."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     order = {name: i for i, (name, *_) in enumerate(grid())}
+    args = {name: (method, " ".join(a)) for name, _, method, a in grid()}
+    for r in done.values():  # the arguments that give the row today (defaults have changed since some were measured)
+        r["method"], r["args"] = args.get(r["name"], (r["method"], r["args"]))
     rows = sorted(done.values(), key=lambda r: (r["name"] != "original", order.get(r["name"], len(order)), r["name"]))
     with CSV.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)

@@ -108,24 +108,20 @@ def score_loss_curve(scores: dict[str, torch.Tensor], left: dict[str, torch.Tens
     return torch.stack(curves).mean(0)
 
 
-def repair_left(model, scores: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], multiple: int,
-                points: int = 6) -> dict:
-    """{name: [I+1]}: the share of the output error compact.repair leaves when the top-K channels (by `scores`)
-    stay. Solved exactly at `points` channel counts spread over the ones the planner weighs (multiples of
-    `multiple` below I; each solve costs ~K^3), linear between them; 1.0 at K = I and 0."""
-    size = next(iter(scores.values())).numel()
+def repair_left(weight: torch.Tensor, scores: torch.Tensor, gram: torch.Tensor, multiple: int,
+                points: int = 6) -> torch.Tensor:
+    """[I+1]: the share of one layer's output error the re-fit (compact.repair) leaves when the top-K channels
+    (by `scores`) stay. Solved exactly at `points` channel counts spread over the ones the planner weighs
+    (multiples of `multiple` below I; each solve costs ~K^3), linear between them; 1.0 at K = I and 0."""
+    size = scores.numel()
     ks = list(range(size - multiple, 0, -multiple))
     exact = sorted({ks[round(i * (len(ks) - 1) / max(points - 1, 1))] for i in range(points)}) if ks else []
-    left = {}
-    for name, mlp in models.mlps(model).items():
-        order = torch.sort(scores[name].double().cpu(), descending=True, stable=True).indices
-        curve = torch.ones(size + 1, dtype=torch.float64)
-        values = [repair.error_left(mlp.down_proj.weight.detach(), grams[name],
-                                    order[:k].sort().values.to(grams[name].device)) for k in exact]
-        for k in ks:
-            curve[k] = float(np.interp(k, exact, values))
-        left[name] = curve
-    return left
+    order = torch.sort(scores.double().cpu(), descending=True, stable=True).indices
+    curve = torch.ones(size + 1, dtype=torch.float64)
+    values = [repair.error_left(weight, gram, order[:k].sort().values.to(gram.device)) for k in exact]
+    for k in ks:
+        curve[k] = float(np.interp(k, exact, values))
+    return curve
 
 
 def plan(acc: Accounting, target: float, vocab: VocabCurve, score_curve: torch.Tensor,

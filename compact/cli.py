@@ -119,6 +119,16 @@ def _score_command(sub) -> None:
     s.set_defaults(func=_cmd_score)
 
 
+def _refit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--refit", choices=("auto", "sequential", "same-input", "none"), default="auto",
+                   help="re-fit each down_proj's kept columns by least squares (closed form, no training): "
+                        "sequential (the default with --calib and an FFN cut) fits the pruned model's activations "
+                        "to the unpruned layer's output, layer after layer; same-input fits the unpruned model's "
+                        "activations (cheaper); none keeps the columns as they are")
+    p.add_argument("--ffn-repair", dest="refit", action="store_const", const="same-input",
+                   help="the same as --refit same-input (kept for earlier scripts)")
+
+
 def _prune_command(sub) -> None:
     """The `compact prune` subcommand and its options."""
     r = sub.add_parser("prune", help="prune vocabulary and/or FFN channels -> a standard checkpoint")
@@ -133,9 +143,10 @@ def _prune_command(sub) -> None:
                    help="keep this fraction of the parameters; the split between vocabulary and FFN is planned")
     _vocab_options(r)
     _criterion_options(r)
-    r.add_argument("--ffn-repair", action="store_true",
-                   help="re-fit each down_proj's kept columns by least squares on the calibration activations, so "
-                        "the layer's output matches the unpruned one (closed form, no training)")
+    _refit_options(r)
+    r.add_argument("--ffn-select", choices=("scores", "obs"), default="scores",
+                   help="which channels stay: the top of --ffn-criterion (default), or obs: greedy elimination "
+                        "for the re-fit (Optimal Brain Surgeon on its least-squares objective)")
     r.add_argument("--scores", help="use this scores file instead of calibrating")
     _calib_options(r)
     _check_and_run_options(r)
@@ -149,7 +160,7 @@ def _plan_command(sub) -> None:
     _calib_options(n, required=True)
     n.add_argument("--target-params", type=_fraction, required=True, metavar="F", help="fraction of parameters to keep")
     n.add_argument("--ffn-multiple", type=_positive_int, default=64, help="FFN channel counts are multiples of this")
-    n.add_argument("--ffn-repair", action="store_true", help="plan for a prune with --ffn-repair (FFN cuts cost less)")
+    _refit_options(n)
     _vocab_options(n)
     n.set_defaults(func=_cmd_plan)
 

@@ -20,14 +20,14 @@ def check_criterion(name: str) -> None:
         raise ValueError(f"--ffn-criterion must be one of {', '.join(CRITERIA)}; got {name!r}")
 
 
-def _channel_weight_norms(mlp, family, p: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(p-norms of the down_proj columns, squared L2 norms of the gate and up rows) per channel, float64."""
+def _channel_weight_norms(mlp, family) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L2 norms of the down_proj columns, squared L2 norms of the gate and up rows) per channel, float64."""
     down = mlp.down_proj.weight.detach().double()
     if family.fused_gate_up:
         gate, up = mlp.gate_up_proj.weight.detach().double().chunk(2, dim=0)
     else:
         gate, up = mlp.gate_proj.weight.detach().double(), mlp.up_proj.weight.detach().double()
-    return down.norm(p=p, dim=0), gate.square().sum(1) + up.square().sum(1)
+    return down.norm(dim=0), gate.square().sum(1) + up.square().sum(1)
 
 
 def data_free_scores(model, criterion: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -39,15 +39,27 @@ def data_free_scores(model, criterion: str, seed: int = 0) -> dict[str, torch.Te
         if criterion == "random":
             scores[name] = torch.rand(mlp.down_proj.in_features, generator=gen, dtype=torch.float64)
         else:
-            down, gate_up = _channel_weight_norms(mlp, family, p=2)
+            down, gate_up = _channel_weight_norms(mlp, family)
             scores[name] = (down.square() + gate_up).sqrt().cpu()
     return scores
 
 
+def _wanda(mlp, plain: torch.Tensor) -> torch.Tensor:
+    """||W_down[:, c]||_1 * ||h_c||_2 per channel."""
+    return mlp.down_proj.weight.detach().double().norm(p=1, dim=0) * plain.to(mlp.down_proj.weight.device).sqrt()
+
+
 def wanda_scores(model, plain: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    family = models.family_of(model.config)
-    return {name: _channel_weight_norms(mlp, family, p=1)[0] * plain[name].sqrt()
-            for name, mlp in models.mlps(model).items()}
+    return {name: _wanda(mlp, plain[name]) for name, mlp in models.mlps(model).items()}
+
+
+def layer_scores(stats, criterion: str) -> torch.Tensor:
+    """One layer's data-driven criterion from the engine's statistics (compact.engine.LayerStats)."""
+    if criterion == "common-act2":
+        return stats.scores
+    if criterion == "act2":
+        return stats.plain
+    return _wanda(stats.mlp, stats.plain)
 
 
 def from_activations(model, criterion: str, common: dict, plain: dict) -> dict[str, torch.Tensor]:

@@ -44,18 +44,20 @@ untied head) -- ARITHMETIC, NOT MEASURED:
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import loading, models
+from . import engine, loading, models
 from .checkpoint import open_checkpoint, read_tensors
-from .models import prefix_of
+from .engine import Batch, EngineOptions, record_batches
 from .memory import trim_host_memory
-from .scoring import ChannelScorer, ScoringOptions
+from .models import prefix_of
+from .scoring import ScoringOptions
 
 # ------------------------------------------------------------------------------------------- materializing
 
@@ -105,36 +107,6 @@ def release(module: nn.Module) -> None:
 
 
 
-class _Recorder(nn.Module):
-    """Stands in for decoder layer i: records what the decoder passes it, returns its input unchanged."""
-
-    def __init__(self, index: int, sink: dict):
-        super().__init__()
-        self.index, self.sink = index, sink
-
-    def forward(self, hidden_states, *args, **kwargs):
-        self.sink[self.index] = (args, kwargs)
-        if self.index == 0:
-            self.sink["hidden"] = hidden_states
-        return hidden_states
-
-
-def _record_inputs(decoder: nn.Module, input_ids, attention_mask) -> tuple[torch.Tensor, list]:
-    """(layer-0 hidden states, [(args, kwargs) per layer]) from the decoder's own forward with stub layers."""
-    sink: dict = {}
-    layers, norm = decoder.layers, getattr(decoder, "norm", None)
-    decoder.layers = nn.ModuleList(_Recorder(i, sink) for i in range(len(layers)))
-    if norm is not None:
-        decoder.norm = nn.Identity()
-    try:
-        decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    finally:
-        decoder.layers = layers
-        if norm is not None:
-            decoder.norm = norm
-    return sink["hidden"], [sink[i] for i in range(len(layers))]
-
-
 def _layer_bytes(layer: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in layer.state_dict().values())
 
@@ -160,6 +132,52 @@ class Placement:
     hidden_device: str | torch.device | None = None
 
 
+class Shards:
+    """The layers of a safetensors checkpoint, materialized one at a time (the engine's offloaded source): the
+    skeleton on the meta device, the embedding and small decoder modules only while batches are recorded."""
+
+    def __init__(self, model_dir, placement: Placement | None = None):
+        self.placement = placement or Placement()
+        self.model_dir = model_dir
+        path = loading.locate(str(model_dir))
+        self.config, self.files, self.model = open_checkpoint(path, "layerwise scoring", model_dir,
+                                                              self.placement.dtype)
+        self.device = torch.device(self.placement.device)
+        self.decoder = models.decoder_of(self.model)
+        self.prefix = prefix_of(self.model, self.decoder)
+
+    @contextmanager
+    def embedded(self) -> Iterator[None]:
+        """The embedding and the decoder's small modules (rotary) materialized inside the block."""
+        small = [(n, c) for n, c in self.decoder.named_children() if n not in ("layers", "norm")]
+        try:
+            for name, child in small:
+                materialize(child, f"{self.prefix}{name}.", self.files, self.device, self.decoder)
+            yield
+        finally:
+            for _, child in small:
+                release(child)
+
+    def record(self, input_ids, attention_mask, batch_size: int) -> list[Batch]:
+        """Every batch's inputs (inside `embedded`); hidden states on the compute device when they fit."""
+        hidden_device = self.placement.hidden_device
+        if hidden_device is None:
+            item = torch.empty((), dtype=self.placement.dtype).element_size()
+            hidden_bytes = input_ids.numel() * self.config.hidden_size * item
+            hidden_device = _auto_hidden_device(self.device, hidden_bytes, _layer_bytes(self.decoder.layers[0]))
+        return record_batches(self.decoder, input_ids, attention_mask, batch_size, self.device,
+                              torch.device(hidden_device))
+
+    @contextmanager
+    def layer(self, i: int) -> Iterator[nn.Module]:
+        layer = self.decoder.layers[i]
+        materialize(layer, f"{self.prefix}layers.{i}.", self.files, self.device, self.decoder)
+        try:
+            yield layer
+        finally:
+            release(layer)
+
+
 def score_layerwise(model_dir, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     options: ScoringOptions | None = None,
                     placement: Placement | None = None) -> dict[str, torch.Tensor]:
@@ -170,66 +188,9 @@ def score_layerwise(model_dir, input_ids: torch.Tensor, attention_mask: torch.Te
     tables stay on the compute device. Scores are returned on the compute device; they equal `score_channels`
     on the loaded model with the same batch size.
     """
-    options, placement = options or ScoringOptions(), placement or Placement()
+    options = options or ScoringOptions()
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [sequences, length], got shape {tuple(input_ids.shape)}")
     if options.batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {options.batch_size}")
-    path = loading.locate(str(model_dir))
-    config, files, model = open_checkpoint(path, "layerwise scoring", model_dir, placement.dtype)
-    device, decoder = torch.device(placement.device), models.decoder_of(model)
-    prefix = prefix_of(model, decoder)
-
-    # 1. embedding + small decoder modules (rotary embeddings); record every layer's inputs, batch by batch.
-    small = [(name, child) for name, child in decoder.named_children() if name not in ("layers", "norm")]
-    for name, child in small:
-        materialize(child, f"{prefix}{name}.", files, device, decoder)
-    # created with the embedding in place: its keep table and sums live on the compute device
-    scorer = ChannelScorer(model, keep_token_ids=options.keep_token_ids, token_weights=options.token_weights,
-                           backend=options.path)
-    hidden_device = placement.hidden_device
-    if hidden_device is None:
-        item = torch.empty((), dtype=placement.dtype).element_size()
-        hidden_bytes = input_ids.numel() * config.hidden_size * item
-        hidden_device = _auto_hidden_device(device, hidden_bytes, _layer_bytes(decoder.layers[0]))
-    batches = _record_batches(decoder, input_ids, attention_mask, options.batch_size, device,
-                              torch.device(hidden_device))
-    for _, child in small:
-        release(child)
-
-    # 2. one layer at a time.
-    return _score_layers(scorer, files, batches, device, options.progress)
-
-
-def _record_batches(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                    batch_size: int, device: torch.device, hidden_device: torch.device) -> list[list]:
-    """Per batch: [ids, mask, layer-0 hidden states (on `hidden_device`), per-layer (args, kwargs)]."""
-    batches = []
-    with torch.inference_mode():
-        for start in range(0, input_ids.shape[0], batch_size):
-            ids = input_ids[start:start + batch_size].to(device)
-            mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
-            hidden, per_layer = _record_inputs(decoder, ids, mask)
-            batches.append([ids, mask, hidden.to(hidden_device), per_layer])
-    return batches
-
-
-def _score_layers(scorer: ChannelScorer, files: dict[str, Path], batches: list[list], device: torch.device,
-                  progress: bool | None) -> dict[str, torch.Tensor]:
-    """Load each layer in turn, run every batch through it (scoring its MLP), keep its output, free it."""
-    decoder = models.decoder_of(scorer.model)
-    prefix, layers = prefix_of(scorer.model, decoder), decoder.layers
-    with scorer, torch.inference_mode():
-        for i in tqdm(range(len(layers)), desc="layers", unit="layer",
-                      disable=None if progress is None else not progress):
-            layer = layers[i]
-            materialize(layer, f"{prefix}layers.{i}.", files, device, decoder)
-            for batch in batches:
-                ids, mask, hidden, per_layer = batch
-                args, kwargs = per_layer[i]
-                scorer.set_batch(ids, mask)
-                out = layer(hidden.to(device), *args, **kwargs)
-                out = out[0] if isinstance(out, tuple) else out
-                batch[2] = out.to(hidden.device) if i + 1 < len(layers) else None
-            release(layer)
-    return scorer.scores
+    return engine.run(Shards(model_dir, placement), input_ids, attention_mask, EngineOptions(options)).scores

@@ -66,9 +66,10 @@ def _configs(path: Path, config, the_plan: slicing.SlicePlan, dtype_name: str | 
 
 def write_layerwise(model_dir, folder, kept_token_ids: list[int] | None,
                     kept_channels: dict[str, list[int]] | None, *, device="cpu",
-                    progress: bool | None = None) -> dict:
+                    progress: bool | None = None, replacements: dict[str, torch.Tensor] | None = None) -> dict:
     """Write the pruned checkpoint (safetensors shards, index, config, generation config) into `folder`,
-    which must exist; returns the summary. No staging: see `prune_layerwise` for the atomic version."""
+    which must exist; returns the summary. `replacements`: {tensor name: the sliced tensor to write instead}
+    (re-fitted down_proj columns). No staging: see `prune_layerwise` for the atomic version."""
     folder, path = Path(folder), loading.locate(str(model_dir))
     config, files, model = open_checkpoint(path, "layerwise slicing", model_dir)  # model: names and roles only
     info = tensor_info(files)
@@ -76,7 +77,11 @@ def write_layerwise(model_dir, folder, kept_token_ids: list[int] | None,
     the_plan = slicing.plan(model, shapes, kept_token_ids, kept_channels)
     out_shapes = {name: slicing.out_shape(shape, the_plan.ops.get(name)) for name, shape in shapes.items()}
     out_info = {name: (dtype, out_shapes[name]) for name, (dtype, _) in info.items()}
-    weight_map, total_bytes = _write_shards(files, out_info, the_plan.ops, folder, torch.device(device), progress)
+    for name, tensor in (replacements or {}).items():
+        if tuple(tensor.shape) != out_shapes[name]:
+            raise ValueError(f"{name}: replacement of shape {tuple(tensor.shape)}, the slice is {out_shapes[name]}")
+    weight_map, total_bytes = _write_shards(files, out_info, (the_plan.ops, replacements or {}), folder,
+                                            torch.device(device), progress)
     before = models.parameter_counts(model, shapes, the_plan.tied)
     after = models.parameter_counts(model, out_shapes, the_plan.tied)
     if (path / INDEX_NAME).is_file():
@@ -100,10 +105,11 @@ def write_layerwise(model_dir, folder, kept_token_ids: list[int] | None,
     }
 
 
-def _write_shards(files: dict[str, Path], out_info: dict[str, tuple[str, tuple[int, ...]]], ops: dict,
+def _write_shards(files: dict[str, Path], out_info: dict[str, tuple[str, tuple[int, ...]]], edits: tuple,
                   folder: Path, device: torch.device, progress: bool | None) -> tuple[dict[str, str], int]:
-    """Each tensor read, sliced by its op and appended to the output shard of its source shard's name, one at a
-    time; returns ({tensor name: shard name}, data bytes written)."""
+    """Each tensor read, sliced by its op (or replaced) and appended to the output shard of its source shard's
+    name, one at a time; `edits`: (ops, replacements). Returns ({tensor name: shard name}, data bytes written)."""
+    ops, replacements = edits
     by_shard: dict[Path, list[str]] = {}
     for name in sorted(out_info):
         by_shard.setdefault(files[name], []).append(name)
@@ -115,7 +121,10 @@ def _write_shards(files: dict[str, Path], out_info: dict[str, tuple[str, tuple[i
             writer = ShardWriter(folder / shard.name, [(n, *out_info[n]) for n in names], {"format": "pt"})
             try:
                 for name in names:
-                    tensor = slicing.slice_tensor(read_tensor(shard, name).to(device), ops.get(name)).cpu()
+                    if name in replacements:
+                        tensor = replacements[name].to(DTYPES[out_info[name][0]]).contiguous()
+                    else:
+                        tensor = slicing.slice_tensor(read_tensor(shard, name).to(device), ops.get(name)).cpu()
                     writer.write(name, tensor)
                     del tensor
                     weight_map[name] = shard.name

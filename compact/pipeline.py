@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from . import (__version__, budget, criteria, data, models, output, repair, runs, selection, slicing, tokenizer,
-               vocab)
+from . import (__version__, budget, criteria, data, engine, models, output, repair, runs, selection, slicing,
+               tokenizer, vocab)
 from .data import CalibOptions
 from .loading import Loaded
-from .scoring import ChannelScorer, ScoringOptions, score_channels
+from .scoring import ChannelScorer, ScoringOptions
 
 
 class CheckFailed(RuntimeError):
@@ -41,7 +41,8 @@ class PruneOptions:
     batch_size: int = 1
     check: bool = False
     check_batches: int = 2
-    ffn_repair: bool = False
+    refit: str = "auto"  # sequential when calibration data drives an FFN cut, else none; or one of engine.REFITS
+    ffn_select: str = "scores"  # the top-K of the criterion, or "obs": elimination for the re-fit (repair.eliminate)
     overwrite: bool = False
     progress: bool | None = None
 
@@ -133,7 +134,7 @@ class PrunePlan:
     scores: dict | None = None
     check: dict | None = None  # --check: fused vs hooks
     kept_channels: dict | None = None  # None: FFN not cut
-    grams: dict | None = None  # --ffn-repair: the Gram matrices of down_proj's inputs (compact.repair)
+    refits: dict | None = None  # re-fitted down_proj columns [D, K] per cut MLP (compact.repair)
     parameters_before: dict | None = None
 
     @property
@@ -168,6 +169,7 @@ def decide(loaded: Loaded, opts: PruneOptions, calib_opts: CalibOptions, run: ru
         opts = replace(opts, vocab_order="frequency" if calib_opts.path else "id")
     plan = PrunePlan(loaded, opts, calib_opts, run, upto)
     plan.vocab_keep, plan.ffn_keep = opts.vocab_keep, _resolve_targets(plan)
+    plan.opts = opts = replace(opts, refit=_resolve_refit(plan))
     for step, needed, action in _steps(plan):
         if plan.runs_step(step) and needed():
             with plan.timings.phase(step):
@@ -203,6 +205,7 @@ def _split(plan: PrunePlan) -> None:
     evidence = plain_scores(plan.loaded, plan.calibration, plan.opts)
     plan.vocab_keep, plan.ffn_keep, plan.planner = plan_split(plan.loaded, (plan.counts, plan.halves), evidence,
                                                               plan.opts)
+    plan.planner["refit"] = plan.opts.refit
 
 
 def _vocabulary(plan: PrunePlan) -> None:
@@ -212,11 +215,12 @@ def _vocabulary(plan: PrunePlan) -> None:
 
 
 def _select(plan: PrunePlan) -> None:
+    """Channels from a scores file or a data-free criterion (a calibration pass selects as it goes)."""
     plan.parameters_before = models.parameter_counts(plan.model)
     if plan.opts.scores:
         plan.scores = output.load_scores(plan.opts.scores, {n: plan.intermediate for n in models.mlps(plan.model)},
                                          models.fingerprint(plan.model.config))
-    if plan.ffn_keep < plan.intermediate:
+    if plan.ffn_keep < plan.intermediate and plan.kept_channels is None:
         plan.kept_channels = selection.select_channels(plan.scores, plan.ffn_keep)
 
 
@@ -224,10 +228,17 @@ def _resolve_targets(plan: PrunePlan) -> int | None:
     """Validate what to prune (not for `score` or `plan`); the FFN keep count (None when planned)."""
     opts = plan.opts
     criteria.check_criterion(opts.ffn_criterion)
-    if opts.ffn_repair and (opts.scores or opts.ffn_criterion in criteria.DATA_FREE or plan.loaded.offloaded):
-        raise ValueError("--ffn-repair fits down_proj on the calibration pass: it needs --calib and a data-driven "
-                         "--ffn-criterion, with the model in memory (not --scores, magnitude/random, or "
-                         "--offload layerwise)")
+    if opts.refit not in ("auto", *engine.REFITS):
+        raise ValueError(f"--refit must be auto, {', '.join(engine.REFITS)}; got {opts.refit!r}")
+    if opts.ffn_select not in SELECTIONS:
+        raise ValueError(f"--ffn-select must be one of {', '.join(SELECTIONS)}; got {opts.ffn_select!r}")
+    fitted = opts.refit not in ("auto", "none") or opts.ffn_select == "obs"
+    if fitted and (opts.scores or opts.ffn_criterion in criteria.DATA_FREE):
+        raise ValueError("--refit and --ffn-select obs fit down_proj on the calibration pass: they need --calib and "
+                         "a data-driven --ffn-criterion (not --scores or magnitude/random)")
+    if fitted and _batch_major(plan):
+        raise ValueError("--checkpoint-every, --resume and torchrun score batch by batch; the re-fit runs layer by "
+                         "layer: add --refit none (and --ffn-select scores)")
     if plan.upto != "selection":
         return None
     if opts.target_params is not None and (opts.vocab_keep or opts.ffn_keep):
@@ -239,21 +250,55 @@ def _resolve_targets(plan: PrunePlan) -> int | None:
     return selection.resolve_ffn_keep(opts.ffn_keep, plan.intermediate, opts.ffn_multiple)
 
 
+SELECTIONS = ("scores", "obs")
+
+
+def _resolve_refit(plan: PrunePlan) -> str:
+    """--refit auto: sequential when calibration data drives an FFN cut (or the planner may cut), else none."""
+    opts = plan.opts
+    if opts.refit != "auto":
+        return opts.refit
+    may_cut = opts.target_params is not None or (plan.ffn_keep is not None and plan.ffn_keep < plan.intermediate)
+    data_driven = plan.data_scores and plan.calib_opts.path is not None
+    return "sequential" if may_cut and data_driven and plan.upto in ("planning", "selection") and not _batch_major(plan) else "none"
+
+
+def _batch_major(plan: PrunePlan) -> bool:
+    """Checkpointed, resumed or torchrun scoring: the model-major pass of compact.runs, batch by batch."""
+    run = plan.run
+    return run is not None and bool(run.every or run.resume or runs.distributed()[1] > 1)
+
+
+def layer_source(loaded: Loaded):
+    """Where the engine finds the layers: the model in memory, or its files one layer at a time."""
+    if not loaded.offloaded:
+        return engine.Resident(loaded.model)
+    from .layerwise import Placement, Shards
+
+    dtype = loaded.model.get_input_embeddings().weight.dtype
+    return Shards(loaded.source, Placement(device=loaded.device, dtype=dtype))
+
+
 def plain_scores(loaded: Loaded, calib: data.Calibration, opts: PruneOptions) -> tuple[dict, dict | None]:
-    """(act^2 over all calibration tokens, their Gram matrices for --ffn-repair or None): the FFN evidence of
-    the budget planner."""
-    if loaded.offloaded:
-        scores = _layerwise_scores(loaded, calib, None, PruneOptions(ffn_criterion="act2", batch_size=opts.batch_size,
-                                                                     progress=opts.progress))[0]
-        return scores, None
-    scorer = _activation_pass(loaded.model, calib, None, opts)
-    return scorer.plain_scores, scorer.grams
+    """(act^2 over all calibration tokens, with a re-fit the share of each layer's output error it leaves at
+    each K or None): the FFN evidence of the budget planner, one layer's Gram at a time."""
+    left = {} if opts.refit != "none" else None
+
+    def price(stats: engine.LayerStats) -> None:
+        if left is not None:
+            left[stats.name] = budget.repair_left(stats.mlp.down_proj.weight.detach(), stats.scores, stats.gram,
+                                                  opts.ffn_multiple)
+
+    options = engine.EngineOptions(ScoringOptions(batch_size=opts.batch_size, progress=opts.progress),
+                                   gram=left is not None)
+    outcome = engine.run(layer_source(loaded), calib.input_ids, calib.attention_mask, options, price)
+    return outcome.scores, left
 
 
 def _activation_pass(model, calib: data.Calibration, kept_ids, opts: PruneOptions,
                      run: runs.RunOptions | None = None) -> ChannelScorer:
-    """One pass over the calibration data: common and plain act^2 (and, for --ffn-repair, the Gram matrices)."""
-    scorer = ChannelScorer(model, keep_token_ids=kept_ids, plain=True, gram=opts.ffn_repair)
+    """One model-major pass over the calibration data (checkpoints, torchrun): common and plain act^2."""
+    scorer = ChannelScorer(model, keep_token_ids=kept_ids, plain=True)
     runs.run(scorer, calib.input_ids, calib.attention_mask, batch_size=opts.batch_size, progress=opts.progress,
              opts=run)
     return scorer
@@ -266,8 +311,7 @@ def plan_split(loaded: Loaded, counts: tuple, evidence: tuple, opts: PruneOption
     `evidence`: plain_scores' pair."""
     model = loaded.model
     curve = _vocab_curve(loaded, counts, opts)
-    plain, grams = evidence
-    left = budget.repair_left(model, plain, grams, opts.ffn_multiple) if grams is not None else None
+    plain, left = evidence
     ffn_curve = budget.score_loss_curve(plain, left)
     choice, candidates = budget.plan(budget.accounting(model), opts.target_params, curve, ffn_curve,
                                      opts.ffn_multiple)
@@ -312,49 +356,53 @@ def check_against_hooks(score, calib: data.Calibration, *, batch_size: int, batc
     return result
 
 
-def _layerwise_scores(loaded: Loaded, calib: data.Calibration, kept_ids, opts: PruneOptions) -> tuple[dict, dict | None]:
-    """common act^2 (or act^2) loading one layer at a time from the checkpoint files."""
-    from .layerwise import Placement, score_layerwise
-
-    if opts.ffn_criterion not in ("common-act2", "act2"):
-        raise ValueError(f"--offload layerwise scores common-act2 and act2, not {opts.ffn_criterion}")
-    keep = kept_ids if opts.ffn_criterion == "common-act2" else None
-    dtype = loaded.model.get_input_embeddings().weight.dtype
-
-    def score(ids, mask, path, progress=False):
-        scoring = ScoringOptions(keep_token_ids=keep, batch_size=opts.batch_size, path=path, progress=progress)
-        return score_layerwise(loaded.source, ids, mask, scoring, Placement(device=loaded.device, dtype=dtype))
-
-    check = check_against_hooks(score, calib, batch_size=opts.batch_size, batches=opts.check_batches,
-                                dtype=dtype) if opts.check else None
-    return score(calib.input_ids, calib.attention_mask, "auto", opts.progress), check
-
-
 def _score(plan: PrunePlan) -> None:
-    """Scores by the criterion (data-driven ones share one pass), the --check result, and for --ffn-repair the
-    Gram matrices. Offloaded (--offload layerwise) models are scored one layer at a time from their files."""
+    """Scores by the criterion; for a prune, the kept channels and their re-fit, chosen layer by layer in the
+    engine's pass (model-major with checkpoints or torchrun); the --check result."""
     loaded, opts, calib, kept_ids = plan.loaded, plan.opts, plan.calibration, plan.kept_token_ids
-    model = loaded.model
     if opts.ffn_criterion in criteria.DATA_FREE:
         if loaded.offloaded:
             raise ValueError(f"--ffn-criterion {opts.ffn_criterion} needs the weights: drop --offload layerwise")
-        plan.scores = criteria.data_free_scores(model, opts.ffn_criterion, opts.seed)
+        plan.scores = criteria.data_free_scores(loaded.model, opts.ffn_criterion, opts.seed)
         return
-    if loaded.offloaded:
-        if plan.run is not None and (plan.run.every or plan.run.resume or runs.distributed()[1] > 1):
-            raise ValueError("--offload layerwise runs in one process without checkpoints")
-        plan.scores, plan.check = _layerwise_scores(loaded, calib, kept_ids, opts)
-        return
+    if loaded.offloaded and _batch_major(plan):
+        raise ValueError("--offload layerwise runs in one process without checkpoints")
+    scoring = ScoringOptions(keep_token_ids=kept_ids, batch_size=opts.batch_size, progress=opts.progress)
     if opts.check:
         def score(ids, mask, path):
-            return score_channels(model, ids, mask, keep_token_ids=kept_ids, batch_size=opts.batch_size,
-                                  backend=path, progress=False)
+            options = engine.EngineOptions(replace(scoring, path=path, progress=False))
+            return engine.run(layer_source(loaded), ids, mask, options).scores
 
         plan.check = check_against_hooks(score, calib, batch_size=opts.batch_size, batches=opts.check_batches,
-                                         dtype=model.get_input_embeddings().weight.dtype)
-    scorer = _activation_pass(model, calib, kept_ids, opts, plan.run)
-    plan.scores = criteria.from_activations(model, opts.ffn_criterion, scorer.scores, scorer.plain_scores)
-    plan.grams = scorer.grams
+                                         dtype=loaded.model.get_input_embeddings().weight.dtype)
+    if _batch_major(plan):
+        scorer = _activation_pass(loaded.model, calib, kept_ids, opts, plan.run)
+        plan.scores = criteria.from_activations(loaded.model, opts.ffn_criterion, scorer.scores, scorer.plain_scores)
+        return
+    plan.scores = {}
+    cut = plan.upto == "selection" and plan.ffn_keep is not None and plan.ffn_keep < plan.intermediate
+
+    def choose(stats: engine.LayerStats) -> list[int] | None:
+        plan.scores[stats.name] = criteria.layer_scores(stats, opts.ffn_criterion)
+        if not cut:
+            return None
+        if opts.ffn_select == "obs":
+            gram, cross = _fit_statistics(stats)
+            return repair.eliminate(stats.mlp.down_proj.weight.detach(), cross, gram, plan.ffn_keep)
+        return selection.top_channels(plan.scores[stats.name], plan.ffn_keep)
+
+    options = engine.EngineOptions(scoring, plain=opts.ffn_criterion != "common-act2", refit=opts.refit,
+                                   gram=opts.ffn_select == "obs")
+    outcome = engine.run(layer_source(loaded), calib.input_ids, calib.attention_mask, options, choose)
+    if cut:
+        plan.kept_channels, plan.refits = outcome.kept, outcome.refits
+
+
+def _fit_statistics(stats: engine.LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Gram, cross term) the re-fit solves with: the pruned stream's (sequential) or the unpruned one's."""
+    if stats.cross is not None:
+        return stats.shifted_gram, stats.cross
+    return stats.gram, stats.mlp.down_proj.weight.detach().double() @ stats.gram
 
 
 def versions() -> dict:
@@ -420,14 +468,15 @@ def write(plan: PrunePlan, out: Path) -> dict:
 
 def _slice(plan: PrunePlan, folder: Path) -> dict:
     """Apply the kept ids and channels; the parameter counts after. Offloaded: the pruned shards go to `folder`."""
+    refits = {f"{name}.down_proj.weight": columns for name, columns in (plan.refits or {}).items()}
     if plan.loaded.offloaded:
         from .layerwise_slicing import write_layerwise
 
         summary = write_layerwise(plan.loaded.source, folder, plan.kept_token_ids, plan.kept_channels,
-                                  device=plan.loaded.device, progress=plan.opts.progress)
+                                  device=plan.loaded.device, progress=plan.opts.progress, replacements=refits)
         return summary["parameters"]["after"]
-    if plan.grams is not None and plan.kept_channels is not None:
-        repair.repair_down_proj(plan.model, plan.grams, plan.kept_channels)
+    if refits:
+        repair.apply_refits(plan.model, plan.kept_channels, plan.refits)
     slicing.slice_model(plan.model, plan.kept_token_ids, plan.kept_channels)
     return models.parameter_counts(plan.model)
 

@@ -22,14 +22,14 @@ from . import models
 RIDGE = 1e-2  # SmolLM2-135M at 65%: 1e-4 +0.208, 1e-2 +0.204, 1e-1 +0.198 (16 x 512); 1e-2 +0.179 (64 x 512)
 
 
-def repair_down_proj(model: nn.Module, grams: dict[str, torch.Tensor], kept_channels: dict[str, list[int]],
-                     ridge: float = RIDGE) -> None:
-    """Re-fit the kept columns of every down_proj in place (before slicing); the dropped ones are left as they
-    are (slicing removes them)."""
+def apply_refits(model: nn.Module, kept_channels: dict[str, list[int]], refits: dict[str, torch.Tensor]) -> None:
+    """Write the re-fitted kept columns into every down_proj in place (before slicing; the dropped columns are
+    left as they are, slicing removes them)."""
     for name, mlp in models.mlps(model).items():
-        weight = mlp.down_proj.weight
-        kept = torch.as_tensor(kept_channels[name], dtype=torch.long, device=weight.device)
-        weight.data[:, kept] = refit(weight.data, grams[name].to(weight.device), kept, ridge).to(weight.dtype)
+        if name in refits:
+            weight = mlp.down_proj.weight
+            kept = torch.as_tensor(kept_channels[name], dtype=torch.long, device=weight.device)
+            weight.data[:, kept] = refits[name].to(weight)
 
 
 def refit(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
@@ -41,6 +41,42 @@ def refit(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, ridge: f
     g_kk = g_kk + ridge * g_kk.diagonal().mean() * torch.eye(len(kept), dtype=torch.float64, device=g_kk.device)
     rhs = weight[:, dropped].double() @ gram[dropped][:, kept].double()  # W_D G_DK  [D_out, K]
     return weight[:, kept].double() + torch.linalg.solve(g_kk, rhs.T).T  # G_KK symmetric: rhs G_KK^-1
+
+
+def refit_to(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor,
+             ridge: float = RIDGE) -> torch.Tensor:
+    """(C_K + r W_K) (G_KK + r I)^-1 in float64: the columns K that best map the activations h (Gram G) to the
+    targets (cross term C = sum_t w_t r_t h_t^T), damped towards the original columns W_K as `refit` is. With
+    C = W G this is `refit`; the sequential re-fit's G and C come from the pruned model's activations."""
+    g_kk = gram[kept][:, kept].double()
+    damp = ridge * g_kk.diagonal().mean()
+    eye = torch.eye(len(kept), dtype=torch.float64, device=g_kk.device)
+    rhs = cross[:, kept].double() + damp * weight[:, kept].double()
+    return torch.linalg.solve(g_kk + damp * eye, rhs.T).T
+
+
+def eliminate(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, keep: int, ridge: float = RIDGE,
+              group: int = 1) -> list[int]:
+    """The `keep` channels to keep for the re-fit, by greedy backward elimination (Optimal Brain Surgeon on the
+    re-fit's objective, as OSSCAR and SlimGPT select): starting from the fit on all channels, drop the channel
+    whose removal, with the others re-fitted, raises sum_t w_t ||r_t - W' h_t||^2 least, `group` at a time.
+    The objective's Hessian is G + r I (ridge as in `refit_to`), so dropping j costs ||W'_j||^2 / [H^-1]_jj and
+    re-fits the rest by a rank-one update. ~(I - K) I (I + D) FLOP in float64."""
+    size = gram.shape[0]
+    g = gram.double()
+    damp = ridge * g.diagonal().mean()
+    inverse = torch.linalg.inv(g + damp * torch.eye(size, dtype=torch.float64, device=g.device))
+    fitted = (cross.double() + damp * weight.double()) @ inverse
+    alive = torch.ones(size, dtype=torch.bool, device=g.device)
+    for _ in range(0, size - keep, group):
+        cost = fitted.square().sum(0) / inverse.diagonal().clamp_min(torch.finfo(torch.float64).tiny)
+        cost[~alive] = float("inf")
+        for j in torch.topk(cost, min(group, int(alive.sum()) - keep), largest=False).indices.tolist():
+            pivot = inverse[j, j]
+            fitted -= torch.outer(fitted[:, j], inverse[j]) / pivot
+            inverse -= torch.outer(inverse[:, j], inverse[j]) / pivot
+            alive[j] = False
+    return alive.nonzero().flatten().tolist()
 
 
 def error_left(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, ridge: float = RIDGE) -> float:

@@ -155,8 +155,7 @@ class ChannelScorer:
         size = models.intermediate_size(model)
         self.scores = {name: torch.zeros(size, dtype=torch.float64, device=device) for name in self.mlps}
         self.plain_scores = {name: torch.zeros_like(s) for name, s in self.scores.items()} if plain else None
-        self.grams = {name: torch.zeros(size, size, dtype=torch.float64, device=device)
-                      for name in self.mlps} if gram else None
+        self.grams = {} if gram else None  # filled layer by layer: the engine pops each layer's when done
         self.mass = torch.zeros((), dtype=torch.float64, device=device)  # float64 sum of the token weights seen
         self._weights: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
@@ -186,7 +185,9 @@ class ChannelScorer:
             return
         h2 = h.detach().reshape(-1, h.shape[-1]).float()
         weighted = h2 if self._weights is None else h2 * self._weights.reshape(-1, 1).float()
-        self.grams[name].add_((weighted.T @ h2).double())
+        size = h2.shape[1]
+        gram = self.grams.setdefault(name, torch.zeros(size, size, dtype=torch.float64, device=h2.device))
+        gram.add_(weighted.T @ h2)  # float32 product, added into float64 without a float64 copy
 
     def _decoder_pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)

@@ -56,9 +56,9 @@ def build(case: str, seed: int = 0, layers: int = 2) -> torch.nn.Module:
     return model
 
 
-def big_llama(intermediate: int, vocab: int):
-    """A 16-layer, hidden-512 float32 Llama (~200-270 MB) for the peak-memory tests, seeded."""
-    config = tf.LlamaConfig(hidden_size=512, intermediate_size=intermediate, num_hidden_layers=16,
+def big_llama(intermediate: int, vocab: int, layers: int = 16, hidden: int = 512):
+    """A float32 Llama for the peak-memory tests (16 layers of hidden 512: ~200-270 MB), seeded."""
+    config = tf.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                             num_attention_heads=8, num_key_value_heads=8, vocab_size=vocab,
                             max_position_embeddings=256, tie_word_embeddings=False)
     torch.manual_seed(0)
