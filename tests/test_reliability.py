@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from compact import cli, output
+from compact import cli, output, selection
 
 VOCAB, HIDDEN, FFN, LAYERS = 64, 16, 32, 2
 
@@ -447,3 +447,40 @@ def test_full_and_read_only_disk(world, small_disk):
     code, err = run(prune_args(src, small_disk / "out"))
     assert_clean_failure(code, err, folder=small_disk, sources=[src], before=before, absent=small_disk / "out",
                          what="read-only disk")
+
+
+# ------------------------------------------------------------------------- scores that cannot rank (#19)
+
+def test_scores_that_cannot_rank_are_an_error_naming_the_layer():
+    good = torch.arange(8, dtype=torch.float64)
+    for bad, message in [(torch.zeros(8), "all 8 channel scores are 0.*no weight"),
+                         (torch.full((8,), 2.5), "all 8 channel scores are 2.5"),
+                         (good.clone().index_fill_(0, torch.tensor([3]), float("nan")), "1 channel score.*channel 3"),
+                         (good.clone().index_fill_(0, torch.tensor([5, 6]), float("inf")), "2 channel score.*channel 5")]:
+        with pytest.raises(ValueError, match=f"^model.layers.1.mlp: {message}"):
+            selection.select_channels({"model.layers.0.mlp": good, "model.layers.1.mlp": bad}, 4)
+    assert selection.top_channels(torch.zeros(8), 8) == list(range(8))  # keeping all needs no ranking
+
+
+def test_cli_refuses_scores_that_cannot_rank(world):
+    root, src = world
+    before = [digest(src)]
+    zeros = {f"model.layers.{i}.mlp": torch.zeros(FFN, dtype=torch.float64) for i in range(LAYERS)}
+    nan = {**zeros, "model.layers.1.mlp": torch.arange(FFN, dtype=torch.float64).index_fill_(0, torch.tensor([7]),
+                                                                                               float("nan"))}
+    np.save(root / "rare.npy", np.random.default_rng(0).integers(40, VOCAB, size=(4, 16)))  # none of ids 0..29
+    cases = {"all-zero scores file": (zeros, "model.layers.0.mlp: all 32 channel scores are 0"),
+             "NaN in a scores file": (nan, "model.layers.0.mlp: all 32")}
+    for case, (tensors, message) in cases.items():
+        save_file(tensors, str(root / "s.safetensors"))
+        code, err = run(["prune", src, "--out", "out", "--ffn-keep", "16", "--scores", "s.safetensors", "--quiet"])
+        assert_clean_failure(code, err, folder=root, sources=[src], before=before, absent=root / "out", what=case)
+        assert message in err, err
+    save_file({**nan, "model.layers.0.mlp": torch.arange(FFN, dtype=torch.float64)}, str(root / "s.safetensors"))
+    code, err = run(["prune", src, "--out", "out", "--ffn-keep", "16", "--scores", "s.safetensors", "--quiet"])
+    assert "model.layers.1.mlp: 1 channel score(s) are not finite (channel 7" in err, err
+    code, err = run(["prune", src, "--out", "out", "--vocab-keep", "30", "--vocab-order", "id", "--ffn-keep", "16",
+                     "--calib", "rare.npy", "--samples", "4", "--seq-len", "16", "--quiet"])
+    assert_clean_failure(code, err, folder=root, sources=[src], before=before, absent=root / "out",
+                         what="zero calibration weight")
+    assert "model.layers.0.mlp: all 32 channel scores are 0" in err and "kept vocabulary" in err, err
