@@ -484,3 +484,88 @@ def test_cli_refuses_scores_that_cannot_rank(world):
     assert_clean_failure(code, err, folder=root, sources=[src], before=before, absent=root / "out",
                          what="zero calibration weight")
     assert "model.layers.0.mlp: all 32 channel scores are 0" in err and "kept vocabulary" in err, err
+
+
+# --------------------------------------------------------------------------------------- Python API (#19)
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval(), torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("keep,message", [
+    ([-1], r"in \[0, 64\) \(the vocabulary size\), got -1"), ([3, 64], "got 64"),
+    (torch.ones(VOCAB, dtype=torch.bool), "not a boolean mask"), ([True, False], "not a boolean mask"),
+    (np.ones(VOCAB, dtype=bool), "not a boolean mask"), ([1.5, 2.0], r"integer token ids, got float32 values \(e.g. 1.5\)"),
+    (torch.tensor([3.0]), "integer token ids, got float32"), ([[1, 2]], "1-D sequence"), ("abc", "integer token ids")])
+def test_keep_token_ids_are_checked(tiny, keep, message):
+    from compact import ChannelScorer, score_channels
+
+    model, ids = tiny
+    with pytest.raises(ValueError, match=message):
+        score_channels(model, ids, keep_token_ids=keep)
+    with pytest.raises(ValueError, match=message):
+        ChannelScorer(model, keep_token_ids=keep)
+
+
+def test_keep_token_ids_as_list_array_or_tensor_give_the_same_scores(tiny):
+    from compact import score_channels
+
+    model, ids = tiny
+    kept = [int(i) for i in ids[0, :4]]
+    want = score_channels(model, ids, keep_token_ids=kept)
+    for same in (np.array(kept), torch.tensor(kept, dtype=torch.int32), set(kept)):
+        got = score_channels(model, ids, keep_token_ids=same)
+        assert all(torch.equal(got[n], want[n]) for n in want)
+    assert all(float(s.sum()) > 0 for s in want.values())
+    assert all(float(s.sum()) == 0 for s in score_channels(model, ids, keep_token_ids=[]).values())
+
+
+def test_nested_scorers_on_one_model_are_refused(tiny):
+    from compact import ChannelScorer, score_channels
+
+    model, ids = tiny
+    want = score_channels(model, ids)
+    outer = ChannelScorer(model)
+    with outer, torch.no_grad():
+        with pytest.raises(RuntimeError, match="already active on this model"):
+            with ChannelScorer(model, backend="hooks"):
+                pass
+        with pytest.raises(RuntimeError, match="already active"):
+            score_channels(model, ids)
+        model(input_ids=ids)
+    for name, s in want.items():
+        torch.testing.assert_close(outer.scores[name], s, rtol=1e-5, atol=0)
+    assert float(next(iter(want.values())).sum()) > 0
+    with ChannelScorer(model):  # usable again after exit
+        pass
+
+
+def test_api_inputs_get_messages_that_say_what_is_wrong(tiny):
+    from transformers import LlamaForCausalLM
+
+    from compact import ChannelScorer, score_channels
+
+    model, ids = tiny
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(model.config)
+    cases = [
+        (lambda: score_channels(model, torch.zeros(3, 0, dtype=torch.long)), ValueError, r"shape \(3, 0\): there are no tokens"),
+        (lambda: score_channels(model, ids, torch.ones(8, dtype=torch.long)), ValueError,
+         r"attention_mask must be a tensor of the shape of input_ids \(3, 8\), got \(8,\)"),
+        (lambda: score_channels(model, ids, torch.ones(3, 7, dtype=torch.long)), ValueError, r"input_ids \(3, 8\), got \(3, 7\)"),
+        (lambda: score_channels(model, ids.tolist()), TypeError, "must be a torch.Tensor .* got list"),
+        (lambda: score_channels(model, ids.float()), ValueError, "integer token ids, got dtype float32"),
+        (lambda: score_channels(model, ids + VOCAB), ValueError, r"in \[0, 64\).*from 64"),
+        (lambda: score_channels(meta, ids), ValueError, "weights are not loaded .*meta device"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    with ChannelScorer(model), torch.no_grad(), pytest.raises(ValueError, match="attention_mask must have the shape"):
+        model(input_ids=ids, attention_mask=torch.ones(3, 7, dtype=torch.long))
