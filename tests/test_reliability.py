@@ -569,3 +569,60 @@ def test_api_inputs_get_messages_that_say_what_is_wrong(tiny):
             call()
     with ChannelScorer(model), torch.no_grad(), pytest.raises(ValueError, match="attention_mask must have the shape"):
         model(input_ids=ids, attention_mask=torch.ones(3, 7, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------ modes and the swap (#19)
+
+@pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_every_written_file_follows_the_umask(world, umask, file_mode, dir_mode):
+    root, src = world
+    old = os.umask(umask)
+    try:
+        code, err = run(prune_args(src, "out"))
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (root / "out").iterdir()}
+    assert modes["model.safetensors"] == file_mode and set(modes.values()) == {file_mode}, modes
+    assert (root / "out").stat().st_mode & 0o777 == dir_mode
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_between_the_two_renames_of_overwrite_loses_nothing(world, monkeypatch, interruptible, sig, code):
+    """The signal arrives right after the old output was moved aside: it is held until the new one is in place."""
+    root, src = world
+    assert run(prune_args(src, "out"))[0] == 0
+    (root / "out" / "compact_report.json").write_text("{}")  # tell the old output from the new one
+    rename = os.rename
+
+    def rename_then_signal(a, b):
+        rename(a, b)
+        if Path(b).name == "out" and Path(b).parent.name.endswith(".old"):
+            os.kill(os.getpid(), sig)
+            time.sleep(0.5)  # unprotected, the handler raises here
+
+    monkeypatch.setattr(os, "rename", rename_then_signal)
+    got, err = run(prune_args(src, "out", "--overwrite"))
+    monkeypatch.undo()
+    assert got == code and len(err.strip().splitlines()) == 1, err
+    report = json.loads((root / "out" / "compact_report.json").read_text())
+    assert report["kept_channels"] and (root / "out" / "model.safetensors").is_file() and not leftovers(root)
+
+
+def test_an_output_moved_aside_by_a_killed_overwrite_is_put_back(world):
+    """SIGKILL between the renames leaves the old output in a `.old` staging folder: the next run puts it back."""
+    root, src = world
+    assert run(prune_args(src, "out"))[0] == 0
+    before = digest(root / "out")
+    aside = root / (output._stage_prefix(root / "out") + "k1ll3d.old")
+    aside.mkdir()
+    os.rename(root / "out", aside / "out")
+    with pytest.warns(UserWarning, match="put back out"):
+        output.remove_stale(root / "other")  # any later run into the same parent
+    assert digest(root / "out") == before and not leftovers(root)
+    aside.mkdir()  # moved aside and replaced (killed before the clean-up): the old copy goes
+    (aside / "out").mkdir()
+    (aside / "out" / "config.json").write_text("{}")
+    with pytest.warns(UserWarning, match="removed 1"):
+        output.remove_stale(root / "out")
+    assert digest(root / "out") == before and not leftovers(root)
