@@ -130,8 +130,8 @@ def _kept_ids(keep_token_ids, vocab_size: int) -> torch.Tensor:
     if ids.numel() == 0:
         return ids.long()
     if ids.is_floating_point() or ids.is_complex():
-        raise ValueError(f"keep_token_ids must be integer token ids, got {str(ids.dtype).removeprefix('torch.')} "
-                         f"values (e.g. {ids[0].item()})")
+        raise ValueError(f"keep_token_ids must be integer token ids, got {_dtype_name(ids)} values "
+                         f"(e.g. {ids[0].item()})")
     low, high = ids.min().item(), ids.max().item()
     if low < 0 or high >= vocab_size:
         raise ValueError(f"keep_token_ids must be in [0, {vocab_size}) (the vocabulary size), got "
@@ -354,18 +354,23 @@ def _check_inputs(model: nn.Module, input_ids, attention_mask) -> None:
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [sequences, length], got shape {tuple(input_ids.shape)}")
     if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-        raise ValueError(f"input_ids must be integer token ids, got dtype {str(input_ids.dtype).removeprefix('torch.')}")
+        raise ValueError(f"input_ids must be integer token ids, got dtype {_dtype_name(input_ids)}")
     vocab = model.get_input_embeddings().num_embeddings
     if input_ids.numel() and not 0 <= input_ids.min().item() <= input_ids.max().item() < vocab:
         raise ValueError(f"input_ids must be in [0, {vocab}) (the vocabulary size), got ids from "
                          f"{input_ids.min().item()} to {input_ids.max().item()}")
     if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
                                        or attention_mask.shape != input_ids.shape):
-        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-        raise ValueError(f"attention_mask must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, got {got}")
+        got = getattr(attention_mask, "shape", type(attention_mask).__name__)
+        raise ValueError(f"attention_mask must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(got) if isinstance(got, torch.Size) else got}")
     meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
     if meta is not None:
-        raise ValueError(f"the model's weights are not loaded ({meta} is on the meta device): load them before scoring")
+        raise ValueError(f"the model's weights are not loaded ({meta} is on the meta device): load them first")
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
 
 
 def run_scorer(scorer: ChannelScorer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,

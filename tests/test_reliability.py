@@ -211,7 +211,9 @@ def test_bad_resume_checkpoint_and_check_device(world):
     assert "damaged" in err
     if not torch.cuda.is_available():
         code, err = run(["check", "--device", "cuda"])
-        assert code == 2 and len(err.strip().splitlines()) == 1 and "CUDA" in err, err
+        assert code == 2 and err == "compact check: error: --device cuda: no CUDA device is available\n", err
+    code, err = run(["check", "--device", "bogus"])
+    assert code == 2 and err == "compact check: error: --device must be auto, cpu, cuda or cuda:N, got 'bogus'\n", err
 
 
 # ------------------------------------------------------------------------------------------- --out paths
@@ -453,10 +455,12 @@ def test_full_and_read_only_disk(world, small_disk):
 
 def test_scores_that_cannot_rank_are_an_error_naming_the_layer():
     good = torch.arange(8, dtype=torch.float64)
+    nan = good.clone().index_fill_(0, torch.tensor([3]), float("nan"))
+    inf = good.clone().index_fill_(0, torch.tensor([5, 6]), float("inf"))
     for bad, message in [(torch.zeros(8), "all 8 channel scores are 0.*no weight"),
                          (torch.full((8,), 2.5), "all 8 channel scores are 2.5"),
-                         (good.clone().index_fill_(0, torch.tensor([3]), float("nan")), "1 channel score.*channel 3"),
-                         (good.clone().index_fill_(0, torch.tensor([5, 6]), float("inf")), "2 channel score.*channel 5")]:
+                         (nan, r"1 channel score\(s\) are not finite \(channel 3 scores nan\)"),
+                         (inf, r"2 channel score\(s\) are not finite \(channel 5 scores inf\)")]:
         with pytest.raises(ValueError, match=f"^model.layers.1.mlp: {message}"):
             selection.select_channels({"model.layers.0.mlp": good, "model.layers.1.mlp": bad}, 4)
     assert selection.top_channels(torch.zeros(8), 8) == list(range(8))  # keeping all needs no ranking
@@ -495,14 +499,17 @@ def tiny():
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval(), torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(0))
+    return LlamaForCausalLM(config).eval(), ids
 
 
 @pytest.mark.parametrize("keep,message", [
     ([-1], r"in \[0, 64\) \(the vocabulary size\), got -1"), ([3, 64], "got 64"),
     (torch.ones(VOCAB, dtype=torch.bool), "not a boolean mask"), ([True, False], "not a boolean mask"),
-    (np.ones(VOCAB, dtype=bool), "not a boolean mask"), ([1.5, 2.0], r"integer token ids, got float32 values \(e.g. 1.5\)"),
-    (torch.tensor([3.0]), "integer token ids, got float32"), ([[1, 2]], "1-D sequence"), ("abc", "integer token ids")])
+    (np.ones(VOCAB, dtype=bool), "not a boolean mask"),
+    ([1.5, 2.0], r"integer token ids, got float32 values \(e.g. 1.5\)"),
+    (torch.tensor([3.0]), "integer token ids, got float32"), ([[1, 2]], "1-D sequence"),
+    ("abc", "integer token ids")])
 def test_keep_token_ids_are_checked(tiny, keep, message):
     from compact import ChannelScorer, score_channels
 
@@ -555,10 +562,12 @@ def test_api_inputs_get_messages_that_say_what_is_wrong(tiny):
     with torch.device("meta"):
         meta = LlamaForCausalLM(model.config)
     cases = [
-        (lambda: score_channels(model, torch.zeros(3, 0, dtype=torch.long)), ValueError, r"shape \(3, 0\): there are no tokens"),
+        (lambda: score_channels(model, torch.zeros(3, 0, dtype=torch.long)), ValueError,
+         r"shape \(3, 0\): there are no tokens"),
         (lambda: score_channels(model, ids, torch.ones(8, dtype=torch.long)), ValueError,
          r"attention_mask must be a tensor of the shape of input_ids \(3, 8\), got \(8,\)"),
-        (lambda: score_channels(model, ids, torch.ones(3, 7, dtype=torch.long)), ValueError, r"input_ids \(3, 8\), got \(3, 7\)"),
+        (lambda: score_channels(model, ids, torch.ones(3, 7, dtype=torch.long)), ValueError,
+         r"input_ids \(3, 8\), got \(3, 7\)"),
         (lambda: score_channels(model, ids.tolist()), TypeError, "must be a torch.Tensor .* got list"),
         (lambda: score_channels(model, ids.float()), ValueError, "integer token ids, got dtype float32"),
         (lambda: score_channels(model, ids + VOCAB), ValueError, r"in \[0, 64\).*from 64"),
@@ -567,8 +576,8 @@ def test_api_inputs_get_messages_that_say_what_is_wrong(tiny):
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
-    with ChannelScorer(model), torch.no_grad(), pytest.raises(ValueError, match="attention_mask must have the shape"):
-        model(input_ids=ids, attention_mask=torch.ones(3, 7, dtype=torch.long))
+    with ChannelScorer(model), torch.no_grad(), pytest.raises(ValueError, match="mask must have the shape"):
+        model(input_ids=ids, attention_mask=torch.ones(3, 7, dtype=torch.long))  # the user's own loop
 
 
 # ------------------------------------------------------------------------------ modes and the swap (#19)
@@ -626,3 +635,38 @@ def test_an_output_moved_aside_by_a_killed_overwrite_is_put_back(world):
     with pytest.warns(UserWarning, match="removed 1"):
         output.remove_stale(root / "out")
     assert digest(root / "out") == before and not leftovers(root)
+
+
+# ------------------------------------------------------------------------------- a fast, quiet start (#19)
+
+def test_help_and_version_import_no_torch(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for argv in (["--version"], ["--help"], ["prune", "--help"], ["check", "--help"]):
+        done = subprocess.run([sys.executable, "-X", "importtime", "-m", "compact", *argv], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+        imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines()}
+        assert done.returncode == 0 and "compact" in done.stdout, done.stderr[-2000:]
+        assert "torch" not in imported and "compact.criteria" in imported, argv  # criteria: the help text
+    probe = ("import sys; from compact import cli; cli._parser().parse_args(['prune', 'm', '--out', 'o', "
+             "'--ffn-keep', '0.5', '--ffn-criterion', 'wanda']); print(sorted(m for m in sys.modules if "
+             "m.split('.')[0] in ('torch', 'transformers')))")
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0])
+def test_an_early_sigint_is_one_line(world, delay):
+    """SIGINT while torch and transformers are still being imported: exit 130, one line, no traceback."""
+    root, src = world
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = [sys.executable, "-m", "compact", *map(str, prune_args(src, "out"))]
+    proc = subprocess.Popen(argv, cwd=root, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=_interruptible)
+    try:
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        got, err = proc.wait(timeout=120), proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert got == 130 and err == "compact prune: interrupted; no output was written\n", (got, err)
+    assert not (root / "out").exists() and not leftovers(root)
