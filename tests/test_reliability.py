@@ -670,3 +670,18 @@ def test_an_early_sigint_is_one_line(world, delay):
         proc.wait()
     assert got == 130 and err == "compact prune: interrupted; no output was written\n", (got, err)
     assert not (root / "out").exists() and not leftovers(root)
+
+
+def test_a_tokenizer_without_regular_tokens_does_not_fit():
+    from tokenizers import Tokenizer, models as tokenizer_models
+    from transformers import PreTrainedTokenizerFast
+
+    from compact import vocab
+
+    specials = {"<s>": 0, "</s>": 1, "<unk>": 2}
+    backend = Tokenizer(tokenizer_models.WordLevel(specials, unk_token="<unk>"))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    for select in (vocab.select_vocab, lambda *a: vocab.select_vocab_by_frequency(*a, torch.ones(32000))):
+        with pytest.raises(ValueError, match="^the tokenizer does not fit the model: none of its 3 tokens .* the "
+                                             "model's 32000 embedding rows"):
+            select(tok, 32000, 100)
