@@ -685,3 +685,36 @@ def test_a_tokenizer_without_regular_tokens_does_not_fit():
         with pytest.raises(ValueError, match="^the tokenizer does not fit the model: none of its 3 tokens .* the "
                                              "model's 32000 embedding rows"):
             select(tok, 32000, 100)
+
+
+# ------------------------------------------------------------------------------------- model card (#19)
+
+def test_model_card_of_a_pruned_folder(world):
+    import yaml
+
+    from compact import report
+
+    root, src = world
+    code, err = run(prune_args(src, "out", "--vocab-keep", "40", "--vocab-order", "id"))
+    assert code == 0, err
+    result = json.loads((root / "out" / "compact_report.json").read_text())
+    result["source"] = "/cache/hub/models--HuggingFaceTB--SmolLM2-135M/snapshots/93efa2f"
+    result["evaluation"] = {"data": "held-out.txt", "results": {
+        "source": {"bits_per_byte": 1.2345, "perplexity": 20.5}, "pruned": {"bits_per_byte": 1.3, "perplexity": 25.0}}}
+    card = report.model_card(result)
+    _, front, body = card.split("---\n", 2)
+    assert yaml.safe_load(front) == {"base_model": "HuggingFaceTB/SmolLM2-135M", "library_name": "transformers",
+                                     "pipeline_tag": "text-generation",
+                                     "tags": ["compact", "pruned", "vocabulary-pruning", "ffn-pruning"]}
+    before, after = result["parameters"]["before"], result["parameters"]["after"]
+    assert before["total"] == 6736 and after["total"] < before["total"]
+    assert f"| total | {before['total']:,} | {after['total']:,} | {after['total'] / before['total']:.1%} |" in body
+    vocab_after = result["sizes"]["vocab_after"]
+    assert f"- vocabulary: 64 -> {vocab_after} tokens ({64 - vocab_after} dropped" in body
+    assert "- FFN: 32 -> 16 channels in each of the 2 layers\n" in body
+    assert "## Calibration data\n\ncalib.npy: 4 x 16 tokens" in body
+    assert "| bits / byte | 1.2345 | 1.3000 |" in body and "On held-out.txt:" in body
+    assert "`ffn_keep=16`" in body and "`vocab_keep=40`" in body and "overwrite" not in body
+    result["source"], result["evaluation"] = "src", None
+    front = report.model_card(result).split("---\n")[1]
+    assert "base_model" not in yaml.safe_load(front)  # a local folder: no hub id to name
