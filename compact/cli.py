@@ -342,9 +342,8 @@ def _cmd_check(args) -> int:
 
     from compact_kernels.check import CHECK_HEAD, check_table_rows, run_kernel_check
 
-    from .report import format_table
-
     from .loading import resolve_device
+    from .report import format_table
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     rows = run_kernel_check(dtypes[args.dtype], resolve_device(args.device))
