@@ -192,7 +192,7 @@ def _check_command(sub) -> None:
     c = sub.add_parser("check", help="run every kernel against its plain-torch reference and print a table")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
                    help="dtype of the test tensors (default bfloat16)")
-    c.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    c.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when present)")
     c.add_argument("--compile", action="store_true",
                    help="instead: compile every kernel variant ahead of time for sm_80 and sm_90 (no GPU needed) and "
                         "print registers, spills, 16-byte loads and 64-bit divisions")
@@ -353,10 +353,11 @@ def _cmd_check(args) -> int:
 
     from compact_kernels.check import CHECK_HEAD, check_table_rows, run_kernel_check
 
+    from .loading import resolve_device
     from .report import format_table
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    rows = run_kernel_check(dtypes[args.dtype], args.device)
+    rows = run_kernel_check(dtypes[args.dtype], resolve_device(args.device))
     print(format_table(CHECK_HEAD, check_table_rows(rows)))
     return 0 if all(r.ok for r in rows) else 1
 
@@ -428,16 +429,12 @@ def main(argv: list[str] | None = None) -> int:
     error (--debug shows the traceback), 130 on SIGINT and 143 on SIGTERM; partial output is removed."""
     import signal
 
-    args = _parser().parse_args(argv)
-    from .pipeline import CheckFailed
+    args = _parser().parse_args(argv)  # imports no torch: --help and --version are instant
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
-    try:
+    try:  # from here every import (torch: seconds) runs under the handlers below, an early SIGINT included
         _setup_threads()
         _setup_output(getattr(args, "quiet", False))
         return args.func(args)
-    except CheckFailed as e:
-        print(f"compact {args.command}: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(f"compact {args.command}: interrupted; no output was written", file=sys.stderr)
         return 130
@@ -445,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compact {args.command}: terminated (SIGTERM); no output was written", file=sys.stderr)
         return 143
     except Exception as e:  # noqa: BLE001 - every failure is one line; --debug shows where
+        if _check_failed(e):
+            print(f"compact {args.command}: {e}", file=sys.stderr)
+            return 1
         if args.debug:
             raise
         print(f"compact {args.command}: error: {_one_line(e)}", file=sys.stderr)
@@ -452,6 +452,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _check_failed(error: Exception) -> bool:
+    """A failed --check (pipeline.CheckFailed, looked up without importing the pipeline: it may be what failed)."""
+    pipeline = sys.modules.get(f"{__package__}.pipeline")
+    return isinstance(error, getattr(pipeline, "CheckFailed", ()))
 
 
 def _main_thread() -> bool:

@@ -1,9 +1,8 @@
-"""FFN channel criteria, for comparison at equal budget. The data-driven ones share one scoring pass."""
+"""FFN channel criteria, for comparison at equal budget. The data-driven ones share one scoring pass.
+
+torch and the model adapters are imported where they are used: the CLI parser reads CRITERIA and must stay
+fast (`compact --help` imports no torch)."""
 from __future__ import annotations
-
-import torch
-
-from . import models
 
 CRITERIA = {
     "common-act2": "sum of h_c^2 over calibration tokens in the kept vocabulary (COMPACT's criterion)",
@@ -32,6 +31,10 @@ def _channel_weight_norms(mlp, family) -> tuple[torch.Tensor, torch.Tensor]:
 
 def data_free_scores(model, criterion: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """magnitude or random scores per MLP."""
+    import torch
+
+    from . import models
+
     family = models.family_of(model.config)
     gen = torch.Generator().manual_seed(seed)
     scores = {}
@@ -50,6 +53,8 @@ def _wanda(mlp, plain: torch.Tensor) -> torch.Tensor:
 
 
 def wanda_scores(model, plain: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from . import models
+
     return {name: _wanda(mlp, plain[name]) for name, mlp in models.mlps(model).items()}
 
 

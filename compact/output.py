@@ -14,7 +14,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,20 +103,36 @@ def _flock(folder: Path, wait: bool = True):
 
 def remove_stale(out: Path) -> list[Path]:
     """Remove the staging folders that earlier runs into `out`'s parent left and no live process holds (killed
-    runs, whatever their --out); warn, naming them."""
-    removed = []
+    runs, whatever their --out); warn, naming them. An output that a killed `--overwrite` run had moved aside
+    (into a `.old` folder) and not replaced is put back first."""
+    removed, restored = [], []
     for path in sorted(out.parent.glob(".compact.*")):
         if not STAGE_NAME.fullmatch(path.name) or not path.is_dir() or path.is_symlink():
             continue  # only compact's own staging names
         with _flock(path, wait=False) as ours:
             if not ours:
                 continue  # another run is writing it
+            restored += _put_back(path)
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
+    if restored:
+        warnings.warn(f"put back {', '.join(restored)} in {out.parent}: an interrupted --overwrite run had moved "
+                      "it aside", stacklevel=2)
     if removed:
         warnings.warn(f"removed {len(removed)} unfinished folder(s) that interrupted runs left in {out.parent} "
                       f"({', '.join(p.name for p in removed)})", stacklevel=2)
     return removed
+
+
+def _put_back(stage: Path) -> list[str]:
+    """The names moved back from a `.old` staging folder whose output was never replaced (see _replace)."""
+    if not stage.name.endswith(".old"):
+        return []
+    entries = list(stage.iterdir())
+    if len(entries) != 1 or os.path.lexists(stage.parent / entries[0].name):
+        return []
+    os.rename(entries[0], stage.parent / entries[0].name)
+    return [entries[0].name]
 
 
 @contextmanager
@@ -128,15 +146,48 @@ def staged_dir(out: Path, *, overwrite: bool):
         with _flock(tmp):
             yield tmp
             (tmp / MARKER).write_text("written by compact; `--overwrite` may replace this folder\n")
-            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
+            _follow_umask(tmp)
             _replace(tmp, out, overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _follow_umask(folder: Path) -> None:
+    """`folder` and all in it with the modes the umask gives new files and folders: mkdtemp, mkstemp and
+    save_pretrained's safetensors writer make them private (0700, 0600)."""
+    mask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+@contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM held back during the block and raised after it, so a swap is never cut in half.
+
+    Held by a recording handler, not by the thread's signal mask: any thread may receive a signal, and Python
+    runs its handler in the main thread whichever did. Elsewhere nothing interrupts the block anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    held = [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not None]  # None: set in C
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in caught:
+            signal.raise_signal(sig)
+
+
 def _replace(new: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished folder `new` to `out`, replacing compact's earlier output there (checked again)."""
+    """Move the finished folder `new` to `out`, replacing compact's earlier output there (checked again).
+
+    The old output is moved aside into a `.old` folder, then `new` into place, with signals held; a run killed
+    in between (SIGKILL) leaves the `.old` folder, which the next run's remove_stale puts back."""
     check_destination(out, overwrite=overwrite)
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
@@ -144,10 +195,14 @@ def _replace(new: Path, out: Path, overwrite: bool) -> None:
         os.rename(new, out)
         return
     old = Path(tempfile.mkdtemp(prefix=_stage_prefix(out), suffix=".old", dir=out.parent))
-    with _flock(old):  # a concurrent run's remove_stale leaves it alone while we swap
+    with _flock(old), _signals_held():  # a concurrent run's remove_stale leaves it alone while we swap
         os.rename(out, old / out.name)
-        os.rename(new, out)
-    shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(new, out)
+        except OSError:
+            os.rename(old / out.name, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_scores(scores: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None,

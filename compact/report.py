@@ -1,6 +1,8 @@
-"""Human-readable summaries: plain-text tables for the terminal."""
+"""Human-readable summaries: plain-text tables for the terminal, and the model card of a pruned folder."""
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 
@@ -104,3 +106,110 @@ def plan_summary(model: str, data: str, plan: dict) -> str:
                       "score loss", "cost"), rows), "",
         f"choice: --vocab-keep {chosen['vocab_keep']} --ffn-keep {chosen['ffn_keep']} "
         f"({chosen['fraction']:.2%} of the parameters)"])
+
+
+PAPER = "[COMPACT](https://arxiv.org/abs/2509.06836) (Kwek & Yin)"
+RUN_ONLY = ("overwrite", "progress")  # options that change nothing in the result
+
+
+def model_card(report: dict) -> str:
+    """README.md of a pruned folder from its compact_report.json: a Hugging Face model card (YAML front matter
+    with base_model and tags), then the method and options, what was cut, the parameters before and after, the
+    calibration data and any evaluation (`report["evaluation"]`: {"data": ..., "results": {model: metrics}})."""
+    sections = [
+        _front_matter(report),
+        f"# {_hub_id(report['source']) or Path(report['source']).name} pruned with COMPACT",
+        f"`{report['source']}` pruned by {PAPER}, using compact {report.get('versions', {}).get('compact', '')}. "
+        "The architecture is unchanged: it loads in plain `transformers`.",
+        "## What was cut\n\n" + _cuts(report),
+        "## Parameters\n\n" + _markdown_table(("part", "before", "after", "kept"), parameter_rows(
+            report["parameters"]["before"], report["parameters"]["after"])),
+        "## Method and options\n\n" + _method(report),
+        "## Calibration data\n\n" + _calibration(report),
+        "## Evaluation\n\n" + _evaluation(report),
+        "## Files\n\n`compact_report.json` holds everything above and the exact cut: `kept_token_ids` (new id i "
+        "is old id `kept_token_ids[i]`) and `kept_channels` (the kept FFN channels of each layer, ascending).",
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def _front_matter(report: dict) -> str:
+    """YAML (strings written as JSON, which YAML reads): base_model only when the source is a hub id."""
+    sizes = report["sizes"]
+    tags = ["compact", "pruned"]
+    tags += ["vocabulary-pruning"] if sizes["vocab_after"] < sizes["vocab_before"] else []
+    tags += ["ffn-pruning"] if sizes["intermediate_after"] < sizes["intermediate_before"] else []
+    hub_id = _hub_id(report["source"])
+    lines = ["---", *([f"base_model: {json.dumps(hub_id)}"] if hub_id else []), "tags:",
+             *(f"- {t}" for t in tags), "library_name: transformers", "pipeline_tag: text-generation", "---"]
+    return "\n".join(lines)
+
+
+def _hub_id(source: str) -> str | None:
+    """org/name of a model read from the Hugging Face cache (…/models--org--name/snapshots/…), else None."""
+    match = re.search(r"models--([^/]+?)--([^/]+)/snapshots/", source)
+    return f"{match.group(1)}/{match.group(2)}" if match else None
+
+
+def _cuts(report: dict) -> str:
+    """The vocabulary and FFN sizes before and after, one bullet each."""
+    sizes, repaired = report["sizes"], report.get("options", {}).get("ffn_repair")
+    vocab_before, vocab_after = sizes["vocab_before"], sizes["vocab_after"]
+    ffn_before, ffn_after = sizes["intermediate_before"], sizes["intermediate_after"]
+    vocab = (f"{vocab_before:,} -> {vocab_after:,} tokens ({vocab_before - vocab_after:,} dropped: rows of the "
+             f"embedding and the LM head{', and the tokenizer cut to match' if report.get('tokenizer') else ''})"
+             if vocab_after < vocab_before else f"not cut ({vocab_before:,} tokens)")
+    ffn = (f"{ffn_before:,} -> {ffn_after:,} channels in each of the {sizes['layers']} layers"
+           + (", down_proj re-fit by least squares on the calibration activations" if repaired else "")
+           if ffn_after < ffn_before else f"not cut ({ffn_before:,} channels x {sizes['layers']} layers)")
+    return f"- vocabulary: {vocab}\n- FFN: {ffn}"
+
+
+def _method(report: dict) -> str:
+    """How the cut was chosen: criterion, vocabulary order, the planner's split, the options that shape it."""
+    sizes, lines = report["sizes"], []
+    if sizes["intermediate_after"] < sizes["intermediate_before"]:
+        lines.append(f"- FFN criterion: {report.get('ffn_criterion') or 'scores from ' + str(report['scores_file'])}")
+    if sizes["vocab_after"] < sizes["vocab_before"]:
+        lines.append(f"- vocabulary order: {report.get('vocab_order')}")
+    plan = report.get("plan")
+    if plan:
+        chosen = next(c for c in plan["candidates"] if c["chosen"])
+        lines.append(f"- split planned for {plan['target']:.0%} of the parameters: vocabulary {chosen['vocab_keep']:,}"
+                     f", FFN {chosen['ffn_keep']:,} ({plan['rule']})")
+    given = {k: v for k, v in report.get("options", {}).items() if v is not None and k not in RUN_ONLY}
+    lines.append("- options: " + ", ".join(f"`{k}={v}`" for k, v in given.items()))
+    return "\n".join(lines)
+
+
+def _calibration(report: dict) -> str:
+    """The calibration text or ids and how much of them was used (or where the scores came from)."""
+    if report.get("calibration"):
+        return str(report["calibration"])
+    if report.get("scores_file"):
+        return f"none here: channel scores read from `{report['scores_file']}`"
+    return "none (a data-free criterion, or no FFN cut)"
+
+
+def _evaluation(report: dict) -> str:
+    """The --check result and report["evaluation"] as a table, or how to run one."""
+    lines = []
+    check = (report.get("checks") or {}).get("scores_vs_hooks")
+    if check:
+        lines.append(f"Fused scores checked against the hook reference: max relative difference "
+                     f"{check['max_rel_diff']:.3g} over {check['sequences']} sequences (rtol {check['rtol']:g}).")
+    evaluation = report.get("evaluation")
+    if evaluation:
+        results = evaluation["results"]
+        rows = [(label, *(fmt.format(r[key]) if key in r else "-" for r in results.values()))
+                for label, key, fmt in EVAL_METRICS if any(key in r for r in results.values())]
+        lines.append(f"On {evaluation.get('data', '-')}:\n\n" + _markdown_table(("metric", *results), rows))
+    else:
+        lines.append("None was run with the prune: `compact eval THIS_FOLDER --data FILE --compare SOURCE` measures "
+                     "perplexity and bits per byte before and after.")
+    return "\n\n".join(lines)
+
+
+def _markdown_table(head: tuple, rows: list[tuple]) -> str:
+    line = lambda r: "| " + " | ".join(str(c) for c in r) + " |"
+    return "\n".join([line(head), line(("---",) * len(head)), *map(line, rows)])

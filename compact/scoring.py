@@ -29,6 +29,7 @@ from . import models
 
 PATHS = ("auto", "fused", "hooks")  # scoring paths ("backend" in compact_kernels is triton or torch)
 _ABSENT = object()
+_ACTIVE = "_compact_scorer_active"  # set on the decoder while a ChannelScorer is entered
 
 
 @dataclass
@@ -111,8 +112,31 @@ def _add_sums(sq: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor)
 def keep_table(vocab_size: int, keep_token_ids, device=None) -> torch.Tensor:
     """float32 [vocab] with 1 at the kept ids, 0 elsewhere."""
     table = torch.zeros(vocab_size, dtype=torch.float32, device=device)
-    table[torch.as_tensor(list(keep_token_ids), dtype=torch.long, device=device)] = 1.0
+    table[_kept_ids(keep_token_ids, vocab_size).to(device)] = 1.0
     return table
+
+
+def _kept_ids(keep_token_ids, vocab_size: int) -> torch.Tensor:
+    """keep_token_ids as int64 [N]: integer ids in [0, vocab_size), never a boolean mask, floats or negatives."""
+    try:
+        ids = torch.as_tensor(keep_token_ids if hasattr(keep_token_ids, "dtype") else list(keep_token_ids))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"keep_token_ids must be a sequence of integer token ids ({e})") from None
+    if ids.dtype == torch.bool:
+        raise ValueError("keep_token_ids must be token ids, not a boolean mask: pass mask.nonzero().flatten(), "
+                         "the ids the mask marks")
+    if ids.dim() != 1:
+        raise ValueError(f"keep_token_ids must be a 1-D sequence of token ids, got shape {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        return ids.long()
+    if ids.is_floating_point() or ids.is_complex():
+        raise ValueError(f"keep_token_ids must be integer token ids, got {_dtype_name(ids)} values "
+                         f"(e.g. {ids[0].item()})")
+    low, high = ids.min().item(), ids.max().item()
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"keep_token_ids must be in [0, {vocab_size}) (the vocabulary size), got "
+                         f"{low if low < 0 else high}")
+    return ids.long()
 
 
 class ChannelScorer:
@@ -171,6 +195,9 @@ class ChannelScorer:
 
     def set_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """Token weights for the next forward; the decoder pre-hook calls it (call it yourself with inputs_embeds)."""
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
         self._mask = None if attention_mask is None else attention_mask.to(torch.float32)
         if self.table is None:
             self._weights = self._mask
@@ -300,6 +327,11 @@ class ChannelScorer:
 
     def __enter__(self) -> "ChannelScorer":
         decoder = models.decoder_of(self.model)
+        if getattr(decoder, _ACTIVE, False):
+            raise RuntimeError("a ChannelScorer is already active on this model: exit it before entering another "
+                               "(nested scorers would split the sums between them)")
+        setattr(decoder, _ACTIVE, True)
+        self._undo.append(lambda: delattr(decoder, _ACTIVE))
         if not self._driven:
             self._undo.append(decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True).remove)
         for name, mlp in self.mlps.items():
@@ -316,6 +348,32 @@ class ChannelScorer:
         self._scratch.clear()
 
 
+def _check_inputs(model: nn.Module, input_ids, attention_mask) -> None:
+    """What the decoder would reject obscurely, or misread: said plainly before any work."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor [sequences, length], got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [sequences, length], got shape {tuple(input_ids.shape)}")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be integer token ids, got dtype {_dtype_name(input_ids)}")
+    vocab = model.get_input_embeddings().num_embeddings
+    if input_ids.numel() and not 0 <= input_ids.min().item() <= input_ids.max().item() < vocab:
+        raise ValueError(f"input_ids must be in [0, {vocab}) (the vocabulary size), got ids from "
+                         f"{input_ids.min().item()} to {input_ids.max().item()}")
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or attention_mask.shape != input_ids.shape):
+        got = getattr(attention_mask, "shape", type(attention_mask).__name__)
+        raise ValueError(f"attention_mask must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(got) if isinstance(got, torch.Size) else got}")
+    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"the model's weights are not loaded ({meta} is on the meta device): load them first")
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
 def run_scorer(scorer: ChannelScorer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                batch_size: int = 1, progress: bool | None = None,
                checkpointing: Checkpointing | None = None) -> ChannelScorer:
@@ -324,8 +382,7 @@ def run_scorer(scorer: ChannelScorer, input_ids: torch.Tensor, attention_mask: t
 
     The decoder runs under inference_mode without hooks (the batch's token weights are set here) and stops
     once the last MLP has scored: the last down_proj, the final norm and everything after never run."""
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [sequences, length], got shape {tuple(input_ids.shape)}")
+    _check_inputs(scorer.model, input_ids, attention_mask)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     decoder = models.decoder_of(scorer.model)
@@ -360,5 +417,7 @@ def score_channels(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
 
     8 parameters, above the house limit of 6: this is the public signature fixed by DESIGN.md (`backend` there
     names the scoring path: fused or hooks)."""
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.numel() == 0:
+        raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: there are no tokens to score")
     scorer = ChannelScorer(model, keep_token_ids=keep_token_ids, token_weights=token_weights, backend=backend)
     return run_scorer(scorer, input_ids, attention_mask, batch_size=batch_size, progress=progress).scores

@@ -1,7 +1,7 @@
-"""Selection: which FFN channels to keep, from the scores (same K in every layer, as the paper does)."""
-from __future__ import annotations
+"""Selection: which FFN channels to keep, from the scores (same K in every layer, as the paper does).
 
-import torch
+torch is imported where it is used: the CLI parser reads `parse_ffn_keep` and must stay fast."""
+from __future__ import annotations
 
 
 def parse_ffn_keep(value: float | int | str) -> int | float:
@@ -41,14 +41,32 @@ def resolve_ffn_keep(value: float | int | str, intermediate: int, multiple: int 
     return number
 
 
-def top_channels(scores: torch.Tensor, keep: int) -> list[int]:
-    """The `keep` highest-scoring channels, ties to the lower index, in ascending order."""
+def top_channels(scores: torch.Tensor, keep: int, name: str = "scores") -> list[int]:
+    """The `keep` highest-scoring channels, ties to the lower index, in ascending order. Scores that cannot
+    rank (not finite, or all equal when some are cut) are a ValueError naming `name`."""
+    import torch
+
     if not 1 <= keep <= scores.numel():
         raise ValueError(f"cannot keep {keep} of {scores.numel()} channels")
-    order = torch.sort(scores.detach().cpu().double(), descending=True, stable=True).indices
+    values = scores.detach().cpu().double()
+    _check_rankable(values, keep, name)
+    order = torch.sort(values, descending=True, stable=True).indices
     return sorted(order[:keep].tolist())
+
+
+def _check_rankable(values: torch.Tensor, keep: int, name: str) -> None:
+    bad = (~values.isfinite()).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"{name}: {len(bad)} channel score(s) are not finite (channel {bad[0]} scores "
+                         f"{values[bad[0]].item()}); NaN or inf cannot rank channels")
+    if keep < values.numel() and values.min() == values.max():
+        value = values[0].item()
+        why = (": the calibration gave no weight (are all its tokens outside the kept vocabulary?)" if value == 0
+               else "")
+        raise ValueError(f"{name}: all {values.numel()} channel scores are {value:g}, so they cannot rank "
+                         f"channels{why}")
 
 
 def select_channels(scores: dict[str, torch.Tensor], keep: int) -> dict[str, list[int]]:
     """{mlp name: ascending kept channels}, the same count in every layer."""
-    return {name: top_channels(s, keep) for name, s in scores.items()}
+    return {name: top_channels(s, keep, name) for name, s in scores.items()}

@@ -343,6 +343,10 @@ def _partition(tokenizer, num_embeddings: int) -> tuple[dict[str, int], set[int]
     vocab = tokenizer.get_vocab()
     specials = set(special_token_ids(tokenizer))
     valid = {i for i in vocab.values() if i < num_embeddings}
+    if not valid - specials:
+        raise ValueError(f"the tokenizer does not fit the model: none of its {len(vocab)} tokens is a regular "
+                         f"(non-special) token with an id below the model's {num_embeddings} embedding rows; "
+                         "give the model's own tokenizer (--tokenizer)")
     return vocab, valid, sorted(valid - specials), specials | _base_symbol_ids(tokenizer, vocab)
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from compact import cli, output
+from compact import cli, output, selection
 
 VOCAB, HIDDEN, FFN, LAYERS = 64, 16, 32, 2
 
@@ -211,7 +211,9 @@ def test_bad_resume_checkpoint_and_check_device(world):
     assert "damaged" in err
     if not torch.cuda.is_available():
         code, err = run(["check", "--device", "cuda"])
-        assert code == 2 and len(err.strip().splitlines()) == 1 and "CUDA" in err, err
+        assert code == 2 and err == "compact check: error: --device cuda: no CUDA device is available\n", err
+    code, err = run(["check", "--device", "bogus"])
+    assert code == 2 and err == "compact check: error: --device must be auto, cpu, cuda or cuda:N, got 'bogus'\n", err
 
 
 # ------------------------------------------------------------------------------------------- --out paths
@@ -447,3 +449,272 @@ def test_full_and_read_only_disk(world, small_disk):
     code, err = run(prune_args(src, small_disk / "out"))
     assert_clean_failure(code, err, folder=small_disk, sources=[src], before=before, absent=small_disk / "out",
                          what="read-only disk")
+
+
+# ------------------------------------------------------------------------- scores that cannot rank (#19)
+
+def test_scores_that_cannot_rank_are_an_error_naming_the_layer():
+    good = torch.arange(8, dtype=torch.float64)
+    nan = good.clone().index_fill_(0, torch.tensor([3]), float("nan"))
+    inf = good.clone().index_fill_(0, torch.tensor([5, 6]), float("inf"))
+    for bad, message in [(torch.zeros(8), "all 8 channel scores are 0.*no weight"),
+                         (torch.full((8,), 2.5), "all 8 channel scores are 2.5"),
+                         (nan, r"1 channel score\(s\) are not finite \(channel 3 scores nan\)"),
+                         (inf, r"2 channel score\(s\) are not finite \(channel 5 scores inf\)")]:
+        with pytest.raises(ValueError, match=f"^model.layers.1.mlp: {message}"):
+            selection.select_channels({"model.layers.0.mlp": good, "model.layers.1.mlp": bad}, 4)
+    assert selection.top_channels(torch.zeros(8), 8) == list(range(8))  # keeping all needs no ranking
+
+
+def test_cli_refuses_scores_that_cannot_rank(world):
+    root, src = world
+    before = [digest(src)]
+    zeros = {f"model.layers.{i}.mlp": torch.zeros(FFN, dtype=torch.float64) for i in range(LAYERS)}
+    nan = {**zeros, "model.layers.1.mlp": torch.arange(FFN, dtype=torch.float64).index_fill_(0, torch.tensor([7]),
+                                                                                               float("nan"))}
+    np.save(root / "rare.npy", np.random.default_rng(0).integers(40, VOCAB, size=(4, 16)))  # none of ids 0..29
+    cases = {"all-zero scores file": (zeros, "model.layers.0.mlp: all 32 channel scores are 0"),
+             "NaN in a scores file": (nan, "model.layers.0.mlp: all 32")}
+    for case, (tensors, message) in cases.items():
+        save_file(tensors, str(root / "s.safetensors"))
+        code, err = run(["prune", src, "--out", "out", "--ffn-keep", "16", "--scores", "s.safetensors", "--quiet"])
+        assert_clean_failure(code, err, folder=root, sources=[src], before=before, absent=root / "out", what=case)
+        assert message in err, err
+    save_file({**nan, "model.layers.0.mlp": torch.arange(FFN, dtype=torch.float64)}, str(root / "s.safetensors"))
+    code, err = run(["prune", src, "--out", "out", "--ffn-keep", "16", "--scores", "s.safetensors", "--quiet"])
+    assert "model.layers.1.mlp: 1 channel score(s) are not finite (channel 7" in err, err
+    code, err = run(["prune", src, "--out", "out", "--vocab-keep", "30", "--vocab-order", "id", "--ffn-keep", "16",
+                     "--calib", "rare.npy", "--samples", "4", "--seq-len", "16", "--quiet"])
+    assert_clean_failure(code, err, folder=root, sources=[src], before=before, absent=root / "out",
+                         what="zero calibration weight")
+    assert "model.layers.0.mlp: all 32 channel scores are 0" in err and "kept vocabulary" in err, err
+
+
+# --------------------------------------------------------------------------------------- Python API (#19)
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    ids = torch.randint(0, VOCAB, (3, 8), generator=torch.Generator().manual_seed(0))
+    return LlamaForCausalLM(config).eval(), ids
+
+
+@pytest.mark.parametrize("keep,message", [
+    ([-1], r"in \[0, 64\) \(the vocabulary size\), got -1"), ([3, 64], "got 64"),
+    (torch.ones(VOCAB, dtype=torch.bool), "not a boolean mask"), ([True, False], "not a boolean mask"),
+    (np.ones(VOCAB, dtype=bool), "not a boolean mask"),
+    ([1.5, 2.0], r"integer token ids, got float32 values \(e.g. 1.5\)"),
+    (torch.tensor([3.0]), "integer token ids, got float32"), ([[1, 2]], "1-D sequence"),
+    ("abc", "integer token ids")])
+def test_keep_token_ids_are_checked(tiny, keep, message):
+    from compact import ChannelScorer, score_channels
+
+    model, ids = tiny
+    with pytest.raises(ValueError, match=message):
+        score_channels(model, ids, keep_token_ids=keep)
+    with pytest.raises(ValueError, match=message):
+        ChannelScorer(model, keep_token_ids=keep)
+
+
+def test_keep_token_ids_as_list_array_or_tensor_give_the_same_scores(tiny):
+    from compact import score_channels
+
+    model, ids = tiny
+    kept = [int(i) for i in ids[0, :4]]
+    want = score_channels(model, ids, keep_token_ids=kept)
+    for same in (np.array(kept), torch.tensor(kept, dtype=torch.int32), set(kept)):
+        got = score_channels(model, ids, keep_token_ids=same)
+        assert all(torch.equal(got[n], want[n]) for n in want)
+    assert all(float(s.sum()) > 0 for s in want.values())
+    assert all(float(s.sum()) == 0 for s in score_channels(model, ids, keep_token_ids=[]).values())
+
+
+def test_nested_scorers_on_one_model_are_refused(tiny):
+    from compact import ChannelScorer, score_channels
+
+    model, ids = tiny
+    want = score_channels(model, ids)
+    outer = ChannelScorer(model)
+    with outer, torch.no_grad():
+        with pytest.raises(RuntimeError, match="already active on this model"):
+            with ChannelScorer(model, backend="hooks"):
+                pass
+        with pytest.raises(RuntimeError, match="already active"):
+            score_channels(model, ids)
+        model(input_ids=ids)
+    for name, s in want.items():
+        torch.testing.assert_close(outer.scores[name], s, rtol=1e-5, atol=0)
+    assert float(next(iter(want.values())).sum()) > 0
+    with ChannelScorer(model):  # usable again after exit
+        pass
+
+
+def test_api_inputs_get_messages_that_say_what_is_wrong(tiny):
+    from transformers import LlamaForCausalLM
+
+    from compact import ChannelScorer, score_channels
+
+    model, ids = tiny
+    with torch.device("meta"):
+        meta = LlamaForCausalLM(model.config)
+    cases = [
+        (lambda: score_channels(model, torch.zeros(3, 0, dtype=torch.long)), ValueError,
+         r"shape \(3, 0\): there are no tokens"),
+        (lambda: score_channels(model, ids, torch.ones(8, dtype=torch.long)), ValueError,
+         r"attention_mask must be a tensor of the shape of input_ids \(3, 8\), got \(8,\)"),
+        (lambda: score_channels(model, ids, torch.ones(3, 7, dtype=torch.long)), ValueError,
+         r"input_ids \(3, 8\), got \(3, 7\)"),
+        (lambda: score_channels(model, ids.tolist()), TypeError, "must be a torch.Tensor .* got list"),
+        (lambda: score_channels(model, ids.float()), ValueError, "integer token ids, got dtype float32"),
+        (lambda: score_channels(model, ids + VOCAB), ValueError, r"in \[0, 64\).*from 64"),
+        (lambda: score_channels(meta, ids), ValueError, "weights are not loaded .*meta device"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    with ChannelScorer(model), torch.no_grad(), pytest.raises(ValueError, match="mask must have the shape"):
+        model(input_ids=ids, attention_mask=torch.ones(3, 7, dtype=torch.long))  # the user's own loop
+
+
+# ------------------------------------------------------------------------------ modes and the swap (#19)
+
+@pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_every_written_file_follows_the_umask(world, umask, file_mode, dir_mode):
+    root, src = world
+    old = os.umask(umask)
+    try:
+        code, err = run(prune_args(src, "out"))
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (root / "out").iterdir()}
+    assert modes["model.safetensors"] == file_mode and set(modes.values()) == {file_mode}, modes
+    assert (root / "out").stat().st_mode & 0o777 == dir_mode
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_between_the_two_renames_of_overwrite_loses_nothing(world, monkeypatch, interruptible, sig, code):
+    """The signal arrives right after the old output was moved aside: it is held until the new one is in place."""
+    root, src = world
+    assert run(prune_args(src, "out"))[0] == 0
+    (root / "out" / "compact_report.json").write_text("{}")  # tell the old output from the new one
+    rename = os.rename
+
+    def rename_then_signal(a, b):
+        rename(a, b)
+        if Path(b).name == "out" and Path(b).parent.name.endswith(".old"):
+            os.kill(os.getpid(), sig)
+            time.sleep(0.5)  # unprotected, the handler raises here
+
+    monkeypatch.setattr(os, "rename", rename_then_signal)
+    got, err = run(prune_args(src, "out", "--overwrite"))
+    monkeypatch.undo()
+    assert got == code and len(err.strip().splitlines()) == 1, err
+    report = json.loads((root / "out" / "compact_report.json").read_text())
+    assert report["kept_channels"] and (root / "out" / "model.safetensors").is_file() and not leftovers(root)
+
+
+def test_an_output_moved_aside_by_a_killed_overwrite_is_put_back(world):
+    """SIGKILL between the renames leaves the old output in a `.old` staging folder: the next run puts it back."""
+    root, src = world
+    assert run(prune_args(src, "out"))[0] == 0
+    before = digest(root / "out")
+    aside = root / (output._stage_prefix(root / "out") + "k1ll3d.old")
+    aside.mkdir()
+    os.rename(root / "out", aside / "out")
+    with pytest.warns(UserWarning, match="put back out"):
+        output.remove_stale(root / "other")  # any later run into the same parent
+    assert digest(root / "out") == before and not leftovers(root)
+    aside.mkdir()  # moved aside and replaced (killed before the clean-up): the old copy goes
+    (aside / "out").mkdir()
+    (aside / "out" / "config.json").write_text("{}")
+    with pytest.warns(UserWarning, match="removed 1"):
+        output.remove_stale(root / "out")
+    assert digest(root / "out") == before and not leftovers(root)
+
+
+# ------------------------------------------------------------------------------- a fast, quiet start (#19)
+
+def test_help_and_version_import_no_torch(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for argv in (["--version"], ["--help"], ["prune", "--help"], ["check", "--help"]):
+        done = subprocess.run([sys.executable, "-X", "importtime", "-m", "compact", *argv], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+        imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines()}
+        assert done.returncode == 0 and "compact" in done.stdout, done.stderr[-2000:]
+        assert "torch" not in imported and "compact.criteria" in imported, argv  # criteria: the help text
+    probe = ("import sys; from compact import cli; cli._parser().parse_args(['prune', 'm', '--out', 'o', "
+             "'--ffn-keep', '0.5', '--ffn-criterion', 'wanda']); print(sorted(m for m in sys.modules if "
+             "m.split('.')[0] in ('torch', 'transformers')))")
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0])
+def test_an_early_sigint_is_one_line(world, delay):
+    """SIGINT while torch and transformers are still being imported: exit 130, one line, no traceback."""
+    root, src = world
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    argv = [sys.executable, "-m", "compact", *map(str, prune_args(src, "out"))]
+    proc = subprocess.Popen(argv, cwd=root, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=_interruptible)
+    try:
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        got, err = proc.wait(timeout=120), proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert got == 130 and err == "compact prune: interrupted; no output was written\n", (got, err)
+    assert not (root / "out").exists() and not leftovers(root)
+
+
+def test_a_tokenizer_without_regular_tokens_does_not_fit():
+    from tokenizers import Tokenizer, models as tokenizer_models
+    from transformers import PreTrainedTokenizerFast
+
+    from compact import vocab
+
+    specials = {"<s>": 0, "</s>": 1, "<unk>": 2}
+    backend = Tokenizer(tokenizer_models.WordLevel(specials, unk_token="<unk>"))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    for select in (vocab.select_vocab, lambda *a: vocab.select_vocab_by_frequency(*a, torch.ones(32000))):
+        with pytest.raises(ValueError, match="^the tokenizer does not fit the model: none of its 3 tokens .* the "
+                                             "model's 32000 embedding rows"):
+            select(tok, 32000, 100)
+
+
+# ------------------------------------------------------------------------------------- model card (#19)
+
+def test_model_card_of_a_pruned_folder(world):
+    import yaml
+
+    from compact import report
+
+    root, src = world
+    code, err = run(prune_args(src, "out", "--vocab-keep", "40", "--vocab-order", "id"))
+    assert code == 0, err
+    result = json.loads((root / "out" / "compact_report.json").read_text())
+    result["source"] = "/cache/hub/models--HuggingFaceTB--SmolLM2-135M/snapshots/93efa2f"
+    result["evaluation"] = {"data": "held-out.txt", "results": {
+        "source": {"bits_per_byte": 1.2345, "perplexity": 20.5}, "pruned": {"bits_per_byte": 1.3, "perplexity": 25.0}}}
+    card = report.model_card(result)
+    _, front, body = card.split("---\n", 2)
+    assert yaml.safe_load(front) == {"base_model": "HuggingFaceTB/SmolLM2-135M", "library_name": "transformers",
+                                     "pipeline_tag": "text-generation",
+                                     "tags": ["compact", "pruned", "vocabulary-pruning", "ffn-pruning"]}
+    before, after = result["parameters"]["before"], result["parameters"]["after"]
+    assert before["total"] == 6736 and after["total"] < before["total"]
+    assert f"| total | {before['total']:,} | {after['total']:,} | {after['total'] / before['total']:.1%} |" in body
+    vocab_after = result["sizes"]["vocab_after"]
+    assert f"- vocabulary: 64 -> {vocab_after} tokens ({64 - vocab_after} dropped" in body
+    assert "- FFN: 32 -> 16 channels in each of the 2 layers\n" in body
+    assert "## Calibration data\n\ncalib.npy: 4 x 16 tokens" in body
+    assert "| bits / byte | 1.2345 | 1.3000 |" in body and "On held-out.txt:" in body
+    assert "`ffn_keep=16`" in body and "`vocab_keep=40`" in body and "overwrite" not in body
+    result["source"], result["evaluation"] = "src", None
+    front = report.model_card(result).split("---\n")[1]
+    assert "base_model" not in yaml.safe_load(front)  # a local folder: no hub id to name
