@@ -32,9 +32,15 @@ demo: $(BIN)/.installed
 check: $(BIN)/.installed
 	$(BIN)/compact check
 
+# Two workers (one torch thread each) for everything but the tests that measure time or memory, which run alone
+# afterwards; TEST_WORKERS=0 runs the whole suite in one process.
+TEST_WORKERS ?= 2
 test: $(BIN)/.installed-test
-	@start=$$(date +%s); TRITON_INTERPRET=1 $(BIN)/python -m pytest -q; rc=$$?; \
-	echo "make test: $$(( $$(date +%s) - start )) s (pytest exit $$rc)"; exit $$rc
+	@start=$$(date +%s); \
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not serial"; rc=$$?; \
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:xdist -m serial; rc2=$$?; \
+	echo "make test: $$(( $$(date +%s) - start )) s (pytest exit $$rc, serial part $$rc2)"; \
+	[ $$rc -eq 0 ] && [ $$rc2 -eq 0 ]
 
 bench: $(BIN)/.installed-test
 	$(BIN)/python bench/bench_scores.py

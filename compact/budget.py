@@ -78,8 +78,8 @@ def vocab_curve(counts: torch.Tensor, keep_ids: list[int], prefix: list[int], ba
 
 RULE = ("keep the target fraction of parameters; among the splits that do, take the least "
         "token_loss(N) + score_loss(K) (calibration token mass dropped, cross-fitted on halves of the text in "
-        "frequency order, + mean act^2 mass dropped; with "
-        "--ffn-repair, each layer's act^2 share times the share of its output error the repair leaves)")
+        "frequency order, + mean act^2 mass dropped; with a "
+        "re-fit, each layer's act^2 share times the share of its output error the same-input re-fit leaves)")
 
 
 def token_loss_curve(counts: torch.Tensor, keep_order: list[int]) -> torch.Tensor:

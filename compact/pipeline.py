@@ -17,6 +17,7 @@ from . import (__version__, budget, criteria, data, engine, models, output, repa
                tokenizer, vocab)
 from .data import CalibOptions
 from .loading import Loaded
+from .report import model_card
 from .scoring import ChannelScorer, ScoringOptions
 
 
@@ -64,17 +65,25 @@ def calibrate(loaded: Loaded, opts: CalibOptions, progress: bool | None = None) 
     model = loaded.model
     context = getattr(model.config, "max_position_embeddings", None) or opts.seq_len
     eos = getattr(loaded.tokenizer, "eos_token_id", None) if loaded.tokenizer else model.config.eos_token_id
-    # Token-id data for a pruned model holds the original ids: map them through kept_token_ids.
+    # Token-id data for a pruned model holds the original model's ids (before every prune): map them through
+    # the composition of the cuts.
     report = loaded.report if Path(opts.path).suffix in data.ID_SUFFIXES else None
-    remap = report["kept_token_ids"] if report else None
+    remap, original_vocab = original_ids(report) if report else (None, None)
     calib = data.load_calibration(
         replace(opts, seq_len=min(opts.seq_len, context)), tokenizer=loaded.tokenizer,
-        vocab_size=report["sizes"]["vocab_before"] if report else model.get_input_embeddings().num_embeddings,
+        vocab_size=original_vocab if report else model.get_input_embeddings().num_embeddings,
         eos_id=eos if isinstance(eos, int) and not remap else None, progress=progress)
     if remap:
-        calib.input_ids = renumber(calib.input_ids, calib.attention_mask, remap, report["sizes"]["vocab_before"],
-                                   opts.path)
+        calib.input_ids = renumber(calib.input_ids, calib.attention_mask, remap, original_vocab, opts.path)
     return calib
+
+
+def original_ids(report: dict) -> tuple[list[int], int]:
+    """(the original id of each token of a pruned model, the original vocabulary size) from its report: the
+    composition of every prune since the original (`original_token_ids`), or the one prune's kept ids."""
+    if "original_token_ids" in report:
+        return report["original_token_ids"], report["vocab_original"]
+    return report["kept_token_ids"], report["sizes"]["vocab_before"]
 
 
 def renumber(input_ids: torch.Tensor, attention_mask, kept_token_ids: list[int], old_vocab: int, path) -> torch.Tensor:
@@ -264,9 +273,11 @@ def _resolve_refit(plan: PrunePlan) -> str:
 
 
 def _batch_major(plan: PrunePlan) -> bool:
-    """Checkpointed, resumed or torchrun scoring: the model-major pass of compact.runs, batch by batch."""
+    """Checkpointed, resumed or torchrun scoring (or an interrupted run's checkpoint waiting for --resume): the
+    model-major pass of compact.runs, batch by batch."""
     run = plan.run
-    return run is not None and bool(run.every or run.resume or runs.distributed()[1] > 1)
+    waiting = run is not None and run.checkpoint is not None and Path(run.checkpoint).exists()
+    return run is not None and bool(run.every or run.resume or waiting or runs.distributed()[1] > 1)
 
 
 def layer_source(loaded: Loaded):
@@ -307,7 +318,7 @@ def _activation_pass(model, calib: data.Calibration, kept_ids, opts: PruneOption
 def plan_split(loaded: Loaded, counts: tuple, evidence: tuple, opts: PruneOptions) -> tuple[int, int, dict]:
     """(vocab_keep, ffn_keep, planner report) for --target-params, by the rule in compact.budget, pricing each
     vocabulary cut by the rows and tokens `vocab.kept_vocabulary` really keeps, and each FFN cut by its act^2
-    share (times the error share the repair leaves, with --ffn-repair). `counts`: (all, halves or None);
+    share (times the error share the re-fit leaves, with a re-fit). `counts`: (all, halves or None);
     `evidence`: plain_scores' pair."""
     model = loaded.model
     curve = _vocab_curve(loaded, counts, opts)
@@ -389,7 +400,7 @@ def _score(plan: PrunePlan) -> None:
         if opts.ffn_select == "obs":
             gram, cross = _fit_statistics(stats)
             return repair.eliminate(stats.mlp.down_proj.weight.detach(), cross, gram, plan.ffn_keep)
-        return selection.top_channels(plan.scores[stats.name], plan.ffn_keep)
+        return selection.top_channels(plan.scores[stats.name], plan.ffn_keep, stats.name)
 
     options = engine.EngineOptions(scoring, plain=opts.ffn_criterion != "common-act2", refit=opts.refit,
                                    gram=opts.ffn_select == "obs")
@@ -436,7 +447,17 @@ def report(plan: PrunePlan) -> dict:
         "checks": {"scores_vs_hooks": plan.check}, "timings_s": plan.timings, "versions": versions(),
         "kept_token_ids": kept_ids if kept_ids is not None else list(range(vocab_before)),
         "kept_channels": list(channels.values()),
+        **_composition(loaded.report, kept_ids if kept_ids is not None else range(vocab_before)),
     }
+
+
+def _composition(source_report: dict | None, kept_ids) -> dict:
+    """For a model compact pruned before: each new token's id in the original model (before every prune) and
+    the original vocabulary size, so that token-id data in original ids keeps its meaning."""
+    if source_report is None:
+        return {}
+    previous, vocab = original_ids(source_report)
+    return {"original_token_ids": [previous[i] for i in kept_ids], "vocab_original": vocab}
 
 
 def _calib_used(calib) -> dict:
@@ -459,10 +480,11 @@ def write(plan: PrunePlan, out: Path) -> dict:
         with timings.phase("save"):
             if not plan.loaded.offloaded:
                 model.save_pretrained(tmp, safe_serialization=True)
-            result["tokenizer"] = save_tokenizer(plan.loaded, result["kept_token_ids"], tmp)
+            result["tokenizer"] = save_tokenizer(plan.loaded, plan.kept_token_ids, tmp)
             if plan.scores is not None:
                 output.save_scores(plan.scores, tmp / "compact_scores.safetensors", shape)
         output.write_json(tmp / "compact_report.json", result)
+        (tmp / "README.md").write_text(model_card(result), encoding="utf-8")
     return result
 
 
@@ -487,10 +509,14 @@ def prune(loaded: Loaded, out: Path, opts: PruneOptions, calib_opts: CalibOption
     return write(decide(loaded, opts, calib_opts, run), out)
 
 
-def save_tokenizer(loaded: Loaded, kept_ids: list[int], folder: Path) -> str | None:
-    """The tokenizer cut to `kept_ids` into `folder` (what the report records); a warning when there is none."""
+def save_tokenizer(loaded: Loaded, kept_ids: list[int] | None, folder: Path) -> str | None:
+    """The tokenizer cut to `kept_ids` (None: the vocabulary is not cut, the tokenizer is saved as it is, whatever
+    its type) into `folder`; what the report records. A warning when there is none."""
     if loaded.tokenizer is None:
         warnings.warn("the model has no tokenizer: the pruned checkpoint is written without one", stacklevel=2)
         return None
+    if kept_ids is None:
+        loaded.tokenizer.save_pretrained(folder)
+        return "unchanged (vocabulary not cut)"
     tokenizer.prune_tokenizer(loaded.tokenizer, kept_ids).save_pretrained(folder)
     return "pruned to kept_token_ids"

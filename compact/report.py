@@ -101,7 +101,7 @@ def plan_summary(model: str, data: str, plan: dict) -> str:
     chosen = next(c for c in plan["candidates"] if c["chosen"])
     return "\n".join([
         f"plan for {model}: keep {plan['target']:.0%} of the parameters (calibration: {data})",
-        f"rule: {plan['rule']}", "",
+        f"rule: {plan['rule']}", f"re-fit priced: {plan.get('refit', 'none')}", "",
         format_table(("", "vocab keep", "rows kept", "FFN keep", "params kept", "token loss", "cross-fitted",
                       "score loss", "cost"), rows), "",
         f"choice: --vocab-keep {chosen['vocab_keep']} --ffn-keep {chosen['ffn_keep']} "

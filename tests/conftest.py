@@ -11,6 +11,9 @@ if not torch.cuda.is_available():
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # `make test` runs two workers on two cores: one thread each, no oversubscription
+
 
 def shared_data_dir() -> Path:
     """../shared/data beside the repository (or $COMPACT_SHARED_DATA)."""

@@ -73,7 +73,8 @@ def test_prune_report_and_slices(stories, tmp_path):
     ckpt, calib, _ = stories
     out = tmp_path / "both"
     assert cli.main(["prune", str(ckpt), "--out", str(out), "--vocab-keep", "400", "--ffn-keep", "0.75",
-                     "--ffn-multiple", "16", "--calib", str(calib), "--vocab-order", "id", "--quiet"]) == 0
+                     "--ffn-multiple", "16", "--calib", str(calib), "--vocab-order", "id", "--refit", "none",
+                     "--quiet"]) == 0
     import json
 
     from transformers import AutoModelForCausalLM

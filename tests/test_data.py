@@ -124,6 +124,7 @@ def test_bin_short_file_pads(tmp_path):
     assert "1 x 64 + 1 x 36 tokens (last row padded)" in cal.source
 
 
+@pytest.mark.serial
 def test_bin_large_reads_only_the_prefix(tmp_path):
     """20M uint16 tokens (40 MB, mostly a sparse hole); an out-of-vocabulary id past the prefix is never seen."""
     path = tmp_path / "big.bin"

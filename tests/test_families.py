@@ -321,7 +321,7 @@ def test_prune_end_to_end(case, tmp_path):
     assert loaded.tokenizer is None
     keep_vocab, keep_ffn = 60, 24
     opts = pipeline.PruneOptions(vocab_keep=keep_vocab, ffn_keep=str(keep_ffn), vocab_order="id", batch_size=2,
-                                 check=True, progress=False)
+                                 check=True, progress=False, refit="none")  # exact slices (test_engine: re-fits)
     calib_opts = CalibOptions(path=str(tmp_path / "calib.npy"), samples=4, seq_len=12)
     pipeline.prune(loaded, out, opts, calib_opts)
 

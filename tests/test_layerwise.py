@@ -208,6 +208,7 @@ def measure(folder, tmp_path) -> tuple[dict, dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_peak_memory_16_layers(tmp_path):
     """A 16-layer model of ~270 MB (fp32): layerwise peak RSS vs loading it whole. Prints the figures."""
     if not os.path.exists("/proc/self/status"):

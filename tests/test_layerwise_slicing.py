@@ -258,6 +258,7 @@ def measure(src: Path, layerwise_out: Path, whole_out: Path) -> dict[str, dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_peak_memory_about_two_tensors(tmp_path):
     """A ~200 MB model whose largest tensors (embedding, head) are 16 MiB: layerwise slicing's peak RSS stays
     near two of them, while the in-memory path holds the model. Prints the figures."""

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 pytest.importorskip("pytest_benchmark")
+pytestmark = pytest.mark.serial  # timings: alone on the machine
 
 import compact_kernels as ck
 from compact import models, slicing

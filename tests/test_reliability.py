@@ -718,3 +718,59 @@ def test_model_card_of_a_pruned_folder(world):
     result["source"], result["evaluation"] = "src", None
     front = report.model_card(result).split("---\n")[1]
     assert "base_model" not in yaml.safe_load(front)  # a local folder: no hub id to name
+
+
+@pytest.mark.parametrize("kind", ["unigram", "wordpiece"])
+def test_ffn_only_prune_keeps_a_tokenizer_it_could_not_cut(kind, tmp_path):
+    """Item 9: an FFN-only prune never cuts the vocabulary, so a Unigram or WordPiece tokenizer (which the
+    vocabulary cut does not support) is written unchanged instead of failing after scoring."""
+    from tokenizers import Tokenizer, models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    import tiny_models
+
+    vocab = {f"t{i}": i for i in range(tiny_models.VOCAB)}
+    backend = Tokenizer(tok_models.Unigram([(t, -1.0) for t in vocab], 0, False) if kind == "unigram"
+                        else tok_models.WordPiece(vocab, unk_token="t0"))
+    tiny_models.build("llama").save_pretrained(tmp_path / "model")
+    PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(tmp_path / "model")
+    np.save(tmp_path / "calib.npy", np.arange(64).reshape(2, 32) % tiny_models.VOCAB)
+    rc, err = run(["prune", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--calib",
+                   str(tmp_path / "calib.npy"), "--seq-len", "32", "--ffn-keep", "24ch", "--quiet"])
+    assert rc == 0, err
+    report = json.loads((tmp_path / "out" / "compact_report.json").read_text())
+    assert report["tokenizer"] == "unchanged (vocabulary not cut)" and report["sizes"]["intermediate_after"] == 24
+    saved = json.loads((tmp_path / "out" / "tokenizer.json").read_text())["model"]
+    assert saved["type"] == ("Unigram" if kind == "unigram" else "WordPiece") and len(saved["vocab"]) == len(vocab)
+
+
+def test_twice_pruned_model_reads_token_ids_of_the_original(tmp_path):
+    """Item 3: a model pruned twice records each token's id in the original model (the composition of both
+    cuts), and token-id data in original ids is renumbered through it: every position lands on the token it
+    named, and an id the first cut dropped is refused naming it."""
+    import tiny_models
+    from compact import loading, pipeline
+    from compact.data import CalibOptions
+
+    tiny_models.build("llama").save_pretrained(tmp_path / "model")
+    vocab = tiny_models.VOCAB
+    ids = np.random.default_rng(5).integers(0, vocab, size=(4, 50))
+    np.save(tmp_path / "all.npy", ids)
+    common = ["--calib", str(tmp_path / "all.npy"), "--seq-len", "50", "--vocab-order", "frequency", "--quiet"]
+    assert run(["prune", tmp_path / "model", "--out", tmp_path / "once", "--vocab-keep", "80", *common])[0] == 0
+    assert run(["prune", tmp_path / "once", "--out", tmp_path / "twice", "--vocab-keep", "60", *common[:-3],
+                "--vocab-order", "id", "--quiet"])[0] == 0
+    once = json.loads((tmp_path / "once" / "compact_report.json").read_text())
+    twice = json.loads((tmp_path / "twice" / "compact_report.json").read_text())
+    composed = [once["kept_token_ids"][i] for i in twice["kept_token_ids"]]
+    assert twice["original_token_ids"] == composed and twice["vocab_original"] == vocab
+    kept = np.isin(ids, composed)
+    data = np.where(kept, ids, composed[0])  # original ids the twice-pruned model still has
+    np.save(tmp_path / "kept.npy", data)
+    loaded = loading.load(str(tmp_path / "twice"), dtype="float32")
+    calib = pipeline.calibrate(loaded, CalibOptions(str(tmp_path / "kept.npy"), samples=4, seq_len=50))
+    assert calib.input_ids.tolist() == [[composed.index(int(t)) for t in row] for row in data]
+    dropped = next(t for t in range(vocab) if t not in once["kept_token_ids"])
+    np.save(tmp_path / "dropped.npy", np.full((1, 50), dropped))
+    with pytest.raises(ValueError, match=f"token id {dropped}, which this pruned model's vocabulary dropped"):
+        pipeline.calibrate(loaded, CalibOptions(str(tmp_path / "dropped.npy"), samples=1, seq_len=50))
