@@ -28,6 +28,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
+    return value
+
+
 def _ffn_keep(text: str) -> str:
     from .selection import parse_ffn_keep
 
@@ -119,6 +126,12 @@ def _score_command(sub) -> None:
     s.set_defaults(func=_cmd_score)
 
 
+def _trials_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan-trials", type=_count, default=3, metavar="N",
+                   help="--target-params: prune the N best-priced splits in memory and keep the one that reads the "
+                        "calibration rows after --samples best (bits/byte); 0 keeps the best-priced (default 3)")
+
+
 def _refit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refit", choices=("auto", "sequential", "same-input", "none"), default="auto",
                    help="re-fit each down_proj's kept columns by least squares (closed form, no training): "
@@ -144,6 +157,7 @@ def _prune_command(sub) -> None:
     _vocab_options(r)
     _criterion_options(r)
     _refit_options(r)
+    _trials_option(r)
     r.add_argument("--ffn-select", choices=("scores", "obs"), default="scores",
                    help="which channels stay: the top of --ffn-criterion (default), or obs: greedy elimination "
                         "for the re-fit (Optimal Brain Surgeon on its least-squares objective)")
@@ -161,6 +175,7 @@ def _plan_command(sub) -> None:
     n.add_argument("--target-params", type=_fraction, required=True, metavar="F", help="fraction of parameters to keep")
     n.add_argument("--ffn-multiple", type=_positive_int, default=64, help="FFN channel counts are multiples of this")
     _refit_options(n)
+    _trials_option(n)
     _vocab_options(n)
     n.set_defaults(func=_cmd_plan)
 

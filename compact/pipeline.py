@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import (__version__, budget, criteria, data, engine, models, output, repair, runs, selection, slicing,
-               tokenizer, vocab)
+               tokenizer, trials, vocab)
 from .data import CalibOptions
 from .loading import Loaded
 from .report import model_card
@@ -44,6 +44,7 @@ class PruneOptions:
     check_batches: int = 2
     refit: str = "auto"  # sequential when calibration data drives an FFN cut, else none; or one of engine.REFITS
     ffn_select: str = "scores"  # the top-K of the criterion, or "obs": elimination for the re-fit (repair.eliminate)
+    plan_trials: int = 3  # --target-params: prune this many best-priced splits and keep the best measured
     overwrite: bool = False
     progress: bool | None = None
 
@@ -144,6 +145,8 @@ class PrunePlan:
     check: dict | None = None  # --check: fused vs hooks
     kept_channels: dict | None = None  # None: FFN not cut
     refits: dict | None = None  # re-fitted down_proj columns [D, K] per cut MLP (compact.repair)
+    held_out: data.Calibration | None = None  # calibration rows after --samples: the planner's measuring rows
+    trial: tuple | None = None  # the chosen split's measured trial: ffn_pass' (scores, kept channels, refits)
     parameters_before: dict | None = None
 
     @property
@@ -201,7 +204,14 @@ def _steps(plan: PrunePlan):
 
 
 def _calibrate(plan: PrunePlan) -> None:
-    plan.calibration = calibrate(plan.loaded, plan.calib_opts, plan.opts.progress)
+    """The calibration rows; for measured planning also up to a quarter as many more, held out from the fit."""
+    opts = plan.calib_opts
+    if not trials.wanted(plan) or _batch_major(plan):
+        plan.calibration = calibrate(plan.loaded, opts, plan.opts.progress)
+        return
+    rows = calibrate(plan.loaded, replace(opts, samples=opts.samples + trials.held_rows(opts.samples)),
+                     plan.opts.progress)
+    plan.calibration, plan.held_out = trials.split_rows(rows, opts.samples)
 
 
 def _count(plan: PrunePlan) -> None:
@@ -211,16 +221,23 @@ def _count(plan: PrunePlan) -> None:
 
 
 def _split(plan: PrunePlan) -> None:
+    """Price every split; with held-out rows, prune the best-priced ones and keep the best measured."""
     evidence = plain_scores(plan.loaded, plan.calibration, plan.opts)
-    plan.vocab_keep, plan.ffn_keep, plan.planner = plan_split(plan.loaded, (plan.counts, plan.halves), evidence,
-                                                              plan.opts)
+    choice, candidates, plan.planner = plan_split(plan.loaded, (plan.counts, plan.halves), evidence, plan.opts)
+    plan.vocab_keep, plan.ffn_keep = choice.vocab_keep, choice.ffn_keep
     plan.planner["refit"] = plan.opts.refit
+    if plan.held_out is not None:
+        trials.measure(plan, candidates, (lambda n: _kept_ids(plan, n), ffn_pass))
 
 
 def _vocabulary(plan: PrunePlan) -> None:
+    plan.kept_token_ids = _kept_ids(plan, plan.vocab_keep)
+
+
+def _kept_ids(plan: PrunePlan, vocab_keep: int | None) -> list[int] | None:
     always = vocab.read_always_file(plan.opts.vocab_always) if plan.opts.vocab_always else ()
-    plan.kept_token_ids = vocab.kept_vocabulary(plan.model, plan.loaded.tokenizer, plan.vocab_keep,
-                                                order=plan.opts.vocab_order, counts=plan.counts, always=always)
+    return vocab.kept_vocabulary(plan.model, plan.loaded.tokenizer, vocab_keep, order=plan.opts.vocab_order,
+                                 counts=plan.counts, always=always)
 
 
 def _select(plan: PrunePlan) -> None:
@@ -315,8 +332,8 @@ def _activation_pass(model, calib: data.Calibration, kept_ids, opts: PruneOption
     return scorer
 
 
-def plan_split(loaded: Loaded, counts: tuple, evidence: tuple, opts: PruneOptions) -> tuple[int, int, dict]:
-    """(vocab_keep, ffn_keep, planner report) for --target-params, by the rule in compact.budget, pricing each
+def plan_split(loaded: Loaded, counts: tuple, evidence: tuple, opts: PruneOptions) -> tuple:
+    """(the cheapest candidate, every candidate, the planner's report) for --target-params, by the rule in compact.budget, pricing each
     vocabulary cut by the rows and tokens `vocab.kept_vocabulary` really keeps, and each FFN cut by its act^2
     share (times the error share the re-fit leaves, with a re-fit). `counts`: (all, halves or None);
     `evidence`: plain_scores' pair."""
@@ -326,8 +343,8 @@ def plan_split(loaded: Loaded, counts: tuple, evidence: tuple, opts: PruneOption
     ffn_curve = budget.score_loss_curve(plain, left)
     choice, candidates = budget.plan(budget.accounting(model), opts.target_params, curve, ffn_curve,
                                      opts.ffn_multiple)
-    return choice.vocab_keep, choice.ffn_keep, {"target": opts.target_params, "rule": budget.RULE,
-                                                 "candidates": budget.summary(choice, candidates)}
+    return choice, candidates, {"target": opts.target_params, "rule": budget.RULE,
+                                "candidates": budget.summary(choice, candidates)}
 
 
 def _vocab_curve(loaded: Loaded, counts: tuple, opts: PruneOptions) -> budget.VocabCurve:
@@ -378,10 +395,10 @@ def _score(plan: PrunePlan) -> None:
         return
     if loaded.offloaded and _batch_major(plan):
         raise ValueError("--offload layerwise runs in one process without checkpoints")
-    scoring = ScoringOptions(keep_token_ids=kept_ids, batch_size=opts.batch_size, progress=opts.progress)
     if opts.check:
         def score(ids, mask, path):
-            options = engine.EngineOptions(replace(scoring, path=path, progress=False))
+            scoring = ScoringOptions(keep_token_ids=kept_ids, batch_size=opts.batch_size, path=path)
+            options = engine.EngineOptions(replace(scoring, progress=False))
             return engine.run(layer_source(loaded), ids, mask, options).scores
 
         plan.check = check_against_hooks(score, calib, batch_size=opts.batch_size, batches=opts.check_batches,
@@ -390,23 +407,35 @@ def _score(plan: PrunePlan) -> None:
         scorer = _activation_pass(loaded.model, calib, kept_ids, opts, plan.run)
         plan.scores = criteria.from_activations(loaded.model, opts.ffn_criterion, scorer.scores, scorer.plain_scores)
         return
-    plan.scores = {}
+    if plan.trial is not None:  # the planner's measured trial of this split ran this very pass
+        plan.scores, kept, plan.refits = plan.trial
+        plan.kept_channels = kept or None
+        return
     cut = plan.upto == "selection" and plan.ffn_keep is not None and plan.ffn_keep < plan.intermediate
+    plan.scores, kept, refits = ffn_pass(loaded, opts, calib, kept_ids, plan.ffn_keep if cut else None)
+    if cut:
+        plan.kept_channels, plan.refits = kept, refits
+
+
+def ffn_pass(loaded: Loaded, opts: PruneOptions, calib: data.Calibration, kept_ids, keep: int | None) -> tuple:
+    """The engine's pass: (scores by the criterion, kept channels, re-fitted columns); `keep` channels per layer
+    chosen as it goes (None: scores only)."""
+    scores = {}
 
     def choose(stats: engine.LayerStats) -> list[int] | None:
-        plan.scores[stats.name] = criteria.layer_scores(stats, opts.ffn_criterion)
-        if not cut:
+        scores[stats.name] = criteria.layer_scores(stats, opts.ffn_criterion)
+        if keep is None:
             return None
         if opts.ffn_select == "obs":
             gram, cross = _fit_statistics(stats)
-            return repair.eliminate(stats.mlp.down_proj.weight.detach(), cross, gram, plan.ffn_keep)
-        return selection.top_channels(plan.scores[stats.name], plan.ffn_keep, stats.name)
+            return repair.eliminate(stats.mlp.down_proj.weight.detach(), cross, gram, keep)
+        return selection.top_channels(scores[stats.name], keep, stats.name)
 
+    scoring = ScoringOptions(keep_token_ids=kept_ids, batch_size=opts.batch_size, progress=opts.progress)
     options = engine.EngineOptions(scoring, plain=opts.ffn_criterion != "common-act2", refit=opts.refit,
                                    gram=opts.ffn_select == "obs")
     outcome = engine.run(layer_source(loaded), calib.input_ids, calib.attention_mask, options, choose)
-    if cut:
-        plan.kept_channels, plan.refits = outcome.kept, outcome.refits
+    return scores, outcome.kept, outcome.refits
 
 
 def _fit_statistics(stats: engine.LayerStats) -> tuple[torch.Tensor, torch.Tensor]:

@@ -101,11 +101,21 @@ def plan_summary(model: str, data: str, plan: dict) -> str:
     chosen = next(c for c in plan["candidates"] if c["chosen"])
     return "\n".join([
         f"plan for {model}: keep {plan['target']:.0%} of the parameters (calibration: {data})",
-        f"rule: {plan['rule']}", f"re-fit priced: {plan.get('refit', 'none')}", "",
+        f"rule: {plan['rule']}", f"re-fit: {plan.get('refit', 'none')}", "",
         format_table(("", "vocab keep", "rows kept", "FFN keep", "params kept", "token loss", "cross-fitted",
-                      "score loss", "cost"), rows), "",
+                      "score loss", "cost"), rows), "", *_measured(plan),
         f"choice: --vocab-keep {chosen['vocab_keep']} --ffn-keep {chosen['ffn_keep']} "
         f"({chosen['fraction']:.2%} of the parameters)"])
+
+
+def _measured(plan: dict) -> list[str]:
+    """The measured trials of the best-priced splits, as lines (none when the planner only priced)."""
+    if "measured" not in plan:
+        return []
+    rows = [("*" if m["chosen"] else "", f"{m['vocab_keep']:,}", f"{m['ffn_keep']:,}", f"{m['cost']:.4f}",
+             f"{m['bits_per_byte']:.4f}") for m in plan["measured"]]
+    return [f"measured: the best-priced splits pruned and read on {plan['held_out']}", "",
+            format_table(("", "vocab keep", "FFN keep", "cost", "held-out bits/byte"), rows), ""]
 
 
 PAPER = "[COMPACT](https://arxiv.org/abs/2509.06836) (Kwek & Yin)"

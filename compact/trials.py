@@ -1,0 +1,99 @@
+"""Measured planning for --target-params: the planner's price is a sum of two shares in different units (tokens
+dropped, act^2 left), so its best-priced splits are pruned for real, in memory, each with the prune's own
+calibration pass, selection and re-fit, and measured on calibration rows held out from the fit (the rows after
+--samples), in the measure's own units: bits per byte of that text as each split's cut tokenizer reads it, as
+`compact eval` counts them. The best measured split wins; its pass is kept, so pruning it costs nothing more.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict
+
+import torch
+
+from . import data, evaluate, repair, slicing, tokenizer
+
+
+def held_rows(samples: int) -> int:
+    """Calibration rows held out for measuring: a quarter of --samples, at least 2."""
+    return max(2, samples // 4)
+
+
+def wanted(plan) -> bool:
+    """Measured planning applies: --target-params with trials, a data-driven pass on resident layers, a
+    tokenizer to read the held-out text with."""
+    opts, loaded = plan.opts, plan.loaded
+    return (opts.target_params is not None and opts.plan_trials > 0 and plan.data_scores
+            and not loaded.offloaded and loaded.tokenizer is not None)
+
+
+def split_rows(calib: data.Calibration, samples: int) -> tuple[data.Calibration, data.Calibration | None]:
+    """(the first `samples` rows, the rows after them or None when the data has no more)."""
+    mask = calib.attention_mask
+    fit = data.Calibration(calib.input_ids[:samples], None if mask is None else mask[:samples], calib.source)
+    if calib.input_ids.shape[0] <= samples:
+        return fit, None
+    rows = calib.input_ids.shape[0] - samples
+    held = data.Calibration(calib.input_ids[samples:], None if mask is None else mask[samples:],
+                            f"{rows} calibration rows after the {samples} fitted")
+    return fit, held
+
+
+def measure(plan, candidates: list, steps: tuple) -> None:
+    """Prune the best-priced `candidates` (`plan.opts.plan_trials` of them), measure each on `plan.held_out`,
+    and set the plan's split to the best measured (with its pass as `plan.trial`); the figures go to the
+    planner's report. `steps`: (kept_ids_of(vocab_keep): the vocabulary a split keeps, pipeline.ffn_pass)."""
+    (kept_ids_of, ffn_pass), loaded, opts = steps, plan.loaded, plan.opts
+    intermediate = plan.intermediate
+    priced = sorted(candidates, key=lambda c: (c.cost, -c.ffn_keep))[:opts.plan_trials]
+    results = []
+    for candidate in priced:
+        kept_ids = kept_ids_of(candidate.vocab_keep)
+        keep = candidate.ffn_keep if candidate.ffn_keep < intermediate else None
+        outcome = ffn_pass(loaded, opts, plan.calibration, kept_ids, keep)
+        results.append((held_out_bits_per_byte(loaded, kept_ids, outcome, plan.held_out), candidate, outcome))
+    best = min(results, key=lambda r: (r[0], r[1].cost))
+    plan.vocab_keep, plan.ffn_keep, plan.trial = best[1].vocab_keep, best[1].ffn_keep, best[2]
+    plan.planner["measured"] = [{"vocab_keep": c.vocab_keep, "ffn_keep": c.ffn_keep, "cost": c.cost,
+                                 "bits_per_byte": bpb, "chosen": c is best[1]} for bpb, c, _ in results]
+    plan.planner["held_out"] = plan.held_out.source
+    rows = plan.planner["candidates"]
+    for row in rows:
+        row["chosen"] = (row["vocab_keep"], row["ffn_keep"]) == (plan.vocab_keep, plan.ffn_keep)
+    if not any(row["chosen"] for row in rows):
+        rows.append({**asdict(best[1]), "cost": best[1].cost, "chosen": True})
+        rows.sort(key=lambda row: -row["ffn_keep"])
+
+
+def held_out_bits_per_byte(loaded, kept_ids: list[int] | None, outcome: tuple, held: data.Calibration) -> float:
+    """Bits per byte of the held-out rows' text for the model pruned as `outcome` says (a copy, in memory),
+    the text re-read by the tokenizer cut to `kept_ids`."""
+    _, kept, refits = outcome
+    model = copy.deepcopy(loaded.model)
+    if refits:
+        repair.apply_refits(model, kept, refits)
+    slicing.slice_model(model, kept_ids, kept or None)
+    cut = loaded.tokenizer if kept_ids is None else tokenizer.prune_tokenizer(loaded.tokenizer, kept_ids)
+    context = getattr(model.config, "max_position_embeddings", None) or held.input_ids.shape[1]
+    ids, mask = _reread(loaded.tokenizer, cut, held, context)
+    total, _ = evaluate.nll(model, ids, mask, batch_size=1, progress=False)
+    del model
+    return total / math.log(2) / max(evaluate.text_bytes(cut, ids, mask), 1)
+
+
+def _reread(original, cut, held: data.Calibration, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out rows decoded by the original tokenizer and encoded by the cut one (at most `limit` tokens),
+    right-padded."""
+    rows = []
+    for i, row in enumerate(held.input_ids):
+        valid = row if held.attention_mask is None else row[held.attention_mask[i].bool()]
+        text = original.decode(valid.tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        rows.append(cut(text)["input_ids"][:limit])
+    length = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+    return ids, mask
+
