@@ -83,8 +83,9 @@ def grid() -> list[tuple[str, str, str, list[str]]]:
 
 
 def refit_grid() -> list[tuple[str, str, str, list[str]]]:
-    """At 0.65: {common act^2, OBS elimination} x {no, same-input, sequential re-fit} x {16, 64} x 512 tokens,
-    each calibration draw."""
+    """At 0.65, the split the planner picks there with a re-fit (19,238 tokens, 960 channels: 65.0%) fixed, so
+    that only the method varies: {common act^2, OBS elimination} x {no, same-input, sequential re-fit} x
+    {16, 64} x 512 tokens, each calibration draw."""
     rows = []
     for select in ("scores", "obs"):
         for refit in ("none", "same-input", "sequential"):
@@ -93,8 +94,8 @@ def refit_grid() -> list[tuple[str, str, str, list[str]]]:
                     rows.append((f"r0.65-{select}-{refit}-{samples}-d{draw}", "re-fit grid at 0.65",
                                  f"{'common act^2' if select == 'scores' else 'OBS elimination'}, {refit} re-fit, "
                                  f"{samples} x 512",
-                                 ["--target-params", "0.65", "--ffn-select", select, "--refit", refit,
-                                  "--samples", samples]))
+                                 ["--vocab-keep", "19238", "--ffn-keep", "960ch", "--ffn-select", select,
+                                  "--refit", refit, "--samples", samples]))
     return rows
 
 

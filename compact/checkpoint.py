@@ -171,5 +171,15 @@ def skeleton(config, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
+def storage_dtype(model_dir: Path) -> torch.dtype | None:
+    """The floating dtype most of a safetensors checkpoint's tensors are stored in (None: no safetensors)."""
+    try:
+        files = checkpoint_files(model_dir)
+    except (FileNotFoundError, ValueError):
+        return None
+    kinds = [DTYPES[dtype] for dtype, _ in tensor_info(files).values() if DTYPES[dtype].is_floating_point]
+    return max(set(kinds), key=kinds.count) if kinds else None
+
+
 def nbytes(dtype: str, shape) -> int:
     return torch.empty((), dtype=DTYPES[dtype]).element_size() * math.prod(shape)

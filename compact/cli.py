@@ -291,7 +291,10 @@ def _run(args):
     if args.calib and Path(args.calib).is_file():
         stat = Path(args.calib).stat()
         signature["calib_file"] = f"{stat.st_size} bytes, mtime {stat.st_mtime_ns}"
-    return runs.RunOptions(f"{args.out}.ckpt", args.checkpoint_every or 0, args.resume, signature)
+    # prune looks for OUT.ckpt only when asked to checkpoint or resume: an unrelated file of that name is not its
+    checkpointed = args.command == "score" or args.checkpoint_every or args.resume
+    return runs.RunOptions(f"{args.out}.ckpt" if checkpointed else None, args.checkpoint_every or 0, args.resume,
+                           signature)
 
 
 def _cmd_plan(args) -> int:
@@ -303,11 +306,20 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _check_early(args) -> None:
+    """What can be refused before loading the model: conflicting targets, a calibration file that is not there."""
+    if args.target_params is not None and (args.vocab_keep or args.ffn_keep):
+        raise ValueError("give --target-params, or --vocab-keep/--ffn-keep, not both")
+    if args.calib is not None and not Path(args.calib).is_file():
+        raise FileNotFoundError(f"{args.calib}: calibration file not found")
+
+
 def _cmd_prune(args) -> int:
     from . import loading, output, pipeline, report, runs
 
     if runs.distributed()[1] > 1:
         raise ValueError("torchrun runs `compact score`; prune with --scores from it in one process")
+    _check_early(args)
     protected = loading.locate(args.model)
     output.check_destination(args.out, overwrite=args.overwrite, protected=protected)
     loaded = _load(args)

@@ -66,17 +66,19 @@ def _configs(path: Path, config, the_plan: slicing.SlicePlan, dtype_name: str | 
 
 def write_layerwise(model_dir, folder, kept_token_ids: list[int] | None,
                     kept_channels: dict[str, list[int]] | None, *, device="cpu",
-                    progress: bool | None = None, replacements: dict[str, torch.Tensor] | None = None) -> dict:
+                    progress: bool | None = None, replacements: dict[str, torch.Tensor] | None = None,
+                    dtype: torch.dtype | None = None) -> dict:
     """Write the pruned checkpoint (safetensors shards, index, config, generation config) into `folder`,
     which must exist; returns the summary. `replacements`: {tensor name: the sliced tensor to write instead}
-    (re-fitted down_proj columns). No staging: see `prune_layerwise` for the atomic version."""
+    (re-fitted down_proj columns); `dtype`: floating tensors cast to it (None: as stored). No staging: see
+    `prune_layerwise` for the atomic version."""
     folder, path = Path(folder), loading.locate(str(model_dir))
     config, files, model = open_checkpoint(path, "layerwise slicing", model_dir)  # model: names and roles only
     info = tensor_info(files)
     shapes = {name: shape for name, (_, shape) in info.items()}
     the_plan = slicing.plan(model, shapes, kept_token_ids, kept_channels)
     out_shapes = {name: slicing.out_shape(shape, the_plan.ops.get(name)) for name, shape in shapes.items()}
-    out_info = {name: (dtype, out_shapes[name]) for name, (dtype, _) in info.items()}
+    out_info = {name: (_cast(kind, dtype), out_shapes[name]) for name, (kind, _) in info.items()}
     for name, tensor in (replacements or {}).items():
         if tuple(tensor.shape) != out_shapes[name]:
             raise ValueError(f"{name}: replacement of shape {tuple(tensor.shape)}, the slice is {out_shapes[name]}")
@@ -89,7 +91,7 @@ def write_layerwise(model_dir, folder, kept_token_ids: list[int] | None,
                  "weight_map": dict(sorted(weight_map.items()))}
         output.write_json(folder / INDEX_NAME, index)
     embedding = prefix_of(model, model.get_input_embeddings()) + "weight"
-    dtype_name = str(DTYPES[info[embedding][0]]).split(".")[1]
+    dtype_name = str(DTYPES[out_info[embedding][0]]).split(".")[1]
     config, generation = _configs(path, config, the_plan, dtype_name)
     config.save_pretrained(folder)
     if generation is not None:
@@ -103,6 +105,13 @@ def write_layerwise(model_dir, folder, kept_token_ids: list[int] | None,
         "bytes": {"before": sum(nbytes(d, s) for d, s in info.values()),
                   "after": sum(nbytes(d, s) for d, s in out_info.values())},
     }
+
+
+def _cast(kind: str, dtype: torch.dtype | None) -> str:
+    """The safetensors dtype a tensor stored as `kind` is written as: `dtype` for floating tensors."""
+    if dtype is None or not DTYPES[kind].is_floating_point:
+        return kind
+    return next(name for name, torch_dtype in DTYPES.items() if torch_dtype == dtype)
 
 
 def _write_shards(files: dict[str, Path], out_info: dict[str, tuple[str, tuple[int, ...]]], edits: tuple,
@@ -125,6 +134,7 @@ def _write_shards(files: dict[str, Path], out_info: dict[str, tuple[str, tuple[i
                         tensor = replacements[name].to(DTYPES[out_info[name][0]]).contiguous()
                     else:
                         tensor = slicing.slice_tensor(read_tensor(shard, name).to(device), ops.get(name)).cpu()
+                        tensor = tensor.to(DTYPES[out_info[name][0]])
                     writer.write(name, tensor)
                     del tensor
                     weight_map[name] = shard.name

@@ -26,6 +26,12 @@ class Loaded:
     source: str
     report: dict | None = None  # compact_report.json of a checkpoint this package pruned
     device: str = "cpu"  # where computation runs (a skeleton's weights stay on "meta": --offload layerwise)
+    output_dtype: torch.dtype | None = None  # what a prune writes: --dtype, or with auto the source's storage dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype."""
+        return self.model.get_input_embeddings().weight.dtype
 
     @property
     def offloaded(self) -> bool:
@@ -34,9 +40,13 @@ class Loaded:
         return self.model.get_input_embeddings().weight.is_meta
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """--dtype: auto means bfloat16 on a GPU, float32 on a CPU."""
+def resolve_dtype(name: str, device: str, storage: torch.dtype | None = None) -> torch.dtype:
+    """--dtype, the compute dtype: auto means the dtype the weights are stored in (`storage`), computed in
+    float32 on a CPU when that is a 16-bit type; without a known storage dtype, bfloat16 on a GPU and float32
+    on a CPU."""
     if name == "auto":
+        if storage is not None:
+            return torch.float32 if device == "cpu" and storage in (torch.float16, torch.bfloat16) else storage
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     if name not in DTYPES:
         raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
@@ -92,7 +102,8 @@ def load(source: str, *, dtype: str = "auto", device: str | None = None, trust_r
     from transformers import AutoModelForCausalLM
 
     path, device = locate(source), resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, device)
+    storage = checkpoint.storage_dtype(path) if path.is_dir() else None
+    torch_dtype = resolve_dtype(dtype, device, storage)
     if path.suffix == ".gguf":
         return _load_gguf(path, torch_dtype, device)
     if path.is_file():
@@ -109,7 +120,7 @@ def load(source: str, *, dtype: str = "auto", device: str | None = None, trust_r
         raise ValueError(f"model {source!r}: its pickled .bin weights hold objects torch refuses to load safely; "
                          "convert the checkpoint to safetensors from a source you trust") from None
     _check_loading_info(source, info)
-    return _with_extras(model.to(device).eval(), path, trust_remote_code, device)
+    return _with_extras(model.to(device).eval(), path, trust_remote_code, device, _output(dtype, storage))
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device: str) -> Loaded:
@@ -176,8 +187,14 @@ def load_skeleton(source: str, *, dtype: str = "auto", device: str | None = None
         raise ValueError(f"model {source!r}: --offload layerwise needs a Hugging Face safetensors directory, "
                          f"not a {'GGUF' if path.suffix == '.gguf' else 'llama2.c'} file (prune it in memory, or "
                          "convert it first)")
-    model = checkpoint.skeleton(_config(path, trust_remote_code), resolve_dtype(dtype, device))
-    return _with_extras(model, path, trust_remote_code, device)
+    storage = checkpoint.storage_dtype(path)
+    model = checkpoint.skeleton(_config(path, trust_remote_code), resolve_dtype(dtype, device, storage))
+    return _with_extras(model, path, trust_remote_code, device, _output(dtype, storage))
+
+
+def _output(name: str, storage: torch.dtype | None) -> torch.dtype | None:
+    """The dtype a prune writes: --dtype when given, else the source's storage dtype (None: the compute dtype)."""
+    return DTYPES[name] if name != "auto" else storage
 
 
 def load_tokenizer(source: str, vocab_rows: int | None = None, trust_remote_code: bool = False):
@@ -218,7 +235,7 @@ def _config(path: Path, trust_remote_code: bool):
     return config
 
 
-def _with_extras(model, path: Path, trust_remote_code: bool, device: str) -> Loaded:
+def _with_extras(model, path: Path, trust_remote_code: bool, device: str, output_dtype=None) -> Loaded:
     """`model` with the tokenizer (when the folder has one) and compact_report.json (when this package made it)."""
     from transformers import AutoTokenizer
 
@@ -226,4 +243,5 @@ def _with_extras(model, path: Path, trust_remote_code: bool, device: str) -> Loa
     if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     report = path / "compact_report.json"
-    return Loaded(model, tokenizer, str(path), json.loads(report.read_text()) if report.is_file() else None, device)
+    return Loaded(model, tokenizer, str(path), json.loads(report.read_text()) if report.is_file() else None, device,
+                  output_dtype)

@@ -30,6 +30,15 @@ STAGE_NAME = re.compile(r"\.compact\.[0-9a-f]{10}\.[A-Za-z0-9_]+\.(?:partial|old
 SCORES_TAG = "compact_scores"  # metadata key of every scores file compact writes
 
 
+def _check_writable(out: Path, what: str) -> None:
+    """The folder the output is staged in and renamed into must take new entries (checked before any work)."""
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {out}: {parent} is not writable")
+
+
 def check_destination(out: Path, *, overwrite: bool, protected: Path | None = None, what: str = "--out",
                       kind: str = "dir") -> None:
     """Refuse, before any work, a destination compact must not write: the source (or a folder inside or
@@ -44,6 +53,7 @@ def check_destination(out: Path, *, overwrite: bool, protected: Path | None = No
         src = Path(protected).resolve()
         if dst == src or dst in src.parents or src in dst.parents:
             raise ValueError(f"{what} {out} overlaps the source model {protected}; choose another place")
+    _check_writable(out, what)
     if not out.exists():
         if out.is_symlink():
             raise ValueError(f"{what} {out} is a broken symbolic link")

@@ -445,6 +445,12 @@ def _fit_statistics(stats: engine.LayerStats) -> tuple[torch.Tensor, torch.Tenso
     return stats.gram, stats.mlp.down_proj.weight.detach().double() @ stats.gram
 
 
+def output_dtype(loaded: Loaded) -> torch.dtype:
+    """What a prune writes: --dtype when given, else the dtype the source is stored in (the compute dtype when
+    that is unknown: GGUF, llama2.c, pickled weights), in memory and offloaded alike."""
+    return loaded.output_dtype or loaded.dtype
+
+
 def versions() -> dict:
     import transformers
 
@@ -467,6 +473,8 @@ def report(plan: PrunePlan) -> dict:
         "source": loaded.source, "calibration": plan.calibration.source if plan.calibration else None,
         "scores_file": opts.scores, "ffn_criterion": None if opts.scores else opts.ffn_criterion,
         "vocab_order": opts.vocab_order, "plan": plan.planner, "offload": "layerwise" if loaded.offloaded else "none",
+        "dtype": {"compute": str(loaded.dtype).removeprefix("torch."),
+                  "output": str(output_dtype(loaded)).removeprefix("torch.")},
         "options": {**asdict(opts), **{f"calib_{k}": v for k, v in asdict(plan.calib_opts).items()},
                     **_calib_used(plan.calibration)},
         "sizes": {"vocab_before": vocab_before, "vocab_after": len(kept_ids) if kept_ids else vocab_before,
@@ -508,7 +516,7 @@ def write(plan: PrunePlan, out: Path) -> dict:
             result["parameters"]["after"] = _slice(plan, tmp)
         with timings.phase("save"):
             if not plan.loaded.offloaded:
-                model.save_pretrained(tmp, safe_serialization=True)
+                model.to(output_dtype(plan.loaded)).save_pretrained(tmp, safe_serialization=True)
             result["tokenizer"] = save_tokenizer(plan.loaded, plan.kept_token_ids, tmp)
             if plan.scores is not None:
                 output.save_scores(plan.scores, tmp / "compact_scores.safetensors", shape)
@@ -524,7 +532,8 @@ def _slice(plan: PrunePlan, folder: Path) -> dict:
         from .layerwise_slicing import write_layerwise
 
         summary = write_layerwise(plan.loaded.source, folder, plan.kept_token_ids, plan.kept_channels,
-                                  device=plan.loaded.device, progress=plan.opts.progress, replacements=refits)
+                                  device=plan.loaded.device, progress=plan.opts.progress, replacements=refits,
+                                  dtype=output_dtype(plan.loaded))
         return summary["parameters"]["after"]
     if refits:
         repair.apply_refits(plan.model, plan.kept_channels, plan.refits)

@@ -774,3 +774,60 @@ def test_twice_pruned_model_reads_token_ids_of_the_original(tmp_path):
     np.save(tmp_path / "dropped.npy", np.full((1, 50), dropped))
     with pytest.raises(ValueError, match=f"token id {dropped}, which this pruned model's vocabulary dropped"):
         pipeline.calibrate(loaded, CalibOptions(str(tmp_path / "dropped.npy"), samples=1, seq_len=50))
+
+
+def test_checks_that_need_no_model_come_before_loading_it(tmp_path):
+    """Item 8: conflicting targets and a missing calibration file are refused before the model is looked at
+    (the model path here does not even exist); a read-only --out before any work; an unrelated OUT.ckpt no
+    longer blocks a prune that neither checkpoints nor resumes."""
+    import tiny_models
+
+    missing = tmp_path / "no-such-model"
+    rc, err = run(["prune", missing, "--out", tmp_path / "o", "--target-params", "0.5", "--vocab-keep", "10"])
+    assert rc == 2 and "not both" in err and err.count("\n") == 1, err
+    rc, err = run(["prune", missing, "--out", tmp_path / "o", "--ffn-keep", "0.5", "--calib", tmp_path / "none.txt"])
+    assert rc == 2 and "none.txt: calibration file not found" in err, err
+
+    tiny_models.build("llama").save_pretrained(tmp_path / "model")
+    np.save(tmp_path / "calib.npy", np.arange(64).reshape(2, 32) % tiny_models.VOCAB)
+    common = ["prune", tmp_path / "model", "--calib", tmp_path / "calib.npy", "--seq-len", "32", "--ffn-keep", "24ch",
+              "--quiet"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if not os.access(locked, os.W_OK):  # (root writes anywhere: then there is nothing to refuse)
+            rc, err = run([*common, "--out", locked / "out"])
+            assert rc == 2 and f"{locked} is not writable" in err, err
+    finally:
+        locked.chmod(0o755)
+    (tmp_path / "last.ckpt").write_text("a Lightning checkpoint, not compact's")
+    rc, err = run([*common, "--out", tmp_path / "last"])
+    assert rc == 0, err
+    assert (tmp_path / "last.ckpt").read_text() == "a Lightning checkpoint, not compact's"
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_written_dtype_is_the_same_in_memory_and_offloaded(dtype, tmp_path):
+    """Item 2: --dtype is the compute dtype; the output is stored in --dtype when it is given, else in the
+    source's storage dtype (an fp16 source computed in float32 on the CPU is written back as fp16, never larger).
+    In memory and --offload layerwise write the same bytes, and the report records both dtypes."""
+    import tiny_models
+    from test_layerwise_slicing import assert_same_checkpoint
+
+    tiny_models.build("llama").to(torch.float16).save_pretrained(tmp_path / "model")
+    np.save(tmp_path / "calib.npy", np.arange(64).reshape(2, 32) % tiny_models.VOCAB)
+    outs = {}
+    for mode in ("memory", "layerwise"):
+        outs[mode] = tmp_path / mode
+        rc, err = run(["prune", tmp_path / "model", "--out", outs[mode], "--calib", tmp_path / "calib.npy",
+                       "--seq-len", "32", "--ffn-keep", "24ch", "--vocab-keep", "80", "--dtype", dtype, "--quiet",
+                       *(["--offload", "layerwise"] if mode == "layerwise" else [])])
+        assert rc == 0, err
+        report = json.loads((outs[mode] / "compact_report.json").read_text())
+        want = "float16" if dtype == "auto" else dtype
+        assert report["dtype"] == {"compute": "float32" if dtype == "auto" else dtype, "output": want}
+        assert {t.dtype for t in load_file(outs[mode] / "model.safetensors").values()} == {getattr(torch, want)}
+    assert_same_checkpoint(outs["layerwise"], outs["memory"], f"--dtype {dtype}")
+    size = (tmp_path / "model" / "model.safetensors").stat().st_size
+    assert (outs["memory"] / "model.safetensors").stat().st_size < size
