@@ -230,7 +230,7 @@ def _load(args, source: str | None = None):
 
     loader = load_skeleton if getattr(args, "offload", "none") == "layerwise" else load
     loaded = loader(source or args.model, dtype=args.dtype, device=args.device,
-                    trust_remote_code=args.trust_remote_code)
+                    trust_remote_code=args.trust_remote_code, own_tokenizer=not args.tokenizer)
     if args.tokenizer:
         rows = loaded.model.get_input_embeddings().num_embeddings
         loaded.tokenizer = load_tokenizer(args.tokenizer, rows, args.trust_remote_code)

@@ -27,6 +27,7 @@ class Loaded:
     report: dict | None = None  # compact_report.json of a checkpoint this package pruned
     device: str = "cpu"  # where computation runs (a skeleton's weights stay on "meta": --offload layerwise)
     output_dtype: torch.dtype | None = None  # what a prune writes: --dtype, or with auto the source's storage dtype
+    report_damaged: str | None = None  # why compact_report.json could not be read (None: fine or absent)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -97,8 +98,10 @@ def locate(source: str) -> Path:
     return snapshot
 
 
-def load(source: str, *, dtype: str = "auto", device: str | None = None, trust_remote_code: bool = False) -> Loaded:
-    """Load MODEL (see `locate`) in eval mode on `device`, with its tokenizer (None when it has none)."""
+def load(source: str, *, dtype: str = "auto", device: str | None = None, trust_remote_code: bool = False,
+         own_tokenizer: bool = True) -> Loaded:
+    """Load MODEL (see `locate`) in eval mode on `device`, with its tokenizer (None when it has none or
+    `own_tokenizer` is False: --tokenizer stands in for it)."""
     from transformers import AutoModelForCausalLM
 
     path, device = locate(source), resolve_device(device)
@@ -120,7 +123,8 @@ def load(source: str, *, dtype: str = "auto", device: str | None = None, trust_r
         raise ValueError(f"model {source!r}: its pickled .bin weights hold objects torch refuses to load safely; "
                          "convert the checkpoint to safetensors from a source you trust") from None
     _check_loading_info(source, info)
-    return _with_extras(model.to(device).eval(), path, trust_remote_code, device, _output(dtype, storage))
+    return _with_extras(model.to(device).eval(), path, (trust_remote_code, own_tokenizer), device,
+                        _output(dtype, storage))
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device: str) -> Loaded:
@@ -179,7 +183,7 @@ def _check_loading_info(source: str, info: dict) -> None:
 
 
 def load_skeleton(source: str, *, dtype: str = "auto", device: str | None = None,
-                  trust_remote_code: bool = False) -> Loaded:
+                  trust_remote_code: bool = False, own_tokenizer: bool = True) -> Loaded:
     """MODEL without its weights (on the meta device), with tokenizer and report: enough to prepare data and
     choose the vocabulary for `--offload layerwise`, whose scoring and slicing read the weights themselves."""
     path, device = locate(source), resolve_device(device)
@@ -189,7 +193,7 @@ def load_skeleton(source: str, *, dtype: str = "auto", device: str | None = None
                          "convert it first)")
     storage = checkpoint.storage_dtype(path)
     model = checkpoint.skeleton(_config(path, trust_remote_code), resolve_dtype(dtype, device, storage))
-    return _with_extras(model, path, trust_remote_code, device, _output(dtype, storage))
+    return _with_extras(model, path, (trust_remote_code, own_tokenizer), device, _output(dtype, storage))
 
 
 def _output(name: str, storage: torch.dtype | None) -> torch.dtype | None:
@@ -235,13 +239,33 @@ def _config(path: Path, trust_remote_code: bool):
     return config
 
 
-def _with_extras(model, path: Path, trust_remote_code: bool, device: str, output_dtype=None) -> Loaded:
-    """`model` with the tokenizer (when the folder has one) and compact_report.json (when this package made it)."""
+def _with_extras(model, path: Path, tokenizer_opts: tuple, device: str, output_dtype=None) -> Loaded:
+    """`model` with the tokenizer (when the folder has one, unless `tokenizer_opts` = (trust_remote_code,
+    own_tokenizer) says --tokenizer stands in) and compact_report.json (when this package made it)."""
     from transformers import AutoTokenizer
 
+    trust_remote_code, own_tokenizer = tokenizer_opts
     tokenizer = None
-    if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    report = path / "compact_report.json"
-    return Loaded(model, tokenizer, str(path), json.loads(report.read_text()) if report.is_file() else None, device,
-                  output_dtype)
+    if own_tokenizer and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model",
+                                                              "tokenizer_config.json")):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except Exception as e:  # noqa: BLE001 - a damaged tokenizer fails in many ways
+            raise ValueError(f"model {path}: its tokenizer files cannot be loaded ({' '.join(str(e).split())[:200]}); "
+                             "name a working one with --tokenizer") from None
+    report, damaged = _read_report(path / "compact_report.json")
+    return Loaded(model, tokenizer, str(path), report, device, output_dtype, damaged)
+
+
+def _read_report(path: Path) -> tuple[dict | None, str | None]:
+    """(compact_report.json, None), (None, None) when absent, or (None, why) when it cannot be read: only
+    token-id data needs it (to renumber original ids), so only that data is refused."""
+    if not path.is_file():
+        return None, None
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        report["kept_token_ids"], report["sizes"]["vocab_before"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return None, (f"{path} is damaged ({type(e).__name__}: {' '.join(str(e).split())[:120]}): token-id data in "
+                      "the original model's ids cannot be renumbered for this pruned model; use text data")
+    return report, None

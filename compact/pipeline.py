@@ -69,6 +69,8 @@ def calibrate(loaded: Loaded, opts: CalibOptions, progress: bool | None = None) 
     # Token-id data for a pruned model holds the original model's ids (before every prune): map them through
     # the composition of the cuts.
     report = loaded.report if Path(opts.path).suffix in data.ID_SUFFIXES else None
+    if loaded.report_damaged and Path(opts.path).suffix in data.ID_SUFFIXES:
+        raise ValueError(loaded.report_damaged)
     remap, original_vocab = original_ids(report) if report else (None, None)
     calib = data.load_calibration(
         replace(opts, seq_len=min(opts.seq_len, context)), tokenizer=loaded.tokenizer,
@@ -484,16 +486,18 @@ def report(plan: PrunePlan) -> dict:
         "checks": {"scores_vs_hooks": plan.check}, "timings_s": plan.timings, "versions": versions(),
         "kept_token_ids": kept_ids if kept_ids is not None else list(range(vocab_before)),
         "kept_channels": list(channels.values()),
-        **_composition(loaded.report, kept_ids if kept_ids is not None else range(vocab_before)),
+        **_composition(loaded, kept_ids if kept_ids is not None else range(vocab_before)),
     }
 
 
-def _composition(source_report: dict | None, kept_ids) -> dict:
+def _composition(loaded: Loaded, kept_ids) -> dict:
     """For a model compact pruned before: each new token's id in the original model (before every prune) and
     the original vocabulary size, so that token-id data in original ids keeps its meaning."""
-    if source_report is None:
+    if loaded.report_damaged:
+        warnings.warn(f"{loaded.report_damaged}; the new report's ids are relative to this model only", stacklevel=3)
+    if loaded.report is None:
         return {}
-    previous, vocab = original_ids(source_report)
+    previous, vocab = original_ids(loaded.report)
     return {"original_token_ids": [previous[i] for i in kept_ids], "vocab_original": vocab}
 
 

@@ -831,3 +831,36 @@ def test_written_dtype_is_the_same_in_memory_and_offloaded(dtype, tmp_path):
     assert_same_checkpoint(outs["layerwise"], outs["memory"], f"--dtype {dtype}")
     size = (tmp_path / "model" / "model.safetensors").stat().st_size
     assert (outs["memory"] / "model.safetensors").stat().st_size < size
+
+
+def test_tokenizer_option_replaces_a_broken_one_and_a_damaged_report_blocks_only_id_data(tmp_path):
+    """Item 10: --tokenizer stands in for a model folder's broken tokenizer (which, without it, is an error
+    naming the folder); a damaged compact_report.json refuses only token-id data, which it would renumber."""
+    from compact import loading, pipeline
+    from compact.data import CalibOptions
+    from compact.demo import train_tokenizer
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "model"
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+    good = train_tokenizer(["the state of the union is strong"] * 20, vocab_size=290)
+    good.save_pretrained(tmp_path / "tok")
+    (folder / "tokenizer.json").write_text("{ not json")
+    with pytest.raises(ValueError, match=f"model {folder}: its tokenizer files cannot be loaded"):
+        loading.load(str(folder))
+    (tmp_path / "text.txt").write_text("the state of the union\n" * 40)
+    rc, err = run(["eval", folder, "--tokenizer", tmp_path / "tok", "--data", tmp_path / "text.txt", "--seq-len", "16"])
+    assert rc == 0, err
+
+    (folder / "tokenizer.json").unlink()
+    (folder / "compact_report.json").write_text('{"kept_token_ids": [0, 1')
+    loaded = loading.load(str(folder))
+    assert loaded.report is None and "is damaged" in loaded.report_damaged
+    np.save(tmp_path / "ids.npy", np.arange(32).reshape(2, 16))
+    with pytest.raises(ValueError, match="compact_report.json is damaged .* token-id data"):
+        pipeline.calibrate(loaded, CalibOptions(str(tmp_path / "ids.npy"), samples=2, seq_len=16))
+    loaded.tokenizer = good
+    text = pipeline.calibrate(loaded, CalibOptions(str(tmp_path / "text.txt"), samples=2, seq_len=16))
+    assert text.input_ids.shape == (2, 16)
