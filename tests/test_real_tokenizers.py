@@ -113,7 +113,8 @@ def case(request, corpus, tmp_path_factory):
     tokenizer.save_pretrained(src)
 
     rc, stdout, stderr = _run(["prune", src, "--out", out, "--vocab-keep", VOCAB_KEEP, "--ffn-keep", "0.5",
-                               "--ffn-multiple", "16", "--calib", corpus.calib, *CALIB_ARGS, "--check", "--quiet"])
+                               "--ffn-multiple", "16", "--calib", corpus.calib, *CALIB_ARGS, "--check", "--quiet",
+                               "--refit", "none"])  # exact slices: the re-fits are tests/test_engine.py's
     assert rc == 0, f"compact prune failed ({rc}): {stderr}"
     return SimpleNamespace(
         name=name, src=src, out=out, folder=folder, stdout=stdout, stderr=stderr, tied=config_kwargs["tied"],

@@ -75,6 +75,7 @@ def test_killed_run_resumes_from_its_checkpoint(tiny, tmp_path):
     close(load_file(str(out)), load_file(str(root / "plain.safetensors")), root / "model")
 
 
+@pytest.mark.serial  # two ranks of its own: alone on the machine, not beside two test workers
 def test_torchrun_two_gloo_ranks_match_one_process(tiny, tmp_path):
     root, args = tiny
     out = tmp_path / "ddp.safetensors"
