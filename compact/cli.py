@@ -127,9 +127,10 @@ def _score_command(sub) -> None:
 
 
 def _trials_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--plan-trials", type=_count, default=3, metavar="N",
+    p.add_argument("--plan-trials", type=_count, default=0, metavar="N",
                    help="--target-params: prune the N best-priced splits in memory and keep the one that reads the "
-                        "calibration rows after --samples best (bits/byte); 0 keeps the best-priced (default 3)")
+                        "calibration rows after --samples best (bits/byte); 0, the default, keeps the best-priced "
+                        "(on SmolLM2-135M, 3 trials on 4 held-out rows picked a split 0.025 bits/byte worse)")
 
 
 def _refit_options(p: argparse.ArgumentParser) -> None:

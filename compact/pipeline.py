@@ -44,7 +44,7 @@ class PruneOptions:
     check_batches: int = 2
     refit: str = "auto"  # sequential when calibration data drives an FFN cut, else none; or one of engine.REFITS
     ffn_select: str = "scores"  # the top-K of the criterion, or "obs": elimination for the re-fit (repair.eliminate)
-    plan_trials: int = 3  # --target-params: prune this many best-priced splits and keep the best measured
+    plan_trials: int = 0  # --target-params: prune this many best-priced splits and keep the best measured
     overwrite: bool = False
     progress: bool | None = None
 

@@ -32,7 +32,7 @@ def small(tmp_path_factory):
     return root
 
 
-ARGS = ["--target-params", "0.8", "--ffn-multiple", "8", "--samples", "8", "--seq-len", "64"]
+ARGS = ["--target-params", "0.8", "--ffn-multiple", "8", "--samples", "8", "--seq-len", "64", "--plan-trials", "3"]
 
 
 def test_plan_prunes_the_best_priced_splits_and_keeps_the_best_measured(small, tmp_path):
