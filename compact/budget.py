@@ -108,13 +108,18 @@ def score_loss_curve(scores: dict[str, torch.Tensor], left: dict[str, torch.Tens
     return torch.stack(curves).mean(0)
 
 
+def ffn_sizes(intermediate: int, multiple: int) -> list[int]:
+    """The FFN sizes the planner weighs, largest first: all channels, then every multiple of `multiple` below."""
+    return [intermediate] + list(range((intermediate - 1) // multiple * multiple, 0, -multiple))
+
+
 def repair_left(weight: torch.Tensor, scores: torch.Tensor, gram: torch.Tensor, multiple: int,
                 points: int = 6) -> torch.Tensor:
     """[I+1]: the share of one layer's output error the re-fit (compact.repair) leaves when the top-K channels
     (by `scores`) stay. Solved exactly at `points` channel counts spread over the ones the planner weighs
     (multiples of `multiple` below I; each solve costs ~K^3), linear between them; 1.0 at K = I and 0."""
     size = scores.numel()
-    ks = list(range(size - multiple, 0, -multiple))
+    ks = ffn_sizes(size, multiple)[1:]
     exact = sorted({ks[round(i * (len(ks) - 1) / max(points - 1, 1))] for i in range(points)}) if ks else []
     order = torch.sort(scores.double().cpu(), descending=True, stable=True).indices
     curve = torch.ones(size + 1, dtype=torch.float64)
@@ -133,7 +138,7 @@ def plan(acc: Accounting, target: float, vocab: VocabCurve, score_curve: torch.T
         raise ValueError(f"--target-params must be in (0, 1], got {target}")
     budget = target * acc.total
     candidates = []
-    for ffn_keep in range(acc.intermediate, 0, -multiple):
+    for ffn_keep in ffn_sizes(acc.intermediate, multiple):
         room = (budget - acc.fixed - ffn_keep * acc.per_channel) // acc.per_row
         vocab_keep = int(torch.searchsorted(vocab.rows, torch.tensor([int(room)]), right=True)) - 1
         if vocab_keep < 1:

@@ -35,7 +35,10 @@ def resolve_ffn_keep(value: float | int | str, intermediate: int, multiple: int 
             raise ValueError(f"--ffn-keep {value} cannot be rounded to a multiple of --ffn-multiple {multiple} in an "
                              f"FFN of {intermediate} channels (it would keep them all): lower --ffn-multiple or "
                              "give a count")
-        number = min(intermediate, max(multiple, round(number * intermediate / multiple) * multiple))
+        ratio, number = number, min(intermediate, max(multiple, round(number * intermediate / multiple) * multiple))
+        if ratio < 1 and number == intermediate:
+            raise ValueError(f"--ffn-keep {value} rounds to all {intermediate} channels at --ffn-multiple {multiple}: "
+                             "give a smaller ratio, a count, or 1.0 to keep them all")
     if not 1 <= number <= intermediate:
         raise ValueError(f"--ffn-keep must be between 1 and the intermediate size {intermediate}, got {number}")
     return number

@@ -864,3 +864,16 @@ def test_tokenizer_option_replaces_a_broken_one_and_a_damaged_report_blocks_only
     loaded.tokenizer = good
     text = pipeline.calibrate(loaded, CalibOptions(str(tmp_path / "text.txt"), samples=2, seq_len=16))
     assert text.input_ids.shape == (2, 16)
+
+
+def test_planner_weighs_multiples_and_a_ratio_never_rounds_to_everything():
+    """Item 14: the planner's FFN sizes are multiples of --ffn-multiple (and all channels), not I - j * multiple;
+    a ratio below 1 that rounds to every channel is refused instead of silently keeping them all."""
+    from compact import budget
+
+    assert budget.ffn_sizes(100, 16) == [100, 96, 80, 64, 48, 32, 16]
+    assert budget.ffn_sizes(128, 64) == [128, 64]
+    assert selection.resolve_ffn_keep("0.5", 100, 16) == 48
+    with pytest.raises(ValueError, match="--ffn-keep 0.999 rounds to all 1536 channels at --ffn-multiple 64"):
+        selection.resolve_ffn_keep("0.999", 1536, 64)
+    assert selection.resolve_ffn_keep("1.0", 1536, 64) == 1536
