@@ -183,12 +183,26 @@ def decide(loaded: Loaded, opts: PruneOptions, calib_opts: CalibOptions, run: ru
         opts = replace(opts, vocab_order="frequency" if calib_opts.path else "id")
     plan = PrunePlan(loaded, opts, calib_opts, run, upto)
     plan.vocab_keep, plan.ffn_keep = opts.vocab_keep, _resolve_targets(plan)
+    asked_refit = opts.refit
     plan.opts = opts = replace(opts, refit=_resolve_refit(plan))
     for step, needed, action in _steps(plan):
         if plan.runs_step(step) and needed():
             with plan.timings.phase(step):
                 action(plan)
+    _warn_idle(plan, asked_refit)
     return plan
+
+
+def _warn_idle(plan: PrunePlan, asked_refit: str) -> None:
+    """Options the run had nothing to apply to are said, not silently dropped."""
+    if plan.upto != "selection":
+        return
+    if plan.opts.check and plan.check is None:
+        warnings.warn("--check compares the calibration pass's fused scores with hooks; this prune ran none "
+                      "(vocabulary only, --scores, or a data-free criterion): nothing was checked", stacklevel=3)
+    if asked_refit not in ("auto", "none") and not plan.refits:
+        warnings.warn(f"--refit {asked_refit} re-fits kept FFN channels; this prune cuts none: nothing was re-fitted",
+                      stacklevel=3)
 
 
 def _steps(plan: PrunePlan):

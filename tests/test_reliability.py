@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -877,3 +878,26 @@ def test_planner_weighs_multiples_and_a_ratio_never_rounds_to_everything():
     with pytest.raises(ValueError, match="--ffn-keep 0.999 rounds to all 1536 channels at --ffn-multiple 64"):
         selection.resolve_ffn_keep("0.999", 1536, 64)
     assert selection.resolve_ffn_keep("1.0", 1536, 64) == 1536
+
+
+def test_options_with_nothing_to_do_are_said(tmp_path):
+    """Item 14: --check on a prune that runs no calibration pass, and an explicit --refit on a prune that cuts no
+    FFN channel, warn instead of silently doing nothing."""
+    import tiny_models
+    from compact import loading, pipeline
+    from compact.data import CalibOptions
+
+    tiny_models.build("llama").save_pretrained(tmp_path / "model")
+    np.save(tmp_path / "calib.npy", np.arange(64).reshape(2, 32) % tiny_models.VOCAB)
+    calib = CalibOptions(str(tmp_path / "calib.npy"), samples=2, seq_len=32)
+    loaded = loading.load(str(tmp_path / "model"))
+    for opts, said in ((pipeline.PruneOptions(vocab_keep=60, check=True, progress=False), "nothing was checked"),
+                       (pipeline.PruneOptions(ffn_keep="24ch", ffn_criterion="random", check=True, refit="none",
+                                              progress=False), "nothing was checked"),
+                       (pipeline.PruneOptions(vocab_keep=60, refit="sequential", progress=False),
+                        "nothing was re-fitted")):
+        with pytest.warns(UserWarning, match=said):
+            pipeline.decide(loaded, opts, calib)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipeline.decide(loaded, pipeline.PruneOptions(ffn_keep="24ch", check=True, progress=False), calib)
