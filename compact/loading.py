@@ -3,7 +3,6 @@ llama2.c checkpoint file; plus its tokenizer when it has one. Never downloads.""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import tempfile
@@ -137,19 +136,20 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: str) -> Loaded:
 
 @contextmanager
 def _tqdm_follows_transformers():
-    """transformers' GGUF reader draws a plain tqdm bar: hide it when transformers' own bars are off."""
+    """transformers' GGUF reader draws a plain tqdm bar: hide it when transformers' own bars are off. (tqdm reads
+    TQDM_DISABLE once, at import: the reader's own `tqdm` name is replaced for the call instead.)"""
+    from functools import partial
+
+    from transformers import modeling_gguf_pytorch_utils as reader
     from transformers.utils import logging as hf_logging
 
-    saved = os.environ.get("TQDM_DISABLE")
+    saved = reader.tqdm
     if not hf_logging.is_progress_bar_enabled():
-        os.environ["TQDM_DISABLE"] = "1"
+        reader.tqdm = partial(saved, disable=True)
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = saved
+        reader.tqdm = saved
 
 
 def _read_gguf(path: Path, where: dict, dtype: torch.dtype, device: str) -> Loaded:

@@ -901,3 +901,22 @@ def test_options_with_nothing_to_do_are_said(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipeline.decide(loaded, pipeline.PruneOptions(ffn_keep="24ch", check=True, progress=False), calib)
+
+
+def test_gguf_reader_bar_follows_quiet(monkeypatch):
+    """Item 14: the GGUF reader's de-quantizing bar is hidden when transformers' bars are off (--quiet, or no
+    terminal), though tqdm read TQDM_DISABLE long before; the reader's tqdm is restored afterwards."""
+    from transformers import modeling_gguf_pytorch_utils as reader
+    from transformers.utils import logging as hf_logging
+
+    from compact import loading
+
+    original = reader.tqdm
+    monkeypatch.setattr(hf_logging, "is_progress_bar_enabled", lambda: False)
+    with loading._tqdm_follows_transformers():
+        bar = reader.tqdm(range(3), file=io.StringIO())
+        assert bar.disable
+    assert reader.tqdm is original
+    monkeypatch.setattr(hf_logging, "is_progress_bar_enabled", lambda: True)
+    with loading._tqdm_follows_transformers():
+        assert reader.tqdm is original
