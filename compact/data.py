@@ -19,6 +19,7 @@ than when tokenizing the whole file at once.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -92,8 +93,11 @@ def load_calibration(opts: CalibOptions, *, tokenizer=None, vocab_size: int, eos
     (None: only on a terminal). Raises FileNotFoundError or ValueError with one line naming the file.
     """
     path, samples, seq_len, bin_dtype = Path(opts.path), opts.samples, opts.seq_len, opts.bin_dtype
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: calibration file not found")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file ({'a directory' if path.is_dir() else 'a pipe or device'}); "
+                         "name a calibration file")
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path}: calibration file is empty")
     if vocab_size < 1 or samples < 1 or seq_len < 1:
@@ -174,6 +178,8 @@ def _load_npy(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: expected a 1-D or 2-D integer array, got {array.ndim}-D {array.dtype}")
     if array.size == 0:
         raise ValueError(f"{path}: array {list(array.shape)} holds no tokens")
+    if array.dtype == np.uint64 and int(array.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"{path}: token ids must lie in [0, 2^63); found max {int(array.max())}")
     return array
 
 
@@ -197,7 +203,7 @@ def _block_chars(need: int) -> int:
 def _txt_pieces(path: Path, block_chars: int) -> Iterator[tuple[str, bool]]:
     """(text, ends_document) pieces in file order: form feeds end documents, other cuts fall after a newline."""
     carry = ""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         try:
             while block := f.read(block_chars):
                 *documents, carry = (carry + block).split("\f")
@@ -207,14 +213,28 @@ def _txt_pieces(path: Path, block_chars: int) -> Iterator[tuple[str, bool]]:
                 if cut:
                     yield carry[:cut], False
                 carry = carry[cut:]
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start} of a block)") from None
+        except UnicodeDecodeError:
+            offset, reason = _first_bad_byte(path)
+            raise ValueError(f"{path}: not UTF-8 text ({reason} at byte {offset:,})") from None
     yield carry, True
 
 
+def _first_bad_byte(path: Path) -> tuple[int, str]:
+    """(offset in the file, reason) of the first byte that is not UTF-8."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                return max(offset + e.start - len(decoder.getstate()[0]), 0), e.reason
+            offset += len(chunk)
+    return offset, "truncated character at the end"
+
+
 def _jsonl_pieces(path: Path, field: str) -> Iterator[tuple[str, bool]]:
-    """Each non-blank line's ``field`` string, as one whole document."""
-    with open(path, encoding="utf-8") as f:
+    """Each non-blank line's ``field`` string, as one whole document (a leading BOM is skipped)."""
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

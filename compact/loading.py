@@ -78,6 +78,11 @@ def _hub_snapshot(model_id: str) -> Path | None:
         return None
 
 
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
+
+
 def locate(source: str) -> Path:
     """The path behind MODEL: a directory with config.json, a llama2.c file, a .gguf file, or a cached hub id."""
     path = Path(source)
@@ -87,6 +92,9 @@ def locate(source: str) -> Path:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model {source!r}: directory has no config.json")
         return path
+    if path.is_file() and _magic(path) == b"GGUF":
+        raise ValueError(f"model {source!r} is a GGUF file named {path.suffix or 'without a suffix'}: rename it to "
+                         f"{path.stem}.gguf")
     if path.exists():
         raise ValueError(f"model {source!r}: not a Hugging Face directory, a .gguf file or a llama2.c checkpoint")
     snapshot = None if source.startswith((".", "/")) or source.count("/") > 1 else _hub_snapshot(source)

@@ -920,3 +920,41 @@ def test_gguf_reader_bar_follows_quiet(monkeypatch):
     monkeypatch.setattr(hf_logging, "is_progress_bar_enabled", lambda: True)
     with loading._tqdm_follows_transformers():
         assert reader.tqdm is original
+
+
+def test_calibration_file_messages_say_what_is_wrong(tmp_path):
+    """Item 14: a uint64 .npy reports its real maximum, a latin-1 byte its offset in the file, a .jsonl with a BOM
+    reads like a .txt with one, a directory or FIFO is not 'not found', a GGUF named .bin is told to be renamed."""
+    from compact import loading
+    from compact.data import CalibOptions, load_calibration
+
+    def load(path, **kw):
+        return load_calibration(CalibOptions(str(path), samples=1, seq_len=4), vocab_size=100, **kw)
+
+    np.save(tmp_path / "big.npy", np.array([[1, 2, 2**64 - 1, 3]], dtype=np.uint64))
+    with pytest.raises(ValueError, match=f"found max {2**64 - 1}"):
+        load(tmp_path / "big.npy")
+    text = ("a" * 3000 + "\n").encode() + b"caf\xe9\n"
+    (tmp_path / "latin1.txt").write_bytes(text)
+    with pytest.raises(ValueError, match="at byte 3,004"):
+        load(tmp_path / "latin1.txt", tokenizer=object())
+    with pytest.raises(ValueError, match="not a regular file \\(a directory\\)"):
+        load(tmp_path)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ValueError, match="not a regular file \\(a pipe or device\\)"):
+        load(tmp_path / "fifo")
+    (tmp_path / "model.bin").write_bytes(b"GGUF" + bytes(60))
+    with pytest.raises(ValueError, match="is a GGUF file named .bin: rename it to model.gguf"):
+        loading.locate(str(tmp_path / "model.bin"))
+
+
+def test_jsonl_with_a_bom_reads_like_txt_with_one(tmp_path):
+    from compact.data import CalibOptions, load_calibration
+    from tokenizers_fixtures import llama32_tokenizer
+
+    tokenizer = llama32_tokenizer()
+    (tmp_path / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "the union is strong"}).encode() + b"\n")
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbf" + b"the union is strong")
+    got = [load_calibration(CalibOptions(str(tmp_path / f"a.{kind}"), samples=1, seq_len=4), tokenizer=tokenizer,
+                            vocab_size=len(tokenizer)).input_ids for kind in ("jsonl", "txt")]
+    assert torch.equal(got[0], got[1])
