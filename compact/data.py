@@ -276,7 +276,8 @@ def _tokenize(pieces, tokenizer, eos_id: int | None, need: int, path: Path,
     """Tokenize pieces in order, EOS between documents, until ``need`` tokens; returns them and a description."""
     eos = eos_id if eos_id is not None else getattr(tokenizer, "eos_token_id", None)
     ids: list[int] = []
-    documents = chars = 0
+    starts: list[int] = []  # where each document's tokens begin: those past `need` are not used
+    chars = 0
     in_document = separate = False
     disable = None if progress is None else not progress
     with tqdm(total=need, unit="tok", desc=f"tokenizing {path.name}", disable=disable) as bar:
@@ -287,7 +288,8 @@ def _tokenize(pieces, tokenizer, eos_id: int | None, need: int, path: Path,
                 if piece_ids and not in_document:
                     if separate and eos is not None:
                         ids.append(eos)
-                    documents, in_document = documents + 1, True
+                    starts.append(len(ids))
+                    in_document = True
                 ids.extend(piece_ids)
                 if ends_document and in_document:
                     in_document, separate = False, True
@@ -295,6 +297,7 @@ def _tokenize(pieces, tokenizer, eos_id: int | None, need: int, path: Path,
             if len(ids) >= need:
                 break
     joined = f"joined by eos {eos}" if eos is not None else "joined without separator"
+    documents = sum(start < need for start in starts)
     origin = (f"{documents} document(s) in the first {chars:,} characters, "
               f"tokenized by {type(tokenizer).__name__}, {joined}")
     return np.asarray(ids[:need], dtype=np.int64), origin

@@ -967,3 +967,16 @@ def test_jsonl_with_a_bom_reads_like_txt_with_one(tmp_path):
     got = [load_calibration(CalibOptions(str(tmp_path / f"a.{kind}"), samples=1, seq_len=4), tokenizer=tokenizer,
                             vocab_size=len(tokenizer)).input_ids for kind in ("jsonl", "txt")]
     assert torch.equal(got[0], got[1])
+
+
+def test_description_counts_only_the_documents_used(tmp_path):
+    """Item 14: 39 short documents, of which 1 x 4 tokens use only the first: the description says 1 document."""
+    from compact.data import CalibOptions, load_calibration
+    from tokenizers_fixtures import llama32_tokenizer
+
+    tokenizer = llama32_tokenizer()
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": f"the union is strong {i}"}) + "\n"
+                                                 for i in range(39)))
+    calib = load_calibration(CalibOptions(str(tmp_path / "docs.jsonl"), samples=1, seq_len=4), tokenizer=tokenizer,
+                             vocab_size=len(tokenizer))
+    assert calib.input_ids.shape == (1, 4) and " 1 document(s) in the first" in calib.source, calib.source
