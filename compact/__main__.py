@@ -1,3 +1,3 @@
-from compact.cli import main
+from compact.cli import run
 
-raise SystemExit(main())
+run()

@@ -490,6 +490,18 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def run() -> None:
+    """The `compact` program: main(), then exit with its status. A SIGTERM that arrives once main() has returned
+    (the output is complete or cleanly refused; the interpreter is only shutting down) no longer turns that
+    status into 143."""
+    import signal
+
+    status = main()
+    if _main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(status)
+
+
 def _check_failed(error: Exception) -> bool:
     """A failed --check (pipeline.CheckFailed, looked up without importing the pipeline: it may be what failed)."""
     pipeline = sys.modules.get(f"{__package__}.pipeline")

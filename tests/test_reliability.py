@@ -980,3 +980,13 @@ def test_description_counts_only_the_documents_used(tmp_path):
     calib = load_calibration(CalibOptions(str(tmp_path / "docs.jsonl"), samples=1, seq_len=4), tokenizer=tokenizer,
                              vocab_size=len(tokenizer))
     assert calib.input_ids.shape == (1, 4) and " 1 document(s) in the first" in calib.source, calib.source
+
+
+def test_sigterm_during_shutdown_keeps_the_exit_status():
+    """Item 14: the program's status is main()'s; a SIGTERM while the interpreter shuts down afterwards (here from
+    an atexit hook) does not turn it into 143."""
+    script = ("import atexit, os, signal, sys; from compact import cli; "
+              "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM)); "
+              "sys.argv = ['compact', 'check', '--device', 'bogus']; cli.run()")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, (done.returncode, done.stderr)
