@@ -6,7 +6,6 @@ and SIGTERM 143, with staged output removed.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import warnings
@@ -314,10 +313,6 @@ def _check_early(args) -> None:
         raise ValueError("give --target-params, or --vocab-keep/--ffn-keep, not both")
     if args.calib is not None and not Path(args.calib).is_file():
         raise FileNotFoundError(f"{args.calib}: calibration file not found")
-    config = Path(args.model) / "config.json"
-    rows = json.loads(config.read_text()).get("vocab_size") if config.is_file() else None
-    if args.vocab_keep and isinstance(rows, int) and args.vocab_keep > rows:
-        raise ValueError(f"--vocab-keep {args.vocab_keep} is more than the model's {rows} vocabulary rows")
     checkpoint = Path(f"{args.out}.ckpt")
     if (args.checkpoint_every or args.resume) and checkpoint.exists() and not args.resume:
         raise ValueError(f"{checkpoint} holds an interrupted run: pass --resume to continue it, or delete it")
