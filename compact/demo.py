@@ -141,13 +141,14 @@ def _prune_variants(out: Path, model, regular: int, calib_file: Path, say) -> di
                         for i in range(model.config.num_hidden_layers)}, random_scores, overwrite=True)
     variants = {  # name: (vocab_keep, ffn_keep, scores file)
         "vocab 90%": (regular * 9 // 10, None, None),
-        "FFN 75%, common act^2": (None, "0.75", None),
+        "FFN 75%, common act^2 + re-fit": (None, "0.75", None),
         "FFN 75%, random channels": (None, "0.75", str(random_scores)),
         "both (vocab 90%, FFN 75%)": (regular * 9 // 10, "0.75", None),
     }
     reports = {}
     for i, (name, (vocab_keep, ffn_keep, scores)) in enumerate(variants.items()):
-        opts = pipeline.PruneOptions(vocab_keep=vocab_keep, ffn_keep=ffn_keep, scores=scores, check=scores is None,
+        check = scores is None and ffn_keep is not None  # --check compares the FFN scoring pass with hooks
+        opts = pipeline.PruneOptions(vocab_keep=vocab_keep, ffn_keep=ffn_keep, scores=scores, check=check,
                                      batch_size=4, overwrite=True, progress=False)
         reports[name] = pipeline.prune(loading.load(str(out / "base"), dtype="float32"), out / f"pruned_{i}", opts,
                                        calib)
