@@ -302,7 +302,8 @@ def _resolve_refit(plan: PrunePlan) -> str:
         return opts.refit
     may_cut = opts.target_params is not None or (plan.ffn_keep is not None and plan.ffn_keep < plan.intermediate)
     data_driven = plan.data_scores and plan.calib_opts.path is not None
-    return "sequential" if may_cut and data_driven and plan.upto in ("planning", "selection") and not _batch_major(plan) else "none"
+    fits = plan.upto in ("planning", "selection") and not _batch_major(plan)
+    return "sequential" if may_cut and data_driven and fits else "none"
 
 
 def _batch_major(plan: PrunePlan) -> bool:
@@ -319,8 +320,7 @@ def layer_source(loaded: Loaded):
         return engine.Resident(loaded.model)
     from .layerwise import Placement, Shards
 
-    dtype = loaded.model.get_input_embeddings().weight.dtype
-    return Shards(loaded.source, Placement(device=loaded.device, dtype=dtype))
+    return Shards(loaded.source, Placement(device=loaded.device, dtype=loaded.dtype))
 
 
 def plain_scores(loaded: Loaded, calib: data.Calibration, opts: PruneOptions) -> tuple[dict, dict | None]:
