@@ -265,7 +265,7 @@ def _shifted_stats(scorer: ChannelScorer, layer: nn.Module, where: tuple[list[Ba
             target = target.to(h.device).reshape(-1, down.out_features).float()
             if down.bias is not None:
                 target = target - down.bias.float()
-            weights = _weights(scorer, batch)
+            weights = scorer.weights_for(batch.ids, batch.mask)
             weighted = h if weights is None else h * weights.reshape(-1, 1)
             gram.add_(weighted.T @ h)  # float32 products, summed across batches in float64
             cross.add_(target.T @ weighted)
@@ -301,14 +301,6 @@ def _glu(model: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
         return ck.glu_and_score(gate, up, activation=activation)
 
     return activations
-
-
-def _weights(scorer: ChannelScorer, batch: Batch) -> torch.Tensor | None:
-    """The batch's token weights, as the scorer weighs them (without counting them again)."""
-    mask = batch.mask
-    if scorer.table is None:
-        return None if mask is None else mask.float()
-    return ck.token_weights(batch.ids, scorer.table, mask)
 
 
 def _post_normed(model: nn.Module) -> bool:

@@ -199,12 +199,15 @@ class ChannelScorer:
             raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
         self._mask = None if attention_mask is None else attention_mask.to(torch.float32)
-        if self.table is None:
-            self._weights = self._mask
-        else:
-            self._weights = ck.token_weights(input_ids, self.table, attention_mask)
+        self._weights = self.weights_for(input_ids, attention_mask)
         # float32 per batch (exact for 0/1 weights below 2^24 tokens), float64 across batches.
         self.mass += input_ids.numel() if self._weights is None else self._weights.sum().to(torch.float64)
+
+    def weights_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The token weights of a batch (float32 like input_ids; None: all ones), without counting them."""
+        if self.table is None:
+            return None if attention_mask is None else attention_mask.to(torch.float32)
+        return ck.token_weights(input_ids, self.table, attention_mask)
 
     def _add_gram(self, name: str, h: torch.Tensor) -> None:
         """grams[name] += h^T diag(w) h for this batch (float32 products, float64 across batches)."""
@@ -212,9 +215,9 @@ class ChannelScorer:
             return
         h2 = h.detach().reshape(-1, h.shape[-1]).float()
         weighted = h2 if self._weights is None else h2 * self._weights.reshape(-1, 1).float()
-        size = h2.shape[1]
-        gram = self.grams.setdefault(name, torch.zeros(size, size, dtype=torch.float64, device=h2.device))
-        gram.add_(weighted.T @ h2)  # float32 product, added into float64 without a float64 copy
+        if name not in self.grams:  # allocated on the layer's first batch only
+            self.grams[name] = torch.zeros(h2.shape[1], h2.shape[1], dtype=torch.float64, device=h2.device)
+        self.grams[name].add_(weighted.T @ h2)  # float32 product, added into float64 without a float64 copy
 
     def _decoder_pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
