@@ -226,16 +226,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args, source: str | None = None):
-    """MODEL (or `source`) as the options say, with --tokenizer in place of its own when given."""
-    from .loading import load, load_skeleton, load_tokenizer
+    """MODEL (or `source`) as the options say, with --tokenizer in place of its own when given; an out-of-range
+    --vocab-keep is refused from the tokenizer, before the weights are read."""
+    from functools import partial
+
+    from .loading import load, load_skeleton
+    from .vocab import check_keep
 
     loader = load_skeleton if getattr(args, "offload", "none") == "layerwise" else load
-    loaded = loader(source or args.model, dtype=args.dtype, device=args.device,
-                    trust_remote_code=args.trust_remote_code, own_tokenizer=not args.tokenizer)
-    if args.tokenizer:
-        rows = loaded.model.get_input_embeddings().num_embeddings
-        loaded.tokenizer = load_tokenizer(args.tokenizer, rows, args.trust_remote_code)
-    return loaded
+    keep = getattr(args, "vocab_keep", None)
+    return loader(source or args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                  tokenizer=args.tokenizer, vet=None if keep is None else partial(check_keep, keep=keep))
 
 
 def _progress(args) -> bool | None:

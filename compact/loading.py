@@ -6,6 +6,7 @@ import json
 import pickle
 import re
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from safetensors import SafetensorError
 
 from . import checkpoint, llama2c, models
 
+Vet = Callable[[object, int], None]  # vet(tokenizer or None, embedding rows), before the weights are read
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -106,20 +108,25 @@ def locate(source: str) -> Path:
 
 
 def load(source: str, *, dtype: str = "auto", device: str | None = None, trust_remote_code: bool = False,
-         own_tokenizer: bool = True) -> Loaded:
-    """Load MODEL (see `locate`) in eval mode on `device`, with its tokenizer (None when it has none or
-    `own_tokenizer` is False: --tokenizer stands in for it)."""
+         tokenizer: str | None = None, vet: Vet | None = None) -> Loaded:
+    """Load MODEL (see `locate`) in eval mode on `device`, with its tokenizer (None when it has none), or the
+    --tokenizer named by `tokenizer` in its place. `vet(tokenizer, embedding rows)` runs before the weights are
+    read, so that what the tokenizer alone can refuse costs no model load."""
     from transformers import AutoModelForCausalLM
 
     path, device = locate(source), resolve_device(device)
     storage = checkpoint.storage_dtype(path) if path.is_dir() else None
     torch_dtype = resolve_dtype(dtype, device, storage)
     if path.suffix == ".gguf":
-        return _load_gguf(path, torch_dtype, device)
+        return _load_gguf(path, torch_dtype, device, (tokenizer, vet))
     if path.is_file():
         model = llama2c.load_llama2c(path, dtype=torch_dtype).to(device)
-        return Loaded(model, None, f"llama2.c checkpoint {path}", device=device)
-    _config(path, trust_remote_code)
+        rows = model.get_input_embeddings().num_embeddings
+        tok = None if tokenizer is None else load_tokenizer(tokenizer, rows, trust_remote_code)
+        if vet is not None:
+            vet(tok, rows)
+        return Loaded(model, tok, f"llama2.c checkpoint {path}", device=device)
+    tok = _folder_tokenizer(path, _config(path, trust_remote_code), (tokenizer, vet), trust_remote_code)
     try:  # mis-shaped tensors are reported by _check_loading_info, naming them, instead of raising here
         model, info = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
@@ -130,16 +137,17 @@ def load(source: str, *, dtype: str = "auto", device: str | None = None, trust_r
         raise ValueError(f"model {source!r}: its pickled .bin weights hold objects torch refuses to load safely; "
                          "convert the checkpoint to safetensors from a source you trust") from None
     _check_loading_info(source, info)
-    return _with_extras(model.to(device).eval(), path, (trust_remote_code, own_tokenizer), device,
-                        _output(dtype, storage))
+    return _with_report(Loaded(model.to(device).eval(), tok, str(path), device=device,
+                               output_dtype=_output(dtype, storage)))
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device: str) -> Loaded:
+def _load_gguf(path: Path, dtype: torch.dtype, device: str, tokenizer_opts: tuple) -> Loaded:
     """A GGUF file (llama.cpp's format, tokenizer inside) through transformers' GGUF support, dequantized to
-    `dtype`: afterwards a plain model that save_pretrained writes as a normal safetensors checkpoint."""
+    `dtype`: afterwards a plain model that save_pretrained writes as a normal safetensors checkpoint.
+    `tokenizer_opts`: (--tokenizer or None, vet or None) as `load` takes them."""
     where = {"pretrained_model_name_or_path": path.parent, "gguf_file": path.name}
     with _tqdm_follows_transformers():
-        return _read_gguf(path, where, dtype, device)
+        return _read_gguf(path, where, (dtype, device), tokenizer_opts)
 
 
 @contextmanager
@@ -160,15 +168,33 @@ def _tqdm_follows_transformers():
         reader.tqdm = saved
 
 
-def _read_gguf(path: Path, where: dict, dtype: torch.dtype, device: str) -> Loaded:
-    """The GGUF loading itself; what transformers cannot read is one ValueError line."""
+def _read_gguf(path: Path, where: dict, placement: tuple, tokenizer_opts: tuple) -> Loaded:
+    """The GGUF loading itself; what transformers cannot read is one ValueError line. `placement`: (dtype, device)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    try:
+    (dtype, device), (stand_in, vet) = placement, tokenizer_opts
+    with _gguf_errors(path):
         config = AutoConfig.from_pretrained(**where)
         models.family_of(config)  # GGUF quantization is undone on loading: no check_prunable
-        tokenizer = AutoTokenizer.from_pretrained(**where)
+        tokenizer = AutoTokenizer.from_pretrained(**where) if stand_in is None else None
+    rows = _embedding_rows(config)
+    if stand_in is not None:
+        tokenizer = load_tokenizer(stand_in, rows)
+    if vet is not None:
+        vet(tokenizer, rows)
+    with _gguf_errors(path):
         model = AutoModelForCausalLM.from_pretrained(**where, dtype=dtype)
+    model.hf_quantizer = None  # dequantized already; else save_pretrained refuses a "gguf-quantized" model
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return Loaded(model.to(device).eval(), tokenizer, str(path), device=device)
+
+
+@contextmanager
+def _gguf_errors(path: Path) -> Iterator[None]:
+    """What transformers' GGUF reader raises, as one ValueError line naming `path`."""
+    try:
+        yield
     except ImportError as e:
         raise ValueError(f"model {path}: loading GGUF needs the gguf and accelerate packages "
                          f"(pip install 'compact[gguf]'): {' '.join(str(e).split())}") from None
@@ -177,10 +203,6 @@ def _read_gguf(path: Path, where: dict, dtype: torch.dtype, device: str) -> Load
     except Exception as e:  # noqa: BLE001 - the GGUF reader fails in many ways (struct.error on a short file)
         raise ValueError(f"model {path}: transformers cannot read this GGUF file "
                          f"({' '.join(str(e).split())[:300]})") from None
-    model.hf_quantizer = None  # dequantized already; else save_pretrained refuses a "gguf-quantized" model
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return Loaded(model.to(device).eval(), tokenizer, str(path), device=device)
 
 
 def _check_loading_info(source: str, info: dict) -> None:
@@ -191,17 +213,20 @@ def _check_loading_info(source: str, info: dict) -> None:
 
 
 def load_skeleton(source: str, *, dtype: str = "auto", device: str | None = None,
-                  trust_remote_code: bool = False, own_tokenizer: bool = True) -> Loaded:
+                  trust_remote_code: bool = False, tokenizer: str | None = None, vet: Vet | None = None) -> Loaded:
     """MODEL without its weights (on the meta device), with tokenizer and report: enough to prepare data and
-    choose the vocabulary for `--offload layerwise`, whose scoring and slicing read the weights themselves."""
+    choose the vocabulary for `--offload layerwise`, whose scoring and slicing read the weights themselves.
+    `tokenizer` and `vet` as `load` takes them."""
     path, device = locate(source), resolve_device(device)
     if path.is_file():
         raise ValueError(f"model {source!r}: --offload layerwise needs a Hugging Face safetensors directory, "
                          f"not a {'GGUF' if path.suffix == '.gguf' else 'llama2.c'} file (prune it in memory, or "
                          "convert it first)")
     storage = checkpoint.storage_dtype(path)
-    model = checkpoint.skeleton(_config(path, trust_remote_code), resolve_dtype(dtype, device, storage))
-    return _with_extras(model, path, (trust_remote_code, own_tokenizer), device, _output(dtype, storage))
+    config = _config(path, trust_remote_code)
+    tok = _folder_tokenizer(path, config, (tokenizer, vet), trust_remote_code)
+    model = checkpoint.skeleton(config, resolve_dtype(dtype, device, storage))
+    return _with_report(Loaded(model, tok, str(path), device=device, output_dtype=_output(dtype, storage)))
 
 
 def _output(name: str, storage: torch.dtype | None) -> torch.dtype | None:
@@ -247,22 +272,36 @@ def _config(path: Path, trust_remote_code: bool):
     return config
 
 
-def _with_extras(model, path: Path, tokenizer_opts: tuple, device: str, output_dtype=None) -> Loaded:
-    """`model` with the tokenizer (when the folder has one, unless `tokenizer_opts` = (trust_remote_code,
-    own_tokenizer) says --tokenizer stands in) and compact_report.json (when this package made it)."""
+def _embedding_rows(config) -> int:
+    """The embedding rows a config declares (its text model's vocab_size)."""
+    return int(config.get_text_config().vocab_size)
+
+
+def _folder_tokenizer(path: Path, config, tokenizer_opts: tuple, trust_remote_code: bool):
+    """The tokenizer of a model folder (None when it has none), or the --tokenizer standing in for it, vetted.
+    `tokenizer_opts`: (--tokenizer or None, vet or None)."""
     from transformers import AutoTokenizer
 
-    trust_remote_code, own_tokenizer = tokenizer_opts
+    stand_in, vet = tokenizer_opts
+    rows = _embedding_rows(config)
     tokenizer = None
-    if own_tokenizer and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model",
-                                                              "tokenizer_config.json")):
+    if stand_in is not None:
+        tokenizer = load_tokenizer(stand_in, rows, trust_remote_code)
+    elif any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except Exception as e:  # noqa: BLE001 - a damaged tokenizer fails in many ways
             raise ValueError(f"model {path}: its tokenizer files cannot be loaded ({' '.join(str(e).split())[:200]}); "
                              "name a working one with --tokenizer") from None
-    report, damaged = _read_report(path / "compact_report.json")
-    return Loaded(model, tokenizer, str(path), report, device, output_dtype, damaged)
+    if vet is not None:
+        vet(tokenizer, rows)
+    return tokenizer
+
+
+def _with_report(loaded: Loaded) -> Loaded:
+    """`loaded` with compact_report.json of its folder (when this package made it)."""
+    loaded.report, loaded.report_damaged = _read_report(Path(loaded.source) / "compact_report.json")
+    return loaded
 
 
 def _read_report(path: Path) -> tuple[dict | None, str | None]:

@@ -350,6 +350,13 @@ def _partition(tokenizer, num_embeddings: int) -> tuple[dict[str, int], set[int]
     return vocab, valid, sorted(valid - specials), specials | _base_symbol_ids(tokenizer, vocab)
 
 
+def check_keep(tokenizer, num_embeddings: int, keep: int | None) -> None:
+    """Refuse a --vocab-keep outside 1..the regular token count (or a tokenizer that does not fit the model)
+    from the tokenizer alone, before any model weight is read; None (no vocabulary cut) passes."""
+    if keep is not None:
+        _check_keep(keep, len(_partition(None if tokenizer is None else as_fast(tokenizer), num_embeddings)[2]))
+
+
 def _check_keep(keep: int, regular: int) -> None:
     if not 1 <= keep <= regular:
         raise ValueError(f"--vocab-keep must be between 1 and {regular} (the number of regular tokens), got {keep}")

@@ -985,3 +985,26 @@ def test_sigterm_during_shutdown_keeps_the_exit_status():
               "sys.argv = ['compact', 'check', '--device', 'bogus']; cli.run()")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, (done.returncode, done.stderr)
+
+
+def test_an_out_of_range_vocab_keep_is_refused_before_the_weights_are_read(tmp_path, monkeypatch):
+    """Item 8: --vocab-keep above the tokenizer's regular-token count is refused from the tokenizer alone (the
+    model folder's, or --tokenizer's; in memory or --offload layerwise), before any weight is read."""
+    from transformers import AutoModelForCausalLM
+
+    from compact import demo, demo_text, vocab
+
+    tokenizer = demo.train_tokenizer(demo_text.stories(50, seed=1))
+    demo.build_model(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    regular = len(vocab.regular_ids(tokenizer, len(tokenizer)))
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+    common = ["--debug", "prune", str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--vocab-keep", str(regular + 1)]
+    for extra in ([], ["--tokenizer", str(tmp_path / "m")], ["--offload", "layerwise"]):
+        with pytest.raises(ValueError, match=f"--vocab-keep must be between 1 and {regular} "):
+            cli.main([*common, *extra])
+    assert not (tmp_path / "o").exists()
