@@ -99,18 +99,21 @@ def _other_variants() -> list[Variant]:
                                (Stand(ids), Stand(torch.float32), Stand(torch.float32) if has_mask else None,
                                 Stand(torch.float32), ROWS),
                                dict(HAS_MASK=has_mask, BLOCK=weights.BLOCK, **scores.COMPILE), 0))
-    per_thread = gather.BLOCK_R * gather.BLOCK_D // (4 * 32)
-    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        out.append(Variant("gather_rows", gather._gather_kernel, str(dtype)[6:],
-                           (Stand(dtype), Stand(torch.int64), Stand(dtype), KEPT, HIDDEN, HIDDEN, 1),
-                           dict(GATHER_COLS=False, BLOCK_R=gather.BLOCK_R, BLOCK_D=gather.BLOCK_D, **scores.COMPILE),
-                           per_thread * SIZE[dtype]))
-        for kept in (KEPT, KEPT + 1):  # --ffn-multiple 1 can give a width that loses 16-divisibility
-            out.append(Variant("gather_cols", gather._gather_kernel, f"{str(dtype)[6:]} kept={kept}",
-                               (Stand(dtype), Stand(torch.int64), Stand(dtype), HIDDEN, kept, INTER, 1),
-                               dict(GATHER_COLS=True, BLOCK_R=gather.BLOCK_R, BLOCK_D=gather.BLOCK_D,
-                                    **scores.COMPILE),
-                               0))  # a column gather loads element by element by nature
+    for name, config in gather.CONFIGS.items():
+        # the launched shapes in every dtype, the others the sweep tries in bf16 only
+        launched = config in (gather.ROWS, gather.COLS)
+        for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64) if launched else (torch.bfloat16,):
+            consts = dict(BLOCK_R=config.block_r, BLOCK_D=config.block_d, num_warps=config.num_warps,
+                          **scores.COMPILE)
+            per_thread = config.block_r * config.block_d // (config.num_warps * 32) * SIZE[dtype]
+            out.append(Variant("gather_rows", gather._gather_kernel, f"{name} {str(dtype)[6:]}",
+                               (Stand(dtype), Stand(torch.int64), Stand(dtype), KEPT, HIDDEN, HIDDEN, 1),
+                               dict(GATHER_COLS=False, **consts), per_thread))
+            for kept in (KEPT, KEPT + 1) if launched else (KEPT,):  # --ffn-multiple 1: an odd width
+                out.append(Variant("gather_cols", gather._gather_kernel, f"{name} {str(dtype)[6:]} kept={kept}",
+                                   (Stand(dtype), Stand(torch.int64), Stand(dtype), HIDDEN, kept, INTER, 1),
+                                   dict(GATHER_COLS=True, **consts),
+                                   0))  # a column gather loads element by element by nature
     return out
 
 

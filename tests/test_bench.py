@@ -89,7 +89,7 @@ def test_run_bench_on_cpu_writes_csv_and_png(bench, fake_timer, tmp_path):
     impls = {(r["op"], r["impl"]) for r in rows}
     assert {("channel_scores", "torch_compile"), ("glu_and_score", "torch_glu_only"), ("token_weights", "triton"),
             ("gather_rows", "indexing"), ("gather_cols", "index_select")} <= impls
-    assert len(rows) == 4 * 3 + 4 * 5 + 2 * 2 + 2 * 3
+    assert len(rows) == 4 * 3 + 4 * 5 + 2 * 2 + 2 * (3 + len(gather.CONFIGS))
     first = rows[0]
     assert first["ms_median"] == "2" and first["ms_p20"] == "1" and first["ms_p80"] == "3"
     assert float(first["gbps"]) == pytest.approx(int(first["bytes"]) / 2e-3 / 1e9, abs=0.05)

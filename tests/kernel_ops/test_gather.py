@@ -42,3 +42,16 @@ def test_gathers_empty(device):
     assert tg.gather_rows(w, none).shape == (0, 4)
     assert tg.gather_cols(w, none).shape == (5, 0)
     assert tg.gather_rows(torch.empty(3, 0, device=device), torch.tensor([2], device=device)).shape == (1, 0)
+
+
+@pytest.mark.parametrize("name", sorted(tg.CONFIGS))
+def test_every_launch_shape_the_sweep_tries_is_exact(name, device):
+    """The launch shapes bench/bench_gather.py sweeps (a GPU run may make one of them the default) copy exactly,
+    across block edges and on a strided weight."""
+    config = tg.CONFIGS[name]
+    w = torch.randn(70, 2 * config.block_d + 3, dtype=torch.bfloat16, device=device)
+    rows = torch.arange(w.shape[0] - 1, -1, -3, device=device)
+    cols = torch.arange(0, w.shape[1], 2, device=device)
+    assert torch.equal(tg.launch(w, rows, False, config), w[rows])
+    assert torch.equal(tg.launch(w, cols, True, config), w[:, cols])
+    assert torch.equal(tg.launch(w.t(), rows[:20], True, config), w.t()[:, rows[:20]])
