@@ -1,5 +1,6 @@
 """Test setup: kernels run through the Triton interpreter on CPU unless a CUDA device is present."""
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,42 @@ def shared_data() -> Path:
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where a driver test computes: a device and a --dtype, as the CLI names them."""
+
+    device: str
+    dtype: str
+
+    def __str__(self) -> str:
+        return f"{self.device}-{self.dtype}"
+
+    @property
+    def args(self) -> list[str]:
+        return ["--device", self.device, "--dtype", self.dtype]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def u(self) -> float:
+        """The dtype's unit roundoff (2^-24 for float32, 2^-8 for bfloat16)."""
+        return torch.finfo(self.torch_dtype).eps / 2
+
+
+# The CPU always (what the suite has always run); with CUDA, the GPU in bf16 and fp32 as well.
+COMPUTES = [Compute("cpu", "float32")] + ([Compute("cuda", "bfloat16"), Compute("cuda", "float32")]
+                                          if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module", params=COMPUTES, ids=str)
+def compute(request) -> Compute:
+    """Every device this machine has, one test run each: the driver's tests take it to catch device mismatches,
+    dtype surprises and host syncs on a GPU (on a CPU-only machine, the one CPU run they always had)."""
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,12 @@ import torch
 from compact import budget, cli, demo, demo_text
 
 
-def test_target_params_lands_within_one_percent(stories, tmp_path, capsys):
+def test_target_params_lands_within_one_percent(stories, tmp_path, capsys, compute):
     ckpt, calib, _ = stories
     for order in ("id", "frequency"):
         out = tmp_path / order
         assert cli.main(["prune", str(ckpt), "--out", str(out), "--target-params", "0.65", "--ffn-multiple", "4",
-                         "--vocab-order", order, "--calib", str(calib), "--quiet"]) == 0
+                         "--vocab-order", order, "--calib", str(calib), "--quiet", *compute.args]) == 0
         report = json.loads((out / "compact_report.json").read_text())
         kept = report["parameters"]["after"]["total"] / report["parameters"]["before"]["total"]
         assert abs(kept - 0.65) <= 0.01, f"{order}: kept {kept:.4f}"
@@ -22,7 +22,7 @@ def test_target_params_lands_within_one_percent(stories, tmp_path, capsys):
         assert all(abs(c["fraction"] - 0.65) <= 0.01 for c in report["plan"]["candidates"])
         assert chosen[0]["cost"] == min(c["cost"] for c in report["plan"]["candidates"])
     assert cli.main(["plan", str(ckpt), "--calib", str(calib), "--target-params", "0.65", "--ffn-multiple", "4",
-                     "--quiet"]) == 0
+                     "--quiet", *compute.args]) == 0
     assert "choice: --vocab-keep" in capsys.readouterr().out
 
 

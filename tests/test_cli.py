@@ -14,7 +14,8 @@ from compact.llama2c import load_llama2c
 
 def hook_reference(model, ids, kept=None):
     """Forward pre-hooks on every down_proj during a full forward (logits included), float64."""
-    weights = torch.ones(ids.shape, dtype=torch.float64) if kept is None else torch.isin(ids, torch.tensor(kept)).double()
+    weights = (torch.ones(ids.shape, dtype=torch.float64, device=ids.device) if kept is None
+               else torch.isin(ids, torch.tensor(kept, device=ids.device)).double())
     scores = {}
 
     def hook(name):
@@ -32,22 +33,26 @@ def hook_reference(model, ids, kept=None):
 
 
 @pytest.mark.parametrize("vocab_keep", [None, 300])
-def test_score_matches_hook_reference(stories, tmp_path, vocab_keep):
+def test_score_matches_hook_reference(stories, tmp_path, vocab_keep, compute):
+    """The scores equal forward pre-hooks on the same model in the same dtype and device (float64 sums of the
+    same h: only the order of the float32 partial sums differs)."""
     ckpt, calib, _ = stories
     out = tmp_path / "scores.safetensors"
     args = ["score", str(ckpt), "--calib", str(calib), "--out", str(out), "--batch-size", "4", "--quiet", "--check",
-            "--vocab-order", "id"]
+            "--vocab-order", "id", *compute.args]
     assert cli.main(args + (["--vocab-keep", str(vocab_keep)] if vocab_keep else [])) == 0
     got = load_file(str(out))
     kept = list(range(vocab_keep)) if vocab_keep else None
-    expected = hook_reference(load_llama2c(ckpt), torch.from_numpy(np.load(calib)), kept)
+    model = load_llama2c(ckpt).to(compute.device, compute.torch_dtype)
+    expected = hook_reference(model, torch.from_numpy(np.load(calib)).to(compute.device), kept)
     assert sorted(got) == sorted(expected) and len(got) == 5
     for name, ref in expected.items():
         assert got[name].dtype == torch.float64 and got[name].shape == (172,)
+        ref = ref.cpu()
         rel = ((got[name] - ref).abs() / ref.abs().clamp_min(1e-12)).max().item()
         assert rel < 1e-4, f"{name}: relative difference {rel:.3g}"
     if vocab_keep:  # rare tokens really are left out
-        full = hook_reference(load_llama2c(ckpt), torch.from_numpy(np.load(calib)))
+        full = {k: v.cpu() for k, v in hook_reference(model, torch.from_numpy(np.load(calib)).to(compute.device)).items()}
         assert all((got[n] < full[n]).any() for n in got)
 
 
@@ -69,12 +74,12 @@ def test_common_act2_beats_random_channels_on_heldout_nll(stories, tmp_path):
         assert act2 / n < rand / n, f"random trial {trial}: NLL {rand / n:.4f} <= common act^2 {act2 / n:.4f}"
 
 
-def test_prune_report_and_slices(stories, tmp_path):
+def test_prune_report_and_slices(stories, tmp_path, compute):
     ckpt, calib, _ = stories
     out = tmp_path / "both"
     assert cli.main(["prune", str(ckpt), "--out", str(out), "--vocab-keep", "400", "--ffn-keep", "0.75",
                      "--ffn-multiple", "16", "--calib", str(calib), "--vocab-order", "id", "--refit", "none",
-                     "--quiet"]) == 0
+                     "--quiet", *compute.args]) == 0
     import json
 
     from transformers import AutoModelForCausalLM
@@ -85,7 +90,8 @@ def test_prune_report_and_slices(stories, tmp_path):
     assert set(report["parameters"]["before"]) == {"embedding", "head", "attention", "ffn", "other", "total"}
     assert report["parameters"]["after"]["total"] < report["parameters"]["before"]["total"]
     pruned = AutoModelForCausalLM.from_pretrained(out)
-    original = load_llama2c(ckpt)
+    original = load_llama2c(ckpt).to(compute.torch_dtype)  # --dtype is what the prune writes
+    assert pruned.dtype == compute.torch_dtype
     assert torch.equal(pruned.model.embed_tokens.weight, original.model.embed_tokens.weight[:400])
     assert pruned.lm_head.weight.data_ptr() == pruned.model.embed_tokens.weight.data_ptr()
     scores = load_file(str(out / "compact_scores.safetensors"))
@@ -171,16 +177,16 @@ def test_eval_on_pruned_vocabulary_renumbers_token_ids(stories, tmp_path, capsys
     assert cli.main(["eval", str(out), "--data", str(heldout), "--quiet"]) == 2
 
 
-def test_eval_compare_marks_the_model_it_cannot_evaluate(stories, tmp_path, capsys):
+def test_eval_compare_marks_the_model_it_cannot_evaluate(stories, tmp_path, capsys, compute):
     """Three models, one whose vocabulary dropped an id the data holds: one table, three columns, exit 1."""
     ckpt, _, heldout = stories
     vocab, ffn = tmp_path / "vocab", tmp_path / "ffn"
-    assert cli.main(["prune", str(ckpt), "--out", str(vocab), "--vocab-keep", "400", "--quiet"]) == 0
+    assert cli.main(["prune", str(ckpt), "--out", str(vocab), "--vocab-keep", "400", "--quiet", *compute.args]) == 0
     assert cli.main(["prune", str(ckpt), "--out", str(ffn), "--ffn-keep", "128", "--calib", str(heldout),
-                     "--quiet"]) == 0
+                     "--quiet", *compute.args]) == 0
     capsys.readouterr()
     code = cli.main(["eval", str(ckpt), "--compare", str(vocab), str(ffn), "--data", str(heldout), "--samples", "2",
-                     "--speed", "--quiet"])
+                     "--speed", "--quiet", *compute.args])
     table = capsys.readouterr().out
     assert code == 1, table
     lines = {line.split("  ")[0]: line for line in table.splitlines()}

@@ -125,7 +125,7 @@ def test_eliminate_drops_the_channel_whose_loss_the_refit_feels_least():
 
 
 @pytest.mark.parametrize("case", list(tiny_models.CASES))
-def test_every_refit_offloaded_equals_in_memory(case, tmp_path):
+def test_every_refit_offloaded_equals_in_memory(case, tmp_path, compute):
     """`compact prune` with a re-fit writes the same bytes whether the layers are resident or read from the
     files one at a time: the sequential re-fit (the default) for every family, and the same-input re-fit and
     the OBS selection for one."""
@@ -139,7 +139,8 @@ def test_every_refit_offloaded_equals_in_memory(case, tmp_path):
         for mode in ([], ["--offload", "layerwise"]):
             out = tmp_path / f"out{len(outs)}"
             assert cli.main(["prune", str(src), "--out", str(out), "--overwrite", "--calib", str(tmp_path / "calib.npy"),
-                             "--seq-len", "32", "--ffn-keep", f"{KEEP}ch", "--quiet", *extra, *mode]) == 0
+                             "--seq-len", "32", "--ffn-keep", f"{KEEP}ch", "--quiet", *extra, *mode,
+                             *compute.args]) == 0
             outs.append(out)
         report = json.loads((outs[1] / "compact_report.json").read_text())
         assert report["options"]["refit"] == (extra[1] if extra[:1] == ["--refit"] else "sequential")

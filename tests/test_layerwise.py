@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers as tf
 
-from kernel_ops.tolerances import decoder_rtol, fp32_forward_rtol
+from kernel_ops.tolerances import FP32_U, decoder_rtol, fp32_forward_rtol
 import tiny_models
 from memory_probe import PRELUDE
 from tiny_models import CASES, HIDDEN, INTER, VOCAB
@@ -69,8 +69,8 @@ def assert_scores_equal(got: dict, ref: dict, *, rtol: float, what: str) -> None
         assert diff <= rtol, f"{what} {name}: max |diff| / max |ref| = {diff:.3g} > {rtol:g}"
 
 
-def in_memory(folder, ids, mask, *, dtype=torch.float32, **kwargs):
-    model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+def in_memory(folder, ids, mask, *, dtype=torch.float32, device="cpu", **kwargs):
+    model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     return score_channels(model, ids, mask, progress=False, **kwargs)
 
 
@@ -81,12 +81,14 @@ def test_every_family_is_covered():
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_layerwise_equals_in_memory(case, tmp_path):
+def test_layerwise_equals_in_memory(case, tmp_path, compute):
     folder = save(build(case), tmp_path / case, sharded=True)
-    ids, mask = batch()
-    ref = in_memory(folder, ids, mask, keep_token_ids=KEEP, batch_size=2)
-    got = score_layerwise(folder, ids, mask, ScoringOptions(keep_token_ids=KEEP, batch_size=2, progress=False))
-    assert_scores_equal(got, ref, rtol=FWD_RTOL, what=f"{case} layerwise vs in-memory")
+    ids, mask = (t.to(compute.device) for t in batch())
+    ref = in_memory(folder, ids, mask, dtype=compute.torch_dtype, device=compute.device, keep_token_ids=KEEP,
+                    batch_size=2)
+    got = score_layerwise(folder, ids, mask, ScoringOptions(keep_token_ids=KEEP, batch_size=2, progress=False),
+                          Placement(compute.device, compute.torch_dtype))
+    assert_scores_equal(got, ref, rtol=FWD_RTOL * compute.u / FP32_U, what=f"{case} layerwise vs in-memory")
 
 
 @pytest.mark.parametrize("case", ["qwen2", "gemma2"])
