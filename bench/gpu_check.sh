@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session: the kernel tests on the real GPU (no interpreter; h bit-exact with torch), then every
-# microbenchmark, the end-to-end calibration benchmark and the score-kernel configuration sweep.
+# microbenchmark, the end-to-end calibration benchmark, the score-kernel configuration sweep, and the whole
+# product (bench/gpu_product.py: prune, --offload layerwise, eval --speed, utilisation, torchrun).
 # CSVs, PNGs and gpu_check.log go to $OUT (default bench/results). Usage: bash bench/gpu_check.sh [--quick]
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -30,6 +31,8 @@ step bench-scores 180 "$PY" bench/bench_scores.py --out "$OUT" "$@"
 step bench-gather 60 "$PY" bench/bench_gather.py --out "$OUT" "$@"
 step calibration 180 "$PY" bench/calibration.py --device cuda --out "$OUT"
 step sweep 120 "$PY" bench/sweep_scores.py --out "$OUT"
+# the whole product at the Llama-3.1-8B shape (each of its steps has its own limit; --quick skips three)
+step product 590 "$PY" bench/gpu_product.py --out "$OUT" "$@"
 
 { echo "== summary (results in $OUT)"; printf '%s\n' "${SUMMARY[@]}"; } | tee -a "$LOG"
 exit "$FAILED"

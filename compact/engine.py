@@ -25,6 +25,7 @@ sequential re-fit runs each layer three times per batch instead of once (pass 1,
 """
 from __future__ import annotations
 
+import time
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -175,6 +176,7 @@ class Outcome:
     plain: dict[str, torch.Tensor] | None
     kept: dict[str, list[int]] = field(default_factory=dict)
     refits: dict[str, torch.Tensor] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=lambda: {"choice": 0.0, "re-fit": 0.0})  # inside the pass
 
 
 def run(source, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, options: EngineOptions,
@@ -205,12 +207,16 @@ def run(source, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, op
                                       disable=None if scoring.progress is None else not scoring.progress)):
             with source.layer(i) as layer:
                 stats = _layer(scorer, layer, name, batches, i, (glu, post_normed))
+                start = time.perf_counter()
                 kept = choose(stats) if choose is not None else None
+                chosen = time.perf_counter()
                 fitted = stats.fit(kept, options.ridge) if kept is not None and options.refit != "none" else None
                 if kept is not None:
                     outcome.kept[name] = kept
                 if fitted is not None:
-                    outcome.refits[name] = fitted.to(layer.mlp.down_proj.weight.dtype).cpu()
+                    outcome.refits[name] = fitted.to(layer.mlp.down_proj.weight.dtype).cpu()  # (a device sync)
+                outcome.seconds["choice"] += chosen - start
+                outcome.seconds["re-fit"] += time.perf_counter() - chosen
                 if sequential:
                     _advance(layer, batches, i, glu, (kept, fitted))
             del stats, fitted

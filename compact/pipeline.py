@@ -428,14 +428,16 @@ def _score(plan: PrunePlan) -> None:
         plan.kept_channels = kept or None
         return
     cut = plan.upto == "selection" and plan.ffn_keep is not None and plan.ffn_keep < plan.intermediate
-    plan.scores, kept, refits = ffn_pass(loaded, opts, calib, kept_ids, plan.ffn_keep if cut else None)
+    plan.scores, kept, refits = ffn_pass(loaded, opts, calib, kept_ids, plan.ffn_keep if cut else None, plan.timings)
     if cut:
         plan.kept_channels, plan.refits = kept, refits
 
 
-def ffn_pass(loaded: Loaded, opts: PruneOptions, calib: data.Calibration, kept_ids, keep: int | None) -> tuple:
+def ffn_pass(loaded: Loaded, opts: PruneOptions, calib: data.Calibration, kept_ids, keep: int | None,
+             timings: Timings | None = None) -> tuple:
     """The engine's pass: (scores by the criterion, kept channels, re-fitted columns); `keep` channels per layer
-    chosen as it goes (None: scores only)."""
+    chosen as it goes (None: scores only). The seconds the choice and the re-fit took inside the pass go to
+    `timings` as "scoring: choice" and "scoring: re-fit" (parts of the scoring phase)."""
     scores = {}
 
     def choose(stats: engine.LayerStats) -> list[int] | None:
@@ -451,6 +453,8 @@ def ffn_pass(loaded: Loaded, opts: PruneOptions, calib: data.Calibration, kept_i
     options = engine.EngineOptions(scoring, plain=opts.ffn_criterion != "common-act2", refit=opts.refit,
                                    gram=opts.ffn_select == "obs")
     outcome = engine.run(layer_source(loaded), calib.input_ids, calib.attention_mask, options, choose)
+    for part, seconds in outcome.seconds.items() if timings is not None and keep is not None else ():
+        timings[f"scoring: {part}"] = round(seconds, 4)
     return scores, outcome.kept, outcome.refits
 
 
