@@ -32,8 +32,9 @@ demo: $(BIN)/.installed
 check: $(BIN)/.installed
 	$(BIN)/compact check
 
-# Two workers (one torch thread each) for everything but the tests that measure time or memory, which run alone
-# afterwards; TEST_WORKERS=0 runs the whole suite in one process.
+# Two workers (one torch thread each) for everything but the tests that measure time and the torchrun test, which
+# run alone afterwards (the peak-memory tests measure fresh processes of their own: they run in the parallel part);
+# TEST_WORKERS=0 runs the whole suite in one process.
 TEST_WORKERS ?= 2
 test: $(BIN)/.installed-test
 	@start=$$(date +%s); \

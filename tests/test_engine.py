@@ -165,8 +165,7 @@ MEMORY = PRELUDE + textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
-@pytest.mark.serial
+@pytest.mark.slow  # peak RSS of its own fresh process: other tests beside it do not move it
 @pytest.mark.parametrize("refit", ["same-input", "sequential"])
 def test_statistics_live_for_one_layer(refit, tmp_path):
     """32 layers with 1024 channels: all layers' float64 Grams are 256 MiB, four times the 64 MiB this test

@@ -209,8 +209,7 @@ def measure(folder, tmp_path) -> tuple[dict, dict]:
     return json.loads(run.stdout.strip().splitlines()[-1]), torch.load(tmp_path / "scores.pt")
 
 
-@pytest.mark.slow
-@pytest.mark.serial
+@pytest.mark.slow  # peak RSS of its own fresh process: other tests beside it do not move it
 def test_peak_memory_16_layers(tmp_path):
     """A 16-layer model of ~270 MB (fp32): layerwise peak RSS vs loading it whole. Prints the figures."""
     if not os.path.exists("/proc/self/status"):

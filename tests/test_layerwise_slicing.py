@@ -257,8 +257,7 @@ def measure(src: Path, layerwise_out: Path, whole_out: Path) -> dict[str, dict]:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
-@pytest.mark.serial
+@pytest.mark.slow  # peak RSS of its own fresh process: other tests beside it do not move it
 def test_peak_memory_about_two_tensors(tmp_path):
     """A ~200 MB model whose largest tensors (embedding, head) are 16 MiB: layerwise slicing's peak RSS stays
     near two of them, while the in-memory path holds the model. Prints the figures."""
