@@ -163,9 +163,30 @@ def _prune_command(sub) -> None:
                    help="which channels stay: the top of --ffn-criterion (default), or obs: greedy elimination "
                         "for the re-fit (Optimal Brain Surgeon on its least-squares objective)")
     r.add_argument("--scores", help="use this scores file instead of calibrating")
+    _gguf_option(r)
     _calib_options(r)
     _check_and_run_options(r)
     r.set_defaults(func=_cmd_prune)
+
+
+def _gguf_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gguf", nargs="?", const="f16", choices=("f32", "f16", "bf16", "q8_0"), metavar="TYPE",
+                   help="also write the checkpoint as GGUF for llama.cpp (OUT/model-TYPE.gguf): f32, f16 (the "
+                        "default TYPE), bf16 or q8_0; needs pip install 'compact[gguf]'")
+    p.add_argument("--gguf-pre", metavar="NAME",
+                   help="llama.cpp's name for the tokenizer's pre-tokenizer (tokenizer.ggml.pre: smollm, llama-bpe, "
+                        "qwen2, ...), where neither a GGUF source nor the tokenizer gives it")
+
+
+def _export_command(sub) -> None:
+    """The `compact export` subcommand and its options."""
+    x = sub.add_parser("export", help="write a pruned checkpoint folder as GGUF for llama.cpp")
+    x.add_argument("model", metavar="DIR", help="a checkpoint folder with its tokenizer (as compact prune writes it)")
+    _gguf_option(x)
+    x.add_argument("--out", type=Path, help="the .gguf file (default DIR/model-TYPE.gguf)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing .gguf file")
+    x.add_argument("--quiet", action="store_true", help="print nothing on success")
+    x.set_defaults(func=_cmd_export)
 
 
 def _plan_command(sub) -> None:
@@ -220,7 +241,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"compact {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    for add in (_score_command, _prune_command, _plan_command, _eval_command, _demo_command, _check_command):
+    for add in (_score_command, _prune_command, _plan_command, _eval_command, _export_command, _demo_command,
+                _check_command):
         add(sub)
     return p
 
@@ -320,18 +342,45 @@ def _check_early(args) -> None:
 
 
 def _cmd_prune(args) -> int:
-    from . import loading, output, pipeline, report, runs
+    from . import export, loading, output, pipeline, report, runs
 
     if runs.distributed()[1] > 1:
         raise ValueError("torchrun runs `compact score`; prune with --scores from it in one process")
     _check_early(args)
     protected = loading.locate(args.model)
     output.check_destination(args.out, overwrite=args.overwrite, protected=protected)
+    if args.gguf:
+        export.check_exportable(args.model)
     loaded = _load(args)
     result = pipeline.prune(loaded, args.out, _options(args), _calib(args), _run(args))
     if not args.quiet:
         print(report.prune_summary(result, args.out))
+    if args.gguf:
+        _write_gguf(args.out, (args.gguf, args.gguf_pre), None, args.quiet)
     return 0
+
+
+def _cmd_export(args) -> int:
+    from . import export
+
+    if args.gguf is None:
+        args.gguf = "f16"
+    out = args.out or export.gguf_path(args.model, args.gguf)
+    if Path(out).exists() and not args.overwrite:
+        raise ValueError(f"{out} exists: pass --overwrite to replace it")
+    _write_gguf(args.model, (args.gguf, args.gguf_pre), out, args.quiet)
+    return 0
+
+
+def _write_gguf(folder, kind: tuple, out, quiet: bool) -> None:
+    """`kind`: (--gguf TYPE, --gguf-pre NAME or None)."""
+    from . import export
+
+    outtype, pre = kind
+    path = export.export(folder, outtype, out, pre)
+    if not quiet:
+        print(f"GGUF ({outtype}) -> {path} ({path.stat().st_size / 2**20:.1f} MiB); run it with llama.cpp: "
+              f"llama-cli -m {path}")
 
 
 def _cmd_eval(args) -> int:

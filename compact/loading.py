@@ -29,6 +29,7 @@ class Loaded:
     device: str = "cpu"  # where computation runs (a skeleton's weights stay on "meta": --offload layerwise)
     output_dtype: torch.dtype | None = None  # what a prune writes: --dtype, or with auto the source's storage dtype
     report_damaged: str | None = None  # why compact_report.json could not be read (None: fine or absent)
+    gguf_tokenizer: dict | None = None  # a GGUF source's tokenizer.ggml.model and .pre (what a GGUF export reuses)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -187,7 +188,17 @@ def _read_gguf(path: Path, where: dict, placement: tuple, tokenizer_opts: tuple)
     model.hf_quantizer = None  # dequantized already; else save_pretrained refuses a "gguf-quantized" model
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    return Loaded(model.to(device).eval(), tokenizer, str(path), device=device)
+    return Loaded(model.to(device).eval(), tokenizer, str(path), device=device, gguf_tokenizer=_gguf_tokenizer(path))
+
+
+def _gguf_tokenizer(path: Path) -> dict | None:
+    """{"model": tokenizer.ggml.model, "pre": tokenizer.ggml.pre} of a GGUF file (None when it names neither)."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+    found = {key: bytes(fields[f"tokenizer.ggml.{key}"].parts[fields[f"tokenizer.ggml.{key}"].data[0]]).decode()
+             for key in ("model", "pre") if f"tokenizer.ggml.{key}" in fields}
+    return {"model": found["model"], "pre": found.get("pre", "default")} if "model" in found else None
 
 
 @contextmanager

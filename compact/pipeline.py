@@ -504,6 +504,7 @@ def report(plan: PrunePlan) -> dict:
         "checks": {"scores_vs_hooks": plan.check}, "timings_s": plan.timings, "versions": versions(),
         "kept_token_ids": kept_ids if kept_ids is not None else list(range(vocab_before)),
         "kept_channels": list(channels.values()),
+        "gguf_tokenizer": loaded.gguf_tokenizer or (loaded.report or {}).get("gguf_tokenizer"),
         **_composition(loaded, kept_ids if kept_ids is not None else range(vocab_before)),
     }
 

@@ -119,3 +119,31 @@ def test_a_file_that_is_not_gguf_is_a_one_line_error(tmp_path):
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "model.gguf" in err, err
     assert "cannot read this GGUF file" in err or "needs the gguf and accelerate packages" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_pruned_smollm2_as_gguf_reads_back_with_the_same_logits_and_ids(pruned, smol):
+    """The tier's pruned SmolLM2 exported as GGUF (Q8_0; the pre-tokenizer named as SmolLM2's own GGUF names it)
+    loads with transformers' GGUF reader: logits equal the checkpoint's with its matrices rounded as Q8_0 stores
+    them, and 40 held-out paragraphs encode to the same ids."""
+    pytest.importorskip("gguf")
+    from test_export import check_roundtrip, metadata
+
+    from compact import export
+
+    rc, err = _run(["export", pruned, "--gguf", "q8_0", "--gguf-pre", "smollm", "--quiet"])
+    assert rc == 0, err
+    paragraphs = [p for p in smol[2].read_text(encoding="utf-8").split("\n\n") if p.strip()][:40]
+    check_roundtrip(pruned, "q8_0", paragraphs)
+    meta = metadata(export.gguf_path(pruned, "q8_0"))
+    assert meta["tokenizer.ggml.pre"] == "smollm" and meta["llama.feed_forward_length"] == 1152
+    assert meta["llama.vocab_size"] == len(json.loads((pruned / "compact_report.json").read_text())["kept_token_ids"])
+
+
+def test_a_gguf_source_names_its_tokenizer_for_the_export():
+    """What a prune of the GGUF itself records in compact_report.json (`gguf_tokenizer`), from the file's metadata."""
+    pytest.importorskip("gguf")
+    try:
+        path = real_model.gguf_path()
+    except real_model.Unavailable as e:
+        pytest.skip(str(e))
+    assert loading._gguf_tokenizer(path) == {"model": "gpt2", "pre": "smollm"}

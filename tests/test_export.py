@@ -1,0 +1,194 @@
+"""GGUF export (`compact prune --gguf`, `compact export`): pruned models that transformers' GGUF reader (and so
+llama.cpp's format) loads back with the same logits, up to the written type's rounding, and the same token ids."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from compact import cli, demo, demo_text, export
+from kernel_ops.tolerances import assert_close, decoder_rtol
+
+gguf = pytest.importorskip("gguf")
+
+
+def held_out_paragraphs(text: str, count: int = 40) -> list[str]:
+    """`count` paragraphs from the end of `text` (blank-line separated), never the calibration part."""
+    paragraphs = [p.strip() for p in text.split("\n\n") if len(p.strip()) > 40]
+    return paragraphs[-count:]
+
+
+def rounded(model, outtype: str):
+    """`model` with every matrix rounded as GGUF `outtype` stores it (1-D tensors stay float32)."""
+    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and qtype != gguf.GGMLQuantizationType.F32:
+                data = p.detach().float().numpy()
+                back = gguf.quants.dequantize(gguf.quants.quantize(data, qtype), qtype)
+                p.copy_(torch.from_numpy(np.asarray(back, dtype=np.float32).reshape(p.shape)))
+    return model
+
+
+def check_roundtrip(folder, outtype: str, paragraphs: list[str]) -> None:
+    """The GGUF in `folder` loads with transformers: its logits equal the safetensors checkpoint's with the
+    matrices rounded as the file stores them, and its tokenizer encodes `paragraphs` to the same ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = export.gguf_path(folder, outtype).name
+    pruned_tok = AutoTokenizer.from_pretrained(folder)
+    gguf_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    for text in paragraphs:
+        want = pruned_tok(text, add_special_tokens=False).input_ids
+        assert gguf_tok(text, add_special_tokens=False).input_ids == want, f"{outtype}: ids differ on {text[:60]!r}"
+    reference = rounded(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), outtype)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    ids = torch.tensor([pruned_tok(paragraphs[0], add_special_tokens=False).input_ids[:48]])
+    with torch.no_grad():
+        got, want = loaded(ids).logits, reference(ids).logits
+    # the same weights through the same network: only float32 rounding of differently laid-out products differs
+    rtol = decoder_rtol(reference.config, ids.shape[1])
+    assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()), what=f"{outtype} logits")
+
+
+def metadata(path) -> dict:
+    reader = gguf.GGUFReader(str(path))
+    out = {}
+    for key, field in reader.fields.items():
+        if len(field.data) == 1:
+            value = field.parts[field.data[0]]
+            out[key] = bytes(value).decode() if field.types[0] == gguf.GGUFValueType.STRING else value.tolist()[0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def byte_level(tmp_path_factory):
+    """A tiny Llama with a byte-level BPE tokenizer, its calibration text and held-out paragraphs."""
+    root = tmp_path_factory.mktemp("export")
+    texts = demo_text.stories(300, seed=1)
+    tokenizer = demo.train_tokenizer(texts[:200])
+    model = demo.build_model(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "calib.txt").write_text("\f".join(texts[200:260]))
+    return root, texts[260:300]
+
+
+def test_byte_level_bpe_prune_to_gguf_f32_and_q8_0(byte_level, tmp_path):
+    root, paragraphs = byte_level
+    out = tmp_path / "pruned"
+    assert cli.main(["prune", str(root / "model"), "--out", str(out), "--vocab-keep", "400", "--ffn-keep", "256ch",
+                     "--calib", str(root / "calib.txt"), "--seq-len", "128", "--gguf", "f32", "--quiet"]) == 0
+    check_roundtrip(out, "f32", paragraphs)
+    assert cli.main(["export", str(out), "--gguf", "q8_0", "--quiet"]) == 0
+    check_roundtrip(out, "q8_0", paragraphs)
+    meta = metadata(export.gguf_path(out, "f32"))
+    report = json.loads((out / "compact_report.json").read_text())
+    assert meta["general.architecture"] == "llama" and meta["llama.feed_forward_length"] == 256
+    assert meta["llama.vocab_size"] == len(report["kept_token_ids"]) and meta["llama.context_length"] == demo.SEQ_LEN
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    # an existing file is kept unless asked
+    assert cli.main(["export", str(out), "--gguf", "q8_0", "--quiet"]) == 2
+
+
+def test_qwen2_untied_to_gguf_f16(byte_level, tmp_path):
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    root, paragraphs = byte_level
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen")
+    tokenizer.save_pretrained(tmp_path / "qwen")
+    out = tmp_path / "pruned"
+    assert cli.main(["prune", str(tmp_path / "qwen"), "--out", str(out), "--vocab-keep", "500", "--ffn-keep", "64ch",
+                     "--calib", str(root / "calib.txt"), "--seq-len", "128", "--gguf", "--quiet"]) == 0
+    check_roundtrip(out, "f16", paragraphs)
+    meta = metadata(export.gguf_path(out, "f16"))
+    assert meta["general.architecture"] == "qwen2" and meta["qwen2.feed_forward_length"] == 64
+
+
+def test_sentencepiece_llama2_tokenizer_to_gguf(shared_data, tmp_path):
+    """The Llama 2 / Mistral 7B v0.1 SentencePiece vocabulary (byte fallback), cut to 6,000 tokens by frequency."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compact.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(shared_data / "llama2-tokenizer.model"))
+    text = (shared_data / "sotu.txt").read_text(encoding="utf-8")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text(text[:200_000], encoding="utf-8")
+    out = tmp_path / "pruned"
+    assert cli.main(["prune", str(tmp_path / "model"), "--out", str(out), "--vocab-keep", "6000", "--ffn-keep",
+                     "32ch", "--calib", str(tmp_path / "calib.txt"), "--seq-len", "256", "--samples", "4",
+                     "--gguf", "f16", "--quiet"]) == 0
+    check_roundtrip(out, "f16", held_out_paragraphs(text))
+    meta = metadata(export.gguf_path(out, "f16"))
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is True
+    # llama.cpp's SentencePiece tokenizer merges the best-scored pair first (transformers reads the merges
+    # instead): the scores must rank the merged tokens in the cut tokenizer's merge order
+    reader = gguf.GGUFReader(str(export.gguf_path(out, "f16")))
+    field = reader.fields["tokenizer.ggml.tokens"]
+    tokens = [bytes(field.parts[i]).decode() for i in field.data]
+    field = reader.fields["tokenizer.ggml.scores"]
+    scores = dict(zip(tokens, (float(field.parts[i][0]) for i in field.data)))
+    merges = json.loads((out / "tokenizer.json").read_text())["model"]["merges"]
+    made = dict.fromkeys("".join(m.split(" ") if isinstance(m, str) else m) for m in merges)  # first merge each
+    ranked = [scores[token] for token in made]
+    assert len(ranked) > 1000 and all(a > b for a, b in zip(ranked, ranked[1:]))
+
+
+def test_what_export_cannot_write_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    import tiny_models
+
+    tiny_models.build("gemma").save_pretrained(tmp_path / "gemma")
+    assert cli.main(["prune", str(tmp_path / "gemma"), "--out", str(tmp_path / "o"), "--ffn-keep", "24ch",
+                     "--gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "GGUF export supports the llama, mistral, qwen2, qwen3 model types" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+    monkeypatch.setitem(__import__("sys").modules, "gguf", None)
+    assert cli.main(["export", str(tmp_path / "gemma")]) == 2
+    assert "pip install 'compact[gguf]'" in capsys.readouterr().err
+
+
+def test_llama3_rope_scaling_writes_the_converters_factors():
+    """Llama 3.1's rope scaling: llama.cpp reads per-frequency factors from a `rope_freqs` tensor: 1 for the
+    highest frequencies (wavelengths under 8192/4), `factor` for the lowest (over 8192), a blend between."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    factors = export.rope_factors(config)
+    assert factors.shape == (64,) and factors[0] == 1.0 and factors[-1] == 8.0
+    assert ((factors >= 1) & (factors <= 8)).all() and (factors.diff() >= 0).all()
+    assert export.rope_factors(LlamaConfig()) is None
+
+
+def test_the_source_tokenizer_identity_travels_through_the_report(byte_level, tmp_path):
+    """A GGUF source's tokenizer.ggml.model/pre (Loaded.gguf_tokenizer) is recorded by the prune, kept by a second
+    prune of the result, and written by the export, which --gguf-pre overrides."""
+    from compact import loading, pipeline
+    from compact.data import CalibOptions
+
+    root, _ = byte_level
+    loaded = loading.load(str(root / "model"), dtype="float32", device="cpu")
+    loaded.gguf_tokenizer = {"model": "gpt2", "pre": "smollm"}  # as _read_gguf sets it for a .gguf source
+    opts = pipeline.PruneOptions(vocab_keep=500, progress=False)
+    pipeline.prune(loaded, tmp_path / "once", opts, CalibOptions(str(root / "calib.txt"), 4, 64))
+    again = loading.load(str(tmp_path / "once"), dtype="float32", device="cpu")
+    pipeline.prune(again, tmp_path / "twice", pipeline.PruneOptions(vocab_keep=400, progress=False),
+                   CalibOptions(str(root / "calib.txt"), 4, 64))
+    assert json.loads((tmp_path / "twice" / "compact_report.json").read_text())["gguf_tokenizer"]["pre"] == "smollm"
+    assert metadata(export.export(tmp_path / "twice", "f32"))["tokenizer.ggml.pre"] == "smollm"
+    assert metadata(export.export(tmp_path / "twice", "f32", pre="gpt-2"))["tokenizer.ggml.pre"] == "gpt-2"
