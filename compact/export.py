@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+CANONICAL_PRE = ("llama-bpe", "qwen2", "qwen35", "tekken", "gpt-4o")  # what llama.cpp's converter writes for them
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
@@ -275,8 +276,8 @@ def _pre_name(folder: Path, spec: dict) -> str:
 
     node = spec.get("pre_tokenizer") or {}
     patterns = _regexes(node)
-    for name, split in GGUF_PRE_TOKENIZER_SPLITS.items():
-        if split in patterns:
+    for name in (*CANONICAL_PRE, *GGUF_PRE_TOKENIZER_SPLITS):  # several names share a pattern: the converter's first
+        if GGUF_PRE_TOKENIZER_SPLITS.get(name) in patterns:
             return name
     if node.get("type") == "ByteLevel" and node.get("use_regex", True):
         return "gpt-2"  # ByteLevel alone: the GPT-2 split

@@ -327,3 +327,22 @@ def test_tokenizer_option_for_a_model_without_one(corpus, shared_data, tmp_path)
     assert rc == 0 and re.search(r"^bits / byte\s+[0-9.]+$", stdout, re.M), stdout + stderr
     rc, _, stderr = _run(["eval", src, "--tokenizer", tmp_path / "missing.json", "--data", corpus.held, "--quiet"])
     assert rc == 2 and "missing.json" in stderr, stderr
+
+
+def test_gguf_export_reads_back_with_the_same_ids_and_logits(case, corpus):
+    """Issue 21: each real tokenizer's pruned model as GGUF (F32) loads with transformers' GGUF reader: the same
+    logits, 40 held-out paragraphs encoded to the same ids, and the pre-tokenizer llama.cpp's converter names."""
+    pytest.importorskip("gguf")
+    from test_export import check_roundtrip, metadata
+
+    from compact import export
+
+    rc, _, err = _run(["export", case.out, "--gguf", "f32", "--quiet"])
+    assert rc == 0, err
+    check_roundtrip(case.out, "f32", corpus.held_paragraphs[:40])
+    meta = metadata(export.gguf_path(case.out, "f32"))
+    want = {"llama3.2": ("gpt2", "llama-bpe"), "qwen2.5": ("gpt2", "qwen2"), "llama2": ("llama", "default")}
+    assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == want[case.name]
+    arch = "qwen2" if case.name == "qwen2.5" else "llama"
+    assert meta[f"{arch}.vocab_size"] == len(case.report["kept_token_ids"]) and meta[f"{arch}.context_length"] == 256
+    assert meta[f"{arch}.feed_forward_length"] == FFN_KEPT
