@@ -350,7 +350,7 @@ def _cmd_prune(args) -> int:
     protected = loading.locate(args.model)
     output.check_destination(args.out, overwrite=args.overwrite, protected=protected)
     if args.gguf:
-        export.check_exportable(args.model)
+        export.check_exportable(args.model, args.gguf_pre)
     loaded = _load(args)
     result = pipeline.prune(loaded, args.out, _options(args), _calib(args), _run(args))
     if not args.quiet:

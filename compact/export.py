@@ -36,8 +36,9 @@ def _gguf():
     return gguf
 
 
-def check_exportable(source: str) -> None:
-    """Refuse `--gguf` before any work: without the gguf package, or for a model type the export does not write."""
+def check_exportable(source: str, pre: str | None = None) -> None:
+    """Refuse `--gguf` before any work: without the gguf package, for a model type the export does not write, or
+    for a tokenizer whose llama.cpp identity is unknown (`pre` names the pre-tokenizer)."""
     from transformers import AutoConfig
 
     from .loading import locate
@@ -54,6 +55,8 @@ def check_exportable(source: str) -> None:
     if model_type not in ARCHITECTURES:
         raise ValueError(f"--gguf: GGUF export supports the {', '.join(sorted(set(ARCHITECTURES)))} model types; "
                          f"{source} is {model_type!r}")
+    if path.is_dir() and (path / "tokenizer.json").is_file():  # the cut keeps the source's kind and pre-tokenizer
+        source_tokenizer(path, json.loads((path / "tokenizer.json").read_text(encoding="utf-8")), pre)
 
 
 def gguf_path(folder: Path, outtype: str) -> Path:

@@ -192,3 +192,23 @@ def test_the_source_tokenizer_identity_travels_through_the_report(byte_level, tm
     assert json.loads((tmp_path / "twice" / "compact_report.json").read_text())["gguf_tokenizer"]["pre"] == "smollm"
     assert metadata(export.export(tmp_path / "twice", "f32"))["tokenizer.ggml.pre"] == "smollm"
     assert metadata(export.export(tmp_path / "twice", "f32", pre="gpt-2"))["tokenizer.ggml.pre"] == "gpt-2"
+
+
+def test_an_unnamed_pre_tokenizer_is_refused_before_pruning(byte_level, tmp_path, capsys):
+    """A byte-level tokenizer whose split llama.cpp's names do not cover (digits split apart, as SmolLM2's own
+    tokenizer.json does) is refused before any work, pointing at --gguf-pre; with it, the prune and export run."""
+    root, _ = byte_level
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in (root / "model").iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    spec = json.loads((src / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                                   spec["pre_tokenizer"]]}
+    (src / "tokenizer.json").write_text(json.dumps(spec))
+    common = ["prune", str(src), "--out", str(tmp_path / "o"), "--vocab-keep", "400", "--gguf", "--quiet"]
+    assert cli.main(common) == 2
+    err = capsys.readouterr().err
+    assert "name it with --gguf-pre" in err and err.count("\n") == 1 and not (tmp_path / "o").exists(), err
+    assert cli.main([*common, "--gguf-pre", "smollm"]) == 0
+    assert metadata(export.gguf_path(tmp_path / "o", "f16"))["tokenizer.ggml.pre"] == "smollm"
