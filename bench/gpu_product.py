@@ -330,8 +330,8 @@ def run_steps(args) -> int:
     summary, failed = [], False
     flags = ["--out", str(out), "--work", str(args.work)] + ["--dry"] * args.dry + ["--quick"] * args.quick
     for name, (limit, quick_skips) in STEPS.items():
-        if args.quick and quick_skips:
-            summary.append({"step": name, "rc": "skipped (--quick)", "seconds": 0, "limit_s": limit})
+        if (args.quick and quick_skips) or name in args.skip:
+            summary.append({"step": name, "rc": "skipped", "seconds": 0, "limit_s": limit})
             continue
         start = time.perf_counter()
         print(f"== {name} (limit {limit} s)", file=log, flush=True)
@@ -369,6 +369,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry", action="store_true", help="a tiny model on the CPU: proves every step in seconds")
     p.add_argument("--quick", action="store_true", help="skip layerwise, torchrun and the compiled variant")
+    p.add_argument("--skip", nargs="+", choices=list(STEPS), default=[], metavar="STEP", help="steps not to run")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="CSVs and the log")
     p.add_argument("--work", default="/tmp/compact-gpu-product", help="checkpoints (~16 GB + ~10 GB on a GPU)")
     p.add_argument("--step", choices=list(STEPS), help=argparse.SUPPRESS)

@@ -179,14 +179,15 @@ def test_calibration_bench_without_gpu(tmp_path):
 
 def test_gpu_product_dry_runs_every_step_on_the_cpu(tmp_path):
     """bench/gpu_product.py --dry: every step of the GPU session's product script, on a tiny model on the CPU, so
-    that a lent GPU's minutes are never spent finding a typo."""
+    that a lent GPU's minutes are never spent finding a typo. (The torchrun step, two fresh torch processes and
+    ~18 s here, runs in `python bench/gpu_product.py --dry`; its code path is tests/test_runs.py's.)"""
     out, work = tmp_path / "out", tmp_path / "work"
     proc = subprocess.run([sys.executable, str(BENCH / "gpu_product.py"), "--dry", "--out", str(out),
-                           "--work", str(work)], capture_output=True, text=True, timeout=600)
+                           "--work", str(work), "--skip", "torchrun"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     steps = read_rows(out / "gpu_product_steps.csv")
     assert [r["step"] for r in steps] == ["checkpoint", "prune", "layerwise", "speed", "utilisation", "torchrun"]
-    assert all(r["rc"] == "0" for r in steps), steps
+    assert [r["rc"] for r in steps] == ["0"] * 5 + ["skipped"], steps
     phases = {r["phase"]: r for r in read_rows(out / "gpu_product_prune.csv")}
     assert {"calibration", "planning", "scoring", "scoring: re-fit", "slicing", "save"} <= set(phases)
     assert phases["end to end, load excluded"]["refit"] == "sequential"
@@ -195,5 +196,4 @@ def test_gpu_product_dry_runs_every_step_on_the_cpu(tmp_path):
     assert float(speed[2]["weight_gib"]) < 1
     utilisation = read_rows(out / "gpu_product_utilisation.csv")
     assert any("compile" in r["variant"] and not r.get("error") for r in utilisation), utilisation
-    assert read_rows(out / "gpu_product_torchrun.csv")[0]["scores_finite"] == "True"
     assert read_rows(out / "gpu_product_layerwise.csv")[0]["estimated_70b_s"]
