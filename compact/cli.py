@@ -310,7 +310,8 @@ def _run(args):
     """Checkpoint/resume settings; the signature is every argument that changes the sums."""
     from . import runs
 
-    ignored = {"func", "quiet", "debug", "overwrite", "resume", "checkpoint_every", "check", "command", "device"}
+    ignored = {"func", "quiet", "debug", "overwrite", "resume", "checkpoint_every", "check", "command", "device",
+               "gguf", "gguf_pre"}
     signature = {k: str(v) for k, v in vars(args).items() if k not in ignored}
     if args.calib and Path(args.calib).is_file():
         stat = Path(args.calib).stat()
