@@ -163,14 +163,17 @@ def _prune_command(sub) -> None:
                    help="which channels stay: the top of --ffn-criterion (default), or obs: greedy elimination "
                         "for the re-fit (Optimal Brain Surgeon on its least-squares objective)")
     r.add_argument("--scores", help="use this scores file instead of calibrating")
-    _gguf_option(r)
+    _gguf_option(r, default=None)
     _calib_options(r)
     _check_and_run_options(r)
     r.set_defaults(func=_cmd_prune)
 
 
-def _gguf_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gguf", nargs="?", const="f16", choices=("f32", "f16", "bf16", "q8_0"), metavar="TYPE",
+def _gguf_option(p: argparse.ArgumentParser, default: str | None) -> None:
+    """--gguf [TYPE] (`default` when absent; f16 when given without a type) and --gguf-pre. (The types are
+    compact.export.OUTTYPES, spelled out here: the parser imports no torch.)"""
+    p.add_argument("--gguf", nargs="?", const="f16", default=default, choices=("f32", "f16", "bf16", "q8_0"),
+                   metavar="TYPE",
                    help="also write the checkpoint as GGUF for llama.cpp (OUT/model-TYPE.gguf): f32, f16 (the "
                         "default TYPE), bf16 or q8_0; needs pip install 'compact[gguf]'")
     p.add_argument("--gguf-pre", metavar="NAME",
@@ -182,7 +185,7 @@ def _export_command(sub) -> None:
     """The `compact export` subcommand and its options."""
     x = sub.add_parser("export", help="write a pruned checkpoint folder as GGUF for llama.cpp")
     x.add_argument("model", metavar="DIR", help="a checkpoint folder with its tokenizer (as compact prune writes it)")
-    _gguf_option(x)
+    _gguf_option(x, default="f16")
     x.add_argument("--out", type=Path, help="the .gguf file (default DIR/model-TYPE.gguf)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing .gguf file")
     x.add_argument("--quiet", action="store_true", help="print nothing on success")
@@ -364,8 +367,6 @@ def _cmd_prune(args) -> int:
 def _cmd_export(args) -> int:
     from . import export
 
-    if args.gguf is None:
-        args.gguf = "f16"
     out = args.out or export.gguf_path(args.model, args.gguf)
     if Path(out).exists() and not args.overwrite:
         raise ValueError(f"{out} exists: pass --overwrite to replace it")

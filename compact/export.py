@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .tokenizer import merge_pair
+
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 CANONICAL_PRE = ("llama-bpe", "qwen2", "qwen35", "tekken", "gpt-4o")  # what llama.cpp's converter writes for them
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -41,22 +43,27 @@ def check_exportable(source: str, pre: str | None = None) -> None:
     for a tokenizer whose llama.cpp identity is unknown (`pre` names the pre-tokenizer)."""
     from transformers import AutoConfig
 
-    from .loading import locate
+    from .loading import gguf_strings, locate
 
-    gguf = _gguf()
+    _gguf()
     path = locate(source)
     if path.suffix == ".gguf":
-        field = gguf.GGUFReader(str(path)).fields["general.architecture"]
-        model_type = bytes(field.parts[field.data[0]]).decode()
+        model_type = gguf_strings(path, ("general.architecture",)).get("general.architecture")
     elif path.is_file():
         model_type = "llama"  # a llama2.c checkpoint
     else:
         model_type = AutoConfig.from_pretrained(path).model_type
-    if model_type not in ARCHITECTURES:
-        raise ValueError(f"--gguf: GGUF export supports the {', '.join(sorted(set(ARCHITECTURES)))} model types; "
-                         f"{source} is {model_type!r}")
+    _architecture(model_type, f"--gguf: {source}")
     if path.is_dir() and (path / "tokenizer.json").is_file():  # the cut keeps the source's kind and pre-tokenizer
         source_tokenizer(path, json.loads((path / "tokenizer.json").read_text(encoding="utf-8")), pre)
+
+
+def _architecture(model_type: str | None, what: str) -> str:
+    """llama.cpp's architecture for a Hugging Face model type; other types are a one-line error naming `what`."""
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"{what}: GGUF export supports the {', '.join(sorted(set(ARCHITECTURES)))} model types, "
+                         f"not {model_type!r}")
+    return ARCHITECTURES[model_type]
 
 
 def gguf_path(folder: Path, outtype: str) -> Path:
@@ -75,10 +82,7 @@ def export(folder, outtype: str = "f16", out=None, pre: str | None = None) -> Pa
         raise ValueError(f"--gguf type must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
-    arch = ARCHITECTURES.get(config.model_type)
-    if arch is None:
-        raise ValueError(f"GGUF export supports the {', '.join(sorted(set(ARCHITECTURES)))} model types; "
-                         f"{folder} is {config.model_type!r}")
+    arch = _architecture(config.model_type, str(folder))
     out = Path(out) if out is not None else gguf_path(folder, outtype)
     tmp = out.with_name(f".{out.name}.partial")
     writer = gguf.GGUFWriter(tmp, arch)
@@ -112,16 +116,26 @@ def _hyperparameters(writer, config, outtype: str) -> None:
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(_rope(config).get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    writer.add_rope_freq_base(_rope_theta(config))
     writer.add_rope_dimension_count(_head_dim(config))
     if _head_dim(config) != config.hidden_size // config.num_attention_heads:
         writer.add_key_length(_head_dim(config))
         writer.add_value_length(_head_dim(config))
     writer.add_vocab_size(config.vocab_size)
-    types = gguf.LlamaFileType
-    writer.add_file_type({"f32": types.ALL_F32, "f16": types.MOSTLY_F16, "bf16": types.MOSTLY_BF16,
-                          "q8_0": types.MOSTLY_Q8_0}[outtype])
+    writer.add_file_type(_types(outtype)[1])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _types(outtype: str) -> tuple:
+    """(the tensor type matrices are stored in, llama.cpp's file type) of an --gguf TYPE."""
+    gguf = _gguf()
+    q, f = gguf.GGMLQuantizationType, gguf.LlamaFileType
+    return {"f32": (q.F32, f.ALL_F32), "f16": (q.F16, f.MOSTLY_F16), "bf16": (q.BF16, f.MOSTLY_BF16),
+            "q8_0": (q.Q8_0, f.MOSTLY_Q8_0)}[outtype]
+
+
+def _rope_theta(config) -> float:
+    return _rope(config).get("rope_theta", getattr(config, "rope_theta", 10000.0))
 
 
 def _rope(config) -> dict:
@@ -134,7 +148,7 @@ def rope_factors(config) -> torch.Tensor | None:
     rope = _rope(config)
     if str(rope.get("rope_type", rope.get("type", ""))).lower() != "llama3":
         return None
-    base, dim = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)), _head_dim(config)
+    base, dim = _rope_theta(config), _head_dim(config)
     factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
     old = rope.get("original_max_position_embeddings", 8192)
     out = []
@@ -188,8 +202,7 @@ def _add(writer, name: str, data: np.ndarray, outtype: str) -> None:
     rows of a multiple of 32 values: other matrices fall back to F16, as the converter does)."""
     gguf = _gguf()
     data = np.ascontiguousarray(data)
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[outtype]
+    qtype = _types(outtype)[0]
     if data.ndim == 1:
         qtype = gguf.GGMLQuantizationType.F32
     elif qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
@@ -218,8 +231,8 @@ def _tokenizer(writer, folder: Path, config, pre: str | None) -> None:
     vocab = {i: t for t, i in tokenizer.get_vocab().items()}
     added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
     ranks: dict[str, int] = {}
-    for rank, (a, b) in enumerate(_merges(spec)):
-        ranks.setdefault(a + b, rank)  # a token several merges make is scored by the first
+    for rank, merge in enumerate(spec["model"].get("merges") or []):
+        ranks.setdefault("".join(merge_pair(merge)), rank)  # a token several merges make is scored by the first
     tokens, types, scores = [], [], []
     for i in range(config.vocab_size):
         token = vocab.get(i)
@@ -244,11 +257,6 @@ def _tokenizer(writer, folder: Path, config, pre: str | None) -> None:
         writer.add_token_scores(scores)
         writer.add_add_space_prefix(_prefix_space(spec))
     gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
-
-
-def _merges(spec: dict) -> list[tuple[str, str]]:
-    merges = spec["model"].get("merges") or []
-    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
 
 
 def _prefix_space(spec: dict) -> bool:

@@ -122,12 +122,10 @@ def load(source: str, *, dtype: str = "auto", device: str | None = None, trust_r
         return _load_gguf(path, torch_dtype, device, (tokenizer, vet))
     if path.is_file():
         model = llama2c.load_llama2c(path, dtype=torch_dtype).to(device)
-        rows = model.get_input_embeddings().num_embeddings
-        tok = None if tokenizer is None else load_tokenizer(tokenizer, rows, trust_remote_code)
-        if vet is not None:
-            vet(tok, rows)
+        tok = _vetted(lambda: None, model.get_input_embeddings().num_embeddings, (tokenizer, vet), trust_remote_code)
         return Loaded(model, tok, f"llama2.c checkpoint {path}", device=device)
-    tok = _folder_tokenizer(path, _config(path, trust_remote_code), (tokenizer, vet), trust_remote_code)
+    tok = _vetted(lambda: _own_tokenizer(path, trust_remote_code),
+                  _embedding_rows(_config(path, trust_remote_code)), (tokenizer, vet), trust_remote_code)
     try:  # mis-shaped tensors are reported by _check_loading_info, naming them, instead of raising here
         model, info = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, trust_remote_code=trust_remote_code, output_loading_info=True,
@@ -173,16 +171,16 @@ def _read_gguf(path: Path, where: dict, placement: tuple, tokenizer_opts: tuple)
     """The GGUF loading itself; what transformers cannot read is one ValueError line. `placement`: (dtype, device)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    (dtype, device), (stand_in, vet) = placement, tokenizer_opts
+    dtype, device = placement
     with _gguf_errors(path):
         config = AutoConfig.from_pretrained(**where)
         models.family_of(config)  # GGUF quantization is undone on loading: no check_prunable
-        tokenizer = AutoTokenizer.from_pretrained(**where) if stand_in is None else None
-    rows = _embedding_rows(config)
-    if stand_in is not None:
-        tokenizer = load_tokenizer(stand_in, rows)
-    if vet is not None:
-        vet(tokenizer, rows)
+
+    def own():
+        with _gguf_errors(path):
+            return AutoTokenizer.from_pretrained(**where)
+
+    tokenizer = _vetted(own, _embedding_rows(config), tokenizer_opts)
     with _gguf_errors(path):
         model = AutoModelForCausalLM.from_pretrained(**where, dtype=dtype)
     model.hf_quantizer = None  # dequantized already; else save_pretrained refuses a "gguf-quantized" model
@@ -191,14 +189,20 @@ def _read_gguf(path: Path, where: dict, placement: tuple, tokenizer_opts: tuple)
     return Loaded(model.to(device).eval(), tokenizer, str(path), device=device, gguf_tokenizer=_gguf_tokenizer(path))
 
 
-def _gguf_tokenizer(path: Path) -> dict | None:
-    """{"model": tokenizer.ggml.model, "pre": tokenizer.ggml.pre} of a GGUF file (None when it names neither)."""
+def gguf_strings(path: Path, keys: tuple[str, ...]) -> dict[str, str]:
+    """The string metadata `keys` a GGUF file holds (those it lacks are left out), read without its tensors."""
     import gguf
 
     fields = gguf.GGUFReader(str(path)).fields
-    found = {key: bytes(fields[f"tokenizer.ggml.{key}"].parts[fields[f"tokenizer.ggml.{key}"].data[0]]).decode()
-             for key in ("model", "pre") if f"tokenizer.ggml.{key}" in fields}
-    return {"model": found["model"], "pre": found.get("pre", "default")} if "model" in found else None
+    return {key: bytes(fields[key].parts[fields[key].data[0]]).decode() for key in keys if key in fields}
+
+
+def _gguf_tokenizer(path: Path) -> dict | None:
+    """{"model": tokenizer.ggml.model, "pre": tokenizer.ggml.pre} of a GGUF file (None when it names neither)."""
+    found = gguf_strings(path, ("tokenizer.ggml.model", "tokenizer.ggml.pre"))
+    if "tokenizer.ggml.model" not in found:
+        return None
+    return {"model": found["tokenizer.ggml.model"], "pre": found.get("tokenizer.ggml.pre", "default")}
 
 
 @contextmanager
@@ -235,7 +239,8 @@ def load_skeleton(source: str, *, dtype: str = "auto", device: str | None = None
                          "convert it first)")
     storage = checkpoint.storage_dtype(path)
     config = _config(path, trust_remote_code)
-    tok = _folder_tokenizer(path, config, (tokenizer, vet), trust_remote_code)
+    tok = _vetted(lambda: _own_tokenizer(path, trust_remote_code), _embedding_rows(config), (tokenizer, vet),
+                  trust_remote_code)
     model = checkpoint.skeleton(config, resolve_dtype(dtype, device, storage))
     return _with_report(Loaded(model, tok, str(path), device=device, output_dtype=_output(dtype, storage)))
 
@@ -288,25 +293,28 @@ def _embedding_rows(config) -> int:
     return int(config.get_text_config().vocab_size)
 
 
-def _folder_tokenizer(path: Path, config, tokenizer_opts: tuple, trust_remote_code: bool):
-    """The tokenizer of a model folder (None when it has none), or the --tokenizer standing in for it, vetted.
-    `tokenizer_opts`: (--tokenizer or None, vet or None)."""
-    from transformers import AutoTokenizer
-
+def _vetted(own: Callable[[], object], rows: int, tokenizer_opts: tuple, trust_remote_code: bool = False):
+    """The tokenizer a load hands out: `own()` (the model's own, None when it has none), or the --tokenizer
+    standing in for it (checked against the `rows` embedding rows), then vetted. `tokenizer_opts`: (--tokenizer
+    or None, vet or None)."""
     stand_in, vet = tokenizer_opts
-    rows = _embedding_rows(config)
-    tokenizer = None
-    if stand_in is not None:
-        tokenizer = load_tokenizer(stand_in, rows, trust_remote_code)
-    elif any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except Exception as e:  # noqa: BLE001 - a damaged tokenizer fails in many ways
-            raise ValueError(f"model {path}: its tokenizer files cannot be loaded ({' '.join(str(e).split())[:200]}); "
-                             "name a working one with --tokenizer") from None
+    tokenizer = own() if stand_in is None else load_tokenizer(stand_in, rows, trust_remote_code)
     if vet is not None:
         vet(tokenizer, rows)
     return tokenizer
+
+
+def _own_tokenizer(path: Path, trust_remote_code: bool):
+    """The tokenizer of a model folder, None when it has none; damaged files are one ValueError line."""
+    from transformers import AutoTokenizer
+
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - a damaged tokenizer fails in many ways
+        raise ValueError(f"model {path}: its tokenizer files cannot be loaded ({' '.join(str(e).split())[:200]}); "
+                         "name a working one with --tokenizer") from None
 
 
 def _with_report(loaded: Loaded) -> Loaded:

@@ -130,9 +130,15 @@ def _prune_state(state: dict, remap: dict[int, int]) -> dict:
     return state
 
 
-def _merge_kept(merge, vocab: dict[str, int]) -> bool:
-    """Whether both parts of a merge ("a b" or [a, b]) and its result are kept tokens."""
+def merge_pair(merge) -> tuple[str, str]:
+    """The two parts of a BPE merge as tokenizer.json stores it ("a b", or [a, b] in newer files)."""
     left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+    return left, right
+
+
+def _merge_kept(merge, vocab: dict[str, int]) -> bool:
+    """Whether both parts of a merge and its result are kept tokens."""
+    left, right = merge_pair(merge)
     return left in vocab and right in vocab and left + right in vocab
 
 

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from . import models
-from .tokenizer import as_fast, check_supported, component_state, is_byte_level, special_token_ids, steps_of
+from .tokenizer import (as_fast, check_supported, component_state, is_byte_level, merge_pair, special_token_ids,
+                        steps_of)
 
 _BYTE_FALLBACK_PIECES = [f"<0x{b:02X}>" for b in range(256)]
 _ASCII_CHARS = ["\t", "\n", *map(chr, range(0x21, 0x7F))]  # single-character tokens kept in every order
@@ -448,7 +449,7 @@ class _MergeTree:
         model = component_state(backend.model)
         self.vocab: dict[str, int] = model["vocab"]
         self.tokens = {i: t for t, i in self.vocab.items()}
-        pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        pairs = [merge_pair(m) for m in model["merges"]]
         # built back to front, so the first occurrence (lowest rank) wins
         self.ranks: dict[tuple[str, str], int] = dict(zip(reversed(pairs), range(len(pairs) - 1, -1, -1)))
         self.first: dict[str, tuple[str, str]] = {a + b: (a, b) for a, b in reversed(pairs)}
