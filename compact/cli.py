@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
@@ -515,12 +516,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # imports no torch: --help and --version are instant
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:  # from here every import (torch: seconds) runs under the handlers below, an early SIGINT included
-        _setup_threads()
-        _setup_output(getattr(args, "quiet", False))
-        return args.func(args)
-    except KeyboardInterrupt:
-        print(f"compact {args.command}: interrupted; no output was written", file=sys.stderr)
-        return 130
+        with _interrupts_repeated() as handled:
+            try:
+                _setup_threads()
+                _setup_output(getattr(args, "quiet", False))
+                return args.func(args)
+            except KeyboardInterrupt:
+                handled()
+                print(f"compact {args.command}: interrupted; no output was written", file=sys.stderr)
+                return 130
     except Terminated:
         print(f"compact {args.command}: terminated (SIGTERM); no output was written", file=sys.stderr)
         return 143
@@ -537,15 +541,65 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def _interrupts_repeated():
+    """Inside the block, a SIGINT is raised again every 0.2 s until the caller says it is `handled()`: Python
+    drops an exception raised in a __del__ method or a weakref callback (an import's module-lock callback, a
+    regex object's __del__), so a Ctrl-C landing there would be lost and the run would go on (seen about once in
+    60 runs interrupted while importing); the dropped one's "Exception ignored" report is kept off stderr."""
+    import _thread
+    import signal
+    import threading
+
+    if not _main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda: None  # SIGINT ignored (a background job) or handled by the embedding program
+        return
+    done, started = threading.Event(), []
+
+    def repeat():
+        while not done.wait(0.2):
+            _thread.interrupt_main()  # does nothing once SIGINT is ignored
+
+    def on_sigint(signum, frame):
+        if not started:
+            started.append(threading.Thread(target=repeat, daemon=True))
+            started[0].start()
+        raise KeyboardInterrupt
+
+    def handled():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        done.set()
+
+    def unraisable(report, hook=sys.unraisablehook):
+        if not issubclass(report.exc_type, KeyboardInterrupt):  # a dropped interrupt: it is raised again
+            hook(report)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    saved_hook, sys.unraisablehook = sys.unraisablehook, unraisable
+    try:
+        yield handled
+    finally:
+        done.set()
+        sys.unraisablehook = saved_hook
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run() -> None:
     """The `compact` program: main(), then exit with its status. A SIGTERM that arrives once main() has returned
     (the output is complete or cleanly refused; the interpreter is only shutting down) no longer turns that
-    status into 143."""
+    status into 143. After a SIGINT main() handled (130), the process ends here: CPython can keep that
+    KeyboardInterrupt marked as unhandled (when it landed inside an import, as strace showed) and would then,
+    at the end of its shutdown, kill itself with SIGINT instead of exiting 130."""
+    import os
     import signal
 
     status = main()
     if _main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if status == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     raise SystemExit(status)
 
 

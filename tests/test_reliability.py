@@ -1008,3 +1008,35 @@ def test_an_out_of_range_vocab_keep_is_refused_before_the_weights_are_read(tmp_p
         with pytest.raises(ValueError, match=f"--vocab-keep must be between 1 and {regular} "):
             cli.main([*common, *extra])
     assert not (tmp_path / "o").exists()
+
+
+DROPPED = """
+import os, signal, sys, time
+from compact import cli
+
+class Dropper:
+    def __del__(self):  # a SIGINT handled in here raises a KeyboardInterrupt Python drops ("Exception ignored")
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10_000):
+            pass
+
+with cli._interrupts_repeated() as handled:
+    try:
+        Dropper()
+        time.sleep(5)  # without the repeat, the interrupt is lost and this returns
+        sys.exit("the interrupt was lost")
+    except KeyboardInterrupt:
+        handled()
+        print("interrupted")
+"""
+
+
+def test_an_interrupt_python_drops_is_raised_again():
+    """Item 11's SIGINT: one that lands in a __del__ method or a weakref callback (seen during imports) raises a
+    KeyboardInterrupt Python drops; it is raised again until main() has handled it, and the dropped one's
+    "Exception ignored" report stays off stderr."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", DROPPED], capture_output=True, text=True, timeout=60, env=env,
+                          preexec_fn=_interruptible)
+    assert proc.returncode == 0 and proc.stdout == "interrupted\n", (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr == "", proc.stderr
