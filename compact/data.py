@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from .progress import bar as progress_bar
 
 BIN_DTYPES = ("uint16", "uint32")
 ID_SUFFIXES = (".npy", ".bin")  # formats that hold token ids rather than text
@@ -279,8 +280,7 @@ def _tokenize(pieces, tokenizer, eos_id: int | None, need: int, path: Path,
     starts: list[int] = []  # where each document's tokens begin: those past `need` are not used
     chars = 0
     in_document = separate = False
-    disable = None if progress is None else not progress
-    with tqdm(total=need, unit="tok", desc=f"tokenizing {path.name}", disable=disable) as bar:
+    with progress_bar(total=need, unit="tok", desc=f"tokenizing {path.name}", progress=progress) as bar:
         for batch in _batches(pieces, _block_chars(need) // 2):
             before = len(ids)
             for (text, ends_document), piece_ids in zip(batch, _encode(tokenizer, [t for t, _ in batch])):

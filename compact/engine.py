@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 import compact_kernels as ck
 
 from . import models, repair
 from .memory import trim_host_memory
+from .progress import bar as progress_bar
 from .scoring import ChannelScorer, ScoringOptions
 
 REFITS = ("none", "same-input", "sequential")
@@ -203,8 +203,7 @@ def run(source, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, op
     post_normed = sequential and _post_normed(model)
     glu = _glu(model)
     with torch.inference_mode():
-        for i, name in enumerate(tqdm(mlps, desc="layers", unit="layer",
-                                      disable=None if scoring.progress is None else not scoring.progress)):
+        for i, name in enumerate(progress_bar(mlps, desc="layers", unit="layer", progress=scoring.progress)):
             with source.layer(i) as layer:
                 stats = _layer(scorer, layer, name, batches, i, (glu, post_normed))
                 start = time.perf_counter()

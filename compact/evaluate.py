@@ -7,9 +7,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import data, memory, models
+from .progress import bar as progress_bar
 
 
 @torch.inference_mode()
@@ -18,8 +18,8 @@ def nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = No
     """(summed next-token NLL in nats, number of predicted tokens) over all sequences."""
     device = model.get_input_embeddings().weight.device
     total, count = 0.0, 0
-    for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="evaluating", unit="batch",
-                      disable=None if progress is None else not progress):
+    for start in progress_bar(range(0, input_ids.shape[0], batch_size), desc="evaluating", unit="batch",
+                               progress=progress):
         ids = input_ids[start:start + batch_size].to(device)
         mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]

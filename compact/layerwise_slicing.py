@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from . import loading, models, output, slicing
 from .checkpoint import DTYPES, INDEX_NAME, ShardWriter, nbytes, open_checkpoint, read_tensor, tensor_info
 from .models import prefix_of
+from .progress import bar as progress_bar
 
 # ------------------------------------------------------------------------------------------- writing
 
@@ -123,8 +123,7 @@ def _write_shards(files: dict[str, Path], out_info: dict[str, tuple[str, tuple[i
     for name in sorted(out_info):
         by_shard.setdefault(files[name], []).append(name)
     weight_map, total_bytes = {}, 0
-    with tqdm(total=len(out_info), desc="slicing", unit="tensor",
-              disable=None if progress is None else not progress) as bar:
+    with progress_bar(total=len(out_info), desc="slicing", unit="tensor", progress=progress) as bar:
         for shard in sorted(by_shard):
             names = by_shard[shard]
             writer = ShardWriter(folder / shard.name, [(n, *out_info[n]) for n in names], {"format": "pt"})

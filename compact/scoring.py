@@ -20,12 +20,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 import compact_kernels as ck
 from compact_kernels import reference
 
 from . import models
+from .progress import bar as progress_bar
 
 PATHS = ("auto", "fused", "hooks")  # scoring paths ("backend" in compact_kernels is triton or torch)
 _ABSENT = object()
@@ -396,8 +396,8 @@ def run_scorer(scorer: ChannelScorer, input_ids: torch.Tensor, attention_mask: t
     scorer._driven, scorer._stop_after = True, next(reversed(scorer.mlps), None)
     try:
         with scorer, torch.inference_mode():
-            for batch in tqdm(range(start, total), desc="scoring", unit="batch", initial=start, total=total,
-                              disable=None if progress is None else not progress):
+            for batch in progress_bar(range(start, total), desc="scoring", unit="batch", initial=start,
+                                      total=total, progress=progress):
                 rows = slice(batch * batch_size, (batch + 1) * batch_size)
                 ids = input_ids[rows].to(device)
                 mask = None if attention_mask is None else attention_mask[rows].to(device)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from . import models
+from .progress import bar as progress_bar
 from .tokenizer import (as_fast, check_supported, component_state, is_byte_level, merge_pair, special_token_ids,
                         steps_of)
 
@@ -83,7 +83,7 @@ def count_tokens(tokenizer, texts_or_ids, *, num_embeddings: int, progress: bool
     counts = None
     texts: list[str] = []
     chars = 0
-    with tqdm(unit="tok", desc="counting tokens", disable=None if progress is None else not progress) as bar:
+    with progress_bar(unit="tok", desc="counting tokens", progress=progress) as bar:
 
         def add(ids: torch.Tensor, from_text: bool) -> None:
             nonlocal counts
