@@ -153,6 +153,7 @@ def _prune(s: Setup, out: Path, offload: bool) -> tuple[dict, float]:
     """(report, load seconds) of `compact prune --target-params 0.65` with the defaults, in this process."""
     from compact import loading, pipeline
     from compact.data import CalibOptions
+    from compact.options import Method, Run
 
     start = time.perf_counter()
     load = loading.load_skeleton if offload else loading.load
@@ -160,8 +161,8 @@ def _prune(s: Setup, out: Path, offload: bool) -> tuple[dict, float]:
     sync(s.device)
     load_s = time.perf_counter() - start
     shutil.rmtree(out, ignore_errors=True)
-    opts = pipeline.PruneOptions(target_params=0.65, progress=False)
-    report = pipeline.prune(loaded, out, opts, CalibOptions(str(s.calib), s.samples, s.seq_len))
+    report = pipeline.prune(loaded, out, Method(target_params=0.65), CalibOptions(str(s.calib), s.samples, s.seq_len),
+                            Run(progress=False))
     return report, load_s
 
 

@@ -150,13 +150,14 @@ def planner_candidates(model: Path, text: tuple[Path, Path], work: Path, base: f
     bits/byte."""
     from compact import loading, pipeline
     from compact.data import CalibOptions
+    from compact.options import Method, Run
 
     calib, held = text
     loaded = loading.load(str(model), dtype="float32", device="cpu")
-    opts = pipeline.PruneOptions(target_params=0.65, progress=False)
-    plan = pipeline.decide(loaded, opts, CalibOptions(str(calib), 16, 512), upto="planning")
+    decision = pipeline.decide(loaded, Method(target_params=0.65), CalibOptions(str(calib), 16, 512),
+                               Run(progress=False), upto="planning")
     rows = []
-    candidates = plan.planner["candidates"]
+    candidates = decision.plan["candidates"]
     chosen = next(i for i, c in enumerate(candidates) if c["chosen"])
     for c in candidates[max(chosen - 1, 0):chosen + 3]:  # the choice and its neighbours in FFN size
         name = f"plan0.65-N{c['vocab_keep']}-K{c['ffn_keep']}"

@@ -1,13 +1,21 @@
-"""compact: COMPACT pruning of LLM vocabularies and FFN channels, driven by the Triton kernels in compact_kernels."""
+"""compact: COMPACT pruning of LLM vocabularies and FFN channels, driven by the Triton kernels in compact_kernels.
+
+From Python (the CLI runs the same code): `score_channels` / `ChannelScorer` score FFN channels; `decide` computes
+what a prune keeps (a frozen `Decision`), `apply` cuts a model in memory as a decision says, and `prune` does both.
+"""
 __version__ = "0.1.0"
 
-__all__ = ["ChannelScorer", "score_channels", "__version__"]
+__all__ = ["ChannelScorer", "score_channels", "decide", "apply", "prune", "Decision", "Method", "Run",
+           "CalibOptions", "__version__"]
+
+_LAZY = {"ChannelScorer": "scoring", "score_channels": "scoring", "decide": "api", "apply": "api", "prune": "api",
+         "Decision": "pipeline", "Method": "options", "Run": "options", "CalibOptions": "data"}
 
 
 def __getattr__(name):
     """Lazy: `compact --version` and `--help` stay fast (no torch import)."""
-    if name in ("ChannelScorer", "score_channels"):
-        from . import scoring
+    if name in _LAZY:
+        import importlib
 
-        return getattr(scoring, name)
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'compact' has no attribute {name!r}")

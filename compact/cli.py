@@ -251,87 +251,97 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(args, source: str | None = None):
-    """MODEL (or `source`) as the options say, with --tokenizer in place of its own when given; an out-of-range
+# Every flag of score, prune and plan -> (option group, field[, how the value converts]): the one place flags
+# become options (compact.options; "calib" is compact.data.CalibOptions). Renaming a flag without this table fails
+# tests/test_cli.py::test_every_flag_reaches_an_option.
+FLAGS = {
+    "model": ("load", "source"), "device": ("load", "device"), "dtype": ("load", "dtype"),
+    "trust_remote_code": ("load", "trust_remote_code"), "tokenizer": ("load", "tokenizer"),
+    "offload": ("load", "offload"),
+    "calib": ("calib", "path"), "samples": ("calib", "samples"), "seq_len": ("calib", "seq_len"),
+    "calib_dtype": ("calib", "bin_dtype"),
+    "vocab_keep": ("method", "vocab_keep"), "ffn_keep": ("method", "ffn_keep"),
+    "target_params": ("method", "target_params"), "vocab_order": ("method", "vocab_order"),
+    "vocab_always": ("method", "vocab_always"), "ffn_multiple": ("method", "ffn_multiple"),
+    "ffn_criterion": ("method", "ffn_criterion"), "seed": ("method", "seed"), "scores": ("method", "scores"),
+    "refit": ("method", "refit"), "ffn_select": ("method", "ffn_select"), "plan_trials": ("method", "plan_trials"),
+    "batch_size": ("run", "batch_size"), "quiet": ("run", "progress", lambda quiet: False if quiet else None),
+    "check": ("run", "check"), "checkpoint_every": ("run", "checkpoint_every", lambda every: every or 0),
+    "resume": ("run", "resume"),
+    "out": ("output", "out"), "overwrite": ("output", "overwrite"), "gguf": ("output", "gguf"),
+    "gguf_pre": ("output", "gguf_pre"),
+}
+
+
+def _groups(args) -> dict:
+    """The option groups of `args` by FLAGS (fields whose flag this command lacks keep their defaults); the run's
+    checkpoint file is OUT.ckpt for `score`, and for `prune` when asked to checkpoint or resume (an unrelated
+    file of that name is not its)."""
+    from dataclasses import replace
+
+    from .data import CalibOptions
+    from .options import Load, Method, Output, Run
+
+    given: dict[str, dict] = {"load": {}, "calib": {}, "method": {}, "run": {}, "output": {}}
+    for dest, (group, name, *convert) in FLAGS.items():
+        if hasattr(args, dest):
+            value = getattr(args, dest)
+            given[group][name] = convert[0](value) if convert else value
+    groups = {"load": Load(**given["load"]), "calib": CalibOptions(**given["calib"]),
+              "method": Method(**given["method"]), "run": Run(**given["run"]), "output": Output(**given["output"])}
+    run = groups["run"]
+    if args.command == "score" or run.checkpoint_every or run.resume:
+        groups["run"] = replace(run, checkpoint=f"{groups['output'].out}.ckpt")
+    return groups
+
+
+def _load(load, vocab_keep: int | None = None):
+    """MODEL as the load options say, with --tokenizer in place of its own when given; an out-of-range
     --vocab-keep is refused from the tokenizer, before the weights are read."""
     from functools import partial
 
-    from .loading import load, load_skeleton
+    from .loading import load as load_model
+    from .loading import load_skeleton
     from .vocab import check_keep
 
-    loader = load_skeleton if getattr(args, "offload", "none") == "layerwise" else load
-    keep = getattr(args, "vocab_keep", None)
-    return loader(source or args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
-                  tokenizer=args.tokenizer, vet=None if keep is None else partial(check_keep, keep=keep))
-
-
-def _progress(args) -> bool | None:
-    return False if args.quiet else None
-
-
-def _calib(args):
-    from .data import CalibOptions
-
-    return CalibOptions(args.calib, args.samples, args.seq_len, args.calib_dtype)
-
-
-def _options(args, **fields):
-    """PruneOptions from the arguments this command has, plus `fields`."""
-    from dataclasses import fields as dataclass_fields
-
-    from .pipeline import PruneOptions
-
-    names = {f.name for f in dataclass_fields(PruneOptions)} - {"progress", "check_batches"}
-    given = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    return PruneOptions(**{**given, "progress": _progress(args), **fields})
+    loader = load_skeleton if load.offload == "layerwise" else load_model
+    return loader(load.source, dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code,
+                  tokenizer=load.tokenizer, vet=None if vocab_keep is None else partial(check_keep, keep=vocab_keep))
 
 
 def _cmd_score(args) -> int:
     from . import loading, models, output, pipeline, runs
 
-    output.check_destination(args.out, overwrite=args.overwrite, protected=loading.locate(args.model), kind="file")
-    loaded = _load(args)
-    run = _run(args)
-    resumed = runs.resume_point(run)
-    plan = pipeline.decide(loaded, _options(args), _calib(args), run, upto="scoring")
+    g = _groups(args)
+    out, method, run = g["output"].out, g["method"], g["run"]
+    output.check_destination(out, overwrite=g["output"].overwrite, protected=loading.locate(args.model), kind="file")
+    loaded = _load(g["load"], method.vocab_keep)
+    resumed = runs.resume_point(run.checkpoint, run.resume)
+    decision = pipeline.decide(loaded, method, g["calib"], run, upto="scoring")
     if runs.distributed()[0] != 0:
         return 0  # rank 0 writes
-    source = plan.calibration.source if plan.calibration else None
-    meta = {"model": loaded.source, "calibration": str(source), "vocab_keep": str(args.vocab_keep),
-            "vocab_order": plan.opts.vocab_order, "ffn_criterion": args.ffn_criterion, "compact": __version__,
-            "resumed_from_batch": str(resumed), **models.fingerprint(loaded.model.config)}
-    output.save_scores(plan.scores, args.out, meta, overwrite=args.overwrite)
+    source = decision.calibration.source if decision.calibration else None
+    meta = {"model": loaded.source, "calibration": str(source), "vocab_keep": str(method.vocab_keep),
+            "vocab_order": decision.method.vocab_order, "ffn_criterion": method.ffn_criterion,
+            "compact": __version__, "resumed_from_batch": str(resumed), **models.fingerprint(loaded.model.config)}
+    output.save_scores(decision.scores, out, meta, overwrite=g["output"].overwrite)
     if not args.quiet:
-        print(f"scores for {len(plan.scores)} layers x {next(iter(plan.scores.values())).numel()} channels -> {args.out}")
+        scores = decision.scores
+        print(f"scores for {len(scores)} layers x {next(iter(scores.values())).numel()} channels -> {out}")
         print(f"calibration: {source}")
-        if plan.check:
-            print(f"check vs hooks: max relative difference {plan.check['max_rel_diff']:.3g} "
-                  f"(rtol {plan.check['rtol']:g})")
+        if decision.check:
+            print(f"check vs hooks: max relative difference {decision.check['max_rel_diff']:.3g} "
+                  f"(rtol {decision.check['rtol']:g})")
     return 0
-
-
-def _run(args):
-    """Checkpoint/resume settings; the signature is every argument that changes the sums."""
-    from . import runs
-
-    ignored = {"func", "quiet", "debug", "overwrite", "resume", "checkpoint_every", "check", "command", "device",
-               "gguf", "gguf_pre"}
-    signature = {k: str(v) for k, v in vars(args).items() if k not in ignored}
-    if args.calib and Path(args.calib).is_file():
-        stat = Path(args.calib).stat()
-        signature["calib_file"] = f"{stat.st_size} bytes, mtime {stat.st_mtime_ns}"
-    # prune looks for OUT.ckpt only when asked to checkpoint or resume: an unrelated file of that name is not its
-    checkpointed = args.command == "score" or args.checkpoint_every or args.resume
-    return runs.RunOptions(f"{args.out}.ckpt" if checkpointed else None, args.checkpoint_every or 0, args.resume,
-                           signature)
 
 
 def _cmd_plan(args) -> int:
     from . import pipeline, report
 
-    loaded = _load(args)
-    plan = pipeline.decide(loaded, _options(args), _calib(args), upto="planning")
-    print(report.plan_summary(loaded.source, plan.calibration.source, plan.planner))
+    g = _groups(args)
+    loaded = _load(g["load"])
+    decision = pipeline.decide(loaded, g["method"], g["calib"], g["run"], upto="planning")
+    print(report.plan_summary(loaded.source, decision.calibration.source, decision.plan))
     return 0
 
 
@@ -352,16 +362,18 @@ def _cmd_prune(args) -> int:
     if runs.distributed()[1] > 1:
         raise ValueError("torchrun runs `compact score`; prune with --scores from it in one process")
     _check_early(args)
-    protected = loading.locate(args.model)
-    output.check_destination(args.out, overwrite=args.overwrite, protected=protected)
-    if args.gguf:
-        export.check_exportable(args.model, args.gguf_pre)
-    loaded = _load(args)
-    result = pipeline.prune(loaded, args.out, _options(args), _calib(args), _run(args))
+    g = _groups(args)
+    out = g["output"]
+    output.check_destination(out.out, overwrite=out.overwrite, protected=loading.locate(args.model))
+    if out.gguf:
+        export.check_exportable(args.model, out.gguf_pre)
+    loaded = _load(g["load"], g["method"].vocab_keep)
+    decision = pipeline.decide(loaded, g["method"], g["calib"], g["run"])
+    result = pipeline.write(loaded, decision, out.out, out.overwrite, g["run"].progress)
     if not args.quiet:
-        print(report.prune_summary(result, args.out))
-    if args.gguf:
-        _write_gguf(args.out, (args.gguf, args.gguf_pre), None, args.quiet)
+        print(report.prune_summary(result, out.out))
+    if out.gguf:
+        _write_gguf(out.out, (out.gguf, out.gguf_pre), None, args.quiet)
     return 0
 
 
@@ -390,8 +402,11 @@ def _cmd_eval(args) -> int:
     """Every model on the same data, one table; a model that cannot be evaluated (say, data with ids a pruned
     vocabulary dropped) gets its reason in the table and the exit status is 1; 2 when none could be."""
     import gc
+    from dataclasses import replace
 
     from . import evaluate, loading, pipeline, report
+
+    g = _groups(args)
 
     sources = list(dict.fromkeys(([args.model] if args.model else []) + args.compare))  # each model once
     if not sources:
@@ -401,11 +416,11 @@ def _cmd_eval(args) -> int:
     results, data_source = {}, None
     for source in sources:
         try:
-            loaded = _load(args, source)
-            data = pipeline.calibrate(loaded, _calib(args), _progress(args))
+            loaded = _load(replace(g["load"], source=source))
+            data = pipeline.calibrate(loaded, g["calib"], g["run"].progress)
             results[source] = evaluate.evaluate(loaded.model, data, tokenizer=loaded.tokenizer,
                                                 batch_size=args.batch_size, measure_speed=args.speed,
-                                                progress=_progress(args))
+                                                progress=g["run"].progress)
             data_source = data_source or data.source
         except Exception as e:  # noqa: BLE001 - one model's failure is a cell of the table, not the end
             if args.debug or len(sources) == 1:

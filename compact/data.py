@@ -36,7 +36,7 @@ ID_SUFFIXES = (".npy", ".bin")  # formats that hold token ids rather than text
 PAD_ID = 0  # padding in a short last row; attention_mask marks it, so any valid id would do
 
 
-@dataclass
+@dataclass(frozen=True)
 class CalibOptions:
     """Which calibration file to read and how much of it: up to `samples` rows of `seq_len` token ids
     (`bin_dtype`: the id width of a .bin file)."""

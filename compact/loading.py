@@ -37,6 +37,13 @@ class Loaded:
         return self.model.get_input_embeddings().weight.dtype
 
     @property
+    def written_dtype(self) -> torch.dtype:
+        """What a prune writes: --dtype when given, else the dtype the source is stored in (the compute dtype when
+        that is unknown: GGUF, llama2.c, pickled weights, a model handed over in Python), in memory and offloaded
+        alike."""
+        return self.output_dtype or self.dtype
+
+    @property
     def offloaded(self) -> bool:
         """`--offload layerwise`: weights not loaded (a meta skeleton); scoring loads one layer at a time from the
         files, pruning writes tensor by tensor."""
@@ -315,6 +322,15 @@ def _own_tokenizer(path: Path, trust_remote_code: bool):
     except Exception as e:  # noqa: BLE001 - a damaged tokenizer fails in many ways
         raise ValueError(f"model {path}: its tokenizer files cannot be loaded ({' '.join(str(e).split())[:200]}); "
                          "name a working one with --tokenizer") from None
+
+
+def held(model, tokenizer=None) -> Loaded:
+    """A model (with its tokenizer) already in memory, in eval mode, as the pipeline takes it; the
+    compact_report.json of the folder it was loaded from, when compact pruned it."""
+    source = getattr(model.config, "_name_or_path", "") or "a model in memory"
+    models.check_prunable(model.config, source)
+    loaded = Loaded(model.eval(), tokenizer, source, device=str(model.get_input_embeddings().weight.device))
+    return _with_report(loaded) if Path(source).is_dir() else loaded
 
 
 def _with_report(loaded: Loaded) -> Loaded:

@@ -1,23 +1,25 @@
-"""The pruning job, as the method's steps: decide a `PrunePlan` (calibration -> token counts -> planner split ->
-vocabulary -> scores -> channels), then report it and write the sliced checkpoint. The CLI's `score`, `plan`
-and `prune` run the same steps, `decide(..., upto=...)` stopping where each needs."""
+"""The pruning job as the method's steps: `decide` computes a frozen `Decision` (calibration -> token counts ->
+the planner's split -> vocabulary -> scores -> channels) in straight-line code, `apply` cuts a model in memory
+as the decision says, `write` saves the cut checkpoint (or, offloaded, writes it tensor by tensor). The CLI's
+`score`, `plan` and `prune` and the Python API (`compact.decide`, `compact.prune`) run the same code,
+`decide(..., upto=...)` returning where each needs."""
 from __future__ import annotations
 
 import itertools
-import platform
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from . import (__version__, budget, criteria, data, engine, models, output, repair, runs, selection, slicing,
-               tokenizer, trials, vocab)
+from . import (budget, criteria, data, engine, models, output, repair, runs, selection, slicing, tokenizer, trials,
+               vocab)
 from .data import CalibOptions
 from .loading import Loaded
-from .report import model_card
+from .options import Method, Run, signature
+from .report import build_report, model_card, original_ids
 from .scoring import ChannelScorer, ScoringOptions
 
 
@@ -26,27 +28,7 @@ class CheckFailed(RuntimeError):
 
 
 CHECK_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-
-
-@dataclass
-class PruneOptions:
-    vocab_keep: int | None = None
-    ffn_keep: str | None = None
-    target_params: float | None = None
-    vocab_order: str = "auto"  # frequency when there is calibration data, else id
-    vocab_always: str | None = None
-    ffn_multiple: int = 64
-    ffn_criterion: str = "common-act2"
-    seed: int = 0
-    scores: str | None = None
-    batch_size: int = 1
-    check: bool = False
-    check_batches: int = 2
-    refit: str = "auto"  # sequential when calibration data drives an FFN cut, else none; or one of engine.REFITS
-    ffn_select: str = "scores"  # the top-K of the criterion, or "obs": elimination for the re-fit (repair.eliminate)
-    plan_trials: int = 0  # --target-params: prune this many best-priced splits and keep the best measured
-    overwrite: bool = False
-    progress: bool | None = None
+STEPS = ("calibration", "token counts", "planning", "vocabulary", "scoring", "selection")
 
 
 class Timings(dict):
@@ -57,6 +39,323 @@ class Timings(dict):
         start = time.perf_counter()
         yield
         self[name] = round(self.get(name, 0.0) + time.perf_counter() - start, 4)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a decision is computed from: the model, the method (`vocab_order` and `refit` resolved), the
+    calibration options, the run options, and the last step (one of STEPS)."""
+
+    loaded: Loaded
+    method: Method
+    calib: CalibOptions
+    run: Run
+    upto: str
+
+    @property
+    def intermediate(self) -> int:
+        return models.intermediate_size(self.loaded.model)
+
+    @property
+    def data_scores(self) -> bool:
+        """Scores come from a pass over calibration data (not a file, not a data-free criterion)."""
+        return self.method.scores is None and self.method.ffn_criterion not in criteria.DATA_FREE
+
+    @property
+    def batch_major(self) -> bool:
+        """Checkpointed, resumed or torchrun scoring (or an interrupted run's checkpoint waiting for --resume):
+        the model-major pass of compact.runs, batch by batch."""
+        run = self.run
+        waiting = run.checkpoint is not None and Path(run.checkpoint).exists()
+        return bool(run.checkpoint_every or run.resume or waiting or runs.distributed()[1] > 1)
+
+    def cuts(self, ffn_keep: int | None) -> bool:
+        """A prune that keeps `ffn_keep` channels per layer cuts the FFN."""
+        return self.upto == "selection" and ffn_keep is not None and ffn_keep < self.intermediate
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a prune keeps and why. `method`: as applied (`vocab_order` and `refit` resolved); `plan`: the
+    planner's record for --target-params (the candidates weighed, the choice, measured trials); `vocab_keep`
+    and `ffn_keep` (channels per layer): the sizes; `kept_token_ids` (None: vocabulary not cut) and
+    `kept_channels` (None: FFN not cut): what stays; `refits`: re-fitted down_proj columns [D, K] per cut MLP;
+    `scores`: per MLP by the criterion; `check`: --check's comparison with hooks; `timings`: seconds per step.
+    Fields of steps past `upto` stay None."""
+
+    method: Method
+    calib: CalibOptions
+    calibration: data.Calibration | None = None
+    plan: dict | None = None
+    vocab_keep: int | None = None
+    ffn_keep: int | None = None
+    kept_token_ids: list[int] | None = None
+    scores: dict | None = None
+    check: dict | None = None
+    kept_channels: dict | None = None
+    refits: dict | None = None
+    parameters_before: dict | None = None
+    timings: dict = field(default_factory=dict)
+
+
+def decide(loaded: Loaded, method: Method = Method(), calib: CalibOptions = CalibOptions(), run: Run = Run(), *,
+           upto: str = "selection") -> Decision:
+    """Run the steps up to `upto` (one of STEPS), each only when the method needs it, each timed; nothing is
+    written and the model is not changed."""
+    job = _job(loaded, method, calib, run, upto)
+    method, timings = job.method, Timings()
+    ffn_keep = _ffn_keep(job)
+    calibration = held_out = counts = halves = None
+    if method.target_params is not None or (job.data_scores and (upto == "scoring" or job.cuts(ffn_keep))):
+        with timings.phase("calibration"):
+            calibration, held_out = _calibrate(job)
+    if method.target_params is not None or (method.vocab_order == "frequency" and method.vocab_keep is not None):
+        with timings.phase("token counts"):
+            counts, halves = _count(job)
+    vocab_keep, plan, trial = method.vocab_keep, None, None
+    if method.target_params is not None:
+        with timings.phase("planning"):
+            vocab_keep, ffn_keep, plan, trial = _split(job, (counts, halves), calibration, held_out)
+    decided = Decision(method, calib, calibration, plan, vocab_keep, ffn_keep, timings=timings)
+    if upto == "planning":
+        return decided
+    with timings.phase("vocabulary"):
+        kept_ids = _kept_ids(job, counts, vocab_keep)
+    passed = (None, None, None, None)  # scores, check, kept channels, re-fits
+    if method.scores is None and (upto == "scoring" or job.cuts(ffn_keep)):
+        with timings.phase("scoring"):
+            passed = (_score(job, calibration, kept_ids, ffn_keep, timings) if trial is None
+                      else (trial[0], _check(job, calibration, kept_ids) if run.check else None, *trial[1:]))
+    decided = replace(decided, kept_token_ids=kept_ids, scores=passed[0], check=passed[1])
+    if upto == "scoring":
+        return decided
+    with timings.phase("selection"):
+        decided = _select(job, decided, passed)
+    _warn_idle(job, method.refit if method.refit != "auto" else None, decided)
+    return decided
+
+
+def _job(loaded: Loaded, method: Method, calib: CalibOptions, run: Run, upto: str) -> Job:
+    """The job with the method's `vocab_order` and `refit` resolved, after the checks that need the model."""
+    if upto not in STEPS:
+        raise ValueError(f"upto must be one of {STEPS}, got {upto!r}")
+    if method.vocab_order == "auto":
+        method = replace(method, vocab_order="frequency" if calib.path else "id")
+    job = Job(loaded, method, calib, run, upto)
+    _check_method(job)
+    return replace(job, method=replace(method, refit=_resolve_refit(job)))
+
+
+def _check_method(job: Job) -> None:
+    """What the method cannot do with these options (before any work)."""
+    method = job.method
+    fitted = method.refit not in ("auto", "none") or method.ffn_select == "obs"
+    if fitted and not job.data_scores:
+        raise ValueError("--refit and --ffn-select obs fit down_proj on the calibration pass: they need --calib and "
+                         "a data-driven --ffn-criterion (not --scores or magnitude/random)")
+    if fitted and job.batch_major:
+        raise ValueError("--checkpoint-every, --resume and torchrun score batch by batch; the re-fit runs layer by "
+                         "layer: add --refit none (and --ffn-select scores)")
+    if job.upto != "selection":
+        return
+    if method.target_params is not None and (method.vocab_keep or method.ffn_keep):
+        raise ValueError("give --target-params, or --vocab-keep/--ffn-keep, not both")
+    if method.target_params is None and method.vocab_keep is None and method.ffn_keep is None:
+        raise ValueError("nothing to prune: give --vocab-keep and/or --ffn-keep, or --target-params")
+
+
+def _ffn_keep(job: Job) -> int | None:
+    """Channels per layer the method asks for (all when it cuts none); None when planned, or for score/plan."""
+    method = job.method
+    if job.upto != "selection" or (method.ffn_keep is None and method.target_params is not None):
+        return None
+    if method.ffn_keep is None:
+        return job.intermediate
+    return selection.resolve_ffn_keep(method.ffn_keep, job.intermediate, method.ffn_multiple)
+
+
+def _resolve_refit(job: Job) -> str:
+    """--refit auto: sequential when calibration data drives an FFN cut (or the planner may cut), else none."""
+    method = job.method
+    if method.refit != "auto":
+        return method.refit
+    ffn_keep = _ffn_keep(job)
+    may_cut = method.target_params is not None or job.cuts(ffn_keep)
+    data_driven = job.data_scores and job.calib.path is not None
+    fits = job.upto in ("planning", "selection") and not job.batch_major
+    return "sequential" if may_cut and data_driven and fits else "none"
+
+
+def _warn_idle(job: Job, asked_refit: str | None, decided: Decision) -> None:
+    """Options the run had nothing to apply to are said, not silently dropped."""
+    if job.run.check and decided.check is None:
+        warnings.warn("--check compares the calibration pass's fused scores with hooks; this prune ran none "
+                      "(vocabulary only, --scores, or a data-free criterion): nothing was checked", stacklevel=3)
+    if asked_refit not in (None, "none") and not decided.refits:
+        warnings.warn(f"--refit {asked_refit} re-fits kept FFN channels; this prune cuts none: nothing was re-fitted",
+                      stacklevel=3)
+
+
+def _calibrate(job: Job) -> tuple[data.Calibration, data.Calibration | None]:
+    """(the calibration rows, the rows held out for measured planning: up to a quarter as many more, or None)."""
+    calib, progress = job.calib, job.run.progress
+    if not trials.wanted(job) or job.batch_major:
+        return calibrate(job.loaded, calib, progress), None
+    rows = calibrate(job.loaded, replace(calib, samples=calib.samples + trials.held_rows(calib.samples)), progress)
+    return trials.split_rows(rows, calib.samples)
+
+
+def _count(job: Job) -> tuple[torch.Tensor, tuple | None]:
+    """(token counts over the calibration file, over its alternate halves for the planner's cross-fit or None)."""
+    counts = token_counts(job.loaded, job.calib, job.run.progress)
+    if job.method.target_params is None or job.method.vocab_order != "frequency":
+        return counts, None
+    return counts, tuple(token_counts(job.loaded, job.calib, False, part) for part in (0, 1))
+
+
+def _split(job: Job, counts: tuple, calibration: data.Calibration, held_out) -> tuple:
+    """(vocab_keep, ffn_keep, the planner's record, the chosen split's trial pass or None): every split priced;
+    with held-out rows the best-priced ones pruned and measured, the best measured kept."""
+    evidence = plain_scores(job, calibration)
+    choice, candidates, plan = plan_split(job, counts, evidence)
+    plan["refit"] = job.method.refit
+    if held_out is None:
+        return choice.vocab_keep, choice.ffn_keep, plan, None
+    best, trial, measured = trials.measure(job, candidates, (calibration, held_out),
+                                           (lambda n: _kept_ids(job, counts[0], n), ffn_pass))
+    plan.update(measured, candidates=trials.chosen_rows(plan["candidates"], best))
+    return best.vocab_keep, best.ffn_keep, plan, trial
+
+
+def _kept_ids(job: Job, counts, vocab_keep: int | None) -> list[int] | None:
+    method, loaded = job.method, job.loaded
+    always = vocab.read_always_file(method.vocab_always) if method.vocab_always else ()
+    return vocab.kept_vocabulary(loaded.model, loaded.tokenizer, vocab_keep, order=method.vocab_order,
+                                 counts=counts, always=always)
+
+
+def _select(job: Job, decided: Decision, passed: tuple) -> Decision:
+    """The decision completed: channels from the calibration pass, a scores file or a data-free criterion."""
+    model, scores, kept, refits = job.loaded.model, decided.scores, passed[2], passed[3]
+    if job.method.scores:
+        scores = output.load_scores(job.method.scores, {n: job.intermediate for n in models.mlps(model)},
+                                    models.fingerprint(model.config))
+    if job.cuts(decided.ffn_keep) and not kept:
+        kept = selection.select_channels(scores, decided.ffn_keep)
+    return replace(decided, scores=scores, kept_channels=kept or None, refits=refits or None,
+                   parameters_before=models.parameter_counts(model))
+
+
+def _score(job: Job, calib: data.Calibration, kept_ids, ffn_keep: int | None, timings: Timings) -> tuple:
+    """(scores by the criterion, --check's result, kept channels, re-fits): for a prune the channels and their
+    re-fit are chosen layer by layer in the engine's pass (model-major with checkpoints or torchrun)."""
+    loaded, method, run = job.loaded, job.method, job.run
+    if method.ffn_criterion in criteria.DATA_FREE:
+        if loaded.offloaded:
+            raise ValueError(f"--ffn-criterion {method.ffn_criterion} needs the weights: drop --offload layerwise")
+        return criteria.data_free_scores(loaded.model, method.ffn_criterion, method.seed), None, None, None
+    if loaded.offloaded and job.batch_major:
+        raise ValueError("--offload layerwise runs in one process without checkpoints")
+    check = _check(job, calib, kept_ids) if run.check else None
+    if job.batch_major:
+        scorer = _activation_pass(job, calib, kept_ids)
+        scores = criteria.from_activations(loaded.model, method.ffn_criterion, scorer.scores, scorer.plain_scores)
+        return scores, check, None, None
+    scores, kept, refits = ffn_pass(job, calib, kept_ids, ffn_keep if job.cuts(ffn_keep) else None, timings)
+    return scores, check, kept, refits
+
+
+def _check(job: Job, calib: data.Calibration, kept_ids) -> dict:
+    """--check: the engine's fused scores against its hook path on the first batches."""
+    def score(ids, mask, path):
+        scoring = ScoringOptions(keep_token_ids=kept_ids, batch_size=job.run.batch_size, path=path, progress=False)
+        return engine.run(layer_source(job.loaded), ids, mask, engine.EngineOptions(scoring)).scores
+
+    return check_against_hooks(score, calib, batch_size=job.run.batch_size, batches=job.run.check_batches,
+                               dtype=job.loaded.dtype)
+
+
+def _activation_pass(job: Job, calib: data.Calibration, kept_ids) -> ChannelScorer:
+    """One model-major pass over the calibration data (checkpoints, torchrun): common and plain act^2."""
+    run, loaded = job.run, job.loaded
+    checkpoints = runs.RunOptions(run.checkpoint, run.checkpoint_every, run.resume,
+                                  signature(job.method, job.calib, loaded.source, loaded.dtype))
+    scorer = ChannelScorer(loaded.model, keep_token_ids=kept_ids, plain=True)
+    runs.run(scorer, calib.input_ids, calib.attention_mask, batch_size=run.batch_size, progress=run.progress,
+             opts=checkpoints)
+    return scorer
+
+
+def ffn_pass(job: Job, calib: data.Calibration, kept_ids, keep: int | None, timings: Timings | None = None) -> tuple:
+    """The engine's pass: (scores by the criterion, kept channels, re-fitted columns); `keep` channels per layer
+    chosen as it goes (None: scores only). The seconds the choice and the re-fit took inside the pass go to
+    `timings` as "scoring: choice" and "scoring: re-fit" (parts of the scoring phase)."""
+    method, scores = job.method, {}
+
+    def choose(stats: engine.LayerStats) -> list[int] | None:
+        scores[stats.name] = criteria.layer_scores(stats, method.ffn_criterion)
+        if keep is None:
+            return None
+        if method.ffn_select == "obs":
+            gram, cross = _fit_statistics(stats)
+            return repair.eliminate(stats.mlp.down_proj.weight.detach(), cross, gram, keep)
+        return selection.top_channels(scores[stats.name], keep, stats.name)
+
+    scoring = ScoringOptions(keep_token_ids=kept_ids, batch_size=job.run.batch_size, progress=job.run.progress)
+    options = engine.EngineOptions(scoring, plain=method.ffn_criterion != "common-act2", refit=method.refit,
+                                   gram=method.ffn_select == "obs")
+    outcome = engine.run(layer_source(job.loaded), calib.input_ids, calib.attention_mask, options, choose)
+    for part, seconds in outcome.seconds.items() if timings is not None and keep is not None else ():
+        timings[f"scoring: {part}"] = round(seconds, 4)
+    return scores, outcome.kept, outcome.refits
+
+
+def plain_scores(job: Job, calib: data.Calibration) -> tuple[dict, dict | None]:
+    """(act^2 over all calibration tokens, with a re-fit the share of each layer's output error it leaves at
+    each K or None): the FFN evidence of the budget planner, one layer's Gram at a time."""
+    method = job.method
+    left = {} if method.refit != "none" else None
+
+    def price(stats: engine.LayerStats) -> None:
+        if left is not None:
+            left[stats.name] = budget.repair_left(stats.mlp.down_proj.weight.detach(), stats.scores, stats.gram,
+                                                  method.ffn_multiple)
+
+    options = engine.EngineOptions(ScoringOptions(batch_size=job.run.batch_size, progress=job.run.progress),
+                                   gram=left is not None)
+    outcome = engine.run(layer_source(job.loaded), calib.input_ids, calib.attention_mask, options, price)
+    return outcome.scores, left
+
+
+def plan_split(job: Job, counts: tuple, evidence: tuple) -> tuple:
+    """(the cheapest candidate, every candidate, the planner's record) for --target-params, by the rule in
+    compact.budget, pricing each vocabulary cut by the rows and tokens `vocab.kept_vocabulary` really keeps,
+    and each FFN cut by its act^2 share (times the error share the re-fit leaves, with a re-fit). `counts`:
+    (all, halves or None); `evidence`: plain_scores' pair."""
+    method = job.method
+    curve = _vocab_curve(job, counts)
+    plain, left = evidence
+    choice, candidates = budget.plan(budget.accounting(job.loaded.model), method.target_params, curve,
+                                     budget.score_loss_curve(plain, left), method.ffn_multiple)
+    return choice, candidates, {"target": method.target_params, "rule": budget.RULE,
+                                "candidates": budget.summary(choice, candidates)}
+
+
+def _vocab_curve(job: Job, counts: tuple) -> budget.VocabCurve:
+    """Rows kept and calibration tokens dropped at every N; in frequency order also the cross-fitted loss: the
+    keep order from one half of the text, the loss on the other, both ways, averaged."""
+    loaded, method, (counts, halves) = job.loaded, job.method, counts
+    tok, rows = loaded.tokenizer, loaded.model.get_input_embeddings().num_embeddings
+    always = vocab.read_always_file(method.vocab_always) if method.vocab_always else ()
+    regular = vocab.regular_ids(tok, rows)
+    base = len(vocab.kept_vocabulary(loaded.model, tok, len(regular), order=method.vocab_order,
+                                     counts=counts)) - len(regular)
+    curve = budget.vocab_curve(counts, *vocab.keep_curve(tok, rows, method.vocab_order, counts, always=always), base)
+    if halves is not None:
+        losses = [budget.vocab_curve(measure, *vocab.keep_curve(tok, rows, "frequency", order, always=always),
+                                     base).token_loss for order, measure in (halves, halves[::-1])]
+        curve.heldout_loss = (losses[0] + losses[1]) / 2
+    return curve
 
 
 def calibrate(loaded: Loaded, opts: CalibOptions, progress: bool | None = None) -> data.Calibration:
@@ -80,15 +379,6 @@ def calibrate(loaded: Loaded, opts: CalibOptions, progress: bool | None = None) 
         calib.input_ids = renumber(calib.input_ids, calib.attention_mask, remap, original_vocab, opts.path)
     return calib
 
-
-def original_ids(report: dict) -> tuple[list[int], int]:
-    """(the original id of each token of a pruned model, the original vocabulary size) from its report: the
-    composition of every prune since the original (`original_token_ids`), or the one prune's kept ids."""
-    if "original_token_ids" in report:
-        return report["original_token_ids"], report["vocab_original"]
-    return report["kept_token_ids"], report["sizes"]["vocab_before"]
-
-
 def renumber(input_ids: torch.Tensor, attention_mask, kept_token_ids: list[int], old_vocab: int, path) -> torch.Tensor:
     """Old token ids -> new ids of a vocabulary-pruned model; an error names a dropped id the data holds."""
     table = torch.full((old_vocab,), -1, dtype=torch.long)
@@ -100,7 +390,6 @@ def renumber(input_ids: torch.Tensor, attention_mask, kept_token_ids: list[int],
         raise ValueError(f"{path} holds token id {int(input_ids[dropped][0])}, which this pruned model's "
                          f"vocabulary dropped ({int(dropped.sum())} such positions)")
     return new.clamp_min(0)
-
 
 def token_counts(loaded: Loaded, calib_opts: CalibOptions, progress: bool | None = None, part=None) -> torch.Tensor:
     """Token frequencies over the whole calibration file, streamed; `part` 0 or 1: over every other line of
@@ -122,198 +411,6 @@ def _pieces(chunks):
         else:
             yield from (chunk[i:i + 4096] for i in range(0, len(chunk), 4096))
 
-
-STEPS = ("calibration", "token counts", "planning", "vocabulary", "scoring", "selection")
-
-
-@dataclass
-class PrunePlan:
-    """What a prune keeps and why: the inputs, then each step's decision (None until `decide` runs the step)."""
-
-    loaded: Loaded
-    opts: PruneOptions
-    calib_opts: CalibOptions
-    run: runs.RunOptions | None = None
-    upto: str = "selection"  # the last step `decide` runs: "planning" for `compact plan`, "scoring" for `score`
-    timings: Timings = field(default_factory=Timings)
-    calibration: data.Calibration | None = None
-    counts: torch.Tensor | None = None
-    halves: tuple | None = None  # counts over alternate halves of the text (the planner's cross-fit)
-    planner: dict | None = None  # --target-params: the rule, the candidates weighed and the choice
-    vocab_keep: int | None = None
-    ffn_keep: int | None = None  # channels per layer (None until resolved)
-    kept_token_ids: list[int] | None = None  # None: vocabulary not cut
-    scores: dict | None = None
-    check: dict | None = None  # --check: fused vs hooks
-    kept_channels: dict | None = None  # None: FFN not cut
-    refits: dict | None = None  # re-fitted down_proj columns [D, K] per cut MLP (compact.repair)
-    held_out: data.Calibration | None = None  # calibration rows after --samples: the planner's measuring rows
-    trial: tuple | None = None  # the chosen split's measured trial: ffn_pass' (scores, kept channels, refits)
-    parameters_before: dict | None = None
-
-    @property
-    def model(self):
-        return self.loaded.model
-
-    @property
-    def intermediate(self) -> int:
-        return models.intermediate_size(self.model)
-
-    def runs_step(self, step: str) -> bool:
-        return STEPS.index(step) <= STEPS.index(self.upto)
-
-    @property
-    def ffn_cut(self) -> bool:
-        """The FFN loses channels (for `score`: scores are the point)."""
-        return self.upto == "scoring" or (self.ffn_keep is not None and self.ffn_keep < self.intermediate)
-
-    @property
-    def data_scores(self) -> bool:
-        """Scores come from a pass over calibration data (not a file, not a data-free criterion)."""
-        return self.opts.scores is None and self.opts.ffn_criterion not in criteria.DATA_FREE
-
-
-def decide(loaded: Loaded, opts: PruneOptions, calib_opts: CalibOptions, run: runs.RunOptions | None = None, *,
-           upto: str = "selection") -> PrunePlan:
-    """Run the steps up to `upto` (one of STEPS), each only when the options need it; every step that runs is
-    timed. Nothing is written."""
-    if upto not in STEPS:
-        raise ValueError(f"upto must be one of {STEPS}, got {upto!r}")
-    if opts.vocab_order == "auto":
-        opts = replace(opts, vocab_order="frequency" if calib_opts.path else "id")
-    plan = PrunePlan(loaded, opts, calib_opts, run, upto)
-    plan.vocab_keep, plan.ffn_keep = opts.vocab_keep, _resolve_targets(plan)
-    asked_refit = opts.refit
-    plan.opts = opts = replace(opts, refit=_resolve_refit(plan))
-    for step, needed, action in _steps(plan):
-        if plan.runs_step(step) and needed():
-            with plan.timings.phase(step):
-                action(plan)
-    _warn_idle(plan, asked_refit)
-    return plan
-
-
-def _warn_idle(plan: PrunePlan, asked_refit: str) -> None:
-    """Options the run had nothing to apply to are said, not silently dropped."""
-    if plan.upto != "selection":
-        return
-    if plan.opts.check and plan.check is None:
-        warnings.warn("--check compares the calibration pass's fused scores with hooks; this prune ran none "
-                      "(vocabulary only, --scores, or a data-free criterion): nothing was checked", stacklevel=3)
-    if asked_refit not in ("auto", "none") and not plan.refits:
-        warnings.warn(f"--refit {asked_refit} re-fits kept FFN channels; this prune cuts none: nothing was re-fitted",
-                      stacklevel=3)
-
-
-def _steps(plan: PrunePlan):
-    """(step, is it needed now, what it does), in order; the conditions read what earlier steps decided."""
-    opts = plan.opts
-    counted = opts.target_params is not None or (opts.vocab_order == "frequency" and opts.vocab_keep is not None)
-    return [
-        ("calibration", lambda: opts.target_params is not None or (plan.data_scores and plan.ffn_cut), _calibrate),
-        ("token counts", lambda: counted, _count),
-        ("planning", lambda: opts.target_params is not None, _split),
-        ("vocabulary", lambda: True, _vocabulary),
-        ("scoring", lambda: opts.scores is None and plan.ffn_cut, _score),
-        ("selection", lambda: True, _select),
-    ]
-
-
-def _calibrate(plan: PrunePlan) -> None:
-    """The calibration rows; for measured planning also up to a quarter as many more, held out from the fit."""
-    opts = plan.calib_opts
-    if not trials.wanted(plan) or _batch_major(plan):
-        plan.calibration = calibrate(plan.loaded, opts, plan.opts.progress)
-        return
-    rows = calibrate(plan.loaded, replace(opts, samples=opts.samples + trials.held_rows(opts.samples)),
-                     plan.opts.progress)
-    plan.calibration, plan.held_out = trials.split_rows(rows, opts.samples)
-
-
-def _count(plan: PrunePlan) -> None:
-    plan.counts = token_counts(plan.loaded, plan.calib_opts, plan.opts.progress)
-    if plan.opts.target_params is not None and plan.opts.vocab_order == "frequency":
-        plan.halves = tuple(token_counts(plan.loaded, plan.calib_opts, False, part) for part in (0, 1))
-
-
-def _split(plan: PrunePlan) -> None:
-    """Price every split; with held-out rows, prune the best-priced ones and keep the best measured."""
-    evidence = plain_scores(plan.loaded, plan.calibration, plan.opts)
-    choice, candidates, plan.planner = plan_split(plan.loaded, (plan.counts, plan.halves), evidence, plan.opts)
-    plan.vocab_keep, plan.ffn_keep = choice.vocab_keep, choice.ffn_keep
-    plan.planner["refit"] = plan.opts.refit
-    if plan.held_out is not None:
-        trials.measure(plan, candidates, (lambda n: _kept_ids(plan, n), ffn_pass))
-
-
-def _vocabulary(plan: PrunePlan) -> None:
-    plan.kept_token_ids = _kept_ids(plan, plan.vocab_keep)
-
-
-def _kept_ids(plan: PrunePlan, vocab_keep: int | None) -> list[int] | None:
-    always = vocab.read_always_file(plan.opts.vocab_always) if plan.opts.vocab_always else ()
-    return vocab.kept_vocabulary(plan.model, plan.loaded.tokenizer, vocab_keep, order=plan.opts.vocab_order,
-                                 counts=plan.counts, always=always)
-
-
-def _select(plan: PrunePlan) -> None:
-    """Channels from a scores file or a data-free criterion (a calibration pass selects as it goes)."""
-    plan.parameters_before = models.parameter_counts(plan.model)
-    if plan.opts.scores:
-        plan.scores = output.load_scores(plan.opts.scores, {n: plan.intermediate for n in models.mlps(plan.model)},
-                                         models.fingerprint(plan.model.config))
-    if plan.ffn_keep < plan.intermediate and plan.kept_channels is None:
-        plan.kept_channels = selection.select_channels(plan.scores, plan.ffn_keep)
-
-
-def _resolve_targets(plan: PrunePlan) -> int | None:
-    """Validate what to prune (not for `score` or `plan`); the FFN keep count (None when planned)."""
-    opts = plan.opts
-    criteria.check_criterion(opts.ffn_criterion)
-    if opts.refit not in ("auto", *engine.REFITS):
-        raise ValueError(f"--refit must be auto, {', '.join(engine.REFITS)}; got {opts.refit!r}")
-    if opts.ffn_select not in SELECTIONS:
-        raise ValueError(f"--ffn-select must be one of {', '.join(SELECTIONS)}; got {opts.ffn_select!r}")
-    fitted = opts.refit not in ("auto", "none") or opts.ffn_select == "obs"
-    if fitted and (opts.scores or opts.ffn_criterion in criteria.DATA_FREE):
-        raise ValueError("--refit and --ffn-select obs fit down_proj on the calibration pass: they need --calib and "
-                         "a data-driven --ffn-criterion (not --scores or magnitude/random)")
-    if fitted and _batch_major(plan):
-        raise ValueError("--checkpoint-every, --resume and torchrun score batch by batch; the re-fit runs layer by "
-                         "layer: add --refit none (and --ffn-select scores)")
-    if plan.upto != "selection":
-        return None
-    if opts.target_params is not None and (opts.vocab_keep or opts.ffn_keep):
-        raise ValueError("give --target-params, or --vocab-keep/--ffn-keep, not both")
-    if opts.target_params is None and opts.vocab_keep is None and opts.ffn_keep is None:
-        raise ValueError("nothing to prune: give --vocab-keep and/or --ffn-keep, or --target-params")
-    if opts.ffn_keep is None:
-        return None if opts.target_params else plan.intermediate
-    return selection.resolve_ffn_keep(opts.ffn_keep, plan.intermediate, opts.ffn_multiple)
-
-
-SELECTIONS = ("scores", "obs")
-
-
-def _resolve_refit(plan: PrunePlan) -> str:
-    """--refit auto: sequential when calibration data drives an FFN cut (or the planner may cut), else none."""
-    opts = plan.opts
-    if opts.refit != "auto":
-        return opts.refit
-    may_cut = opts.target_params is not None or (plan.ffn_keep is not None and plan.ffn_keep < plan.intermediate)
-    data_driven = plan.data_scores and plan.calib_opts.path is not None
-    fits = plan.upto in ("planning", "selection") and not _batch_major(plan)
-    return "sequential" if may_cut and data_driven and fits else "none"
-
-
-def _batch_major(plan: PrunePlan) -> bool:
-    """Checkpointed, resumed or torchrun scoring (or an interrupted run's checkpoint waiting for --resume): the
-    model-major pass of compact.runs, batch by batch."""
-    run = plan.run
-    waiting = run is not None and run.checkpoint is not None and Path(run.checkpoint).exists()
-    return run is not None and bool(run.every or run.resume or waiting or runs.distributed()[1] > 1)
-
-
 def layer_source(loaded: Loaded):
     """Where the engine finds the layers: the model in memory, or its files one layer at a time."""
     if not loaded.offloaded:
@@ -321,64 +418,6 @@ def layer_source(loaded: Loaded):
     from .layerwise import Placement, Shards
 
     return Shards(loaded.source, Placement(device=loaded.device, dtype=loaded.dtype))
-
-
-def plain_scores(loaded: Loaded, calib: data.Calibration, opts: PruneOptions) -> tuple[dict, dict | None]:
-    """(act^2 over all calibration tokens, with a re-fit the share of each layer's output error it leaves at
-    each K or None): the FFN evidence of the budget planner, one layer's Gram at a time."""
-    left = {} if opts.refit != "none" else None
-
-    def price(stats: engine.LayerStats) -> None:
-        if left is not None:
-            left[stats.name] = budget.repair_left(stats.mlp.down_proj.weight.detach(), stats.scores, stats.gram,
-                                                  opts.ffn_multiple)
-
-    options = engine.EngineOptions(ScoringOptions(batch_size=opts.batch_size, progress=opts.progress),
-                                   gram=left is not None)
-    outcome = engine.run(layer_source(loaded), calib.input_ids, calib.attention_mask, options, price)
-    return outcome.scores, left
-
-
-def _activation_pass(model, calib: data.Calibration, kept_ids, opts: PruneOptions,
-                     run: runs.RunOptions | None = None) -> ChannelScorer:
-    """One model-major pass over the calibration data (checkpoints, torchrun): common and plain act^2."""
-    scorer = ChannelScorer(model, keep_token_ids=kept_ids, plain=True)
-    runs.run(scorer, calib.input_ids, calib.attention_mask, batch_size=opts.batch_size, progress=opts.progress,
-             opts=run)
-    return scorer
-
-
-def plan_split(loaded: Loaded, counts: tuple, evidence: tuple, opts: PruneOptions) -> tuple:
-    """(the cheapest candidate, every candidate, the planner's report) for --target-params, by the rule in compact.budget, pricing each
-    vocabulary cut by the rows and tokens `vocab.kept_vocabulary` really keeps, and each FFN cut by its act^2
-    share (times the error share the re-fit leaves, with a re-fit). `counts`: (all, halves or None);
-    `evidence`: plain_scores' pair."""
-    model = loaded.model
-    curve = _vocab_curve(loaded, counts, opts)
-    plain, left = evidence
-    ffn_curve = budget.score_loss_curve(plain, left)
-    choice, candidates = budget.plan(budget.accounting(model), opts.target_params, curve, ffn_curve,
-                                     opts.ffn_multiple)
-    return choice, candidates, {"target": opts.target_params, "rule": budget.RULE,
-                                "candidates": budget.summary(choice, candidates)}
-
-
-def _vocab_curve(loaded: Loaded, counts: tuple, opts: PruneOptions) -> budget.VocabCurve:
-    """Rows kept and calibration tokens dropped at every N; in frequency order also the cross-fitted loss: the
-    keep order from one half of the text, the loss on the other, both ways, averaged."""
-    tok, (counts, halves) = loaded.tokenizer, counts
-    rows = loaded.model.get_input_embeddings().num_embeddings
-    always = vocab.read_always_file(opts.vocab_always) if opts.vocab_always else ()
-    regular = vocab.regular_ids(tok, rows)
-    base = len(vocab.kept_vocabulary(loaded.model, tok, len(regular), order=opts.vocab_order,
-                                     counts=counts)) - len(regular)
-    curve = budget.vocab_curve(counts, *vocab.keep_curve(tok, rows, opts.vocab_order, counts, always=always), base)
-    if halves is not None:
-        losses = [budget.vocab_curve(measure, *vocab.keep_curve(tok, rows, "frequency", order, always=always),
-                                     base).token_loss for order, measure in (halves, halves[::-1])]
-        curve.heldout_loss = (losses[0] + losses[1]) / 2
-    return curve
-
 
 def check_against_hooks(score, calib: data.Calibration, *, batch_size: int, batches: int, dtype) -> dict:
     """`score(ids, mask, path)` on the first batches, the fused scoring path vs the plain hook path: the largest difference
@@ -399,65 +438,6 @@ def check_against_hooks(score, calib: data.Calibration, *, batch_size: int, batc
                           f"(relative to the layer maximum) in {where}, above {rtol:g}")
     return result
 
-
-def _score(plan: PrunePlan) -> None:
-    """Scores by the criterion; for a prune, the kept channels and their re-fit, chosen layer by layer in the
-    engine's pass (model-major with checkpoints or torchrun); the --check result."""
-    loaded, opts, calib, kept_ids = plan.loaded, plan.opts, plan.calibration, plan.kept_token_ids
-    if opts.ffn_criterion in criteria.DATA_FREE:
-        if loaded.offloaded:
-            raise ValueError(f"--ffn-criterion {opts.ffn_criterion} needs the weights: drop --offload layerwise")
-        plan.scores = criteria.data_free_scores(loaded.model, opts.ffn_criterion, opts.seed)
-        return
-    if loaded.offloaded and _batch_major(plan):
-        raise ValueError("--offload layerwise runs in one process without checkpoints")
-    if opts.check:
-        def score(ids, mask, path):
-            scoring = ScoringOptions(keep_token_ids=kept_ids, batch_size=opts.batch_size, path=path)
-            options = engine.EngineOptions(replace(scoring, progress=False))
-            return engine.run(layer_source(loaded), ids, mask, options).scores
-
-        plan.check = check_against_hooks(score, calib, batch_size=opts.batch_size, batches=opts.check_batches,
-                                         dtype=loaded.model.get_input_embeddings().weight.dtype)
-    if _batch_major(plan):
-        scorer = _activation_pass(loaded.model, calib, kept_ids, opts, plan.run)
-        plan.scores = criteria.from_activations(loaded.model, opts.ffn_criterion, scorer.scores, scorer.plain_scores)
-        return
-    if plan.trial is not None:  # the planner's measured trial of this split ran this very pass
-        plan.scores, kept, plan.refits = plan.trial
-        plan.kept_channels = kept or None
-        return
-    cut = plan.upto == "selection" and plan.ffn_keep is not None and plan.ffn_keep < plan.intermediate
-    plan.scores, kept, refits = ffn_pass(loaded, opts, calib, kept_ids, plan.ffn_keep if cut else None, plan.timings)
-    if cut:
-        plan.kept_channels, plan.refits = kept, refits
-
-
-def ffn_pass(loaded: Loaded, opts: PruneOptions, calib: data.Calibration, kept_ids, keep: int | None,
-             timings: Timings | None = None) -> tuple:
-    """The engine's pass: (scores by the criterion, kept channels, re-fitted columns); `keep` channels per layer
-    chosen as it goes (None: scores only). The seconds the choice and the re-fit took inside the pass go to
-    `timings` as "scoring: choice" and "scoring: re-fit" (parts of the scoring phase)."""
-    scores = {}
-
-    def choose(stats: engine.LayerStats) -> list[int] | None:
-        scores[stats.name] = criteria.layer_scores(stats, opts.ffn_criterion)
-        if keep is None:
-            return None
-        if opts.ffn_select == "obs":
-            gram, cross = _fit_statistics(stats)
-            return repair.eliminate(stats.mlp.down_proj.weight.detach(), cross, gram, keep)
-        return selection.top_channels(scores[stats.name], keep, stats.name)
-
-    scoring = ScoringOptions(keep_token_ids=kept_ids, batch_size=opts.batch_size, progress=opts.progress)
-    options = engine.EngineOptions(scoring, plain=opts.ffn_criterion != "common-act2", refit=opts.refit,
-                                   gram=opts.ffn_select == "obs")
-    outcome = engine.run(layer_source(loaded), calib.input_ids, calib.attention_mask, options, choose)
-    for part, seconds in outcome.seconds.items() if timings is not None and keep is not None else ():
-        timings[f"scoring: {part}"] = round(seconds, 4)
-    return scores, outcome.kept, outcome.refits
-
-
 def _fit_statistics(stats: engine.LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
     """(Gram, cross term) the re-fit solves with: the pruned stream's (sequential) or the unpruned one's."""
     if stats.cross is not None:
@@ -465,119 +445,74 @@ def _fit_statistics(stats: engine.LayerStats) -> tuple[torch.Tensor, torch.Tenso
     return stats.gram, stats.mlp.down_proj.weight.detach().double() @ stats.gram
 
 
-def output_dtype(loaded: Loaded) -> torch.dtype:
-    """What a prune writes: --dtype when given, else the dtype the source is stored in (the compute dtype when
-    that is unknown: GGUF, llama2.c, pickled weights), in memory and offloaded alike."""
-    return loaded.output_dtype or loaded.dtype
+def apply(loaded: Loaded, decision: Decision) -> tuple:
+    """Cut the model in memory as `decision` says (re-fitted columns first); (model, cut tokenizer or None,
+    the parameter counts after). The model is changed in place."""
+    if loaded.offloaded:
+        raise ValueError("an offloaded model (--offload layerwise) is cut by `write`, tensor by tensor")
+    refits = decision.refits or {}
+    if refits:
+        repair.apply_refits(loaded.model, decision.kept_channels, refits)
+    slicing.slice_model(loaded.model, decision.kept_token_ids, decision.kept_channels)
+    return loaded.model, cut_tokenizer(loaded, decision.kept_token_ids), models.parameter_counts(loaded.model)
 
 
-def versions() -> dict:
-    import transformers
-
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"compact": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "triton": triton_version, "python": platform.python_version()}
-
-
-def report(plan: PrunePlan) -> dict:
-    """compact_report.json of a decided plan, less the parameters after slicing (added by `write`)."""
-    loaded, opts, model = plan.loaded, plan.opts, plan.model
-    vocab_before = model.get_input_embeddings().num_embeddings
-    kept_ids = plan.kept_token_ids
-    channels = plan.kept_channels or {name: list(range(plan.intermediate)) for name in models.mlps(model)}
-    return {
-        "source": loaded.source, "calibration": plan.calibration.source if plan.calibration else None,
-        "scores_file": opts.scores, "ffn_criterion": None if opts.scores else opts.ffn_criterion,
-        "vocab_order": opts.vocab_order, "plan": plan.planner, "offload": "layerwise" if loaded.offloaded else "none",
-        "dtype": {"compute": str(loaded.dtype).removeprefix("torch."),
-                  "output": str(output_dtype(loaded)).removeprefix("torch.")},
-        "options": {**asdict(opts), **{f"calib_{k}": v for k, v in asdict(plan.calib_opts).items()},
-                    **_calib_used(plan.calibration)},
-        "sizes": {"vocab_before": vocab_before, "vocab_after": len(kept_ids) if kept_ids else vocab_before,
-                  "intermediate_before": plan.intermediate, "intermediate_after": plan.ffn_keep,
-                  "layers": len(channels), "hidden": model.config.hidden_size},
-        "parameters": {"before": plan.parameters_before},
-        "checks": {"scores_vs_hooks": plan.check}, "timings_s": plan.timings, "versions": versions(),
-        "kept_token_ids": kept_ids if kept_ids is not None else list(range(vocab_before)),
-        "kept_channels": list(channels.values()),
-        "gguf_tokenizer": loaded.gguf_tokenizer or (loaded.report or {}).get("gguf_tokenizer"),
-        **_composition(loaded, kept_ids if kept_ids is not None else range(vocab_before)),
-    }
-
-
-def _composition(loaded: Loaded, kept_ids) -> dict:
-    """For a model compact pruned before: each new token's id in the original model (before every prune) and
-    the original vocabulary size, so that token-id data in original ids keeps its meaning."""
-    if loaded.report_damaged:
-        warnings.warn(f"{loaded.report_damaged}; the new report's ids are relative to this model only", stacklevel=3)
-    if loaded.report is None:
-        return {}
-    previous, vocab = original_ids(loaded.report)
-    return {"original_token_ids": [previous[i] for i in kept_ids], "vocab_original": vocab}
-
-
-def _calib_used(calib) -> dict:
-    """The calibration shape really used (--seq-len is capped at the context, --samples at the data)."""
-    if calib is None:
-        return {}
-    samples, seq_len = calib.input_ids.shape
-    return {"calib_samples": samples, "calib_seq_len": seq_len}
-
-
-def write(plan: PrunePlan, out: Path) -> dict:
+def write(loaded: Loaded, decision: Decision, out: Path, overwrite: bool = False, progress: bool | None = None) -> dict:
     """Slice and save checkpoint, tokenizer, scores and report into a staged folder renamed to `out` at the end;
-    returns the report. The model is sliced in place (or, offloaded, written tensor by tensor from its files)."""
-    model, timings = plan.model, plan.timings
-    shape = models.fingerprint(model.config)  # of the model the scores belong to, before slicing
-    result = report(plan)
-    with output.staged_dir(out, overwrite=plan.opts.overwrite) as tmp:
-        with timings.phase("slicing"):
-            result["parameters"]["after"] = _slice(plan, tmp)
-        with timings.phase("save"):
-            if not plan.loaded.offloaded:
-                model.to(output_dtype(plan.loaded)).save_pretrained(tmp, safe_serialization=True)
-            result["tokenizer"] = save_tokenizer(plan.loaded, plan.kept_token_ids, tmp)
-            if plan.scores is not None:
-                output.save_scores(plan.scores, tmp / "compact_scores.safetensors", shape)
+    returns the report. The model is cut in place (or, offloaded, written tensor by tensor from its files)."""
+    timings = Timings(decision.timings)
+    result = build_report(loaded, decision, timings)  # before the cut: the model's shape and ids as decided
+    shape = models.fingerprint(loaded.model.config)  # of the model the scores belong to
+    with output.staged_dir(out, overwrite=overwrite) as tmp:
+        if loaded.offloaded:
+            with timings.phase("slicing"):
+                result["parameters"]["after"] = _write_offloaded(loaded, decision, tmp, progress)
+            with timings.phase("save"):
+                result["tokenizer"] = save_tokenizer(loaded, decision.kept_token_ids, tmp)
+        else:
+            with timings.phase("slicing"):
+                model, cut, result["parameters"]["after"] = apply(loaded, decision)
+            with timings.phase("save"):
+                model.to(loaded.written_dtype).save_pretrained(tmp, safe_serialization=True)
+                result["tokenizer"] = save_tokenizer(loaded, decision.kept_token_ids, tmp, cut)
+        if decision.scores is not None:
+            with timings.phase("save"):
+                output.save_scores(decision.scores, tmp / "compact_scores.safetensors", shape)
         output.write_json(tmp / "compact_report.json", result)
         (tmp / "README.md").write_text(model_card(result), encoding="utf-8")
     return result
 
 
-def _slice(plan: PrunePlan, folder: Path) -> dict:
-    """Apply the kept ids and channels; the parameter counts after. Offloaded: the pruned shards go to `folder`."""
-    refits = {f"{name}.down_proj.weight": columns for name, columns in (plan.refits or {}).items()}
-    if plan.loaded.offloaded:
-        from .layerwise_slicing import write_layerwise
+def _write_offloaded(loaded: Loaded, decision: Decision, folder: Path, progress: bool | None) -> dict:
+    """The pruned shards written tensor by tensor from the source files into `folder`; the parameter counts after."""
+    from .layerwise_slicing import write_layerwise
 
-        summary = write_layerwise(plan.loaded.source, folder, plan.kept_token_ids, plan.kept_channels,
-                                  device=plan.loaded.device, progress=plan.opts.progress, replacements=refits,
-                                  dtype=output_dtype(plan.loaded))
-        return summary["parameters"]["after"]
-    if refits:
-        repair.apply_refits(plan.model, plan.kept_channels, plan.refits)
-    slicing.slice_model(plan.model, plan.kept_token_ids, plan.kept_channels)
-    return models.parameter_counts(plan.model)
+    refits = {f"{name}.down_proj.weight": columns for name, columns in (decision.refits or {}).items()}
+    summary = write_layerwise(loaded.source, folder, decision.kept_token_ids, decision.kept_channels,
+                              device=loaded.device, progress=progress, replacements=refits,
+                              dtype=loaded.written_dtype)
+    return summary["parameters"]["after"]
 
 
-def prune(loaded: Loaded, out: Path, opts: PruneOptions, calib_opts: CalibOptions,
-          run: runs.RunOptions | None = None) -> dict:
-    """Decide and write: prune `loaded` (modified in place) into `out`; returns the report."""
-    return write(decide(loaded, opts, calib_opts, run), out)
+def prune(loaded: Loaded, out: Path, method: Method, calib: CalibOptions = CalibOptions(), run: Run = Run(), *,
+          overwrite: bool = False) -> dict:
+    """Decide and write: prune `loaded` (changed in place) into `out`; returns the report."""
+    return write(loaded, decide(loaded, method, calib, run), out, overwrite, run.progress)
 
 
-def save_tokenizer(loaded: Loaded, kept_ids: list[int] | None, folder: Path) -> str | None:
-    """The tokenizer cut to `kept_ids` (None: the vocabulary is not cut, the tokenizer is saved as it is, whatever
-    its type) into `folder`; what the report records. A warning when there is none."""
+def cut_tokenizer(loaded: Loaded, kept_ids: list[int] | None):
+    """The tokenizer cut to `kept_ids` (the tokenizer itself when the vocabulary is not cut; None without one)."""
+    if loaded.tokenizer is None or kept_ids is None:
+        return loaded.tokenizer
+    return tokenizer.prune_tokenizer(loaded.tokenizer, kept_ids)
+
+
+def save_tokenizer(loaded: Loaded, kept_ids: list[int] | None, folder: Path, cut=None) -> str | None:
+    """The tokenizer cut to `kept_ids` (`cut` when already made; None: the vocabulary is not cut, the tokenizer
+    is saved as it is, whatever its type) into `folder`; what the report records. A warning when there is none."""
     if loaded.tokenizer is None:
         warnings.warn("the model has no tokenizer: the pruned checkpoint is written without one", stacklevel=2)
         return None
-    if kept_ids is None:
-        loaded.tokenizer.save_pretrained(folder)
-        return "unchanged (vocabulary not cut)"
-    tokenizer.prune_tokenizer(loaded.tokenizer, kept_ids).save_pretrained(folder)
-    return "pruned to kept_token_ids"
+    (cut or cut_tokenizer(loaded, kept_ids)).save_pretrained(folder)
+    return "unchanged (vocabulary not cut)" if kept_ids is None else "pruned to kept_token_ids"
+

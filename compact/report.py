@@ -1,9 +1,89 @@
-"""Human-readable summaries: plain-text tables for the terminal, and the model card of a pruned folder."""
+"""compact_report.json (what a prune kept and why: `build_report`) and the text made from results: plain-text
+tables for the terminal, and the model card of a pruned folder."""
 from __future__ import annotations
 
 import json
+import platform
 import re
+import warnings
+from dataclasses import asdict
 from pathlib import Path
+
+from . import __version__
+
+
+def build_report(loaded, decision, timings: dict) -> dict:
+    """compact_report.json of a decision for the model `loaded` holds (before the cut), less the parameters after
+    the cut and the tokenizer's fate (added by the writer)."""
+    from . import models
+
+    model, method = loaded.model, decision.method
+    vocab_before = model.get_input_embeddings().num_embeddings
+    intermediate = models.intermediate_size(model)
+    kept_ids = decision.kept_token_ids
+    channels = decision.kept_channels or {name: list(range(intermediate)) for name in models.mlps(model)}
+    return {
+        "source": loaded.source, "calibration": decision.calibration.source if decision.calibration else None,
+        "scores_file": method.scores, "ffn_criterion": None if method.scores else method.ffn_criterion,
+        "vocab_order": method.vocab_order, "plan": decision.plan,
+        "offload": "layerwise" if loaded.offloaded else "none",
+        "dtype": {"compute": _dtype_name(loaded.dtype), "output": _dtype_name(loaded.written_dtype)},
+        "options": {**asdict(method), **{f"calib_{k}": v for k, v in asdict(decision.calib).items()},
+                    **_calib_used(decision.calibration)},
+        "sizes": {"vocab_before": vocab_before, "vocab_after": len(kept_ids) if kept_ids else vocab_before,
+                  "intermediate_before": intermediate, "intermediate_after": decision.ffn_keep,
+                  "layers": len(channels), "hidden": model.config.hidden_size},
+        "parameters": {"before": decision.parameters_before},
+        "checks": {"scores_vs_hooks": decision.check}, "timings_s": timings, "versions": versions(),
+        "kept_token_ids": kept_ids if kept_ids is not None else list(range(vocab_before)),
+        "kept_channels": list(channels.values()),
+        "gguf_tokenizer": loaded.gguf_tokenizer or (loaded.report or {}).get("gguf_tokenizer"),
+        **_composition(loaded, kept_ids if kept_ids is not None else range(vocab_before)),
+    }
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"compact": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "triton": triton_version, "python": platform.python_version()}
+
+
+def original_ids(report: dict) -> tuple[list[int], int]:
+    """(the original id of each token of a pruned model, the original vocabulary size) from its report: the
+    composition of every prune since the original (`original_token_ids`), or the one prune's kept ids."""
+    if "original_token_ids" in report:
+        return report["original_token_ids"], report["vocab_original"]
+    return report["kept_token_ids"], report["sizes"]["vocab_before"]
+
+
+def _composition(loaded, kept_ids) -> dict:
+    """For a model compact pruned before: each new token's id in the original model (before every prune) and
+    the original vocabulary size, so that token-id data in original ids keeps its meaning."""
+    if loaded.report_damaged:
+        warnings.warn(f"{loaded.report_damaged}; the new report's ids are relative to this model only", stacklevel=4)
+    if loaded.report is None:
+        return {}
+    previous, vocab = original_ids(loaded.report)
+    return {"original_token_ids": [previous[i] for i in kept_ids], "vocab_original": vocab}
+
+
+def _calib_used(calib) -> dict:
+    """The calibration shape really used (--seq-len is capped at the context, --samples at the data)."""
+    if calib is None:
+        return {}
+    samples, seq_len = calib.input_ids.shape
+    return {"calib_samples": samples, "calib_seq_len": seq_len}
 
 
 def format_table(head: tuple, rows: list[tuple]) -> str:
@@ -119,9 +199,6 @@ def _measured(plan: dict) -> list[str]:
 
 
 PAPER = "[COMPACT](https://arxiv.org/abs/2509.06836) (Kwek & Yin)"
-RUN_ONLY = ("overwrite", "progress")  # options that change nothing in the result
-
-
 def model_card(report: dict) -> str:
     """README.md of a pruned folder from its compact_report.json: a Hugging Face model card (YAML front matter
     with base_model and tags), then the method and options, what was cut, the parameters before and after, the
@@ -163,7 +240,7 @@ def _hub_id(source: str) -> str | None:
 
 def _cuts(report: dict) -> str:
     """The vocabulary and FFN sizes before and after, one bullet each."""
-    sizes, repaired = report["sizes"], report.get("options", {}).get("ffn_repair")
+    sizes, repaired = report["sizes"], report.get("options", {}).get("refit") not in (None, "none")
     vocab_before, vocab_after = sizes["vocab_before"], sizes["vocab_after"]
     ffn_before, ffn_after = sizes["intermediate_before"], sizes["intermediate_after"]
     vocab = (f"{vocab_before:,} -> {vocab_after:,} tokens ({vocab_before - vocab_after:,} dropped: rows of the "
@@ -187,7 +264,7 @@ def _method(report: dict) -> str:
         chosen = next(c for c in plan["candidates"] if c["chosen"])
         lines.append(f"- split planned for {plan['target']:.0%} of the parameters: vocabulary {chosen['vocab_keep']:,}"
                      f", FFN {chosen['ffn_keep']:,} ({plan['rule']})")
-    given = {k: v for k, v in report.get("options", {}).items() if v is not None and k not in RUN_ONLY}
+    given = {k: v for k, v in report.get("options", {}).items() if v is not None}
     lines.append("- options: " + ", ".join(f"`{k}={v}`" for k, v in given.items()))
     return "\n".join(lines)
 

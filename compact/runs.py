@@ -69,10 +69,10 @@ def _path(opts: RunOptions | None, rank: int, world: int) -> Path | None:
     return Path(opts.checkpoint + (f".rank{rank}" if world > 1 else ""))
 
 
-def resume_point(opts: RunOptions | None) -> int:
-    """The batch a --resume run will continue from (0 when it starts afresh)."""
-    path = _path(opts, *distributed())
-    if path is None or not path.exists() or not opts.resume:
+def resume_point(checkpoint: str | None, resume: bool) -> int:
+    """The batch a --resume run of `checkpoint` will continue from (0 when it starts afresh)."""
+    path = _path(RunOptions(checkpoint), *distributed())
+    if path is None or not path.exists() or not resume:
         return 0
     return int(_checkpoint_meta(path)["next_batch"])
 

@@ -20,11 +20,11 @@ def held_rows(samples: int) -> int:
     return max(2, samples // 4)
 
 
-def wanted(plan) -> bool:
+def wanted(job) -> bool:
     """Measured planning applies: --target-params with trials, a data-driven pass on resident layers, a
     tokenizer to read the held-out text with."""
-    opts, loaded = plan.opts, plan.loaded
-    return (opts.target_params is not None and opts.plan_trials > 0 and plan.data_scores
+    method, loaded = job.method, job.loaded
+    return (method.target_params is not None and method.plan_trials > 0 and job.data_scores
             and not loaded.offloaded and loaded.tokenizer is not None)
 
 
@@ -40,30 +40,32 @@ def split_rows(calib: data.Calibration, samples: int) -> tuple[data.Calibration,
     return fit, held
 
 
-def measure(plan, candidates: list, steps: tuple) -> None:
-    """Prune the best-priced `candidates` (`plan.opts.plan_trials` of them), measure each on `plan.held_out`,
-    and set the plan's split to the best measured (with its pass as `plan.trial`); the figures go to the
-    planner's report. `steps`: (kept_ids_of(vocab_keep): the vocabulary a split keeps, pipeline.ffn_pass)."""
-    (kept_ids_of, ffn_pass), loaded, opts = steps, plan.loaded, plan.opts
-    intermediate = plan.intermediate
-    priced = sorted(candidates, key=lambda c: (c.cost, -c.ffn_keep))[:opts.plan_trials]
+def measure(job, candidates: list, rows: tuple, steps: tuple) -> tuple:
+    """(the best measured candidate, its pass, the planner record's additions): the best-priced `candidates`
+    (`plan_trials` of them) pruned and measured on the held-out rows. `rows`: (calibration, held out);
+    `steps`: (kept_ids_of(vocab_keep): the vocabulary a split keeps, pipeline.ffn_pass)."""
+    (kept_ids_of, ffn_pass), (calibration, held_out), loaded = steps, rows, job.loaded
+    priced = sorted(candidates, key=lambda c: (c.cost, -c.ffn_keep))[:job.method.plan_trials]
     results = []
     for candidate in priced:
         kept_ids = kept_ids_of(candidate.vocab_keep)
-        keep = candidate.ffn_keep if candidate.ffn_keep < intermediate else None
-        outcome = ffn_pass(loaded, opts, plan.calibration, kept_ids, keep)
-        results.append((held_out_bits_per_byte(loaded, kept_ids, outcome, plan.held_out), candidate, outcome))
-    best = min(results, key=lambda r: (r[0], r[1].cost))
-    plan.vocab_keep, plan.ffn_keep, plan.trial = best[1].vocab_keep, best[1].ffn_keep, best[2]
-    plan.planner["measured"] = [{"vocab_keep": c.vocab_keep, "ffn_keep": c.ffn_keep, "cost": c.cost,
-                                 "bits_per_byte": bpb, "chosen": c is best[1]} for bpb, c, _ in results]
-    plan.planner["held_out"] = plan.held_out.source
-    rows = plan.planner["candidates"]
-    for row in rows:
-        row["chosen"] = (row["vocab_keep"], row["ffn_keep"]) == (plan.vocab_keep, plan.ffn_keep)
+        keep = candidate.ffn_keep if candidate.ffn_keep < job.intermediate else None
+        outcome = ffn_pass(job, calibration, kept_ids, keep)
+        results.append((held_out_bits_per_byte(loaded, kept_ids, outcome, held_out), candidate, outcome))
+    _, best, trial = min(results, key=lambda r: (r[0], r[1].cost))
+    measured = [{"vocab_keep": c.vocab_keep, "ffn_keep": c.ffn_keep, "cost": c.cost, "bits_per_byte": b,
+                 "chosen": c is best} for b, c, _ in results]
+    return best, trial, {"measured": measured, "held_out": held_out.source}
+
+
+def chosen_rows(rows: list[dict], best) -> list[dict]:
+    """The planner's candidate rows with `best` marked chosen (added in its place when it is not among them)."""
+    rows = [{**row, "chosen": (row["vocab_keep"], row["ffn_keep"]) == (best.vocab_keep, best.ffn_keep)}
+            for row in rows]
     if not any(row["chosen"] for row in rows):
-        rows.append({**asdict(best[1]), "cost": best[1].cost, "chosen": True})
+        rows.append({**asdict(best), "cost": best.cost, "chosen": True})
         rows.sort(key=lambda row: -row["ffn_keep"])
+    return rows
 
 
 def held_out_bits_per_byte(loaded, kept_ids: list[int] | None, outcome: tuple, held: data.Calibration) -> float:

@@ -180,15 +180,17 @@ def test_the_source_tokenizer_identity_travels_through_the_report(byte_level, tm
     prune of the result, and written by the export, which --gguf-pre overrides."""
     from compact import loading, pipeline
     from compact.data import CalibOptions
+    from compact.options import Method, Run
 
     root, _ = byte_level
     loaded = loading.load(str(root / "model"), dtype="float32", device="cpu")
     loaded.gguf_tokenizer = {"model": "gpt2", "pre": "smollm"}  # as _read_gguf sets it for a .gguf source
-    opts = pipeline.PruneOptions(vocab_keep=500, progress=False)
-    pipeline.prune(loaded, tmp_path / "once", opts, CalibOptions(str(root / "calib.txt"), 4, 64))
+    quiet = Run(progress=False)
+    pipeline.prune(loaded, tmp_path / "once", Method(vocab_keep=500), CalibOptions(str(root / "calib.txt"), 4, 64),
+                   quiet)
     again = loading.load(str(tmp_path / "once"), dtype="float32", device="cpu")
-    pipeline.prune(again, tmp_path / "twice", pipeline.PruneOptions(vocab_keep=400, progress=False),
-                   CalibOptions(str(root / "calib.txt"), 4, 64))
+    pipeline.prune(again, tmp_path / "twice", Method(vocab_keep=400), CalibOptions(str(root / "calib.txt"), 4, 64),
+                   quiet)
     assert json.loads((tmp_path / "twice" / "compact_report.json").read_text())["gguf_tokenizer"]["pre"] == "smollm"
     assert metadata(export.export(tmp_path / "twice", "f32"))["tokenizer.ggml.pre"] == "smollm"
     assert metadata(export.export(tmp_path / "twice", "f32", pre="gpt-2"))["tokenizer.ggml.pre"] == "gpt-2"

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from compact import loading, models, output, pipeline, slicing
 from compact.data import CalibOptions
+from compact.options import Method, Run
 from compact.scoring import ChannelScorer, score_channels
 import tiny_models
 from kernel_ops.tolerances import assert_close, fp32_forward_rtol
@@ -320,10 +321,10 @@ def test_prune_end_to_end(case, tmp_path):
     loaded = loading.load(str(src), dtype="float32", device="cpu")
     assert loaded.tokenizer is None
     keep_vocab, keep_ffn = 60, 24
-    opts = pipeline.PruneOptions(vocab_keep=keep_vocab, ffn_keep=str(keep_ffn), vocab_order="id", batch_size=2,
-                                 check=True, progress=False, refit="none")  # exact slices (test_engine: re-fits)
+    method = Method(vocab_keep=keep_vocab, ffn_keep=str(keep_ffn), vocab_order="id",
+                    refit="none")  # exact slices (test_engine: re-fits)
     calib_opts = CalibOptions(path=str(tmp_path / "calib.npy"), samples=4, seq_len=12)
-    pipeline.prune(loaded, out, opts, calib_opts)
+    pipeline.prune(loaded, out, method, calib_opts, Run(batch_size=2, check=True, progress=False))
 
     report = json.loads((out / "compact_report.json").read_text())
     kept_ids, kept_channels = report["kept_token_ids"], report["kept_channels"]
@@ -398,8 +399,9 @@ def test_prune_from_scores_file_breaks_ties_to_lower_index(case, tmp_path):
     scores = {f"model.layers.{i}.mlp": torch.randint(0, 3, (INTER,), generator=gen).double() for i in range(LAYERS)}
     output.save_scores(scores, tmp_path / "scores.safetensors")
     keep = 16
-    opts = pipeline.PruneOptions(ffn_keep=str(keep), scores=str(tmp_path / "scores.safetensors"), progress=False)
-    report = pipeline.prune(loading.load(str(src), dtype="float32", device="cpu"), out, opts, CalibOptions())
+    method = Method(ffn_keep=str(keep), scores=str(tmp_path / "scores.safetensors"))
+    report = pipeline.prune(loading.load(str(src), dtype="float32", device="cpu"), out, method, CalibOptions(),
+                            Run(progress=False))
     saved = load_file(str(out / "compact_scores.safetensors"))
     for i, chosen in enumerate(report["kept_channels"]):
         s = saved[f"model.layers.{i}.mlp"].tolist()

@@ -13,6 +13,7 @@ import torch
 import real_model
 from compact import cli, evaluate, loading, pipeline
 from compact.data import CalibOptions
+from compact.options import Method, Run
 from kernel_ops.tolerances import assert_close, fp32_forward_rtol
 
 CALIB = ["--samples", "4", "--seq-len", "64"]
@@ -102,9 +103,9 @@ def test_common_act2_beats_random_and_magnitude_at_ffn_75(smol, tmp_path):
     folder, calib, held = smol
     nll = {}
     for criterion in ("common-act2", "random", "magnitude"):
-        opts = pipeline.PruneOptions(ffn_keep="0.75", ffn_criterion=criterion, progress=False)
-        pipeline.prune(loading.load(str(folder), dtype="float32"), tmp_path / criterion, opts,
-                       CalibOptions(str(calib), samples=4, seq_len=64))
+        method = Method(ffn_keep="0.75", ffn_criterion=criterion)
+        pipeline.prune(loading.load(str(folder), dtype="float32"), tmp_path / criterion, method,
+                       CalibOptions(str(calib), samples=4, seq_len=64), Run(progress=False))
         pruned = loading.load(str(tmp_path / criterion), dtype="float32")
         data = pipeline.calibrate(pruned, CalibOptions(str(held), samples=1, seq_len=384))
         nll[criterion] = evaluate.evaluate(pruned.model, data, tokenizer=pruned.tokenizer)["bits_per_byte"]

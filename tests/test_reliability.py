@@ -712,7 +712,8 @@ def test_model_card_of_a_pruned_folder(world):
     assert f"| total | {before['total']:,} | {after['total']:,} | {after['total'] / before['total']:.1%} |" in body
     vocab_after = result["sizes"]["vocab_after"]
     assert f"- vocabulary: 64 -> {vocab_after} tokens ({64 - vocab_after} dropped" in body
-    assert "- FFN: 32 -> 16 channels in each of the 2 layers\n" in body
+    assert ("- FFN: 32 -> 16 channels in each of the 2 layers, down_proj re-fit by least squares on the "
+            "calibration activations\n") in body  # the default re-fit (sequential) is said
     assert "## Calibration data\n\ncalib.npy: 4 x 16 tokens" in body
     assert "| bits / byte | 1.2345 | 1.3000 |" in body and "On held-out.txt:" in body
     assert "`ffn_keep=16`" in body and "`vocab_keep=40`" in body and "overwrite" not in body
@@ -890,21 +891,23 @@ def test_options_with_nothing_to_do_are_said(tmp_path):
     import tiny_models
     from compact import loading, pipeline
     from compact.data import CalibOptions
+    from compact.options import Method, Run
 
     tiny_models.build("llama").save_pretrained(tmp_path / "model")
     np.save(tmp_path / "calib.npy", np.arange(64).reshape(2, 32) % tiny_models.VOCAB)
     calib = CalibOptions(str(tmp_path / "calib.npy"), samples=2, seq_len=32)
     loaded = loading.load(str(tmp_path / "model"))
-    for opts, said in ((pipeline.PruneOptions(vocab_keep=60, check=True, progress=False), "nothing was checked"),
-                       (pipeline.PruneOptions(ffn_keep="24ch", ffn_criterion="random", check=True, refit="none",
-                                              progress=False), "nothing was checked"),
-                       (pipeline.PruneOptions(vocab_keep=60, refit="sequential", progress=False),
-                        "nothing was re-fitted")):
+    checked = Run(check=True, progress=False)
+    for method, run, said in ((Method(vocab_keep=60), checked, "nothing was checked"),
+                              (Method(ffn_keep="24ch", ffn_criterion="random", refit="none"), checked,
+                               "nothing was checked"),
+                              (Method(vocab_keep=60, refit="sequential"), Run(progress=False),
+                               "nothing was re-fitted")):
         with pytest.warns(UserWarning, match=said):
-            pipeline.decide(loaded, opts, calib)
+            pipeline.decide(loaded, method, calib, run)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pipeline.decide(loaded, pipeline.PruneOptions(ffn_keep="24ch", check=True, progress=False), calib)
+        pipeline.decide(loaded, Method(ffn_keep="24ch"), calib, checked)
 
 
 def test_gguf_reader_bar_follows_quiet(monkeypatch):

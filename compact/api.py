@@ -1,0 +1,50 @@
+"""The Python API: prune a model you hold (a transformers model and its tokenizer), in memory.
+
+    decision = compact.decide(model, tokenizer, "calib.txt", compact.Method(vocab_keep=24576, ffn_keep="0.75"))
+    model, tokenizer, report = compact.apply(model, tokenizer, decision)
+
+`decide` computes what the prune keeps and why (a frozen `compact.Decision`: look before you cut); `apply` cuts
+the model in place and returns it with the cut tokenizer and the compact_report.json contents; `prune` is both.
+The CLI's `compact prune` runs the same code and writes the same tensors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import pipeline
+from .data import CalibOptions
+from .loading import held
+from .options import Method, Run
+from .report import build_report
+
+
+def decide(model, tokenizer=None, calibration: CalibOptions | str | Path | None = None, method: Method = Method(),
+           run: Run = Run()) -> pipeline.Decision:
+    """What pruning `model` by `method` keeps, from `calibration` (a file path: 16 x 2048 tokens at most, or
+    CalibOptions); the model is put in eval mode and not otherwise changed."""
+    return pipeline.decide(held(model, tokenizer), method, _calibration(calibration), run)
+
+
+def apply(model, tokenizer, decision: pipeline.Decision) -> tuple:
+    """(the model cut in place, the cut tokenizer or None, the report) as `decision` says."""
+    loaded = held(model, tokenizer)
+    timings = pipeline.Timings(decision.timings)
+    report = build_report(loaded, decision, timings)
+    with timings.phase("slicing"):
+        model, cut, report["parameters"]["after"] = pipeline.apply(loaded, decision)
+    report["tokenizer"] = None if tokenizer is None else (
+        "unchanged (vocabulary not cut)" if decision.kept_token_ids is None else "pruned to kept_token_ids")
+    return model, cut, report
+
+
+def prune(model, tokenizer=None, calibration: CalibOptions | str | Path | None = None, method: Method = Method(),
+          run: Run = Run()) -> tuple:
+    """decide, then apply: (the model cut in place, the cut tokenizer or None, the report)."""
+    return apply(model, tokenizer, decide(model, tokenizer, calibration, method, run))
+
+
+def _calibration(calibration) -> CalibOptions:
+    if calibration is None or isinstance(calibration, CalibOptions):
+        return calibration or CalibOptions()
+    if isinstance(calibration, (str, Path)):
+        return CalibOptions(str(calibration))
+    raise TypeError(f"calibration must be a file path or compact.CalibOptions, got {type(calibration).__name__}")
