@@ -30,9 +30,9 @@ from typing import Callable
 import torch
 
 from . import loading, models, output, slicing
-from .checkpoint import DTYPES, INDEX_NAME, ShardWriter, nbytes, open_checkpoint, read_tensor, tensor_info
 from .models import prefix_of
 from .progress import bar as progress_bar
+from .shards import INDEX_NAME, SAFETENSORS_DTYPES, ShardWriter, nbytes, open_shards, read_tensor, tensor_info
 
 # ------------------------------------------------------------------------------------------- writing
 
@@ -73,7 +73,7 @@ def write_layerwise(model_dir, folder, kept_token_ids: list[int] | None,
     (re-fitted down_proj columns); `dtype`: floating tensors cast to it (None: as stored). No staging: see
     `prune_layerwise` for the atomic version."""
     folder, path = Path(folder), loading.locate(str(model_dir))
-    config, files, model = open_checkpoint(path, "layerwise slicing", model_dir)  # model: names and roles only
+    config, files, model = open_shards(path, "layerwise slicing", model_dir)  # model: names and roles only
     info = tensor_info(files)
     shapes = {name: shape for name, (_, shape) in info.items()}
     the_plan = slicing.plan(model, shapes, kept_token_ids, kept_channels)
@@ -91,7 +91,7 @@ def write_layerwise(model_dir, folder, kept_token_ids: list[int] | None,
                  "weight_map": dict(sorted(weight_map.items()))}
         output.write_json(folder / INDEX_NAME, index)
     embedding = prefix_of(model, model.get_input_embeddings()) + "weight"
-    dtype_name = str(DTYPES[out_info[embedding][0]]).split(".")[1]
+    dtype_name = str(SAFETENSORS_DTYPES[out_info[embedding][0]]).split(".")[1]
     config, generation = _configs(path, config, the_plan, dtype_name)
     config.save_pretrained(folder)
     if generation is not None:
@@ -109,9 +109,9 @@ def write_layerwise(model_dir, folder, kept_token_ids: list[int] | None,
 
 def _cast(kind: str, dtype: torch.dtype | None) -> str:
     """The safetensors dtype a tensor stored as `kind` is written as: `dtype` for floating tensors."""
-    if dtype is None or not DTYPES[kind].is_floating_point:
+    if dtype is None or not SAFETENSORS_DTYPES[kind].is_floating_point:
         return kind
-    return next(name for name, torch_dtype in DTYPES.items() if torch_dtype == dtype)
+    return next(name for name, torch_dtype in SAFETENSORS_DTYPES.items() if torch_dtype == dtype)
 
 
 def _write_shards(files: dict[str, Path], out_info: dict[str, tuple[str, tuple[int, ...]]], edits: tuple,
@@ -130,10 +130,10 @@ def _write_shards(files: dict[str, Path], out_info: dict[str, tuple[str, tuple[i
             try:
                 for name in names:
                     if name in replacements:
-                        tensor = replacements[name].to(DTYPES[out_info[name][0]]).contiguous()
+                        tensor = replacements[name].to(SAFETENSORS_DTYPES[out_info[name][0]]).contiguous()
                     else:
                         tensor = slicing.slice_tensor(read_tensor(shard, name).to(device), ops.get(name)).cpu()
-                        tensor = tensor.to(DTYPES[out_info[name][0]])
+                        tensor = tensor.to(SAFETENSORS_DTYPES[out_info[name][0]])
                     writer.write(name, tensor)
                     del tensor
                     weight_map[name] = shard.name
