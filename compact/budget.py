@@ -129,8 +129,8 @@ def repair_left(weight: torch.Tensor, scores: torch.Tensor, gram: torch.Tensor, 
     return curve
 
 
-def plan(acc: Accounting, target: float, vocab: VocabCurve, score_curve: torch.Tensor,
-         multiple: int = 64) -> tuple[Candidate, list[Candidate]]:
+def choose_split(acc: Accounting, target: float, vocab: VocabCurve, score_curve: torch.Tensor,
+                 multiple: int = 64) -> tuple[Candidate, list[Candidate]]:
     """(choice, candidates): for each FFN size, the largest vocabulary cut whose rows fit the rest of the budget,
     if that lands within 1% of `target`; the choice is the least costly of them. `score_curve`: [I+1] FFN loss
     by channels kept (score_loss_curve)."""

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from . import engine, loading, models
-from .checkpoint import open_checkpoint, read_tensors
+from .shards import open_shards, read_tensors
 from .engine import Batch, EngineOptions, record_batches
 from .memory import trim_host_memory
 from .models import prefix_of
@@ -140,7 +140,7 @@ class Shards:
         self.placement = placement or Placement()
         self.model_dir = model_dir
         path = loading.locate(str(model_dir))
-        self.config, self.files, self.model = open_checkpoint(path, "layerwise scoring", model_dir,
+        self.config, self.files, self.model = open_shards(path, "layerwise scoring", model_dir,
                                                               self.placement.dtype)
         self.device = torch.device(self.placement.device)
         self.decoder = models.decoder_of(self.model)

@@ -1,7 +1,7 @@
 """Layerwise slicing (`--offload layerwise`): write the pruned checkpoint tensor by tensor from the source
 safetensors, never loading the model.
 
-`prune_layerwise` reads one tensor at a time (`safetensors.safe_open`, reopened per tensor: the tensor is a view
+`write_layerwise` reads one tensor at a time (`safetensors.safe_open`, reopened per tensor: the tensor is a view
 of the file's mapping, released with it), slices it with the gather kernels and appends it to the output shard,
 whose header is written first from the known output shapes; so peak memory is about two tensors (the source
 one and its slice). Measured on the CPU (tests/test_layerwise_slicing.py): a 240 MiB fp32 model whose largest tensor is
@@ -14,25 +14,24 @@ for load + slice + save_pretrained.
 
 The output keeps the source's shard layout (same file names, a new `model.safetensors.index.json` when the
 source had one) and dtypes; config.json gets vocab_size / intermediate_size and bos/eos/pad renumbered as
-`compact.slicing` does; generation_config.json likewise. The result equals `slice_vocabulary` + `slice_ffn`
-on the loaded model followed by `save_pretrained`, tensor for tensor.
+`compact.slicing` does; generation_config.json likewise. The result equals `compact.slicing.slice_model` on the
+loaded model followed by `save_pretrained`, tensor for tensor.
 
-The tokenizer and compact_report.json are not written here: `prune_layerwise(..., finish=callback)` calls
-`callback(staging_folder, summary)` before the atomic rename, or call `write_layerwise` inside your own
-`compact.output.staged_dir`. The summary holds the sizes and parameter counts before/after (from shapes).
+The tokenizer and compact_report.json are not written here: the pipeline calls `write_layerwise` inside
+`compact.output.staged_dir` and adds them before the atomic rename. The summary holds the sizes and parameter
+counts before/after (from shapes).
 """
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from . import loading, models, output, slicing
-from .checkpoint import DTYPES, INDEX_NAME, ShardWriter, nbytes, open_checkpoint, read_tensor, tensor_info
 from .models import prefix_of
 from .progress import bar as progress_bar
+from .shards import INDEX_NAME, SAFETENSORS_DTYPES, ShardWriter, nbytes, open_shards, read_tensor, tensor_info
 
 # ------------------------------------------------------------------------------------------- writing
 
@@ -55,10 +54,10 @@ def _generation_config(path: Path, config):
         return None
 
 
-def _configs(path: Path, config, the_plan: slicing.SlicePlan, dtype_name: str | None):
+def _configs(path: Path, config, slices: slicing.Slices, dtype_name: str | None):
     """config and generation config of the pruned checkpoint."""
     generation = _generation_config(path, config)
-    slicing.edit_configs(the_plan, config, generation)
+    slicing.edit_configs(slices, config, generation)
     if dtype_name is not None:
         config.dtype = dtype_name  # as save_pretrained records the weights' dtype
     return config, generation
@@ -69,37 +68,39 @@ def write_layerwise(model_dir, folder, kept_token_ids: list[int] | None,
                     progress: bool | None = None, replacements: dict[str, torch.Tensor] | None = None,
                     dtype: torch.dtype | None = None) -> dict:
     """Write the pruned checkpoint (safetensors shards, index, config, generation config) into `folder`,
-    which must exist; returns the summary. `replacements`: {tensor name: the sliced tensor to write instead}
-    (re-fitted down_proj columns); `dtype`: floating tensors cast to it (None: as stored). No staging: see
-    `prune_layerwise` for the atomic version."""
+    which must exist; returns the summary. `kept_token_ids`: ascending old ids (None: vocabulary unchanged);
+    `kept_channels`: {"model.layers.{i}.mlp": ascending channels}, the same count per layer (None: FFN
+    unchanged). `replacements`: {tensor name: the sliced tensor to write instead} (re-fitted down_proj
+    columns); `dtype`: floating tensors cast to it (None: as stored). No staging: the caller writes into a
+    `compact.output.staged_dir`."""
     folder, path = Path(folder), loading.locate(str(model_dir))
-    config, files, model = open_checkpoint(path, "layerwise slicing", model_dir)  # model: names and roles only
+    config, files, model = open_shards(path, "layerwise slicing", model_dir)  # model: names and roles only
     info = tensor_info(files)
     shapes = {name: shape for name, (_, shape) in info.items()}
-    the_plan = slicing.plan(model, shapes, kept_token_ids, kept_channels)
-    out_shapes = {name: slicing.out_shape(shape, the_plan.ops.get(name)) for name, shape in shapes.items()}
+    slices = slicing.slices_of(model, shapes, kept_token_ids, kept_channels)
+    out_shapes = {name: slicing.out_shape(shape, slices.ops.get(name)) for name, shape in shapes.items()}
     out_info = {name: (_cast(kind, dtype), out_shapes[name]) for name, (kind, _) in info.items()}
     for name, tensor in (replacements or {}).items():
         if tuple(tensor.shape) != out_shapes[name]:
             raise ValueError(f"{name}: replacement of shape {tuple(tensor.shape)}, the slice is {out_shapes[name]}")
-    weight_map, total_bytes = _write_shards(files, out_info, (the_plan.ops, replacements or {}), folder,
+    weight_map, total_bytes = _write_shards(files, out_info, (slices.ops, replacements or {}), folder,
                                             torch.device(device), progress)
-    before = models.parameter_counts(model, shapes, the_plan.tied)
-    after = models.parameter_counts(model, out_shapes, the_plan.tied)
+    before = models.parameter_counts(model, shapes, slices.tied)
+    after = models.parameter_counts(model, out_shapes, slices.tied)
     if (path / INDEX_NAME).is_file():
         index = {"metadata": {"total_parameters": after["total"], "total_size": total_bytes},
                  "weight_map": dict(sorted(weight_map.items()))}
         output.write_json(folder / INDEX_NAME, index)
     embedding = prefix_of(model, model.get_input_embeddings()) + "weight"
-    dtype_name = str(DTYPES[out_info[embedding][0]]).split(".")[1]
-    config, generation = _configs(path, config, the_plan, dtype_name)
+    dtype_name = str(SAFETENSORS_DTYPES[out_info[embedding][0]]).split(".")[1]
+    config, generation = _configs(path, config, slices, dtype_name)
     config.save_pretrained(folder)
     if generation is not None:
         generation.save_pretrained(folder)
     return {
-        "source": str(path), "shards": sorted(set(weight_map.values())), "tensors": len(info), "tied": the_plan.tied,
-        "sizes": {"vocab_before": the_plan.vocab, "vocab_after": the_plan.vocab_after,
-                  "intermediate_before": the_plan.intermediate, "intermediate_after": the_plan.intermediate_after,
+        "source": str(path), "shards": sorted(set(weight_map.values())), "tensors": len(info), "tied": slices.tied,
+        "sizes": {"vocab_before": slices.vocab, "vocab_after": slices.vocab_after,
+                  "intermediate_before": slices.intermediate, "intermediate_after": slices.intermediate_after,
                   "layers": len(models.mlps(model)), "hidden": shapes[embedding][1]},
         "parameters": {"before": before, "after": after},
         "bytes": {"before": sum(nbytes(d, s) for d, s in info.values()),
@@ -109,9 +110,9 @@ def write_layerwise(model_dir, folder, kept_token_ids: list[int] | None,
 
 def _cast(kind: str, dtype: torch.dtype | None) -> str:
     """The safetensors dtype a tensor stored as `kind` is written as: `dtype` for floating tensors."""
-    if dtype is None or not DTYPES[kind].is_floating_point:
+    if dtype is None or not SAFETENSORS_DTYPES[kind].is_floating_point:
         return kind
-    return next(name for name, torch_dtype in DTYPES.items() if torch_dtype == dtype)
+    return next(name for name, torch_dtype in SAFETENSORS_DTYPES.items() if torch_dtype == dtype)
 
 
 def _write_shards(files: dict[str, Path], out_info: dict[str, tuple[str, tuple[int, ...]]], edits: tuple,
@@ -130,10 +131,10 @@ def _write_shards(files: dict[str, Path], out_info: dict[str, tuple[str, tuple[i
             try:
                 for name in names:
                     if name in replacements:
-                        tensor = replacements[name].to(DTYPES[out_info[name][0]]).contiguous()
+                        tensor = replacements[name].to(SAFETENSORS_DTYPES[out_info[name][0]]).contiguous()
                     else:
                         tensor = slicing.slice_tensor(read_tensor(shard, name).to(device), ops.get(name)).cpu()
-                        tensor = tensor.to(DTYPES[out_info[name][0]])
+                        tensor = tensor.to(SAFETENSORS_DTYPES[out_info[name][0]])
                     writer.write(name, tensor)
                     del tensor
                     weight_map[name] = shard.name
@@ -143,22 +144,3 @@ def _write_shards(files: dict[str, Path], out_info: dict[str, tuple[str, tuple[i
             writer.close()
             total_bytes += writer.data_bytes
     return weight_map, total_bytes
-
-
-def prune_layerwise(model_dir, out_dir, kept_token_ids: list[int] | None,
-                    kept_channels: dict[str, list[int]] | None, *, overwrite: bool = False,
-                    finish: Callable[[Path, dict], None] | None = None) -> dict:
-    """Write the pruned checkpoint of `model_dir` to `out_dir` atomically (a staging folder renamed at the end),
-    slicing on the CPU (progress bar on a terminal only); `write_layerwise` takes a device and a progress flag.
-
-    `kept_token_ids`: ascending old ids (None: vocabulary unchanged); `kept_channels`: {"model.layers.{i}.mlp":
-    ascending channels}, the same count per layer (None: FFN unchanged). `finish(staging_folder, summary)` runs
-    before the rename (the lead's hook for the tokenizer and compact_report.json). Returns the summary.
-    """
-    path = loading.locate(str(model_dir))
-    output.check_destination(Path(out_dir), overwrite=overwrite, protected=path)
-    with output.staged_dir(Path(out_dir), overwrite=overwrite) as tmp:
-        summary = write_layerwise(path, tmp, kept_token_ids, kept_channels)
-        if finish is not None:
-            finish(tmp, summary)
-    return summary

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from . import checkpoint, llama2c, models
+from . import llama2c, models, shards
 
 Vet = Callable[[object, int], None]  # vet(tokenizer or None, embedding rows), before the weights are read
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# --dtype names -> torch dtypes
+DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -58,9 +59,9 @@ def resolve_dtype(name: str, device: str, storage: torch.dtype | None = None) ->
         if storage is not None:
             return torch.float32 if device == "cpu" and storage in (torch.float16, torch.bfloat16) else storage
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"--dtype must be auto, {', '.join(DTYPE_NAMES)}; got {name!r}")
+    return DTYPE_NAMES[name]
 
 
 def resolve_device(name: str | None) -> str:
@@ -123,7 +124,7 @@ def load(source: str, *, dtype: str = "auto", device: str | None = None, trust_r
     from transformers import AutoModelForCausalLM
 
     path, device = locate(source), resolve_device(device)
-    storage = checkpoint.storage_dtype(path) if path.is_dir() else None
+    storage = shards.storage_dtype(path) if path.is_dir() else None
     torch_dtype = resolve_dtype(dtype, device, storage)
     if path.suffix == ".gguf":
         return _load_gguf(path, torch_dtype, device, (tokenizer, vet))
@@ -231,7 +232,7 @@ def _check_loading_info(source: str, info: dict) -> None:
     """Missing, unexpected or mis-shaped tensors are an error: transformers would invent or drop weights."""
     names = {key: [str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ()]
              for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    checkpoint.check_tensor_names(source, names["missing_keys"], names["unexpected_keys"], names["mismatched_keys"])
+    shards.check_tensor_names(source, names["missing_keys"], names["unexpected_keys"], names["mismatched_keys"])
 
 
 def load_skeleton(source: str, *, dtype: str = "auto", device: str | None = None,
@@ -244,17 +245,17 @@ def load_skeleton(source: str, *, dtype: str = "auto", device: str | None = None
         raise ValueError(f"model {source!r}: --offload layerwise needs a Hugging Face safetensors directory, "
                          f"not a {'GGUF' if path.suffix == '.gguf' else 'llama2.c'} file (prune it in memory, or "
                          "convert it first)")
-    storage = checkpoint.storage_dtype(path)
+    storage = shards.storage_dtype(path)
     config = _config(path, trust_remote_code)
     tok = _vetted(lambda: _own_tokenizer(path, trust_remote_code), _embedding_rows(config), (tokenizer, vet),
                   trust_remote_code)
-    model = checkpoint.skeleton(config, resolve_dtype(dtype, device, storage))
+    model = shards.skeleton(config, resolve_dtype(dtype, device, storage))
     return _with_report(Loaded(model, tok, str(path), device=device, output_dtype=_output(dtype, storage)))
 
 
 def _output(name: str, storage: torch.dtype | None) -> torch.dtype | None:
     """The dtype a prune writes: --dtype when given, else the source's storage dtype (None: the compute dtype)."""
-    return DTYPES[name] if name != "auto" else storage
+    return DTYPE_NAMES[name] if name != "auto" else storage
 
 
 def load_tokenizer(source: str, vocab_rows: int | None = None, trust_remote_code: bool = False):

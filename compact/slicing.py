@@ -1,7 +1,7 @@
-"""Slicing: one plan of what a prune cuts, applied to a model in memory or (by `compact.layerwise_slicing`) to its
+"""Slicing: what a prune cuts (`Slices`), applied to a model in memory or (by `compact.layerwise_slicing`) to its
 safetensors files tensor by tensor.
 
-`plan` decides, from a model or its meta skeleton and the names of the tensors there are, which tensors lose
+`slices_of` decides, from a model or its meta skeleton and the names of the tensors there are, which tensors lose
 rows or columns and which indices they keep: embedding rows (and untied LM-head rows) `kept_token_ids`;
 gate/up rows (both halves of Phi-3's fused gate_up_proj) and down_proj columns `kept_channels[mlp]`, the same
 count in every layer. `slice_tensor` cuts one tensor with the gather kernels; `edit_configs` renumbers the
@@ -21,7 +21,7 @@ from . import models
 
 
 @dataclass
-class SlicePlan:
+class Slices:
     """What a prune cuts: {tensor name: ("rows" | "cols", kept indices)} and the sizes before and after."""
 
     ops: dict[str, tuple[str, torch.Tensor]]
@@ -56,8 +56,9 @@ def _ascending(ids, limit: int, what: str) -> list[int]:
     return ids
 
 
-def plan(model: nn.Module, shapes: dict[str, tuple[int, ...]], kept_token_ids=None, kept_channels=None) -> SlicePlan:
-    """The plan for `model` (or its skeleton) whose tensors are `shapes` ({name: shape}, e.g. a checkpoint's)."""
+def slices_of(model: nn.Module, shapes: dict[str, tuple[int, ...]], kept_token_ids=None,
+              kept_channels=None) -> Slices:
+    """The slices of `model` (or its skeleton) whose tensors are `shapes` ({name: shape}, e.g. a checkpoint's)."""
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     emb_name = models.prefix_of(model, embedding) + "weight"
     if emb_name not in shapes:
@@ -79,7 +80,7 @@ def plan(model: nn.Module, shapes: dict[str, tuple[int, ...]], kept_token_ids=No
             ops[name] = ("rows", index)
     intermediate = models.intermediate_size(model)
     keep = None if kept_channels is None else _channel_ops(model, shapes, kept_channels, intermediate, ops)
-    return SlicePlan(ops, vocab, intermediate, tied, kept_token_ids, keep)
+    return Slices(ops, vocab, intermediate, tied, kept_token_ids, keep)
 
 
 def _channel_ops(model, shapes, kept_channels, intermediate: int, ops: dict) -> int:
@@ -137,21 +138,22 @@ def renumber_special_ids(config, new_id: dict[int, int]) -> None:
             setattr(config, attr, [new_id[v] for v in value if v in new_id] or None)
 
 
-def edit_configs(the_plan: SlicePlan, config, generation_config=None) -> None:
-    """vocab_size, intermediate_size and the token ids of a config (and generation config) after the plan."""
-    if the_plan.kept_token_ids is not None:
-        config.vocab_size = the_plan.vocab_after
+def edit_configs(slices: Slices, config, generation_config=None) -> None:
+    """vocab_size, intermediate_size and the token ids of a config (and generation config) after the slices."""
+    if slices.kept_token_ids is not None:
+        config.vocab_size = slices.vocab_after
         for c in (config, generation_config):
             if c is not None:
-                renumber_special_ids(c, the_plan.new_id)
-    if the_plan.ffn_keep is not None:
-        config.intermediate_size = the_plan.ffn_keep
+                renumber_special_ids(c, slices.new_id)
+    if slices.ffn_keep is not None:
+        config.intermediate_size = slices.ffn_keep
 
 
-def slice_model(model: nn.Module, kept_token_ids=None, kept_channels=None) -> SlicePlan:
-    """Apply the plan to `model` in place (weights, module sizes, padding index, config); returns the plan."""
-    the_plan = plan(model, {n: tuple(p.shape) for n, p in model.named_parameters()}, kept_token_ids, kept_channels)
-    for name, op in the_plan.ops.items():
+def slice_model(model: nn.Module, kept_token_ids=None, kept_channels=None) -> Slices:
+    """Cut `model` in place (weights, module sizes, padding index, config); returns the slices."""
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    slices = slices_of(model, shapes, kept_token_ids, kept_channels)
+    for name, op in slices.ops.items():
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         old = getattr(module, attr)
@@ -162,24 +164,14 @@ def slice_model(model: nn.Module, kept_token_ids=None, kept_channels=None) -> Sl
         elif isinstance(module, nn.Embedding):
             module.num_embeddings = module.weight.shape[0]
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if the_plan.kept_token_ids is not None and embedding.padding_idx is not None:
-        embedding.padding_idx = the_plan.new_id.get(embedding.padding_idx)
-    if head is not None and the_plan.tied:
+    if slices.kept_token_ids is not None and embedding.padding_idx is not None:
+        embedding.padding_idx = slices.new_id.get(embedding.padding_idx)
+    if head is not None and slices.tied:
         head.weight = embedding.weight
         head.out_features = embedding.num_embeddings
-    if the_plan.ffn_keep is not None:
+    if slices.ffn_keep is not None:
         for mlp in models.mlps(model).values():
             if hasattr(mlp, "intermediate_size"):
-                mlp.intermediate_size = the_plan.ffn_keep
-    edit_configs(the_plan, model.config, getattr(model, "generation_config", None))
-    return the_plan
-
-
-def slice_vocabulary(model: nn.Module, kept_token_ids: list[int]) -> None:
-    """Keep embedding (and untied LM-head) rows `kept_token_ids`; renumber config token ids."""
-    slice_model(model, kept_token_ids=kept_token_ids)
-
-
-def slice_ffn(model: nn.Module, kept_channels: dict[str, list[int]]) -> None:
-    """Keep FFN channels per MLP: gate/up rows (both halves of a fused gate_up_proj) and down_proj columns."""
-    slice_model(model, kept_channels=kept_channels)
+                mlp.intermediate_size = slices.ffn_keep
+    edit_configs(slices, model.config, getattr(model, "generation_config", None))
+    return slices

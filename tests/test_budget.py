@@ -51,7 +51,7 @@ def test_rule_prefers_vocabulary_cuts_on_small_models_and_ffn_cuts_on_large():
     picks = {}
     for name, (acc, vocab) in (("small", small), ("large", large)):
         curve, scores = evidence(vocab, acc.intermediate, 4)
-        choice, _ = budget.plan(acc, 0.8, curve, budget.score_loss_curve(scores), multiple=64)
+        choice, _ = budget.choose_split(acc, 0.8, curve, budget.score_loss_curve(scores), multiple=64)
         picks[name] = (choice.vocab_keep / vocab, choice.ffn_keep / acc.intermediate)
         assert abs(choice.fraction - 0.8) <= 0.01
     assert picks["small"][0] < picks["small"][1], f"small model should cut vocabulary more: {picks['small']}"
@@ -63,7 +63,7 @@ def test_unreachable_target_is_a_clear_error():
     curve = _curve(torch.ones(1000))
     scores = {"model.layers.0.mlp": torch.ones(128, dtype=torch.float64)}
     with pytest.raises(ValueError, match="cannot be met within 1%"):
-        budget.plan(acc, 0.01, curve, budget.score_loss_curve(scores), multiple=64)
+        budget.choose_split(acc, 0.01, curve, budget.score_loss_curve(scores), multiple=64)
 
 
 def test_frequency_order_prunes_a_consistent_tokenizer(tmp_path):

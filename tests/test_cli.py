@@ -68,8 +68,8 @@ def test_common_act2_beats_random_channels_on_heldout_nll(stories, tmp_path):
     gen = torch.Generator().manual_seed(0)
     for trial in range(3):
         model = load_llama2c(ckpt)
-        slicing.slice_ffn(model, {f"model.layers.{i}.mlp": sorted(torch.randperm(172, generator=gen)[:128].tolist())
-                                  for i in range(5)})
+        slicing.slice_model(model, kept_channels={
+            f"model.layers.{i}.mlp": sorted(torch.randperm(172, generator=gen)[:128].tolist()) for i in range(5)})
         rand, _ = evaluate.nll(model, ids, batch_size=6, progress=False)
         assert act2 / n < rand / n, f"random trial {trial}: NLL {rand / n:.4f} <= common act^2 {act2 / n:.4f}"
 

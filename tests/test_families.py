@@ -225,7 +225,7 @@ def test_channel_scorer_in_user_loop_restores_model(case, path):
 # ------------------------------------------------------------------------------------------------ slicing
 
 @cases
-def test_slice_ffn_is_exact(case):
+def test_ffn_slice_is_exact(case):
     model = build(case)
     keep = 20
     gen = torch.Generator().manual_seed(5)
@@ -237,7 +237,7 @@ def test_slice_ffn_is_exact(case):
             dropped = sorted(set(range(INTER)) - set(kept[f"model.layers.{i}.mlp"]))
             layer.mlp.down_proj.weight[:, dropped] = 0
     pruned = copy.deepcopy(model)
-    slicing.slice_ffn(pruned, kept)
+    slicing.slice_model(pruned, kept_channels=kept)
 
     ids, mask = padded_batch(seed=6)
     full, want, got = logits(model, ids, mask), logits(masked, ids, mask), logits(pruned, ids, mask)
@@ -263,7 +263,7 @@ def test_slice_ffn_is_exact(case):
 
 
 @cases
-def test_slice_vocabulary_is_exact(case):
+def test_vocabulary_slice_is_exact(case):
     model = build(case)
     config = model.config
     kept = kept_tokens(config, seed=7, count=50)
@@ -272,7 +272,7 @@ def test_slice_vocabulary_is_exact(case):
     old_embedding = model.get_input_embeddings()
     old_head = model.get_output_embeddings().weight.detach().clone()
     pruned = copy.deepcopy(model)
-    slicing.slice_vocabulary(pruned, kept)
+    slicing.slice_model(pruned, kept_token_ids=kept)
 
     ids, mask = padded_batch(seed=8, ids_from=kept)
     new_ids = torch.tensor([[new_id[int(t)] for t in row] for row in ids])
@@ -443,8 +443,8 @@ def test_unsupported_model_type(tmp_path):
         ChannelScorer(model)
     check(e, "ChannelScorer")
     with pytest.raises(models.UnsupportedModelError) as e:
-        slicing.slice_ffn(model, {})
-    check(e, "slice_ffn")
+        slicing.slice_model(model, kept_channels={})
+    check(e, "slice_model")
     model.save_pretrained(tmp_path / "gpt2")
     with pytest.raises(models.UnsupportedModelError) as e:
         loading.load(str(tmp_path / "gpt2"), dtype="float32", device="cpu")

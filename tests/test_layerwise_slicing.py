@@ -1,10 +1,11 @@
-"""Layerwise slicing (`compact.layerwise_slicing.prune_layerwise`) against the in-memory path.
+"""Layerwise slicing (`compact.layerwise_slicing.write_layerwise`) against the in-memory path.
 
 For every supported family (Llama tied and untied included), from one file and from several shards: the
-checkpoint written tensor by tensor equals `slice_vocabulary` + `slice_ffn` on the loaded model followed by
+checkpoint written tensor by tensor equals `compact.slicing.slice_model` on the loaded model followed by
 `save_pretrained` — same tensor names, dtypes and bytes, same config.json and generation_config.json — and
 its summary's parameter counts equal `compact.models.parameter_counts` before and after. Also: bf16, vocabulary
-only / FFN only, atomic output and the finish hook, bad input, and a peak-memory check (about two tensors).
+only / FFN only, the atomic and guarded output of `compact prune --offload layerwise`, bad input, and a
+peak-memory check (about two tensors).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers as tf
@@ -24,8 +26,9 @@ from safetensors.torch import load_file
 import tiny_models
 from memory_probe import PRELUDE
 from tiny_models import CASES, INTER, VOCAB
-from compact import models, slicing
-from compact.layerwise_slicing import prune_layerwise, write_layerwise
+from compact import cli, models, pipeline, slicing
+from compact.layerwise_slicing import write_layerwise
+
 
 def build(case: str, seed: int = 0, dtype=torch.float32):
     return tiny_models.build(case, seed).to(dtype)
@@ -52,15 +55,18 @@ def kept_channels(model, keep: int = 20, seed: int = 0) -> dict[str, list[int]]:
 
 
 def in_memory(src: Path, out: Path, ids, channels, dtype) -> tuple[dict, dict]:
-    """The in-memory path: load, slice_vocabulary + slice_ffn, save_pretrained; (counts before, after)."""
+    """The in-memory path: load, slice_model, save_pretrained; (counts before, after)."""
     model = tf.AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
     before = models.parameter_counts(model)
-    if ids is not None:
-        slicing.slice_vocabulary(model, ids)
-    if channels is not None:
-        slicing.slice_ffn(model, channels)
+    slicing.slice_model(model, ids, channels)
     model.save_pretrained(out)
     return before, models.parameter_counts(model)
+
+
+def layerwise(src: Path, out: Path, ids, channels) -> dict:
+    """The layerwise path into a new folder `out`; the summary."""
+    out.mkdir()
+    return write_layerwise(src, out, ids, channels)
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -95,7 +101,7 @@ def test_layerwise_equals_in_memory(case, sharded, tmp_path):
     model = build(case)
     ids, channels = kept_ids(model.config), kept_channels(model)
     before, after = in_memory(src, tmp_path / "ref", ids, channels, torch.float32)
-    summary = prune_layerwise(src, tmp_path / "out", ids, channels)
+    summary = layerwise(src, tmp_path / "out", ids, channels)
     out = tmp_path / "out"
     assert_same_checkpoint(out, tmp_path / "ref", case)
     assert summary["parameters"] == {"before": before, "after": after}
@@ -130,7 +136,7 @@ def test_bf16_source_kept_in_bf16(case, tmp_path):
     model = build(case)
     ids, channels = kept_ids(model.config, 1), kept_channels(model, 16, 1)
     in_memory(src, tmp_path / "ref", ids, channels, torch.bfloat16)
-    prune_layerwise(src, tmp_path / "out", ids, channels)
+    layerwise(src, tmp_path / "out", ids, channels)
     assert_same_checkpoint(tmp_path / "out", tmp_path / "ref", f"{case} bf16")
     assert all(t.dtype == torch.bfloat16 for t in tensors(tmp_path / "out").values())
 
@@ -142,7 +148,7 @@ def test_one_axis_only(part, tmp_path):
     ids = kept_ids(model.config) if part == "vocabulary" else None
     channels = kept_channels(model) if part == "ffn" else None
     before, after = in_memory(src, tmp_path / "ref", ids, channels, torch.float32)
-    summary = prune_layerwise(src, tmp_path / "out", ids, channels)
+    summary = layerwise(src, tmp_path / "out", ids, channels)
     assert_same_checkpoint(tmp_path / "out", tmp_path / "ref", part)
     assert summary["parameters"] == {"before": before, "after": after}
     sizes = summary["sizes"]
@@ -160,45 +166,45 @@ def test_unreadable_generation_config_is_derived_as_in_memory(tmp_path):
     ids, channels = kept_ids(model.config), kept_channels(model)
     in_memory(src, tmp_path / "ref", ids, channels, torch.float32)
     with pytest.warns(UserWarning, match="generation_config.json cannot be read"):
-        prune_layerwise(src, tmp_path / "out", ids, channels)
+        layerwise(src, tmp_path / "out", ids, channels)
     got, want = (json.loads((tmp_path / d / "generation_config.json").read_text()) for d in ("out", "ref"))
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
         assert got.get(attr) == want.get(attr), f"{attr}: layerwise {got.get(attr)}, in memory {want.get(attr)}"
     assert got.get("bos_token_id") == ids.index(1), "the token ids were not renumbered"
 
 
-# ------------------------------------------------------------------------------------- atomic output, hooks
+# ---------------------------------------------------------------------------------------- atomic output
 
-def test_atomic_output_and_finish_hook(tmp_path):
+def test_offloaded_prune_is_atomic_and_guarded(tmp_path, monkeypatch, capsys):
+    """`compact prune --offload layerwise` writes the shards with `write_layerwise` into the pipeline's staging
+    folder: a failure after them leaves nothing; tokenizer and report join them before the rename; an existing
+    output is replaced only with --overwrite, and one inside the source is refused."""
     src = source("llama", tmp_path / "src", sharded=True)
-    model = build("llama")
-    ids, channels = kept_ids(model.config), kept_channels(model)
+    np.save(tmp_path / "calib.npy", np.arange(64).reshape(2, 32) % VOCAB)
     out = tmp_path / "out"
 
-    def failing(folder, summary):
-        assert (folder / "config.json").is_file() and folder != out
-        raise RuntimeError("tokenizer surgery failed")
+    def prune(*extra, to=out) -> int:
+        return cli.main(["prune", str(src), "--out", str(to), "--offload", "layerwise", "--calib",
+                         str(tmp_path / "calib.npy"), "--seq-len", "32", "--vocab-keep", "80", "--quiet", *extra])
 
-    with pytest.raises(RuntimeError, match="tokenizer surgery failed"):
-        prune_layerwise(src, out, ids, channels, finish=failing)
-    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], \
-        "a failed prune left files behind"
+    def failing(loaded, kept_ids, folder):
+        assert (folder / "config.json").is_file() and (folder / "model.safetensors.index.json").is_file()
+        assert folder.parent == tmp_path and folder != out
+        raise OSError("tokenizer surgery failed")
 
-    seen = {}
-
-    def finish(folder, summary):
-        (folder / "compact_report.json").write_text(json.dumps({"sizes": summary["sizes"]}))
-        seen.update(summary)
-
-    summary = prune_layerwise(src, out, ids, channels, finish=finish)
-    assert seen == summary and (out / "compact_report.json").is_file()
-    with pytest.raises(ValueError, match="not empty"):
-        prune_layerwise(src, out, ids, channels)
-    with pytest.raises(ValueError, match="overlaps the source"):
-        prune_layerwise(src, src / "inside", ids, channels)
-    prune_layerwise(src, out, ids, None, overwrite=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "save_tokenizer", failing)
+        assert prune("--ffn-keep", "20ch") == 2 and "tokenizer surgery failed" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npy", "src"], "a failed prune left files behind"
+    assert prune("--ffn-keep", "20ch") == 0
+    assert (out / "compact_report.json").is_file()
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 20
+    capsys.readouterr()
+    assert prune("--ffn-keep", "20ch") == 2 and "not empty" in capsys.readouterr().err
+    assert prune(to=src / "inside") == 2 and "overlaps the source" in capsys.readouterr().err
+    assert prune("--overwrite") == 0
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == INTER
-    assert not (out / "compact_report.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npy", "out", "src"]
 
 
 def test_bad_input(tmp_path):
@@ -226,22 +232,22 @@ def test_bad_input(tmp_path):
 
 MEASURE = PRELUDE + textwrap.dedent("""
     src, layerwise_out, whole_out = sys.argv[1], sys.argv[2], sys.argv[3]
-    import torch, transformers
+    import os, torch, transformers
     import transformers.models.llama.modeling_llama  # library code: imported before the baselines
     from compact import models, slicing
-    from compact.layerwise_slicing import prune_layerwise
+    from compact.layerwise_slicing import write_layerwise
     config = transformers.AutoConfig.from_pretrained(src)
     ids = list(range(0, config.vocab_size, 2))
     channels = {f"model.layers.{i}.mlp": list(range(0, config.intermediate_size, 2))
                 for i in range(config.num_hidden_layers)}
     # Layerwise first: memory it leaves to the allocator could only make the in-memory figure smaller.
     base = start()
-    prune_layerwise(src, layerwise_out, ids, channels)
+    os.mkdir(layerwise_out)
+    write_layerwise(src, layerwise_out, ids, channels)
     figures = {"layerwise": {"base": base, "peak": status()["VmHWM"]}}
     base = start()
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    slicing.slice_vocabulary(model, ids)
-    slicing.slice_ffn(model, channels)
+    slicing.slice_model(model, ids, channels)
     model.save_pretrained(whole_out)
     figures["in-memory"] = {"base": base, "peak": status()["VmHWM"]}
     print(json.dumps(figures))

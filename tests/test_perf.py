@@ -188,7 +188,7 @@ def test_gather_cols_cpu(benchmark):
 # ------------------------------------------------------------------------------------------------ slicing
 
 @pytest.mark.benchmark(group="slicing")
-def test_slice_ffn_cpu(benchmark, small):
+def test_ffn_slice_cpu(benchmark, small):
     model = small[0]
     keep = {name: list(range(0, mlp.down_proj.in_features, 3)) for name, mlp in models.mlps(model).items()}
 
@@ -196,7 +196,7 @@ def test_slice_ffn_cpu(benchmark, small):
         return (copy.deepcopy(model), keep), {}
 
     def run(m, k):
-        slicing.slice_ffn(m, k)
+        slicing.slice_model(m, kept_channels=k)
         return m
 
     pruned = benchmark.pedantic(run, setup=fresh, rounds=5)
@@ -208,7 +208,7 @@ def test_slice_ffn_cpu(benchmark, small):
 
 
 @pytest.mark.benchmark(group="slicing")
-def test_slice_vocabulary_cpu(benchmark, small):
+def test_vocabulary_slice_cpu(benchmark, small):
     model = small[0]
     kept = list(range(0, VOCAB, 2))
 
@@ -216,7 +216,7 @@ def test_slice_vocabulary_cpu(benchmark, small):
         return (copy.deepcopy(model), kept), {}
 
     def run(m, k):
-        slicing.slice_vocabulary(m, k)
+        slicing.slice_model(m, kept_token_ids=k)
         return m
 
     pruned = benchmark.pedantic(run, setup=fresh, rounds=5)

@@ -1,4 +1,4 @@
-"""Checkpoint files: the safetensors shards of a Hugging Face model directory, read tensor by tensor, the model's
+"""Shards: the safetensors files of a Hugging Face model directory, read tensor by tensor, the model's
 meta-device skeleton, and a shard writer that writes tensors out one at a time. Used by `--offload layerwise`:
 layerwise scoring (`compact.layerwise`) and layerwise slicing (`compact.layerwise_slicing`); depends on no other
 stage."""
@@ -15,10 +15,10 @@ from torch import nn
 
 from . import models
 
-# safetensors dtype names -> torch dtypes (those a checkpoint of these families can hold)
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+# safetensors dtype codes -> torch dtypes (those the shards of these families can hold)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
 # ------------------------------------------------------------------------------------------- safetensors I/O
@@ -53,11 +53,11 @@ class ShardWriter:
         header: dict = {"__metadata__": metadata} if metadata else {}
         offset, self.expected = 0, []
         for name, dtype, shape in entries:
-            if dtype not in DTYPES:
+            if dtype not in SAFETENSORS_DTYPES:
                 raise ValueError(f"{name}: dtype {dtype} is not supported by the shard writer")
             size = nbytes(dtype, shape)
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-            self.expected.append((name, DTYPES[dtype], tuple(shape)))
+            self.expected.append((name, SAFETENSORS_DTYPES[dtype], tuple(shape)))
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
@@ -85,7 +85,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 
-def open_checkpoint(path: Path, what: str, model_dir=None, dtype: torch.dtype = torch.float32):
+def open_shards(path: Path, what: str, model_dir=None, dtype: torch.dtype = torch.float32):
     """(config, {tensor name: shard}, meta skeleton in `dtype`) of a supported, unquantized safetensors model
     directory `path` (as `compact.loading.locate` found it; `model_dir` is how the user named it, for messages),
     whose tensors are exactly the skeleton's."""
@@ -97,7 +97,7 @@ def open_checkpoint(path: Path, what: str, model_dir=None, dtype: torch.dtype = 
                          "not a llama2.c checkpoint (it is small: load it whole)")
     config = AutoConfig.from_pretrained(path)
     models.check_prunable(config, model_dir)
-    files = checkpoint_files(path)
+    files = shard_files(path)
     model = skeleton(config, dtype)
     expected = set(model.state_dict())
     if getattr(config, "tie_word_embeddings", False):
@@ -128,7 +128,7 @@ def _shard_names(shard: Path) -> list[str]:
         raise ValueError(f"{shard} is damaged or not a safetensors file ({e})") from None
 
 
-def checkpoint_files(model_dir: Path) -> dict[str, Path]:
+def shard_files(model_dir: Path) -> dict[str, Path]:
     """{tensor name: safetensors file holding it}, from the index json or the single model.safetensors."""
     model_dir = Path(model_dir)
     index = model_dir / INDEX_NAME
@@ -172,14 +172,15 @@ def skeleton(config, dtype: torch.dtype) -> nn.Module:
 
 
 def storage_dtype(model_dir: Path) -> torch.dtype | None:
-    """The floating dtype most of a safetensors checkpoint's tensors are stored in (None: no safetensors)."""
+    """The floating dtype most of a model directory's shards are stored in (None: no safetensors)."""
     try:
-        files = checkpoint_files(model_dir)
+        files = shard_files(model_dir)
     except (FileNotFoundError, ValueError):
         return None
-    kinds = [DTYPES[dtype] for dtype, _ in tensor_info(files).values() if DTYPES[dtype].is_floating_point]
+    kinds = [SAFETENSORS_DTYPES[kind] for kind, _ in tensor_info(files).values()]
+    kinds = [dtype for dtype in kinds if dtype.is_floating_point]
     return max(set(kinds), key=kinds.count) if kinds else None
 
 
 def nbytes(dtype: str, shape) -> int:
-    return torch.empty((), dtype=DTYPES[dtype]).element_size() * math.prod(shape)
+    return torch.empty((), dtype=SAFETENSORS_DTYPES[dtype]).element_size() * math.prod(shape)
