@@ -335,7 +335,7 @@ def plan_split(job: Job, counts: tuple, evidence: tuple) -> tuple:
     method = job.method
     curve = _vocab_curve(job, counts)
     plain, left = evidence
-    choice, candidates = budget.plan(budget.accounting(job.loaded.model), method.target_params, curve,
+    choice, candidates = budget.choose_split(budget.accounting(job.loaded.model), method.target_params, curve,
                                      budget.score_loss_curve(plain, left), method.ffn_multiple)
     return choice, candidates, {"target": method.target_params, "rule": budget.RULE,
                                 "candidates": budget.summary(choice, candidates)}

@@ -1,4 +1,5 @@
 """The CLI on the real stories260K model: scores vs a hook reference, pruning quality, errors that write nothing."""
+import argparse
 import hashlib
 import subprocess
 import sys
@@ -225,3 +226,55 @@ def test_cgroup_cpu_quota_caps_threads(tmp_path):
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
     assert cli._cgroup_cpus(v1) is None
     assert cli._cgroup_cpus(none) is None
+
+
+def _subcommands() -> dict:
+    parser = cli._parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+# command -> the arguments it requires; the flag under test is added to these
+_BASE = {"score": ["m", "--out", "o.safetensors", "--calib", "c.txt"], "prune": ["m", "--out", "o"],
+         "plan": ["m", "--calib", "c.txt", "--target-params", "0.5"], "eval": ["m", "--data", "c.txt"]}
+_SAMPLES = {"--target-params": "0.4", "--ffn-keep": "0.5", "--tokenizer": "t", "--scores": "s.safetensors",
+            "--vocab-always": "a.txt", "--gguf-pre": "llama-bpe", "--calib": "d.txt", "--data": "d.txt",
+            "--out": "p", "--device": "cpu"}
+
+
+@pytest.mark.parametrize("command", list(_BASE))
+def test_every_flag_reaches_an_option(command):
+    """Each flag of score, prune, plan and eval is in cli.FLAGS, and a non-default value given on the command
+    line arrives in its option group's field (a renamed flag or field fails here, instead of being dropped)."""
+    local = {"eval": {"compare", "speed"}}.get(command, set())  # eval's own: not options of a prune
+    for action in _subcommands()[command]._actions:
+        if action.dest in ("help", *local) or not action.option_strings:
+            continue
+        assert action.dest in cli.FLAGS, f"{command} {action.option_strings[0]} reaches no option"
+        flag = action.option_strings[0]
+        if action.nargs == 0:
+            value = []
+        elif action.choices:
+            value = [next(c for c in reversed(list(action.choices)) if c != action.default)]
+        else:
+            value = [_SAMPLES.get(flag, "3")]
+        args = cli._parser().parse_args([command, *_BASE[command], flag, *value])  # the last given wins
+        group, field, *convert = cli.FLAGS[action.dest]
+        given = getattr(args, action.dest)
+        expected = convert[0](given) if convert else given
+        default = getattr(cli._groups(cli._parser().parse_args([command, *_BASE[command]]))[group], field)
+        assert getattr(cli._groups(args)[group], field) == expected != default, (command, flag)
+
+
+def test_the_resume_signature_is_the_method_and_the_calibration(tmp_path):
+    """Run and output options (--quiet, --overwrite, --check, --gguf) leave the signature alone; a method or
+    calibration option changes it."""
+    from compact.options import signature
+
+    def sig(*extra):
+        g = cli._groups(cli._parser().parse_args(["prune", "m", "--out", "o", "--ffn-keep", "0.5", *extra]))
+        return signature(g["method"], g["calib"], "m", "float32")
+
+    base = sig("--calib", "c.txt")
+    assert set(base) == {"method", "calibration", "model", "dtype"}
+    assert sig("--calib", "c.txt", "--quiet", "--overwrite", "--check", "--gguf", "--batch-size", "4") == base
+    assert sig("--calib", "c.txt", "--seed", "3") != base and sig("--calib", "c.txt", "--samples", "8") != base

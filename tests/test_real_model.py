@@ -149,3 +149,26 @@ def test_a_gguf_source_names_its_tokenizer_for_the_export():
     except real_model.Unavailable as e:
         pytest.skip(str(e))
     assert loading._gguf_tokenizer(path) == {"model": "gpt2", "pre": "smollm"}
+
+
+def test_the_readme_python_example_writes_the_cli_prune_tensor_for_tensor(pruned, smol, tmp_path):
+    """The README's in-memory example, run as written (paths swapped for this machine's), against `compact
+    prune` with the same options (the `pruned` fixture): every tensor equal, the cut tokenizer's vocabulary too."""
+    import re
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder, calib, _ = smol
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "compact.apply(" in b)
+    for name, path in (("smollm2-135m", folder), ("first_half.txt", calib), ("smollm2-pruned", tmp_path / "api")):
+        block = block.replace(f'"{name}"', repr(str(path)))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        exec(compile(block, "README.md", "exec"), {})
+    ours, theirs = load_file(str(tmp_path / "api" / "model.safetensors")), load_file(str(pruned / "model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        assert torch.equal(ours[name], theirs[name]), name
+    vocab = [json.loads((d / "tokenizer.json").read_text())["model"]["vocab"] for d in (tmp_path / "api", pruned)]
+    assert vocab[0] == vocab[1]
