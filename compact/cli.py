@@ -336,12 +336,12 @@ def _cmd_score(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from . import pipeline, report
+    from . import pipeline, tables
 
     g = _groups(args)
     loaded = _load(g["load"])
     decision = pipeline.decide(loaded, g["method"], g["calib"], g["run"], upto="planning")
-    print(report.plan_summary(loaded.source, decision.calibration.source, decision.plan))
+    print(tables.plan_summary(loaded.source, decision.calibration.source, decision.plan))
     return 0
 
 
@@ -404,7 +404,7 @@ def _cmd_eval(args) -> int:
     import gc
     from dataclasses import replace
 
-    from . import evaluate, loading, pipeline, report
+    from . import evaluate, loading, pipeline, tables
 
     g = _groups(args)
 
@@ -431,7 +431,7 @@ def _cmd_eval(args) -> int:
     failed = [s for s, r in results.items() if "error" in r]
     if len(failed) == len(sources):
         raise ValueError("no model could be evaluated: " + "; ".join(f"{s}: {results[s]['error']}" for s in failed))
-    print(report.eval_table(results, data_source))
+    print(tables.eval_table(results, data_source))
     return 1 if failed else 0
 
 
@@ -453,7 +453,7 @@ def _cmd_check(args) -> int:
     from compact_kernels.check import CHECK_HEAD, check_table_rows, run_kernel_check
 
     from .loading import resolve_device
-    from .report import format_table
+    from .tables import format_table
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     rows = run_kernel_check(dtypes[args.dtype], resolve_device(args.device))

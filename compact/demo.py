@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from . import data, demo_text, evaluate, loading, output, pipeline, report
+from . import data, demo_text, evaluate, loading, output, pipeline, tables
+from .options import Method, Run
 
 MARKER = ".compact_demo"
 SEQ_LEN = 128
@@ -109,7 +110,7 @@ def run_demo(out: Path, quiet: bool = False) -> int:
         rows.append((name, f"{sum(p.numel() for p in m.parameters()):,}", m.config.vocab_size,
                      m.config.intermediate_size, tokens, f"{bpb:.4f}"))
     say(f"[5/5] held-out evaluation on {len(eval_texts)} unseen stories (bits per byte: lower is better)")
-    print(report.format_table(("model", "parameters", "vocab", "FFN", "held-out tokens", "bits/byte"), rows))
+    print(tables.format_table(("model", "parameters", "vocab", "FFN", "held-out tokens", "bits/byte"), rows))
     say(f"demo finished in {time.perf_counter() - start:.1f}s; files in {out}")
     return 0
 
@@ -148,10 +149,9 @@ def _prune_variants(out: Path, model, regular: int, calib_file: Path, say) -> di
     reports = {}
     for i, (name, (vocab_keep, ffn_keep, scores)) in enumerate(variants.items()):
         check = scores is None and ffn_keep is not None  # --check compares the FFN scoring pass with hooks
-        opts = pipeline.PruneOptions(vocab_keep=vocab_keep, ffn_keep=ffn_keep, scores=scores, check=check,
-                                     batch_size=4, overwrite=True, progress=False)
-        reports[name] = pipeline.prune(loading.load(str(out / "base"), dtype="float32"), out / f"pruned_{i}", opts,
-                                       calib)
+        method = Method(vocab_keep=vocab_keep, ffn_keep=ffn_keep, scores=scores)
+        reports[name] = pipeline.prune(loading.load(str(out / "base"), dtype="float32"), out / f"pruned_{i}", method,
+                                       calib, Run(batch_size=4, check=check, progress=False), overwrite=True)
     check = reports["both (vocab 90%, FFN 75%)"]["checks"]["scores_vs_hooks"]
     say(f"[3/5] pruned {len(variants)} ways by the CLI pipeline; fused scores vs forward hooks: "
         f"max relative difference {check['max_rel_diff']:.2g} (rtol {check['rtol']:g})")

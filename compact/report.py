@@ -1,5 +1,5 @@
-"""compact_report.json (what a prune kept and why: `build_report`) and the text made from results: plain-text
-tables for the terminal, and the model card of a pruned folder."""
+"""compact_report.json: what a prune kept and why (`build_report`), and the text made from it: the summary a
+prune prints and the model card (README.md) of a pruned folder."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
+from .tables import format_table, parameter_rows
 
 
 def build_report(loaded, decision, timings: dict) -> dict:
@@ -86,26 +87,6 @@ def _calib_used(calib) -> dict:
     return {"calib_samples": samples, "calib_seq_len": seq_len}
 
 
-def format_table(head: tuple, rows: list[tuple]) -> str:
-    """Left-aligned columns separated by two spaces, a dashed rule under the header."""
-    cells = [tuple(str(c) for c in r) for r in [head, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
-    return "\n".join([line(cells[0]), line(tuple("-" * w for w in widths)), *map(line, cells[1:])])
-
-
-def _millions(n: int) -> str:
-    return f"{n / 1e6:.3f}M" if n >= 1e5 else f"{n:,}"
-
-
-def parameter_rows(before: dict, after: dict | None = None) -> list[tuple]:
-    parts = ("embedding", "head", "attention", "ffn", "other", "total")
-    if after is None:
-        return [(p, _millions(before[p])) for p in parts]
-    return [(p, _millions(before[p]), _millions(after[p]),
-             f"{after[p] / before[p]:.1%}" if before[p] else "-") for p in parts]
-
-
 def prune_summary(report: dict, out: Path) -> str:
     sizes, params = report["sizes"], report["parameters"]
     lines = [
@@ -128,74 +109,6 @@ def prune_summary(report: dict, out: Path) -> str:
         lines.append(f"check vs hooks: max relative difference {check['max_rel_diff']:.3g} "
                      f"over {check['sequences']} sequences (rtol {check['rtol']:g}): ok")
     return "\n".join(lines)
-
-
-EVAL_METRICS = (  # (label, key, format)
-    ("tokens scored", "tokens", "{:,}"), ("bytes scored", "bytes", "{:,}"),
-    ("bits / byte", "bits_per_byte", "{:.4f}"), ("bits / token", "bits_per_token", "{:.4f}"),
-    ("NLL / token (nats)", "nll_per_token", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"),
-)
-
-
-def _mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:,.1f} MiB"
-
-
-def _rate(r: dict, name: str) -> str:
-    """Median tokens/s with the slowest and fastest run."""
-    key = f"{name}_tokens_per_s"
-    if key not in r:
-        return "-"
-    low, high = r[f"{key}_range"]
-    return f"{r[key]:,.0f} ({low:,.0f}-{high:,.0f})"
-
-
-def eval_table(results: dict[str, dict], data: str | None) -> str:
-    """One column per model: status, quality, memory, speed and parameters by part. A model that could not
-    be evaluated has its reason in the status row and '-' elsewhere."""
-    ok = {name: r for name, r in results.items() if "error" not in r}
-    rows = [("status", *("ok" if "error" not in r else f"not evaluated: {r['error']}" for r in results.values()))]
-    for label, key, fmt in EVAL_METRICS:
-        if any(key in r for r in ok.values()):
-            rows.append((label, *(fmt.format(r[key]) if key in r else "-" for r in results.values())))
-    if ok:
-        kind = next(iter(ok.values()))["work_memory_kind"]
-        rows.append(("weights", *(_mib(r.get("weight_bytes")) for r in results.values())))
-        rows.append((f"NLL pass memory above the model ({kind})",
-                     *(_mib(r.get("work_memory_bytes")) for r in results.values())))
-    if any("prefill_tokens_per_s" in r for r in ok.values()):
-        repeats = next(r["speed_repeats"] for r in ok.values() if "speed_repeats" in r)
-        rows.append((f"prefill tokens/s (median of {repeats}, range)", *(_rate(r, "prefill") for r in results.values())))
-        rows.append((f"decode tokens/s (median of {repeats}, range)", *(_rate(r, "decode") for r in results.values())))
-    for part in ("embedding", "head", "attention", "ffn", "other", "total"):
-        rows.append((f"parameters: {part}",
-                     *(_millions(r["parameters"][part]) if "parameters" in r else "-" for r in results.values())))
-    return f"data: {data or '-'}\n" + format_table(("metric", *results), rows)
-
-
-def plan_summary(model: str, data: str, plan: dict) -> str:
-    rows = [("*" if c["chosen"] else "", f"{c['vocab_keep']:,}", f"{c['vocab_rows']:,}", f"{c['ffn_keep']:,}",
-             f"{c['fraction']:.2%}", f"{c['token_loss']:.4f}",
-             "-" if c.get("heldout_loss") is None else f"{c['heldout_loss']:.4f}",
-             f"{c['score_loss']:.4f}", f"{c['cost']:.4f}") for c in plan["candidates"]]
-    chosen = next(c for c in plan["candidates"] if c["chosen"])
-    return "\n".join([
-        f"plan for {model}: keep {plan['target']:.0%} of the parameters (calibration: {data})",
-        f"rule: {plan['rule']}", f"re-fit: {plan.get('refit', 'none')}", "",
-        format_table(("", "vocab keep", "rows kept", "FFN keep", "params kept", "token loss", "cross-fitted",
-                      "score loss", "cost"), rows), "", *_measured(plan),
-        f"choice: --vocab-keep {chosen['vocab_keep']} --ffn-keep {chosen['ffn_keep']} "
-        f"({chosen['fraction']:.2%} of the parameters)"])
-
-
-def _measured(plan: dict) -> list[str]:
-    """The measured trials of the best-priced splits, as lines (none when the planner only priced)."""
-    if "measured" not in plan:
-        return []
-    rows = [("*" if m["chosen"] else "", f"{m['vocab_keep']:,}", f"{m['ffn_keep']:,}", f"{m['cost']:.4f}",
-             f"{m['bits_per_byte']:.4f}") for m in plan["measured"]]
-    return [f"measured: the best-priced splits pruned and read on {plan['held_out']}", "",
-            format_table(("", "vocab keep", "FFN keep", "cost", "held-out bits/byte"), rows), ""]
 
 
 PAPER = "[COMPACT](https://arxiv.org/abs/2509.06836) (Kwek & Yin)"
