@@ -93,11 +93,6 @@ def _config(header: _Header) -> transformers.LlamaConfig:
     )
 
 
-def llama2c_config(path) -> transformers.LlamaConfig:
-    """The `LlamaConfig` equivalent to a llama2.c checkpoint's header."""
-    return _config(_read_header(path))
-
-
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     """llama2.c rotates adjacent pairs, HF Llama rotates halves: reorder each head's q/k rows."""
     rows, dim = w.shape

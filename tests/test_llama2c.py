@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from compact.llama2c import is_llama2c_checkpoint, llama2c_config, load_llama2c
+from compact.llama2c import is_llama2c_checkpoint, load_llama2c
 
 SHARED_DATA = Path(os.environ.get("COMPACT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 STORIES = SHARED_DATA / "stories260K.bin"
@@ -48,7 +48,7 @@ def test_stories260k_greedy_matches_reference(stories):
 
 
 def test_stories260k_config(stories):
-    c = llama2c_config(stories)
+    c = load_llama2c(stories).config
     assert (c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (64, 172, 5)
     assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (8, 4, 8)
     assert (c.vocab_size, c.max_position_embeddings, c.tie_word_embeddings) == (512, 512, True)
@@ -66,8 +66,8 @@ def test_untied_classifier_and_qk_permutation(tmp_path):
     path = tmp_path / "untied.bin"
     embed, _, wq, wk, wv, *_, classifier = write_checkpoint(path)
     assert is_llama2c_checkpoint(path)
-    assert not llama2c_config(path).tie_word_embeddings
     model = load_llama2c(path)
+    assert not model.config.tie_word_embeddings
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     torch.testing.assert_close(model.lm_head.weight, torch.from_numpy(classifier), rtol=0, atol=0)
     torch.testing.assert_close(model.model.embed_tokens.weight, torch.from_numpy(embed), rtol=0, atol=0)
@@ -103,7 +103,7 @@ def test_size_mismatch_raises(tmp_path, delta):
     path.write_bytes(data[:delta] if delta < 0 else data + bytes(delta))
     assert not is_llama2c_checkpoint(path)
     with pytest.raises(ValueError, match="implies .* bytes"):
-        llama2c_config(path)
+        load_llama2c(path)
 
 
 def test_short_and_missing_files(tmp_path):
