@@ -18,7 +18,8 @@ class Sums:
         self.mass = torch.zeros((), dtype=torch.float64, device=device)
 
     def add_gram(self, name: str, h: torch.Tensor, weights: torch.Tensor | None) -> None:
-        """grams[name] += h^T diag(w) h for one batch (float32 products, float64 across batches); no-op without grams."""
+        """grams[name] += h^T diag(w) h for one batch (float32 products, float64 across batches); a no-op
+        without grams."""
         if self.grams is None:
             return
         h2 = h.detach().reshape(-1, h.shape[-1]).float()

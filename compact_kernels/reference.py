@@ -29,8 +29,8 @@ def squares(h, *, out=None):
 
 
 def weighted_sum(sq, weights=None, *, out=None):
-    """sum_t weights_t * sq[t] for float32 squares sq [T, C] (weights: T values in any shape; None: ones), channel_scores'
-    second step: [C] float32, or added into `out`."""
+    """sum_t weights_t * sq[t] for float32 squares sq [T, C] (weights: T values in any shape; None: ones):
+    channel_scores' second step. [C] float32, or added into `out`."""
     total = sq.sum(0) if weights is None else weights.reshape(-1).float() @ sq
     return total if out is None else out.add_(total.to(out.dtype))
 
