@@ -22,10 +22,7 @@ def check_criterion(name: str) -> None:
 def _channel_weight_norms(mlp, family) -> tuple[torch.Tensor, torch.Tensor]:
     """(L2 norms of the down_proj columns, squared L2 norms of the gate and up rows) per channel, float64."""
     down = mlp.down_proj.weight.detach().double()
-    if family.fused_gate_up:
-        gate, up = mlp.gate_up_proj.weight.detach().double().chunk(2, dim=0)
-    else:
-        gate, up = mlp.gate_proj.weight.detach().double(), mlp.up_proj.weight.detach().double()
+    gate, up = (w.detach().double() for w in family.gate_up_weights(mlp))
     return down.norm(dim=0), gate.square().sum(1) + up.square().sum(1)
 
 

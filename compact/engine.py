@@ -192,7 +192,7 @@ def run(source, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, op
     model = source.model
     with source.embedded():  # the scorer's tables and sums live where the embedding does
         scorer = ChannelScorer(model, keep_token_ids=scoring.keep_token_ids, token_weights=scoring.token_weights,
-                               backend=scoring.path, plain=options.plain,
+                               path=scoring.path, plain=options.plain,
                                gram=options.gram or options.refit == "same-input")
         batches = source.record(input_ids, attention_mask, scoring.batch_size)
     sequential = options.refit == "sequential"
@@ -232,7 +232,7 @@ def _layer(scorer: ChannelScorer, layer: nn.Module, name: str, batches: list[Bat
     outputs: list[torch.Tensor] = []
     tap = mlp.register_forward_hook(lambda m, a, out: outputs.append(out)) if post_normed else None
     try:
-        with scorer:
+        with scorer.driven():
             for batch in batches:
                 scorer.set_batch(batch.ids, batch.mask)
                 batch.hidden = batch.run(layer, i, batch.hidden)
@@ -302,7 +302,7 @@ def _glu(model: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
     family, activation = models.family_of(model.config), models.activation_of(model.config)
 
     def activations(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        gate, up = models.gate_up(mlp, family, x)
+        gate, up = family.gate_up(mlp, x)
         return ck.glu_and_score(gate, up, activation=activation)
 
     return activations

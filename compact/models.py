@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +15,60 @@ class Family:
 
     name: str
     act_attr: str               # config attribute holding the MLP activation name
-    fused_gate_up: bool = False  # Phi-3: one gate_up_proj, gate half first
+    fused_gate_up: bool = False  # Phi-3: one gate_up_proj, gate half first (only the methods below read it)
     scaled_embedding: bool = False  # Gemma: embeddings scaled by sqrt(hidden) inside the embedding module
+
+    def projections(self, mlp: nn.Module) -> list[nn.Module]:
+        """The MLP's linear layers, down_proj last."""
+        first = [mlp.gate_up_proj] if self.fused_gate_up else [mlp.gate_proj, mlp.up_proj]
+        return [*first, mlp.down_proj]
+
+    def gate_up(self, mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The MLP's (gate, up) projections of x; (fused [..., 2I], None) for a fused gate_up_proj, the form
+        compact_kernels' glu ops take."""
+        if self.fused_gate_up:
+            return mlp.gate_up_proj(x), None
+        return mlp.gate_proj(x), mlp.up_proj(x)
+
+    def gate_up_weights(self, mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (gate, up) weights, [I, D] each (the halves of a fused gate_up_proj)."""
+        if self.fused_gate_up:
+            return mlp.gate_up_proj.weight.chunk(2, dim=0)
+        return mlp.gate_proj.weight, mlp.up_proj.weight
+
+    def channel_rows(self, index: torch.Tensor, intermediate: int) -> dict[str, torch.Tensor]:
+        """{projection: its rows that hold channels `index`} for the gate and up projections (both halves of a
+        fused gate_up_proj); down_proj keeps the same `index` as columns."""
+        if self.fused_gate_up:
+            return {"gate_up_proj": torch.cat([index, index + intermediate])}
+        return {"gate_proj": index, "up_proj": index}
+
+    def glu_into(self, mlp: nn.Module, x2: torch.Tensor, activation: str,
+                 buffer: Callable[[str, tuple[int, ...]], torch.Tensor]) -> torch.Tensor:
+        """h = act(gate(x2)) * up(x2) for 2-D x2 in work buffers (`buffer(slot, shape)`: a reusable tensor of x2's
+        dtype), with the model's own values: the GEMMs F.linear runs, written with `out=`, and the activation
+        in place on a separate gate, or from a fused gate_up's strided gate half into its own buffer (as
+        Hugging Face computes each)."""
+        rows = x2.shape[0]
+        if self.fused_gate_up:
+            gate_up = _linear_into(mlp.gate_up_proj, x2, buffer("gate_up", (rows, mlp.gate_up_proj.out_features)))
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = buffer("h", tuple(gate.shape))
+        else:
+            gate = h = _linear_into(mlp.gate_proj, x2, buffer("gate", (rows, mlp.gate_proj.out_features)))
+            up = _linear_into(mlp.up_proj, x2, buffer("up", tuple(gate.shape)))
+        if activation == "silu":
+            torch.ops.aten.silu.out(gate, out=h)
+        else:
+            torch.ops.aten.gelu.out(gate, approximate="tanh", out=h)
+        return h.mul_(up)
+
+
+def _linear_into(linear: nn.Linear, x2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """linear(x2) for 2-D x2 written into `out`: the same mm/addmm F.linear runs, without a fresh output."""
+    if linear.bias is None:
+        return torch.mm(x2, linear.weight.t(), out=out)
+    return torch.addmm(linear.bias, x2, linear.weight.t(), out=out)
 
 
 FAMILIES: dict[str, Family] = {
@@ -80,13 +133,6 @@ def decoder_of(model: nn.Module) -> nn.Module:
 def mlps(model: nn.Module) -> dict[str, nn.Module]:
     """{"model.layers.{i}.mlp": module} in layer order: the names of the scores file."""
     return {f"model.layers.{i}.mlp": layer.mlp for i, layer in enumerate(decoder_of(model).layers)}
-
-
-def gate_up(mlp: nn.Module, family: Family, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The MLP's (gate, up) projections of x; (fused [..., 2I], None) for a fused gate_up_proj."""
-    if family.fused_gate_up:
-        return mlp.gate_up_proj(x), None
-    return mlp.gate_proj(x), mlp.up_proj(x)
 
 
 def intermediate_size(model: nn.Module) -> int:

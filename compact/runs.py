@@ -18,6 +18,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from .scoring import ChannelScorer, Checkpointing, run_scorer
+from .sums import Sums
 
 
 @dataclass
@@ -45,20 +46,10 @@ def shard(count: int, rank: int, world: int) -> slice:
     return slice(count * rank // world, count * (rank + 1) // world)
 
 
-def _state(scorer: ChannelScorer) -> dict[str, torch.Tensor]:
-    state = {f"scores/{k}": v for k, v in scorer.scores.items()}
-    if scorer.plain_scores is not None:
-        state.update({f"plain/{k}": v for k, v in scorer.plain_scores.items()})
-    if scorer.grams is not None:
-        state.update({f"gram/{k}": v for k, v in scorer.grams.items()})
-    state["mass"] = scorer.mass
-    return state
-
-
-def save_checkpoint(path: Path, scorer: ChannelScorer, next_batch: int, signature: dict) -> None:
+def save_checkpoint(path: Path, sums: Sums, next_batch: int, signature: dict) -> None:
     """Partial sums + position, atomically (a crash mid-write leaves the previous checkpoint)."""
     tmp = path.with_name(path.name + ".tmp")
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in _state(scorer).items()}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in sums.state_dict().items()}
     save_file(tensors, str(tmp), metadata={"next_batch": str(next_batch), "signature": json.dumps(signature)})
     os.replace(tmp, path)
 
@@ -92,18 +83,15 @@ def _checkpoint_meta(path: Path) -> dict:
     return meta
 
 
-def load_checkpoint(path: Path, scorer: ChannelScorer, signature: dict) -> int:
-    """Restore the partial sums into `scorer`; the batch to continue from."""
+def load_checkpoint(path: Path, sums: Sums, signature: dict) -> int:
+    """Restore the partial sums into `sums`; the batch to continue from."""
     meta = _checkpoint_meta(path)
     saved = json.loads(meta["signature"])
     if saved != signature:
         differs = sorted(k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k))
         raise ValueError(f"checkpoint {path} was made with other arguments ({', '.join(differs)}); "
                          f"rerun with the same arguments or delete it")
-    tensors = load_file(str(path))
-    with torch.no_grad():
-        for key, value in _state(scorer).items():
-            value.copy_(tensors[key])
+    sums.load_state_dict(load_file(str(path)))
     return int(meta["next_batch"])
 
 
@@ -121,18 +109,17 @@ def run(scorer: ChannelScorer, input_ids: torch.Tensor, attention_mask: torch.Te
     if path is not None and path.exists():
         if not opts.resume:
             raise ValueError(f"{path} holds an interrupted run: pass --resume to continue it, or delete it")
-        start = load_checkpoint(path, scorer, signature)
+        start = load_checkpoint(path, scorer.sums, signature)
     batches = -(-ids.shape[0] // batch_size)
 
     def on_batch(done: int) -> None:
         if path is not None and opts.every and done % opts.every == 0 and done < batches:
-            save_checkpoint(path, scorer, done, signature)
+            save_checkpoint(path, scorer.sums, done, signature)
 
     run_scorer(scorer, ids, mask, batch_size=batch_size, progress=progress,
                checkpointing=Checkpointing(start, on_batch))
     if world > 1:
-        for value in _state(scorer).values():
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        scorer.sums.all_reduce()
     if path is not None and path.exists():
         path.unlink()
     return start

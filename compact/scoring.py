@@ -4,18 +4,22 @@
 over a tensor of token ids, batch by batch, running only the decoder (no LM head, no logits).
 
 Speed (see bench/calibration.py): `run_scorer` calls the decoder itself, with no hooks, under
-`torch.inference_mode`, and stops right after the last MLP has scored (a private `_StopForward` raised there
-and caught in `run_scorer`): the last down_proj, the final norm, the LM head and the logits never run.
-On the CPU the fused path runs each MLP with reusable work buffers (gate/up GEMMs written into them with
-`out=`, act-and-mul and the squaring in place): a fresh large tensor is fresh pages from the OS, and touching
-those costs about as much as the elementwise work itself. The values are the model's own (same ops, same
-layouts), so scores match the hook path bit for bit on the same input.
+`torch.inference_mode`, inside `ChannelScorer.driven(stop_after=<last MLP>)`: `StopForward` is raised right
+after the last MLP has scored and caught in `run_scorer`, so the last down_proj, the final norm, the LM head
+and the logits never run. On the CPU the fused path runs each MLP with reusable work buffers (gate/up GEMMs
+written into them with `out=`, act-and-mul in place: `models.Family.glu_into`; the squares in place, by
+`compact_kernels.reference.squares`): a fresh large tensor is fresh pages from the OS, and touching those
+costs about as much as the elementwise work itself. The values are the model's own (same ops, same layouts),
+so scores match the hook path bit for bit on the same input.
 """
 from __future__ import annotations
 
+import functools
 import math
 import types
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +30,7 @@ from compact_kernels import reference
 
 from . import models
 from .progress import bar as progress_bar
+from .sums import Sums
 
 PATHS = ("auto", "fused", "hooks")  # scoring paths ("backend" in compact_kernels is triton or torch)
 _ABSENT = object()
@@ -53,8 +58,9 @@ class Checkpointing:
     on_batch: Callable[[int], None] | None = None
 
 
-class _StopForward(Exception):
-    """Raised once the last MLP has scored while `run_scorer` drives the decoder; caught there, never escapes."""
+class StopForward(Exception):
+    """Raised right after the MLP named by `ChannelScorer.driven(stop_after=...)` has scored: the driver catches it
+    around its forward call (the rest of the forward would not change the sums)."""
 
 
 class _Scratch:
@@ -96,17 +102,18 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_enabled()
 
 
-def _linear_into(linear: nn.Linear, x2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """linear(x2) for 2-D x2 written into `out`: the same mm/addmm F.linear runs, without a fresh output."""
-    if linear.bias is None:
-        return torch.mm(x2, linear.weight.t(), out=out)
-    return torch.addmm(linear.bias, x2, linear.weight.t(), out=out)
-
-
-def _add_sums(sq: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor) -> None:
-    """out += sum_t weights_t * sq[t] for squared activations sq [T, C] (as reference.channel_scores sums)."""
-    total = sq.sum(0) if weights is None else weights.reshape(-1).float() @ sq
-    out.add_(total.to(out.dtype))
+def _scoring_path(path: str | None, backend: str | None) -> str:
+    """"fused" or "hooks" from `path=` (None: "auto") or its deprecated alias `backend=` (a DeprecationWarning)."""
+    if backend is not None:
+        if path is not None:
+            raise TypeError("give path= (the scoring path) or backend= (its deprecated name), not both")
+        warnings.warn("backend= (the scoring path) is deprecated: pass path= instead; \"backend\" names the kernel "
+                      "backend of compact_kernels (triton or torch)", DeprecationWarning, stacklevel=3)
+        path = backend
+    path = "auto" if path is None else path
+    if path not in PATHS:
+        raise ValueError(f"path (the scoring path) must be one of {', '.join(PATHS)}, got {path!r}")
+    return "fused" if path == "auto" else path
 
 
 def keep_table(vocab_size: int, keep_token_ids, device=None) -> torch.Tensor:
@@ -149,23 +156,22 @@ class ChannelScorer:
 
     A position's weight is table[input_id] (1 for ids in `keep_token_ids`, 0 otherwise; or any float
     `token_weights` table of vocabulary size) times its attention mask; all ones when neither is given.
-    `backend` is the scoring path: "fused" (= "auto") replaces each MLP's act-and-mul by `glu_and_score`;
-    "hooks" is the plain forward-pre-hook path on `down_proj`, the reference the fused path is checked against.
-    `plain=True` also accumulates unweighted act^2 (attention mask only) in `plain_scores`, in the same pass;
-    `gram=True` the weighted Gram matrix of down_proj's input, `grams[name]` = sum_t w_t h_t h_t^T (float64
-    [I, I], its diagonal the scores), which compact.repair solves with.
+    `path` is the scoring path: "fused" (= "auto", the default) replaces each MLP's act-and-mul by
+    `glu_and_score`; "hooks" is the plain forward-pre-hook path on `down_proj`, the reference the fused path is
+    checked against (`backend=` is its deprecated name). `plain=True` also accumulates unweighted act^2
+    (attention mask only) in `plain_scores`, in the same pass; `gram=True` the weighted Gram matrix of
+    down_proj's input, `grams[name]` = sum_t w_t h_t h_t^T (float64 [I, I], its diagonal the scores), which
+    compact.repair solves with. The sums live in `sums` (a `compact.sums.Sums`).
     """
 
-    def __init__(self, model: nn.Module, *, keep_token_ids=None, token_weights=None, backend: str = "auto",
-                 plain: bool = False, gram: bool = False):
-        if backend not in PATHS:
-            raise ValueError(f"backend (the scoring path) must be one of {', '.join(PATHS)}, got {backend!r}")
+    def __init__(self, model: nn.Module, *, keep_token_ids=None, token_weights=None, path: str | None = None,
+                 plain: bool = False, gram: bool = False, backend: str | None = None):
+        self.path = _scoring_path(path, backend)
         if keep_token_ids is not None and token_weights is not None:
             raise ValueError("give keep_token_ids or token_weights, not both")
         self.model = model
         self.family = models.family_of(model.config)
         self.activation = models.activation_of(model.config)
-        self.path = "fused" if backend == "auto" else backend
         self.mlps = models.mlps(model)
         embedding = model.get_input_embeddings()
         device, vocab = embedding.weight.device, embedding.num_embeddings
@@ -176,48 +182,46 @@ class ChannelScorer:
             self.table = torch.as_tensor(token_weights, dtype=torch.float32, device=device)
             if self.table.shape != (vocab,):
                 raise ValueError(f"token_weights must have shape ({vocab},), got {tuple(self.table.shape)}")
-        size = models.intermediate_size(model)
-        self.scores = {name: torch.zeros(size, dtype=torch.float64, device=device) for name in self.mlps}
-        self.plain_scores = {name: torch.zeros_like(s) for name, s in self.scores.items()} if plain else None
-        self.grams = {} if gram else None  # filled layer by layer: the engine pops each layer's when done
-        self.mass = torch.zeros((), dtype=torch.float64, device=device)  # float64 sum of the token weights seen
+        self.sums = Sums(self.mlps, models.intermediate_size(model), device, plain=plain, gram=gram)
         self._weights: torch.Tensor | None = None
         self._mask: torch.Tensor | None = None
         self._undo: list = []
         self._scratch = _Scratch()
-        self._driven = False      # run_scorer calls set_batch itself: no decoder pre-hook
-        self._stop_after = None   # run_scorer: the MLP after which _StopForward ends the forward
+        self._stop_after: str | None = None  # set by driven() only
+
+    @property
+    def scores(self) -> dict[str, torch.Tensor]:
+        return self.sums.scores
+
+    @property
+    def plain_scores(self) -> dict[str, torch.Tensor] | None:
+        return self.sums.plain
+
+    @property
+    def grams(self) -> dict[str, torch.Tensor] | None:
+        return self.sums.grams
 
     @property
     def tokens(self) -> float:
         """Sum of the token weights seen so far: the calibration mass behind the scores."""
-        return float(self.mass)
+        return float(self.sums.mass)
 
     def set_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
-        """Token weights for the next forward; the decoder pre-hook calls it (call it yourself with inputs_embeds)."""
+        """Token weights for the next forward; the decoder pre-hook calls it (call it yourself with inputs_embeds,
+        or under `driven`)."""
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
         self._mask = None if attention_mask is None else attention_mask.to(torch.float32)
         self._weights = self.weights_for(input_ids, attention_mask)
         # float32 per batch (exact for 0/1 weights below 2^24 tokens), float64 across batches.
-        self.mass += input_ids.numel() if self._weights is None else self._weights.sum().to(torch.float64)
+        self.sums.mass += input_ids.numel() if self._weights is None else self._weights.sum().to(torch.float64)
 
     def weights_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """The token weights of a batch (float32 like input_ids; None: all ones), without counting them."""
         if self.table is None:
             return None if attention_mask is None else attention_mask.to(torch.float32)
         return ck.token_weights(input_ids, self.table, attention_mask)
-
-    def _add_gram(self, name: str, h: torch.Tensor) -> None:
-        """grams[name] += h^T diag(w) h for this batch (float32 products, float64 across batches)."""
-        if self.grams is None:
-            return
-        h2 = h.detach().reshape(-1, h.shape[-1]).float()
-        weighted = h2 if self._weights is None else h2 * self._weights.reshape(-1, 1).float()
-        if name not in self.grams:  # allocated on the layer's first batch only
-            self.grams[name] = torch.zeros(h2.shape[1], h2.shape[1], dtype=torch.float64, device=h2.device)
-        self.grams[name].add_(weighted.T @ h2)  # float32 product, added into float64 without a float64 copy
 
     def _decoder_pre_hook(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -227,121 +231,93 @@ class ChannelScorer:
         elif self._weights is None and self.table is not None:
             raise ValueError("ChannelScorer needs input_ids in the forward call (or set_batch before each forward)")
 
-    def _stop_here(self, name: str) -> None:
-        if name == self._stop_after:
-            raise _StopForward(name)
-
-    def _projections(self, mlp: nn.Module) -> list[nn.Module]:
-        if self.family.fused_gate_up:
-            return [mlp.gate_up_proj, mlp.down_proj]
-        return [mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-
-    def _fast_path_ok(self, mlp: nn.Module, x: torch.Tensor) -> bool:
-        """The CPU buffer path: plain-torch kernels, no autograd/autocast, plain nn.Linear projections, no hooks."""
+    def _buffered(self, mlp: nn.Module, x: torch.Tensor) -> bool:
+        """Whether the CPU buffer path applies: plain-torch kernels, no autograd/autocast, plain nn.Linear
+        projections of x's dtype and device, no hooks."""
         if x.device.type != "cpu" or torch.is_grad_enabled() or _autocast_on("cpu"):
             return False
         if ck.backend_for(x) != "torch" or x.dim() < 2:
             return False
-        projections = self._projections(mlp)
+        projections = self.family.projections(mlp)
         return (all(_plain_linear(p) for p in projections) and _no_global_hooks()
                 and all(p.weight.dtype == x.dtype and p.weight.device == x.device for p in projections))
 
-    def _fast_forward(self, name: str, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The MLP with reusable buffers: the values of the model's own forward (same ops, same layouts).
+    def _glu_and_score(self, name: str, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """h with its common act^2 added, by compact_kernels' fused op (the reference where autograd needs h)."""
+        gate, up = self.family.gate_up(mlp, x)
+        if torch.is_grad_enabled() and gate.requires_grad:  # keep autograd intact: plain ops, detached score
+            h = reference.glu_and_score(gate, up, activation=self.activation)
+            reference.channel_scores(h.detach(), self._weights, out=self.sums.scores[name])
+            return h
+        return ck.glu_and_score(gate, up, activation=self.activation, weights=self._weights,
+                                scores=self.sums.scores[name])
 
-        gate and up are GEMMs written into two buffers; act(gate) * up is computed in place in the gate
-        buffer (HF computes act on a contiguous gate, as here; Phi-3's fused gate_up gets act of its strided
-        half into a contiguous buffer, as HF does). down_proj reads h; then h is squared in place (float32) or
-        into a float32 buffer (bf16/fp16) and reduced with the token weights like reference.channel_scores.
-        """
-        scratch, device = self._scratch, x.device
-        x2 = x.reshape(-1, x.shape[-1])
-        rows = x2.shape[0]
-        if self.family.fused_gate_up:
-            proj = mlp.gate_up_proj
-            half = proj.out_features // 2
-            gate_up = _linear_into(proj, x2, scratch.get("gate_up", (rows, 2 * half), x.dtype, device))
-            gate, up = gate_up[:, :half], gate_up[:, half:]
-            h = scratch.get("h", (rows, half), x.dtype, device)
-            if self.activation == "silu":
-                torch.ops.aten.silu.out(gate, out=h)
-            else:
-                torch.ops.aten.gelu.out(gate, approximate="tanh", out=h)
-        else:
-            gate = _linear_into(mlp.gate_proj, x2, scratch.get("gate", (rows, mlp.gate_proj.out_features),
-                                                                 x.dtype, device))
-            up = _linear_into(mlp.up_proj, x2, scratch.get("up", tuple(gate.shape), x.dtype, device))
-            h = gate
-            if self.activation == "silu":
-                torch.ops.aten.silu_(h)
-            else:
-                torch.ops.aten.gelu_(h, approximate="tanh")
-        h.mul_(up)
-        ck.check_weights(self._weights, x.shape[:-1], device)
-        stop = name == self._stop_after
-        out = None if stop else mlp.down_proj(h)
-        self._add_gram(name, h)
-        if h.dtype == torch.float32:
-            sq = h.square_()
-        else:
-            sq = scratch.get("sq", tuple(h.shape), torch.float32, device).copy_(h).square_()
-        _add_sums(sq, self._weights, self.scores[name])
-        if self.plain_scores is not None:
-            _add_sums(sq, self._mask, self.plain_scores[name])
-        if stop:
-            raise _StopForward(name)
+    def _add_squares(self, name: str, h: torch.Tensor) -> None:
+        """The buffer path's act^2 sums (common and plain) from one squaring of h, in place (float32; h is spent)
+        or into a float32 buffer, by the steps of reference.channel_scores."""
+        buffer = h if h.dtype == torch.float32 else self._scratch.get("sq", tuple(h.shape), torch.float32, h.device)
+        sq = reference.squares(h, out=buffer)
+        reference.weighted_sum(sq, self._weights, out=self.sums.scores[name])
+        if self.sums.plain is not None:
+            reference.weighted_sum(sq, self._mask, out=self.sums.plain[name])
+
+    def _buffered_glu(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """h as 2-D [T, I] in reusable buffers (scored later, by _add_squares)."""
+        ck.check_weights(self._weights, x.shape[:-1], x.device)
+        buffer = functools.partial(self._scratch.get, dtype=x.dtype, device=x.device)
+        return self.family.glu_into(mlp, x.reshape(-1, x.shape[-1]), self.activation, buffer)
+
+    def _fused_mlp(self, name: str, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The fused path's MLP forward: h = act(gate(x)) * up(x) scored where it is computed, then down_proj(h).
+        On the CPU buffer path (`_buffered`) h is squared in place once down_proj and the Gram have read it."""
+        buffered = self._buffered(mlp, x)
+        h = self._buffered_glu(mlp, x) if buffered else self._glu_and_score(name, mlp, x)
+        out = None if name == self._stop_after else mlp.down_proj(h)
+        self.sums.add_gram(name, h, self._weights)
+        if buffered:
+            self._add_squares(name, h)
+        elif self.sums.plain is not None:
+            ck.channel_scores(h.detach(), self._mask, out=self.sums.plain[name])
+        if out is None:
+            raise StopForward(name)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
-    def _fused_forward(self, name: str):
-        family, activation, scorer = self.family, self.activation, self
-
-        def forward(mlp, x):
-            if scorer._fast_path_ok(mlp, x):
-                return scorer._fast_forward(name, mlp, x)
-            gate, up = models.gate_up(mlp, family, x)
-            scores = scorer.scores[name]
-            if torch.is_grad_enabled() and gate.requires_grad:  # keep autograd intact: plain ops, detached score
-                h = reference.glu_and_score(gate, up, activation=activation)
-                reference.channel_scores(h.detach(), scorer._weights, out=scores)
-            else:
-                h = ck.glu_and_score(gate, up, activation=activation, weights=scorer._weights, scores=scores)
-            if scorer.plain_scores is not None:
-                ck.channel_scores(h.detach(), scorer._mask, out=scorer.plain_scores[name])
-            scorer._add_gram(name, h)
-            scorer._stop_here(name)
-            return mlp.down_proj(h)
-
-        return forward
-
     def _down_pre_hook(self, name: str):
+        """The hooks path: down_proj's input scored by compact_kernels' reference, before down_proj runs."""
         def hook(module, args):
-            reference.channel_scores(args[0].detach(), self._weights, out=self.scores[name])
-            if self.plain_scores is not None:
-                reference.channel_scores(args[0].detach(), self._mask, out=self.plain_scores[name])
-            self._add_gram(name, args[0])
-            self._stop_here(name)
+            h = args[0].detach()
+            reference.channel_scores(h, self._weights, out=self.sums.scores[name])
+            if self.sums.plain is not None:
+                reference.channel_scores(h, self._mask, out=self.sums.plain[name])
+            self.sums.add_gram(name, h, self._weights)
+            if name == self._stop_after:
+                raise StopForward(name)
 
         return hook
 
     def _patch_forward(self, mlp: nn.Module, forward) -> None:
+        """mlp.forward = forward(mlp, x) on this instance, undone on exit."""
         saved = mlp.__dict__.get("forward", _ABSENT)
         mlp.forward = types.MethodType(forward, mlp)
         self._undo.append(lambda: delattr(mlp, "forward") if saved is _ABSENT else setattr(mlp, "forward", saved))
 
-    def __enter__(self) -> "ChannelScorer":
+    def _enter(self, *, pre_hook: bool) -> None:
         decoder = models.decoder_of(self.model)
         if getattr(decoder, _ACTIVE, False):
             raise RuntimeError("a ChannelScorer is already active on this model: exit it before entering another "
                                "(nested scorers would split the sums between them)")
         setattr(decoder, _ACTIVE, True)
         self._undo.append(lambda: delattr(decoder, _ACTIVE))
-        if not self._driven:
+        if pre_hook:
             self._undo.append(decoder.register_forward_pre_hook(self._decoder_pre_hook, with_kwargs=True).remove)
         for name, mlp in self.mlps.items():
             if self.path == "hooks":
                 self._undo.append(mlp.down_proj.register_forward_pre_hook(self._down_pre_hook(name)).remove)
             else:
-                self._patch_forward(mlp, self._fused_forward(name))
+                self._patch_forward(mlp, functools.partial(self._fused_mlp, name))
+
+    def __enter__(self) -> "ChannelScorer":
+        self._enter(pre_hook=True)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -349,6 +325,21 @@ class ChannelScorer:
             self._undo.pop()()
         self._weights = self._mask = None
         self._scratch.clear()
+
+    @contextmanager
+    def driven(self, stop_after: str | None = None) -> Iterator["ChannelScorer"]:
+        """The scorer entered for a driver that runs the layers itself: no decoder pre-hook (call `set_batch`
+        before each forward), and with `stop_after` (an MLP name) `StopForward` is raised right after that MLP
+        has scored; catch it around the forward. The model is restored on exit, as with `with scorer:`."""
+        if stop_after is not None and stop_after not in self.mlps:
+            raise ValueError(f"stop_after must name an MLP ({next(iter(self.mlps), None)}, ...), got {stop_after!r}")
+        self._enter(pre_hook=False)  # (refused before any change when a scorer is already active)
+        self._stop_after = stop_after
+        try:
+            yield self
+        finally:
+            self._stop_after = None
+            self.__exit__()
 
 
 def _check_inputs(model: nn.Module, input_ids, attention_mask) -> None:
@@ -393,34 +384,31 @@ def run_scorer(scorer: ChannelScorer, input_ids: torch.Tensor, attention_mask: t
     total = -(-input_ids.shape[0] // batch_size)
     checkpointing = checkpointing or Checkpointing()
     start = checkpointing.start_batch
-    scorer._driven, scorer._stop_after = True, next(reversed(scorer.mlps), None)
-    try:
-        with scorer, torch.inference_mode():
-            for batch in progress_bar(range(start, total), desc="scoring", unit="batch", initial=start,
-                                      total=total, progress=progress):
-                rows = slice(batch * batch_size, (batch + 1) * batch_size)
-                ids = input_ids[rows].to(device)
-                mask = None if attention_mask is None else attention_mask[rows].to(device)
-                scorer.set_batch(ids, mask if mask is not None and mask.dim() == 2 else None)
-                try:
-                    decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-                except _StopForward:
-                    pass
-                if checkpointing.on_batch is not None:
-                    checkpointing.on_batch(batch + 1)
-    finally:
-        scorer._driven, scorer._stop_after = False, None
+    with scorer.driven(stop_after=next(reversed(scorer.mlps), None)), torch.inference_mode():
+        for batch in progress_bar(range(start, total), desc="scoring", unit="batch", initial=start,
+                                  total=total, progress=progress):
+            rows = slice(batch * batch_size, (batch + 1) * batch_size)
+            ids = input_ids[rows].to(device)
+            mask = None if attention_mask is None else attention_mask[rows].to(device)
+            scorer.set_batch(ids, mask if mask is not None and mask.dim() == 2 else None)
+            try:
+                decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+            except StopForward:
+                pass
+            if checkpointing.on_batch is not None:
+                checkpointing.on_batch(batch + 1)
     return scorer
 
 
 def score_channels(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                   keep_token_ids=None, token_weights=None, batch_size: int = 1, backend: str = "auto",
-                   progress: bool | None = None) -> dict[str, torch.Tensor]:
+                   keep_token_ids=None, token_weights=None, batch_size: int = 1, path: str | None = None,
+                   progress: bool | None = None, backend: str | None = None) -> dict[str, torch.Tensor]:
     """{"model.layers.{i}.mlp": float64 [I]}: common act^2 over all sequences, running the decoder only.
 
-    8 parameters, above the house limit of 6: this is the public signature fixed by DESIGN.md (`backend` there
-    names the scoring path: fused or hooks)."""
+    `path`: the scoring path ("auto" = "fused", or "hooks"); `backend` is its deprecated name. 9 parameters,
+    above the house limit of 6: the public signature the README's Python API documents."""
+    path = _scoring_path(path, backend)
     if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.numel() == 0:
         raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: there are no tokens to score")
-    scorer = ChannelScorer(model, keep_token_ids=keep_token_ids, token_weights=token_weights, backend=backend)
+    scorer = ChannelScorer(model, keep_token_ids=keep_token_ids, token_weights=token_weights, path=path)
     return run_scorer(scorer, input_ids, attention_mask, batch_size=batch_size, progress=progress).scores

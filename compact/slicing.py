@@ -90,15 +90,13 @@ def _channel_ops(model, shapes, kept_channels, intermediate: int, ops: dict) -> 
     if unknown or absent:
         raise KeyError(f"kept_channels must name every MLP ({', '.join(list(mlps)[:2])}, ...); "
                        f"missing {absent[:3]}, unknown {unknown[:3]}")
-    fused = models.family_of(model.config).fused_gate_up
+    family = models.family_of(model.config)
     sizes = set()
     for name, mlp in mlps.items():
         index = torch.tensor(_ascending(kept_channels[name], intermediate, f"kept_channels[{name!r}]"))
         sizes.add(index.numel())
         p = models.prefix_of(model, mlp)
-        rows = {"gate_up_proj": torch.cat([index, index + intermediate])} if fused else \
-            {"gate_proj": index, "up_proj": index}
-        for proj, idx in [*rows.items(), ("down_proj", index)]:
+        for proj, idx in [*family.channel_rows(index, intermediate).items(), ("down_proj", index)]:
             if f"{p}{proj}.weight" not in shapes:
                 raise ValueError(f"the checkpoint lacks {p}{proj}.weight")
             for param in ("weight", "bias") if proj != "down_proj" else ("weight",):

@@ -12,18 +12,27 @@ def channel_scores(h, weights=None, *, out=None):
     h = _checks.check_activations("h", h)
     _checks.check_weights(weights, h.shape[:-1], h.device)
     _checks.check_accumulator("out", out, h.shape[-1], h.device)
+    return weighted_sum(squares(h), weights, out=out)
+
+
+def squares(h, *, out=None):
+    """h.float()**2 as float32 [T, C] (T: all leading positions), channel_scores' first step.
+
+    `out` (float32 [T, C]) receives the squares instead of a fresh tensor; it may be h itself (float32), then
+    squared in place: how a caller with reusable buffers squares without allocating."""
     rows = h.reshape(-1, h.shape[-1])
+    if out is not None:
+        return (out if out.data_ptr() == rows.data_ptr() else out.copy_(rows)).square_()
     if rows.dtype == torch.float32 or (torch.is_grad_enabled() and rows.requires_grad):
-        sq = rows.float().square()
-    else:
-        sq = rows.float().square_()  # the upcast is a fresh copy: one [T, C] float32 temporary, not two
-    if weights is None:
-        total = sq.sum(0)
-    else:
-        total = weights.reshape(-1).float() @ sq
-    if out is None:
-        return total
-    return out.add_(total.to(out.dtype))
+        return rows.float().square()
+    return rows.float().square_()  # the upcast is a fresh copy: one [T, C] float32 temporary, not two
+
+
+def weighted_sum(sq, weights=None, *, out=None):
+    """sum_t weights_t * sq[t] for float32 squares sq [T, C] (weights: T values in any shape; None: ones):
+    channel_scores' second step. [C] float32, or added into `out`."""
+    total = sq.sum(0) if weights is None else weights.reshape(-1).float() @ sq
+    return total if out is None else out.add_(total.to(out.dtype))
 
 
 def token_weights(input_ids, table, attention_mask=None):

@@ -159,8 +159,8 @@ def test_score_channels_fused_equals_hooks_and_reference(case, kernels, monkeypa
     model = build(case)
     kept = kept_tokens(model.config)
     ids, mask = padded_batch(seed=1)
-    fused = score_channels(model, ids, mask, keep_token_ids=kept, backend="fused", progress=False)
-    hooks = score_channels(model, ids, mask, keep_token_ids=kept, backend="hooks", progress=False)
+    fused = score_channels(model, ids, mask, keep_token_ids=kept, path="fused", progress=False)
+    hooks = score_channels(model, ids, mask, keep_token_ids=kept, path="hooks", progress=False)
     ref = reference_scores(model, [(ids, mask)], kept)
     # The reference is a full model forward (LM head included) squared in float64; the decoder-only passes
     # round differently (another batch layout; the Triton activation differs by an ulp), within FWD_RTOL.
@@ -173,6 +173,24 @@ def test_score_channels_fused_equals_hooks_and_reference(case, kernels, monkeypa
     assert_changed(ref[name], unweighted[name], f"{case}: dropping the weights")
 
 
+def test_backend_is_a_deprecated_alias_of_path():
+    """backend= (the old name of the scoring path) still works, with a DeprecationWarning naming path=."""
+    model = build("llama")
+    ids, mask = padded_batch(seed=1)
+    want = score_channels(model, ids, mask, path="hooks", progress=False)
+    with pytest.warns(DeprecationWarning, match="path="):
+        got = score_channels(model, ids, mask, backend="hooks", progress=False)
+    assert all(torch.equal(got[name], want[name]) for name in want)
+    with pytest.warns(DeprecationWarning, match="path="):
+        assert ChannelScorer(model, backend="auto").path == "fused"
+    with pytest.raises(TypeError, match="not both"):
+        ChannelScorer(model, path="hooks", backend="hooks")
+    with pytest.raises(TypeError, match="not both"):
+        score_channels(model, ids, path="fused", backend="hooks")
+    with pytest.raises(ValueError, match="path .* must be one of auto, fused, hooks"):
+        ChannelScorer(model, path="triton")
+
+
 @cases
 @pytest.mark.parametrize("path", ["fused", "hooks"])
 def test_channel_scorer_in_user_loop_restores_model(case, path):
@@ -182,12 +200,12 @@ def test_channel_scorer_in_user_loop_restores_model(case, path):
     before = [logits(model, ids, mask) for ids, mask in batches]
     all_ids = torch.cat([b[0] for b in batches])
     all_mask = torch.cat([b[1] for b in batches])
-    expected = score_channels(model, all_ids, all_mask, keep_token_ids=kept, batch_size=2, backend=path,
+    expected = score_channels(model, all_ids, all_mask, keep_token_ids=kept, batch_size=2, path=path,
                               progress=False)
     assert_scores_close(expected, reference_scores(model, batches, kept),
                         what=f"{case}: score_channels over both batches vs float64 reference")
 
-    with ChannelScorer(model, keep_token_ids=kept, backend=path) as s, torch.no_grad():
+    with ChannelScorer(model, keep_token_ids=kept, path=path) as s, torch.no_grad():
         for ids, mask in batches:
             model(input_ids=ids, attention_mask=mask)
     assert_scores_close(s.scores, expected, what=f"{case} ChannelScorer({path}) under no_grad")
@@ -202,7 +220,7 @@ def test_channel_scorer_in_user_loop_restores_model(case, path):
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain = run_backward()
-    with ChannelScorer(model, keep_token_ids=kept, backend=path) as s:
+    with ChannelScorer(model, keep_token_ids=kept, path=path) as s:
         scored = run_backward()
     assert_scores_close(s.scores, expected, what=f"{case} ChannelScorer({path}) with grad enabled")
     assert set(scored) == set(plain), f"{case}: parameters with a gradient differ under the scorer"
@@ -216,7 +234,7 @@ def test_channel_scorer_in_user_loop_restores_model(case, path):
 
     # An exception inside the block still restores the model.
     with pytest.raises(RuntimeError, match="user error"):
-        with ChannelScorer(model, keep_token_ids=kept, backend=path), torch.no_grad():
+        with ChannelScorer(model, keep_token_ids=kept, path=path), torch.no_grad():
             model(input_ids=batches[0][0], attention_mask=batches[0][1])
             raise RuntimeError("user error")
     assert_restored(model, batches, before, f"{case} ChannelScorer({path}) after an exception")

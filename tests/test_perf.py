@@ -95,8 +95,8 @@ def test_hooks_full_forward_baseline(benchmark, small):
     """The baseline users write (full forward, logits, hooks on down_proj): the figure to compare against."""
     model, ids, mask, kept, table = small
     scores = benchmark(hook_scores, model, ids, mask, table, BATCH)
-    ref = score_channels(model, ids, mask, keep_token_ids=kept, batch_size=BATCH, backend="hooks", progress=False)
-    assert_scores_close(scores, ref, "bench baseline vs ChannelScorer(backend='hooks')")
+    ref = score_channels(model, ids, mask, keep_token_ids=kept, batch_size=BATCH, path="hooks", progress=False)
+    assert_scores_close(scores, ref, "bench baseline vs ChannelScorer(path='hooks')")
     assert_untouched(model)
 
 
@@ -129,9 +129,12 @@ def test_interrupted_run_restores_model(small):
     with pytest.raises(KeyboardInterrupt):
         run_scorer(scorer, ids, mask, batch_size=BATCH, checkpointing=Checkpointing(on_batch=stop))
     assert_untouched(model)
-    assert scorer._stop_after is None and not scorer._driven
     with torch.no_grad():
         assert model(input_ids=ids[:1]).logits.shape == (1, SEQ, VOCAB)  # runs to the end again
+    tokens = scorer.tokens
+    with scorer, torch.no_grad():  # entered plainly again: its decoder pre-hook counts, nothing stops the forward
+        assert model(input_ids=ids[:1]).logits.shape == (1, SEQ, VOCAB)
+    assert scorer.tokens == tokens + float(scorer.weights_for(ids[:1], None).sum())
 
 
 # ------------------------------------------------------------------------------------- ops (CPU reference)

@@ -542,10 +542,13 @@ def test_nested_scorers_on_one_model_are_refused(tiny):
     outer = ChannelScorer(model)
     with outer, torch.no_grad():
         with pytest.raises(RuntimeError, match="already active on this model"):
-            with ChannelScorer(model, backend="hooks"):
+            with ChannelScorer(model, path="hooks"):
                 pass
         with pytest.raises(RuntimeError, match="already active"):
             score_channels(model, ids)
+        with pytest.raises(RuntimeError, match="already active"):
+            with outer.driven():  # refused without undoing the entered scorer
+                pass
         model(input_ids=ids)
     for name, s in want.items():
         torch.testing.assert_close(outer.scores[name], s, rtol=1e-5, atol=0)

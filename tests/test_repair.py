@@ -54,7 +54,7 @@ def test_gram_comes_from_the_scoring_pass(stories):
     kept = list(range(300))
     captured = []
     handle = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
-    scorer = run_scorer(ChannelScorer(model, keep_token_ids=kept, gram=True, backend="hooks"), ids, batch_size=2,
+    scorer = run_scorer(ChannelScorer(model, keep_token_ids=kept, gram=True, path="hooks"), ids, batch_size=2,
                         progress=False)
     handle.remove()
     h = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured]).double()

@@ -117,3 +117,23 @@ def test_layerwise_prune_writes_the_in_memory_checkpoint(tiny, tmp_path):
     reports = {k: json.loads((tmp_path / k / "compact_report.json").read_text()) for k in ("memory", "layerwise")}
     for key in ("kept_token_ids", "kept_channels", "sizes", "parameters"):
         assert reports["memory"][key] == reports["layerwise"][key], key
+
+
+def test_a_checkpoint_carries_every_sum(tmp_path):
+    """save_checkpoint / load_checkpoint carry one Sums whole: scores, plain act^2, the Gram matrices (allocated
+    here or not yet) and the token mass."""
+    from compact import runs
+    from compact.sums import Sums
+
+    names = ["model.layers.0.mlp", "model.layers.1.mlp"]
+    sums = Sums(names, 5, "cpu", plain=True, gram=True)
+    for name in names:
+        sums.scores[name].uniform_()
+        sums.plain[name].uniform_()
+    sums.add_gram(names[0], torch.randn(3, 4, 5), torch.rand(3, 4))
+    sums.mass += 7.5
+    runs.save_checkpoint(tmp_path / "ckpt", sums, 3, {"samples": 8})
+    fresh = Sums(names, 5, "cpu", plain=True, gram=True)
+    assert runs.load_checkpoint(tmp_path / "ckpt", fresh, {"samples": 8}) == 3
+    saved, loaded = sums.state_dict(), fresh.state_dict()
+    assert list(loaded) == list(saved) and all(torch.equal(loaded[k], v) for k, v in saved.items())

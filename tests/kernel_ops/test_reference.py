@@ -20,6 +20,18 @@ def test_channel_scores_naive():
     assert torch.allclose(out, 1 + torch.tensor(expected, dtype=torch.float64), rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channel_scores_steps_into_buffers(dtype):
+    """squares into a buffer (or in place) then weighted_sum: bit for bit channel_scores, as a buffer path uses them."""
+    h, w = torch.randn(6, 7, 33).to(dtype), torch.rand(6, 7)
+    want = ref.channel_scores(h, w, out=torch.zeros(33, dtype=torch.float64))
+    buffer = h.reshape(-1, 33).clone() if dtype == torch.float32 else torch.empty(42, 33)
+    sq = ref.squares(buffer if dtype == torch.float32 else h, out=buffer)
+    assert sq.data_ptr() == buffer.data_ptr()
+    assert torch.equal(ref.weighted_sum(sq, w, out=torch.zeros(33, dtype=torch.float64)), want)
+    assert torch.equal(ref.weighted_sum(sq), ref.channel_scores(h))
+
+
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 def test_glu_naive(act):
     g, u = torch.randn(3, 5), torch.randn(3, 5)
