@@ -305,11 +305,10 @@ def test_count_tokens_on_the_gpu():
 def test_characters_behind_a_multi_character_base_symbol_are_kept():
     """A decoder Replace string ("éé") is a base symbol, kept whatever the cut; the closure of "ééa" stops there,
     so only the last step (kept tokens' characters) brings in the "é" the cut tokenizer needs to build "éé"."""
-    pieces = {f"<0x{b:02X}>": b for b in range(256)}
-    backend = Tokenizer(models.BPE(pieces | {"a": 256, "é": 257, "éé": 258, "ééa": 259}, [("é", "é"), ("éé", "a")],
-                                   byte_fallback=True))
+    ids = {f"<0x{b:02X}>": b for b in range(256)} | {"a": 256, "é": 257, "éé": 258, "ééa": 259}
+    backend = Tokenizer(models.BPE(ids, [("é", "é"), ("éé", "a")], byte_fallback=True))
     backend.decoder = decoders.Sequence([decoders.Replace("éé", "X"), decoders.ByteFallback(), decoders.Fuse()])
     counts = torch.zeros(260)
     counts[259] = 10
-    kept = Vocabulary(PreTrainedTokenizerFast(tokenizer_object=backend), 260).kept(259, order="frequency", counts=counts)
-    assert kept == list(range(260))
+    cut = Vocabulary(PreTrainedTokenizerFast(tokenizer_object=backend), 260)
+    assert cut.kept(259, order="frequency", counts=counts) == list(range(260))  # 259 asked, "é" on top
