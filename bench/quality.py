@@ -208,8 +208,9 @@ def part_a(cfg: Config, run: Runner) -> tuple[list[dict], list[str]]:
     source = loading.load(str(ckpt), dtype="float32", device="cpu")
     counts = pipeline.token_counts(source, CalibOptions(str(calib), n, length), progress=False)
     inside = {}
+    vocabulary = vocab.Vocabulary.of(source.model, source.tokenizer)
     for order, keep in cfg.a_weight_vocab:
-        kept = vocab.kept_vocabulary(source.model, source.tokenizer, keep, order=order, counts=counts)
+        kept = vocabulary.kept(keep, order=order, counts=counts)
         is_kept = torch.isin(held, torch.tensor(kept))
         inside[f"bits_per_token_in_{order}_{keep}"] = is_kept[:, :-1] & is_kept[:, 1:]
     extra_fields = list(inside)
@@ -366,7 +367,7 @@ def build_sotu_model(cfg: Config, run: Runner) -> tuple[Path, Path, Path, dict]:
     start = time.perf_counter()
     full = llama32_tokenizer()
     counts = vocab.count_tokens(full, first, num_embeddings=len(full), progress=False)
-    kept = vocab.select_vocab_by_frequency(full, len(full), cfg.b_tokenizer_keep, counts)
+    kept = vocab.Vocabulary(full, len(full)).kept(cfg.b_tokenizer_keep, order="frequency", counts=counts)
     tokenizer = prune_tokenizer(full, kept)
     tokenizer_s = time.perf_counter() - start
     say(f"[B] tokenizer: Llama 3.2 ({len(full)} tokens) cut by frequency on the first half to {len(tokenizer)} "

@@ -70,8 +70,8 @@ def accounting(model) -> Accounting:
 
 
 def vocab_curve(counts: torch.Tensor, keep_ids: list[int], prefix: list[int], base_rows: int) -> VocabCurve:
-    """The curve of a cut that keeps the first `prefix[N]` of `keep_ids` (regular ids, compact.vocab.keep_curve)
-    plus `base_rows` rows that are never cut (special and added tokens)."""
+    """The curve of a cut that keeps the first `prefix[N]` of `keep_ids` (regular ids,
+    compact.vocab.Vocabulary.keep_curve) plus `base_rows` rows that are never cut (special and added tokens)."""
     prefix = torch.as_tensor(prefix, dtype=torch.long)
     return VocabCurve(prefix + base_rows, token_loss_curve(counts, keep_ids)[prefix])
 

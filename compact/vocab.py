@@ -6,9 +6,10 @@ builds a token from lower-ranked parts. The embedding and LM-head rows are slice
 (new id i = old id ``kept_ids[i]``) and `compact.tokenizer.prune_tokenizer` cuts the tokenizer to match, so it
 never emits a dropped id.
 
-Frequency order (:func:`select_vocab_by_frequency`, ``--vocab-order frequency``) instead keeps the tokens a
-calibration corpus uses most (:func:`count_tokens`), closed under merge ancestry so that every kept merged
-token can still be built by the pruned tokenizer.
+Frequency order (``--vocab-order frequency``) instead keeps the tokens a calibration corpus uses most
+(:func:`count_tokens`), closed under merge ancestry so that every kept merged token can still be built by the
+pruned tokenizer. A :class:`Vocabulary` (a tokenizer against a model's embedding rows) answers both, and the
+budget planner's questions, from one partition of the tokenizer and one merge tree.
 
 Supported: BPE tokenizers that can encode any text, i.e. byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM)
 and SentencePiece BPE with byte fallback (Llama 2, Mistral, TinyLlama, Gemma), as fast tokenizers.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -32,34 +34,6 @@ from .tokenizer import (as_fast, check_supported, component_state, is_byte_level
 _BYTE_FALLBACK_PIECES = [f"<0x{b:02X}>" for b in range(256)]
 _ASCII_CHARS = ["\t", "\n", *map(chr, range(0x21, 0x7F))]  # single-character tokens kept in every order
 _COUNT_BATCH_CHARS = 1 << 20  # characters of text count_tokens tokenizes per batch
-def select_vocab(tokenizer, num_embeddings: int, keep: int, *, extra_ids=(), always=()) -> list[int]:
-    """Ascending old ids to keep: the ``keep`` lowest regular ids, every special/added id and ``extra_ids``,
-    and the ``always`` token strings with the merge ancestors they need (unknown ones raise ValueError).
-
-    Also always kept, so that any text still encodes losslessly: the base symbols (the 256 byte tokens
-    of byte-level BPE, or the byte-fallback pieces ``<0x00>``..``<0xFF>`` and the ``▁`` the decoder
-    turns into a space), the single-character tokens of printable ASCII (digits and punctuation spell
-    common text), and every single-character token a kept token is spelled with (SentencePiece
-    BPE puts its characters at the end of the vocabulary, yet its merges start from them). So the result
-    can hold a few more ids than ``keep`` plus the specials. ``tokenizer=None`` means every embedding
-    row is a regular token. Rows at or beyond the tokenizer's length (padding rows) and ids >=
-    ``num_embeddings`` are never kept.
-    """
-    extra = _flat_ids(extra_ids)
-    always = [always] if isinstance(always, str) else list(always)
-    if tokenizer is not None:
-        tokenizer = as_fast(tokenizer)
-    elif always:
-        raise ValueError("--vocab-always needs a tokenizer: its token strings name tokens through it")
-    vocab, valid, regular, forced = _partition(tokenizer, num_embeddings)
-    _check_keep(keep, len(regular))
-    kept = set(regular[:keep])
-    if always:
-        _add_always(tokenizer, always, num_embeddings, (kept, forced, set(regular)),
-                    _MergeTree(tokenizer.backend_tokenizer))
-    if tokenizer is not None:
-        forced |= _alphabet_ids(tokenizer.convert_ids_to_tokens(sorted(kept - forced)), vocab)
-    return sorted((kept | forced | extra) & valid)
 
 
 def count_tokens(tokenizer, texts_or_ids, *, num_embeddings: int, progress: bool | None = None) -> torch.Tensor:
@@ -122,161 +96,246 @@ def count_tokens(tokenizer, texts_or_ids, *, num_embeddings: int, progress: bool
     return counts.cpu()
 
 
-def select_vocab_by_frequency(tokenizer, num_embeddings: int, keep: int, counts, *, always=(),
-                              extra_ids=()) -> list[int]:
-    """Ascending old ids to keep: the ``keep`` most frequent regular tokens, closed under merge ancestry.
-
-    ``counts`` (``[num_embeddings]``, e.g. from :func:`count_tokens` on calibration text) ranks the regular
-    tokens, ties to the lower id. The selection starts from the tokens kept whatever the order (the base
-    symbols :func:`select_vocab` keeps: byte tokens or byte-fallback pieces and ``▁``), then the ``always``
-    token strings (as the vocabulary spells them, e.g. ``"Ġthe"``; unknown ones raise ValueError) with their
-    ancestors, then walks the tokens by descending count and adds each one together with its missing merge
-    ancestors while the regular tokens kept stay <= ``keep``; a token whose ancestors would overflow is
-    skipped (and retried once other tokens have brought in its ancestors). So every kept merged token can
-    still be built by the pruned tokenizer, and exactly ``keep`` regular tokens are kept, the base symbols
-    among them, unless those and the ``always`` tokens alone are more. A token's parents are the two parts
-    of the last merge BPE applies when it encodes the token's own string (the path the tokenizer takes;
-    the first merge producing the token when BPE cannot build it from its string). Every special/added id
-    and ``extra_ids`` are kept on top, as in :func:`select_vocab`; ids >= ``num_embeddings`` never are.
-
-    ``tokenizer=None`` (a model without a tokenizer): every row is a regular token, the ``keep`` most
-    frequent rows plus ``extra_ids`` are kept, and ``always`` must be empty.
-    """
-    extra = _flat_ids(extra_ids)
-    counts = _check_counts(counts, num_embeddings)
-    always = [always] if isinstance(always, str) else list(always)
-    if tokenizer is None:
-        if always:
-            raise ValueError("--vocab-always needs a tokenizer: its token strings name tokens through it")
-        _check_keep(keep, num_embeddings)
-        kept = set(_by_count(counts, list(range(num_embeddings)))[:keep])
-        return sorted(kept | {i for i in extra if 0 <= i < num_embeddings})
-    tokenizer = as_fast(tokenizer)
-    vocab, valid, regular, forced = _partition(tokenizer, num_embeddings)
-    _check_keep(keep, len(regular))
-    allowed = set(regular)
-    tree = _MergeTree(tokenizer.backend_tokenizer)
-    kept = forced & allowed  # regular ids kept so far; the base symbols count towards keep
-    _add_always(tokenizer, always, num_embeddings, (kept, forced, allowed), tree)
-    pending = [i for i in _by_count(counts, regular) if i not in kept]
-    while len(kept) < keep and pending:
-        before, skipped = len(kept), []
-        for token_id in pending:
-            if len(kept) >= keep:
-                break
-            if token_id in kept:
-                continue
-            add = tree.closure(token_id, kept, allowed)
-            if add is None:
-                continue  # an ancestor has no embedding row: the token can never be kept consistently
-            if len(kept) + len(add) <= keep:
-                kept.update(add)
-            else:
-                skipped.append(token_id)
-        if len(kept) == before:
-            break
-        pending = skipped
-    kept |= _alphabet_ids(tokenizer.convert_ids_to_tokens(sorted(kept - forced)), vocab)  # no-op: safety net
-    return sorted((kept | forced | extra) & valid)
-
-
-def frequency_keep_order(tokenizer, num_embeddings: int, counts, *, always=()) -> list[int]:
-    """Regular ids in the order frequency selection takes them, with no budget: the base symbols, the
-    ``always`` tokens with their ancestors, then each token by descending count preceded by its missing
-    ancestors. Keeping a prefix of N of these approximates ``select_vocab_by_frequency(keep=N)`` (which also
-    fills the room a too-large last group leaves); the budget planner prices vocabulary cuts along it."""
-    counts = _check_counts(counts, num_embeddings)
-    if tokenizer is None:
-        return _by_count(counts, list(range(num_embeddings)))
-    tokenizer = as_fast(tokenizer)
-    vocab, _, regular, forced = _partition(tokenizer, num_embeddings)
-    allowed, tree = set(regular), _MergeTree(tokenizer.backend_tokenizer)
-    order = sorted(forced & allowed)
-    kept = set(order)
-    for token_id in [*_always_ids(tokenizer, vocab, list(always), num_embeddings), *_by_count(counts, regular)]:
-        add = tree.closure(token_id, kept, allowed)
-        if add:
-            order += reversed(add)  # ancestors before the token
-            kept.update(add)
-    return order
-
-
 VOCAB_ORDERS = ("id", "frequency")
 
 
-def regular_ids(tokenizer, num_embeddings: int) -> list[int]:
-    """Ids of the regular (non-special) tokens that have embedding rows, ascending."""
-    if tokenizer is None:
-        return list(range(num_embeddings))
-    specials = set(special_token_ids(tokenizer))
-    return sorted(i for i in tokenizer.get_vocab().values() if i < num_embeddings and i not in specials)
+class Vocabulary:
+    """A tokenizer's vocabulary against a model's embedding rows: everything the vocabulary cut asks of it.
 
+    Serves the policy (:meth:`kept`: the ids kept at N regular tokens, in id or frequency order), the budget
+    planner's curve (:meth:`keep_curve`, :attr:`base_rows`) and the ``--vocab-keep`` check (:meth:`check_keep`).
+    Building it costs nothing; the partition (regular, special and base-symbol ids) is computed on first need
+    and the merge tree (frequency order, ``always`` tokens) likewise, each once, however many cuts are asked.
 
-def kept_vocabulary(model, tokenizer, vocab_keep: int | None, *, order: str = "id", counts=None,
-                    always=()) -> list[int] | None:
-    """The vocabulary policy: ascending old ids to keep (id order: the lowest regular ids; frequency order: the
-    most frequent, closed under merge ancestry; the config's token ids in both), or None when not cut."""
-    if order not in VOCAB_ORDERS:
-        raise ValueError(f"--vocab-order must be one of {', '.join(VOCAB_ORDERS)}, got {order!r}")
-    if vocab_keep is None:
+    ``tokenizer=None`` means every embedding row is a regular token. ``extra_ids`` (the config's token ids,
+    :meth:`of`; lists are flattened, None skipped) are kept in every cut. Rows at or beyond the tokenizer's
+    length (padding rows) and ids >= ``num_embeddings`` are never kept.
+    """
+
+    def __init__(self, tokenizer, num_embeddings: int, *, extra_ids=()):
+        self._source = tokenizer
+        self.num_embeddings = num_embeddings
+        self.extra_ids = _flat_ids(extra_ids)
+
+    @classmethod
+    def of(cls, model, tokenizer) -> Vocabulary:
+        """The vocabulary of ``model`` as it stands (its embedding rows, its config's token ids) via ``tokenizer``."""
+        return cls(tokenizer, model.get_input_embeddings().num_embeddings, extra_ids=models.config_token_ids(model))
+
+    @cached_property
+    def tokenizer(self):
+        """The fast tokenizer (a slow one converted), or None."""
+        return None if self._source is None else as_fast(self._source)
+
+    @cached_property
+    def _parts(self) -> tuple[dict[str, int], set[int], list[int], set[int]]:
+        return _partition(self.tokenizer, self.num_embeddings)
+
+    @property
+    def regular(self) -> list[int]:
+        """Ids of the regular (non-special) tokens that have embedding rows, ascending."""
+        return self._parts[2]
+
+    @cached_property
+    def _allowed(self) -> set[int]:
+        return set(self.regular)
+
+    @cached_property
+    def _tree(self) -> _MergeTree:
+        return _MergeTree(self.tokenizer.backend_tokenizer)
+
+    @property
+    def base_rows(self) -> int:
+        """Rows every cut keeps besides regular tokens: the special and added tokens and ``extra_ids`` with a row."""
+        _, valid, _, forced = self._parts
+        return len(((forced | self.extra_ids) & valid) - self._allowed)
+
+    def check_keep(self, keep: int | None) -> None:
+        """Refuse a --vocab-keep outside 1..the regular token count (or a tokenizer that does not fit the model),
+        from the tokenizer alone, before any weight is read; None (no vocabulary cut) passes."""
+        if keep is not None and not 1 <= keep <= len(self.regular):
+            raise ValueError(f"--vocab-keep must be between 1 and {len(self.regular)} (the number of regular "
+                             f"tokens), got {keep}")
+
+    def kept(self, keep: int | None, *, order: str = "id", counts=None, always=()) -> list[int] | None:
+        """The vocabulary policy: ascending old ids to keep, or None when ``keep`` is None (no cut).
+
+        Id order keeps the ``keep`` lowest regular ids, frequency order the ``keep`` most frequent by ``counts``
+        (``[num_embeddings]``, e.g. from :func:`count_tokens`), closed under merge ancestry; both add every
+        special/added id, ``extra_ids``, the base symbols, and the ``always`` token strings (as the vocabulary
+        spells them, e.g. ``"Ġthe"``; unknown ones raise ValueError) with the merge ancestors they need.
+        """
+        if order not in VOCAB_ORDERS:
+            raise ValueError(f"--vocab-order must be one of {', '.join(VOCAB_ORDERS)}, got {order!r}")
+        always = [always] if isinstance(always, str) else list(always)
+        if keep is None:
+            if always:
+                raise ValueError("--vocab-always names tokens to keep when the vocabulary is cut: give --vocab-keep "
+                                 "(or --target-params)")
+            return None
+        if order == "frequency":
+            return self._by_frequency(keep, _check_counts(counts, self.num_embeddings), always)
+        kept = self._by_id(keep, always)
+        if self.tokenizer is None:
+            warnings.warn("no tokenizer: id order assumes later ids are rarer, which need not hold here "
+                          "(SentencePiece puts its 256 byte pieces first); --vocab-order frequency measures it",
+                          stacklevel=2)
+        return kept
+
+    def _by_id(self, keep: int, always: list) -> list[int]:
+        """The ``keep`` lowest regular ids, the ids every cut keeps, and the ``always`` tokens with their ancestors.
+
+        Also kept, so that any text still encodes losslessly: the base symbols (the 256 byte tokens of byte-level
+        BPE, or the byte-fallback pieces ``<0x00>``..``<0xFF>`` and the ``▁`` the decoder turns into a space), the
+        single-character tokens of printable ASCII (digits and punctuation spell common text), and every
+        single-character token a kept token is spelled with (SentencePiece BPE puts its characters at the end of
+        the vocabulary, yet its merges start from them). So the result can hold a few more ids than ``keep``
+        plus the specials.
+        """
+        self._check_always(always)
+        vocab, valid, regular, forced = self._parts
+        self.check_keep(keep)
+        kept = set(regular[:keep])
+        forced = set(forced)
         if always:
-            raise ValueError("--vocab-always names tokens to keep when the vocabulary is cut: give --vocab-keep "
-                             "(or --target-params)")
-        return None
-    rows = model.get_input_embeddings().num_embeddings
-    extra = models.config_token_ids(model)
-    if order == "frequency":
-        return select_vocab_by_frequency(tokenizer, rows, vocab_keep, counts, always=always, extra_ids=extra)
-    kept = select_vocab(tokenizer, rows, vocab_keep, extra_ids=extra, always=always)
-    if tokenizer is None:
-        warnings.warn("no tokenizer: id order assumes later ids are rarer, which need not hold here "
-                      "(SentencePiece puts its 256 byte pieces first); --vocab-order frequency measures it",
-                      stacklevel=2)
-    return kept
+            self._add_always(always, kept, forced)
+        if self.tokenizer is not None:
+            forced |= _alphabet_ids(self.tokenizer.convert_ids_to_tokens(sorted(kept - forced)), vocab)
+        return sorted((kept | forced | self.extra_ids) & valid)
 
+    def _by_frequency(self, keep: int, counts: torch.Tensor, always: list) -> list[int]:
+        """The ``keep`` most frequent regular tokens (ties to the lower id), closed under merge ancestry, and the
+        ids every cut keeps.
 
-def keep_curve(tokenizer, num_embeddings: int, order: str, counts=None, *, always=()) -> tuple[list[int], list[int]]:
-    """(ids, prefix): the regular ids in the order a growing cut keeps them, and for every ``keep`` N in
-    0..regular, ``prefix[N]`` = how many of them :func:`kept_vocabulary` keeps at N (its cut plus the tokens
-    kept whatever N: base symbols, ``always`` with their ancestors, the characters kept tokens are spelled
-    with). Exact in id order; in frequency order ``ids`` is :func:`frequency_keep_order`, which the selection
-    follows up to the room a too-large last group leaves. The budget planner prices cuts along it."""
-    if order == "frequency":
-        ids = frequency_keep_order(tokenizer, num_embeddings, counts, always=always)
-        start = 0 if tokenizer is None else len(_initial(as_fast(tokenizer), num_embeddings, always))
-        return ids, [max(n, start) for n in range(len(ids) + 1)]
-    if tokenizer is None:
-        return list(range(num_embeddings)), list(range(num_embeddings + 1))
-    tokenizer = as_fast(tokenizer)
-    vocab, _, regular, _ = _partition(tokenizer, num_embeddings)
-    allowed = set(regular)
-    names = {i: t for t, i in vocab.items()}
-    ids, kept = [], set()
+        Starts from the base symbols :meth:`_by_id` keeps and the ``always`` tokens with their ancestors, then
+        walks the tokens by descending count and adds each one together with its missing merge ancestors while
+        the regular tokens kept stay <= ``keep``; a token whose ancestors would overflow is skipped (and retried
+        once other tokens have brought in its ancestors). So every kept merged token can still be built by the
+        pruned tokenizer, and exactly ``keep`` regular tokens are kept, the base symbols among them, unless those
+        and the ``always`` tokens alone are more. A token's parents are the two parts of the last merge BPE
+        applies when it encodes the token's own string (see :class:`_MergeTree`). With no tokenizer the ``keep``
+        most frequent rows are kept.
+        """
+        self._check_always(always)
+        if self.tokenizer is None:
+            self.check_keep(keep)
+            kept = set(_by_count(counts, self.regular)[:keep])
+            return sorted(kept | (self.extra_ids & self._parts[1]))
+        vocab, valid, regular, forced = self._parts
+        self.check_keep(keep)
+        kept = forced & self._allowed  # regular ids kept so far; the base symbols count towards keep
+        self._add_always(always, kept, forced)
+        pending = [i for i in _by_count(counts, regular) if i not in kept]
+        while len(kept) < keep and pending:
+            before, skipped = len(kept), []
+            for token_id in pending:
+                if len(kept) >= keep:
+                    break
+                if token_id in kept:
+                    continue
+                add = self._tree.closure(token_id, kept, self._allowed)
+                if add is None:
+                    continue  # an ancestor has no embedding row: the token can never be kept consistently
+                if len(kept) + len(add) <= keep:
+                    kept.update(add)
+                else:
+                    skipped.append(token_id)
+            if len(kept) == before:
+                break
+            pending = skipped
+        # the characters of tokens built on a multi-character base symbol (a decoder's Replace string): the
+        # closure stops at that kept symbol, so it does not reach the characters it is spelled with
+        kept |= _alphabet_ids(self.tokenizer.convert_ids_to_tokens(sorted(kept - forced)), vocab)
+        return sorted((kept | forced | self.extra_ids) & valid)
 
-    def add(token_id: int) -> None:
-        for new in [*sorted(_alphabet_ids([names[token_id]], vocab)), token_id]:
-            if new in allowed and new not in kept:
-                ids.append(new)
-                kept.add(new)
+    def keep_curve(self, order: str, counts=None, *, always=()) -> tuple[list[int], list[int]]:
+        """(ids, prefix): the regular ids in the order a growing cut keeps them, and for every ``keep`` N in
+        0..len(ids), ``prefix[N]`` = how many of them :meth:`kept` keeps at N (its cut plus the tokens kept
+        whatever N: base symbols, ``always`` with their ancestors, the characters kept tokens are spelled
+        with); the rows kept are ``prefix[N] + base_rows``. Exact in id order; in frequency order ``ids`` is
+        the order the selection takes tokens in with no budget (the base symbols, the ``always`` tokens with
+        their ancestors, then each token by descending count preceded by its missing ancestors), which it
+        follows up to the room a too-large last group leaves. The budget planner prices cuts along it."""
+        always = [always] if isinstance(always, str) else list(always)
+        if order == "frequency":
+            ids = self._frequency_order(_check_counts(counts, self.num_embeddings), always)
+            start = 0 if self.tokenizer is None else len(self._initial(always))
+            return ids, [max(n, start) for n in range(len(ids) + 1)]
+        if self.tokenizer is None:
+            return list(self.regular), list(range(self.num_embeddings + 1))
+        return self._id_curve(always)
 
-    for token_id in sorted(_initial(tokenizer, num_embeddings, always)):
-        add(token_id)
-    prefix = [len(ids)]
-    for token_id in regular:
-        add(token_id)
-        prefix.append(len(ids))
-    return ids, prefix
+    def _id_curve(self, always: list) -> tuple[list[int], list[int]]:
+        """:meth:`keep_curve` in id order."""
+        vocab = self._parts[0]
+        names = {i: t for t, i in vocab.items()}
+        ids, kept = [], set()
 
+        def add(token_id: int) -> None:
+            for new in [*sorted(_alphabet_ids([names[token_id]], vocab)), token_id]:
+                if new in self._allowed and new not in kept:
+                    ids.append(new)
+                    kept.add(new)
 
-def _initial(tokenizer, num_embeddings: int, always) -> set[int]:
-    """The regular ids kept whatever the cut: base symbols, and the ``always`` tokens with their ancestors."""
-    _, _, regular, forced = _partition(tokenizer, num_embeddings)
-    allowed = set(regular)
-    kept = forced & allowed
-    if always:  # the merge tree is costly to build and only the always tokens need it
-        _add_always(tokenizer, list(always), num_embeddings, (kept, forced, allowed),
-                    _MergeTree(tokenizer.backend_tokenizer))
-    return kept
+        for token_id in sorted(self._initial(always)):
+            add(token_id)
+        prefix = [len(ids)]
+        for token_id in self.regular:
+            add(token_id)
+            prefix.append(len(ids))
+        return ids, prefix
+
+    def _frequency_order(self, counts: torch.Tensor, always: list) -> list[int]:
+        """Regular ids in the order frequency selection takes them, with no budget (see :meth:`keep_curve`)."""
+        if self.tokenizer is None:
+            return _by_count(counts, self.regular)
+        vocab, _, regular, forced = self._parts
+        order = sorted(forced & self._allowed)
+        kept = set(order)
+        for token_id in [*self._always_ids(always), *_by_count(counts, regular)]:
+            add = self._tree.closure(token_id, kept, self._allowed)
+            if add:
+                order += reversed(add)  # ancestors before the token
+                kept.update(add)
+        return order
+
+    def _initial(self, always: list) -> set[int]:
+        """The regular ids kept whatever the cut: base symbols, and the ``always`` tokens with their ancestors."""
+        forced = self._parts[3]
+        kept = forced & self._allowed
+        if always:  # the merge tree is costly to build and only the always tokens need it
+            self._add_always(always, kept, forced)
+        return kept
+
+    def _check_always(self, always: list) -> None:
+        if always and self.tokenizer is None:
+            raise ValueError("--vocab-always needs a tokenizer: its token strings name tokens through it")
+
+    def _add_always(self, always: list, kept: set[int], forced: set[int]) -> None:
+        """Add the ``--vocab-always`` tokens and the merge ancestors they need to ``kept`` (in place)."""
+        for token, token_id in zip(always, self._always_ids(always)):
+            if token_id in forced:
+                continue
+            add = self._tree.closure(token_id, kept, self._allowed)
+            if add is None:
+                raise ValueError(f"--vocab-always: {token!r} is built from a token without an embedding row")
+            kept.update(add)
+
+    def _always_ids(self, always: list) -> list[int]:
+        """The ids of the ``--vocab-always`` token strings; ValueError naming the first unknown one."""
+        vocab, ids = self._parts[0], []
+        for token in always:
+            if not isinstance(token, str):
+                raise TypeError(f"--vocab-always expects token strings, got {token!r}")
+            if token not in vocab:
+                pieces = self.tokenizer.convert_ids_to_tokens(self.tokenizer(token, add_special_tokens=False).input_ids)
+                raise ValueError(f"--vocab-always: {token!r} is not a token of the tokenizer; write tokens as the "
+                                 f"vocabulary spells them (this text encodes as {pieces[:8]})")
+            if vocab[token] >= self.num_embeddings:
+                raise ValueError(f"--vocab-always: {token!r} is id {vocab[token]}, which has no embedding row "
+                                 f"(the model has {self.num_embeddings})")
+            ids.append(vocab[token])
+        return ids
 
 
 def read_always_file(path) -> list[str]:
@@ -298,6 +357,23 @@ def read_always_file(path) -> list[str]:
     if not tokens:
         raise ValueError(f"{path}: --vocab-always file holds no token strings (expected one per line)")
     return tokens
+
+
+# Stand-ins for the call sites in compact.pipeline and compact.cli, until they hold a Vocabulary themselves.
+def kept_vocabulary(model, tokenizer, vocab_keep, *, order="id", counts=None, always=()):
+    return Vocabulary.of(model, tokenizer).kept(vocab_keep, order=order, counts=counts, always=always)
+
+
+def keep_curve(tokenizer, num_embeddings, order, counts=None, *, always=()):
+    return Vocabulary(tokenizer, num_embeddings).keep_curve(order, counts, always=always)
+
+
+def regular_ids(tokenizer, num_embeddings):
+    return Vocabulary(tokenizer, num_embeddings).regular
+
+
+def check_keep(tokenizer, num_embeddings, keep):
+    Vocabulary(tokenizer, num_embeddings).check_keep(keep)
 
 
 def _flat_ids(values) -> set[int]:
@@ -351,18 +427,6 @@ def _partition(tokenizer, num_embeddings: int) -> tuple[dict[str, int], set[int]
     return vocab, valid, sorted(valid - specials), specials | _base_symbol_ids(tokenizer, vocab)
 
 
-def check_keep(tokenizer, num_embeddings: int, keep: int | None) -> None:
-    """Refuse a --vocab-keep outside 1..the regular token count (or a tokenizer that does not fit the model)
-    from the tokenizer alone, before any model weight is read; None (no vocabulary cut) passes."""
-    if keep is not None:
-        _check_keep(keep, len(_partition(None if tokenizer is None else as_fast(tokenizer), num_embeddings)[2]))
-
-
-def _check_keep(keep: int, regular: int) -> None:
-    if not 1 <= keep <= regular:
-        raise ValueError(f"--vocab-keep must be between 1 and {regular} (the number of regular tokens), got {keep}")
-
-
 def _encode_texts(tokenizer, texts: list[str]) -> torch.Tensor:
     """All ids of ``texts`` without special tokens, concatenated (a `tokenizers.Tokenizer` or a transformers one)."""
     if hasattr(tokenizer, "encode_batch"):
@@ -400,36 +464,6 @@ def _by_count(counts: torch.Tensor, ids: list[int]) -> list[int]:
     index = torch.as_tensor(ids, dtype=torch.long)
     order = torch.sort(counts[index], descending=True, stable=True).indices
     return index[order].tolist()
-
-
-def _add_always(tokenizer, always: list, num_embeddings: int, sets: tuple[set, set, set], tree) -> None:
-    """Add the ``--vocab-always`` tokens and the merge ancestors they need to the kept set (in place);
-    ``sets`` = (kept, forced, allowed)."""
-    kept, forced, allowed = sets
-    for token, token_id in zip(always, _always_ids(tokenizer, tokenizer.get_vocab(), always, num_embeddings)):
-        if token_id in forced:
-            continue
-        add = tree.closure(token_id, kept, allowed)
-        if add is None:
-            raise ValueError(f"--vocab-always: {token!r} is built from a token without an embedding row")
-        kept.update(add)
-
-
-def _always_ids(tokenizer, vocab: dict[str, int], always: list, num_embeddings: int) -> list[int]:
-    """The ids of the ``--vocab-always`` token strings; ValueError naming the first unknown one."""
-    ids = []
-    for token in always:
-        if not isinstance(token, str):
-            raise TypeError(f"--vocab-always expects token strings, got {token!r}")
-        if token not in vocab:
-            pieces = tokenizer.convert_ids_to_tokens(tokenizer(token, add_special_tokens=False).input_ids)
-            raise ValueError(f"--vocab-always: {token!r} is not a token of the tokenizer; write tokens as the "
-                             f"vocabulary spells them (this text encodes as {pieces[:8]})")
-        if vocab[token] >= num_embeddings:
-            raise ValueError(f"--vocab-always: {token!r} is id {vocab[token]}, which has no embedding row "
-                             f"(the model has {num_embeddings})")
-        ids.append(vocab[token])
-    return ids
 
 
 class _MergeTree:

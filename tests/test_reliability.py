@@ -685,10 +685,10 @@ def test_a_tokenizer_without_regular_tokens_does_not_fit():
     specials = {"<s>": 0, "</s>": 1, "<unk>": 2}
     backend = Tokenizer(tokenizer_models.WordLevel(specials, unk_token="<unk>"))
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    for select in (vocab.select_vocab, lambda *a: vocab.select_vocab_by_frequency(*a, torch.ones(32000))):
+    for order in vocab.VOCAB_ORDERS:
         with pytest.raises(ValueError, match="^the tokenizer does not fit the model: none of its 3 tokens .* the "
                                              "model's 32000 embedding rows"):
-            select(tok, 32000, 100)
+            vocab.Vocabulary(tok, 32000).kept(100, order=order, counts=torch.ones(32000))
 
 
 # ------------------------------------------------------------------------------------- model card (#19)
@@ -1003,7 +1003,7 @@ def test_an_out_of_range_vocab_keep_is_refused_before_the_weights_are_read(tmp_p
     tokenizer = demo.train_tokenizer(demo_text.stories(50, seed=1))
     demo.build_model(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
-    regular = len(vocab.regular_ids(tokenizer, len(tokenizer)))
+    regular = len(vocab.Vocabulary(tokenizer, len(tokenizer)).regular)
 
     def no_weights(*args, **kwargs):
         raise AssertionError("the weights were read")

@@ -12,7 +12,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.tokenization_python import PythonBackend
 
 from compact.tokenizer import prune_tokenizer, special_token_ids
-from compact.vocab import select_vocab
+from compact.vocab import Vocabulary
 from tokenizers_fixtures import llama2_tokenizer, llama32_tokenizer, qwen25_tokenizer, sotu_paragraphs
 
 # name -> (loader taking a scratch folder, embedding rows of the real model, regular tokens)
@@ -63,7 +63,7 @@ def prune(load):
         if (name, keep) not in cache:
             tokenizer, (_, num_embeddings, regular) = load(name), REAL[name]
             n = regular if keep == "full" else keep
-            kept = select_vocab(tokenizer, num_embeddings, n)
+            kept = Vocabulary(tokenizer, num_embeddings).kept(n)
             cache[name, keep] = SimpleNamespace(tokenizer=tokenizer, num_embeddings=num_embeddings, keep=n,
                                                 kept=kept, pruned=prune_tokenizer(tokenizer, kept))
         return cache[name, keep]
@@ -169,7 +169,7 @@ def test_save_and_reload(prune, name, texts, tmp_path):
 def test_one_regular_token_is_still_lossless(load, name, texts):
     """Byte tokens (byte-level) or byte-fallback pieces and ▁ are always kept, so any text survives."""
     tokenizer, (_, num_embeddings, _) = load(name), REAL[name]
-    kept = select_vocab(tokenizer, num_embeddings, 1)
+    kept = Vocabulary(tokenizer, num_embeddings).kept(1)
     pruned = prune_tokenizer(tokenizer, kept)
     for text in texts[:20] + ODD_TEXTS:
         ids = pruned(text).input_ids
@@ -179,14 +179,15 @@ def test_one_regular_token_is_still_lossless(load, name, texts):
 @pytest.mark.parametrize("keep", [0, -3, 31998])
 def test_keep_out_of_range_names_the_option(load, keep):
     with pytest.raises(ValueError, match="--vocab-keep.*31997"):
-        select_vocab(load("llama2"), 32000, keep)
+        Vocabulary(load("llama2"), 32000).kept(keep)
 
 
 def test_extra_ids_and_no_tokenizer():
-    assert select_vocab(None, 10, 4, extra_ids=[8, None, [9, 2], 12]) == [0, 1, 2, 3, 8, 9]
-    assert select_vocab(None, 10, 10) == list(range(10))
+    with pytest.warns(UserWarning, match="no tokenizer: id order assumes"):
+        assert Vocabulary(None, 10, extra_ids=[8, None, [9, 2], 12]).kept(4) == [0, 1, 2, 3, 8, 9]
+        assert Vocabulary(None, 10).kept(10) == list(range(10))
     with pytest.raises(ValueError, match="--vocab-keep"):
-        select_vocab(None, 10, 11)
+        Vocabulary(None, 10).kept(11)
 
 
 def test_always_tokens_in_id_order(load):
@@ -196,20 +197,21 @@ def test_always_tokens_in_id_order(load):
     vocab = tokenizer.get_vocab()
     rare = max((t for t in vocab if t.startswith("Ġ") and len(t) > 8 and t[1:].isascii() and t[1:].isalpha()
                 and vocab[t] < 128000), key=vocab.get)  # a rare whole word, e.g. " Something"
-    plain = select_vocab(tokenizer, 128256, 1000)
-    kept = select_vocab(tokenizer, 128256, 1000, always=[rare])
+    cut = Vocabulary(tokenizer, 128256)
+    plain = cut.kept(1000)
+    kept = cut.kept(1000, always=[rare])
     assert vocab[rare] not in plain and vocab[rare] in kept and set(plain) < set(kept)
     pruned = prune_tokenizer(tokenizer, kept)
     assert pruned.convert_tokens_to_ids(rare) == kept.index(vocab[rare])
     assert pruned.decode(pruned(" " + rare[1:], add_special_tokens=False).input_ids) == " " + rare[1:]
     assert pruned(" " + rare[1:], add_special_tokens=False).input_ids == [kept.index(vocab[rare])]
     with pytest.raises(ValueError, match="not a token of the tokenizer"):
-        select_vocab(tokenizer, 128256, 1000, always=["no such token here"])
+        cut.kept(1000, always=["no such token here"])
 
 
 def test_fewer_embedding_rows_than_tokens_drops_the_rest(load):
     tokenizer = load("qwen2.5")
-    kept = select_vocab(tokenizer, 151645, 1000)  # keeps <|endoftext|> and <|im_start|>, not <|im_end|>
+    kept = Vocabulary(tokenizer, 151645).kept(1000)  # keeps <|endoftext|> and <|im_start|>, not <|im_end|>
     assert kept[-2:] == [151643, 151644]
     pruned = prune_tokenizer(tokenizer, kept)
     assert len(pruned) == len(kept) and "<|im_end|>" not in pruned.get_vocab() and pruned.eos_token is None
@@ -217,7 +219,7 @@ def test_fewer_embedding_rows_than_tokens_drops_the_rest(load):
 
 def test_dropping_a_token_the_post_processor_inserts_is_refused(load):
     tokenizer = load("llama3.2")
-    kept = [i for i in select_vocab(tokenizer, 128256, 1000) if i != tokenizer.bos_token_id]
+    kept = [i for i in Vocabulary(tokenizer, 128256).kept(1000) if i != tokenizer.bos_token_id]
     with pytest.raises(ValueError, match="begin_of_text"):
         prune_tokenizer(tokenizer, kept)
 
@@ -243,7 +245,7 @@ def _wrap(model) -> PreTrainedTokenizerFast:
 )
 def test_unsupported_tokenizer_types(tokenizer):
     with pytest.raises(ValueError, match="supports byte-level BPE"):
-        select_vocab(tokenizer, 3, 1)
+        Vocabulary(tokenizer, 3).kept(1)
     with pytest.raises(ValueError, match="supports byte-level BPE"):
         prune_tokenizer(tokenizer, [0, 1])
 
@@ -258,7 +260,7 @@ def test_roberta_post_processor_and_padding_are_renumbered():
     backend.post_processor = processors.RobertaProcessing(("</s>", 259), ("<s>", 258))
     backend.enable_padding(pad_id=260, pad_token="<pad>")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    kept = select_vocab(tokenizer, 261, 256)  # drops "th" and "the"
+    kept = Vocabulary(tokenizer, 261).kept(256)  # drops "th" and "the"
     assert kept == list(range(256)) + [258, 259, 260]
     pruned = prune_tokenizer(tokenizer, kept)
     assert pruned(["the", "a"], padding=True).input_ids == [[256, 116, 104, 101, 257], [256, 97, 257, 258, 258]]
@@ -281,7 +283,7 @@ def test_slow_tokenizer_is_converted_first(tmp_path):
     lines = [f"{base64.b64encode(token).decode()} {rank}\n" for rank, token in enumerate(ranks)]
     (tmp_path / "ranks.tiktoken").write_text("".join(lines))
     slow = _SlowTiktoken(str(tmp_path / "ranks.tiktoken"), eos_token="<|end|>", extra_special_tokens=["<|end|>"])
-    kept = select_vocab(slow, 300, 260)
+    kept = Vocabulary(slow, 300).kept(260)
     assert kept == list(range(260)) + [263]  # 256 bytes, th, the, " t", " the", then <|end|>
     pruned = prune_tokenizer(slow, kept)
     text = "the thing is in there, über 🙂"
@@ -289,4 +291,4 @@ def test_slow_tokenizer_is_converted_first(tmp_path):
     assert pruned("the end<|end|>").input_ids == [257, 32, 101, 110, 100, 260]
     assert pruned.eos_token_id == 260
     with pytest.raises(ValueError, match="cannot convert the slow tokenizer"):
-        select_vocab(_SlowTiktoken(None), 300, 10)
+        Vocabulary(_SlowTiktoken(None), 300).kept(10)

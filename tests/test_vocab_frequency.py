@@ -1,4 +1,4 @@
-"""Frequency-ordered vocabularies (compact.vocab.count_tokens / select_vocab_by_frequency / read_always_file).
+"""Frequency-ordered vocabularies (compact.vocab.count_tokens / Vocabulary.kept / read_always_file).
 
 Counts are learnt on the first half of sotu.txt's paragraphs and judged on the second half, with real tokenizers.
 """
@@ -18,7 +18,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from compact import vocab as vocab_module
 from compact.tokenizer import prune_tokenizer, special_token_ids
-from compact.vocab import count_tokens, read_always_file, select_vocab, select_vocab_by_frequency
+from compact.vocab import Vocabulary, count_tokens, read_always_file
 from tokenizers_fixtures import llama2_tokenizer, llama32_tokenizer, qwen25_tokenizer, sotu_paragraphs
 
 # name -> (loader taking a scratch folder, embedding rows of the real model)
@@ -51,7 +51,7 @@ def corpus(tmp_path_factory, halves):
             ids = tokenizer(halves[1]).input_ids
             model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
             cache[name] = SimpleNamespace(
-                tokenizer=tokenizer, num_embeddings=num_embeddings,
+                tokenizer=tokenizer, num_embeddings=num_embeddings, vocabulary=Vocabulary(tokenizer, num_embeddings),
                 counts=count_tokens(tokenizer, halves[0], num_embeddings=num_embeddings),
                 tokens=sum(map(len, ids)), expected=tokenizer.batch_decode(ids, **DECODE),
                 bpe=_bpe_model(model), merges=_merges(model), bpe_vocab=set(model["vocab"]),
@@ -70,9 +70,9 @@ def prune(corpus, halves):
     def get(name, keep):
         if (name, keep) not in cache:
             base = corpus(name)
-            tokenizer, num_embeddings = base.tokenizer, base.num_embeddings
-            kept = select_vocab_by_frequency(tokenizer, num_embeddings, keep, base.counts)
-            by_id = select_vocab(tokenizer, num_embeddings, keep)
+            tokenizer = base.tokenizer
+            kept = base.vocabulary.kept(keep, order="frequency", counts=base.counts)
+            by_id = base.vocabulary.kept(keep)
             pruned, pruned_by_id = prune_tokenizer(tokenizer, kept), prune_tokenizer(tokenizer, by_id)
             ids = pruned(halves[1]).input_ids
             cache[name, keep] = SimpleNamespace(
@@ -158,14 +158,14 @@ def test_llama2_sentencepiece(corpus, halves):
     """SentencePiece BPE: characters (merge leaves, at the end of the vocabulary) come in as ancestors."""
     base = corpus("llama2")
     tokenizer, keep = base.tokenizer, 2000
-    kept = select_vocab_by_frequency(tokenizer, base.num_embeddings, keep, base.counts)
+    kept = base.vocabulary.kept(keep, order="frequency", counts=base.counts)
     pruned = prune_tokenizer(tokenizer, kept)
     _check_closed(base, tokenizer, base.num_embeddings, kept, keep, pruned)
     assert max(kept) > 29000, "no character token (they sit at the end of Llama 2's vocabulary) was kept"
     ids = pruned(halves[1]).input_ids
     assert max(map(max, ids)) < len(kept)
     assert pruned.batch_decode(ids, **DECODE) == base.expected
-    by_id = prune_tokenizer(tokenizer, select_vocab(tokenizer, base.num_embeddings, keep))
+    by_id = prune_tokenizer(tokenizer, base.vocabulary.kept(keep))
     assert sum(map(len, ids)) < sum(map(len, by_id(halves[1]).input_ids))
 
 
@@ -177,7 +177,7 @@ def test_always_tokens_are_kept_with_their_ancestors(corpus, prune, tmp_path):
     path = tmp_path / "always.txt"
     path.write_bytes(("\n".join(ALWAYS) + "\r\n\n  \n" + ALWAYS[0] + "\n").encode())
     assert read_always_file(path) == ALWAYS
-    kept = select_vocab_by_frequency(tokenizer, num_embeddings, keep, base.counts, always=read_always_file(path))
+    kept = base.vocabulary.kept(keep, order="frequency", counts=base.counts, always=read_always_file(path))
     pruned = prune_tokenizer(tokenizer, kept)
     assert set(ids) <= set(kept)
     _check_closed(base, tokenizer, num_embeddings, kept, keep, pruned)
@@ -190,13 +190,13 @@ def test_always_tokens_are_kept_with_their_ancestors(corpus, prune, tmp_path):
 def test_unknown_always_token_is_named(corpus):
     base = corpus("llama3.2")
     with pytest.raises(ValueError, match=r"--vocab-always: ' the' is not a token.*'Ġthe'"):
-        select_vocab_by_frequency(base.tokenizer, base.num_embeddings, 100, base.counts, always=["Ġthe", " the"])
+        base.vocabulary.kept(100, order="frequency", counts=base.counts, always=["Ġthe", " the"])
     with pytest.raises(ValueError, match="no embedding row"):  # Llama 3.2's <|image|> is beyond the 128256 rows
-        select_vocab_by_frequency(base.tokenizer, base.num_embeddings, 100, base.counts, always=["<|image|>"])
+        base.vocabulary.kept(100, order="frequency", counts=base.counts, always=["<|image|>"])
     with pytest.raises(ValueError, match="--vocab-keep"):
-        select_vocab_by_frequency(base.tokenizer, base.num_embeddings, 128001, base.counts)
+        base.vocabulary.kept(128001, order="frequency", counts=base.counts)
     with pytest.raises(ValueError, match="counts must be"):
-        select_vocab_by_frequency(base.tokenizer, base.num_embeddings, 100, base.counts[:-1])
+        base.vocabulary.kept(100, order="frequency", counts=base.counts[:-1])
 
 
 def test_read_always_file_errors(tmp_path):
@@ -214,14 +214,15 @@ def test_read_always_file_errors(tmp_path):
 
 def test_no_tokenizer_keeps_the_most_frequent_rows():
     counts = torch.tensor([5, 0, 7, 5, 1, 0, 9, 0])
-    assert select_vocab_by_frequency(None, 8, 3, counts) == [0, 2, 6]
-    assert select_vocab_by_frequency(None, 8, 4, counts) == [0, 2, 3, 6]  # tie 5/5: lower id first
-    assert select_vocab_by_frequency(None, 8, 6, counts, extra_ids=[7, None, [5]]) == [0, 1, 2, 3, 4, 5, 6, 7]
-    assert select_vocab_by_frequency(None, 8, 8, np.zeros(8)) == list(range(8))
+    rows, freq = Vocabulary(None, 8), {"order": "frequency", "counts": counts}
+    assert rows.kept(3, **freq) == [0, 2, 6]
+    assert rows.kept(4, **freq) == [0, 2, 3, 6]  # tie 5/5: lower id first
+    assert Vocabulary(None, 8, extra_ids=[7, None, [5]]).kept(6, **freq) == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert rows.kept(8, order="frequency", counts=np.zeros(8)) == list(range(8))
     with pytest.raises(ValueError, match="--vocab-keep"):
-        select_vocab_by_frequency(None, 8, 9, counts)
+        rows.kept(9, **freq)
     with pytest.raises(ValueError, match="needs a tokenizer"):
-        select_vocab_by_frequency(None, 8, 3, counts, always=["a"])
+        rows.kept(3, **freq, always=["a"])
 
 
 def test_count_tokens_on_ids_matches_a_naive_count():
@@ -275,13 +276,14 @@ def test_parents_follow_the_bpe_path_not_the_first_merge():
     vocab = tokenizer.get_vocab()
     counts = torch.zeros(len(vocab), dtype=torch.long)
     counts[vocab["abc"]], counts[vocab["ab"]] = 10, 5
-    kept = select_vocab_by_frequency(tokenizer, len(vocab), 258, counts)
+    cut = Vocabulary(tokenizer, len(vocab))
+    kept = cut.kept(258, order="frequency", counts=counts)
     assert kept == list(range(256)) + [vocab["bc"], vocab["abc"]]
     pruned = prune_tokenizer(tokenizer, kept)
     assert pruned.convert_ids_to_tokens(pruned("abc").input_ids) == ["abc"]
     # one slot: abc (two missing) is skipped for ab (one missing); three slots: all
-    assert select_vocab_by_frequency(tokenizer, len(vocab), 257, counts) == list(range(256)) + [vocab["ab"]]
-    assert select_vocab_by_frequency(tokenizer, len(vocab), 259, counts) == list(range(259))
+    assert cut.kept(257, order="frequency", counts=counts) == list(range(256)) + [vocab["ab"]]
+    assert cut.kept(259, order="frequency", counts=counts) == list(range(259))
 
 
 def test_merges_as_strings():
@@ -298,3 +300,15 @@ def test_count_tokens_on_the_gpu():
     ids = torch.randint(0, 1000, (4, 4096))
     counts = count_tokens(None, [ids.cuda(), ids[0].numpy()], num_embeddings=1000)
     assert counts.device.type == "cpu" and torch.equal(counts, torch.bincount(torch.cat([ids.ravel(), ids[0]]), minlength=1000))
+
+
+def test_characters_behind_a_multi_character_base_symbol_are_kept():
+    """A decoder Replace string ("éé") is a base symbol, kept whatever the cut; the closure of "ééa" stops there,
+    so only the last step (kept tokens' characters) brings in the "é" the cut tokenizer needs to build "éé"."""
+    ids = {f"<0x{b:02X}>": b for b in range(256)} | {"a": 256, "é": 257, "éé": 258, "ééa": 259}
+    backend = Tokenizer(models.BPE(ids, [("é", "é"), ("éé", "a")], byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.Replace("éé", "X"), decoders.ByteFallback(), decoders.Fuse()])
+    counts = torch.zeros(260)
+    counts[259] = 10
+    cut = Vocabulary(PreTrainedTokenizerFast(tokenizer_object=backend), 260)
+    assert cut.kept(259, order="frequency", counts=counts) == list(range(260))  # 259 asked, "é" on top

@@ -42,18 +42,18 @@ def _pieces(tokenizer, text: str) -> list[str]:
 
 
 def _half(llama2) -> int:
-    return len(vocab.regular_ids(llama2, 32000)) // 2
+    return len(vocab.Vocabulary(llama2, 32000).regular) // 2
 
 
 def _cut(llama2, model, order: str, always=()):
     counts = vocab.count_tokens(llama2, sotu_paragraphs(40), num_embeddings=32000) if order == "frequency" else None
-    kept = vocab.kept_vocabulary(model, llama2, _half(llama2), order=order, counts=counts, always=always)
+    kept = vocab.Vocabulary.of(model, llama2).kept(_half(llama2), order=order, counts=counts, always=always)
     return kept, prune_tokenizer(llama2, kept)
 
 
 @pytest.fixture(scope="module")
 def bare_model():
-    """Only what kept_vocabulary reads: the embedding rows and the config's token ids."""
+    """Only what Vocabulary.of reads: the embedding rows and the config's token ids."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=32000, hidden_size=4, intermediate_size=4, num_hidden_layers=1,
@@ -135,10 +135,10 @@ def test_ffn_keep_one_must_say_what_it_means(model_dir, tmp_path, value, ok):
 
 
 def test_budget_curve_rows_match_kept_vocabulary(llama2, bare_model):
-    """keep_curve's prefix is what kept_vocabulary keeps, at every N tried, in id order."""
-    ids, prefix = vocab.keep_curve(llama2, 32000, "id")
-    regular = len(vocab.regular_ids(llama2, 32000))
-    base = len(vocab.kept_vocabulary(bare_model, llama2, regular)) - regular
-    curve = budget.vocab_curve(torch.ones(32000), ids, prefix, base)
+    """keep_curve's prefix plus base_rows is what the policy keeps, at every N tried, in id order."""
+    cut = vocab.Vocabulary.of(bare_model, llama2)
+    regular = len(cut.regular)
+    assert cut.base_rows == len(cut.kept(regular)) - regular
+    curve = budget.vocab_curve(torch.ones(32000), *cut.keep_curve("id"), cut.base_rows)
     for n in (1, 100, 5000, 16000, regular):
-        assert int(curve.rows[n]) == len(vocab.kept_vocabulary(bare_model, llama2, n)), n
+        assert int(curve.rows[n]) == len(cut.kept(n)), n
