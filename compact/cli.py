@@ -298,15 +298,16 @@ def _groups(args) -> dict:
 def _load(load, vocab_keep: int | None = None):
     """MODEL as the load options say, with --tokenizer in place of its own when given; an out-of-range
     --vocab-keep is refused from the tokenizer, before the weights are read."""
-    from functools import partial
-
     from .loading import load as load_model
     from .loading import load_skeleton
-    from .vocab import check_keep
+    from .vocab import Vocabulary
+
+    def vet(tokenizer, rows: int) -> None:
+        Vocabulary(tokenizer, rows).check_keep(vocab_keep)
 
     loader = load_skeleton if load.offload == "layerwise" else load_model
     return loader(load.source, dtype=load.dtype, device=load.device, trust_remote_code=load.trust_remote_code,
-                  tokenizer=load.tokenizer, vet=None if vocab_keep is None else partial(check_keep, keep=vocab_keep))
+                  tokenizer=load.tokenizer, vet=None if vocab_keep is None else vet)
 
 
 def _cmd_score(args) -> int:

@@ -44,13 +44,14 @@ class Timings(dict):
 @dataclass(frozen=True)
 class Job:
     """What a decision is computed from: the model, the method (`vocab_order` and `refit` resolved), the
-    calibration options, the run options, and the last step (one of STEPS)."""
+    calibration options, the run options, the last step (one of STEPS) and the model's vocabulary."""
 
     loaded: Loaded
     method: Method
     calib: CalibOptions
     run: Run
     upto: str
+    vocabulary: vocab.Vocabulary  # of the model as loaded: built once, for the policy and the planner's curve
 
     @property
     def intermediate(self) -> int:
@@ -141,7 +142,7 @@ def _job(loaded: Loaded, method: Method, calib: CalibOptions, run: Run, upto: st
         raise ValueError(f"upto must be one of {STEPS}, got {upto!r}")
     if method.vocab_order == "auto":
         method = replace(method, vocab_order="frequency" if calib.path else "id")
-    job = Job(loaded, method, calib, run, upto)
+    job = Job(loaded, method, calib, run, upto, vocab.Vocabulary.of(loaded.model, loaded.tokenizer))
     _check_method(job)
     return replace(job, method=replace(method, refit=_resolve_refit(job)))
 
@@ -228,10 +229,9 @@ def _split(job: Job, counts: tuple, calibration: data.Calibration, held_out) -> 
 
 
 def _kept_ids(job: Job, counts, vocab_keep: int | None) -> list[int] | None:
-    method, loaded = job.method, job.loaded
+    method = job.method
     always = vocab.read_always_file(method.vocab_always) if method.vocab_always else ()
-    return vocab.kept_vocabulary(loaded.model, loaded.tokenizer, vocab_keep, order=method.vocab_order,
-                                 counts=counts, always=always)
+    return job.vocabulary.kept(vocab_keep, order=method.vocab_order, counts=counts, always=always)
 
 
 def _select(job: Job, decided: Decision, passed: tuple) -> Decision:
@@ -329,7 +329,7 @@ def plain_scores(job: Job, calib: data.Calibration) -> tuple[dict, dict | None]:
 
 def plan_split(job: Job, counts: tuple, evidence: tuple) -> tuple:
     """(the cheapest candidate, every candidate, the planner's record) for --target-params, by the rule in
-    compact.budget, pricing each vocabulary cut by the rows and tokens `vocab.kept_vocabulary` really keeps,
+    compact.budget, pricing each vocabulary cut by the rows and tokens the vocabulary policy really keeps,
     and each FFN cut by its act^2 share (times the error share the re-fit leaves, with a re-fit). `counts`:
     (all, halves or None); `evidence`: plain_scores' pair."""
     method = job.method
@@ -344,15 +344,12 @@ def plan_split(job: Job, counts: tuple, evidence: tuple) -> tuple:
 def _vocab_curve(job: Job, counts: tuple) -> budget.VocabCurve:
     """Rows kept and calibration tokens dropped at every N; in frequency order also the cross-fitted loss: the
     keep order from one half of the text, the loss on the other, both ways, averaged."""
-    loaded, method, (counts, halves) = job.loaded, job.method, counts
-    tok, rows = loaded.tokenizer, loaded.model.get_input_embeddings().num_embeddings
+    vocabulary, method, (counts, halves) = job.vocabulary, job.method, counts
     always = vocab.read_always_file(method.vocab_always) if method.vocab_always else ()
-    regular = vocab.regular_ids(tok, rows)
-    base = len(vocab.kept_vocabulary(loaded.model, tok, len(regular), order=method.vocab_order,
-                                     counts=counts)) - len(regular)
-    curve = budget.vocab_curve(counts, *vocab.keep_curve(tok, rows, method.vocab_order, counts, always=always), base)
+    base = vocabulary.base_rows
+    curve = budget.vocab_curve(counts, *vocabulary.keep_curve(method.vocab_order, counts, always=always), base)
     if halves is not None:
-        losses = [budget.vocab_curve(measure, *vocab.keep_curve(tok, rows, "frequency", order, always=always),
+        losses = [budget.vocab_curve(measure, *vocabulary.keep_curve("frequency", order, always=always),
                                      base).token_loss for order, measure in (halves, halves[::-1])]
         curve.heldout_loss = (losses[0] + losses[1]) / 2
     return curve

@@ -359,23 +359,6 @@ def read_always_file(path) -> list[str]:
     return tokens
 
 
-# Stand-ins for the call sites in compact.pipeline and compact.cli, until they hold a Vocabulary themselves.
-def kept_vocabulary(model, tokenizer, vocab_keep, *, order="id", counts=None, always=()):
-    return Vocabulary.of(model, tokenizer).kept(vocab_keep, order=order, counts=counts, always=always)
-
-
-def keep_curve(tokenizer, num_embeddings, order, counts=None, *, always=()):
-    return Vocabulary(tokenizer, num_embeddings).keep_curve(order, counts, always=always)
-
-
-def regular_ids(tokenizer, num_embeddings):
-    return Vocabulary(tokenizer, num_embeddings).regular
-
-
-def check_keep(tokenizer, num_embeddings, keep):
-    Vocabulary(tokenizer, num_embeddings).check_keep(keep)
-
-
 def _flat_ids(values) -> set[int]:
     """The ids in ``values``, flattening lists (a config's eos_token_id can be one) and skipping None."""
     flat = set()
