@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from . import __version__
-from .tables import format_table, parameter_rows
+from .tables import EVAL_METRICS, format_table, parameter_rows
 
 
 def build_report(loaded, decision, timings: dict) -> dict:
