@@ -85,15 +85,20 @@ def _weighted_squares(x, w_ptr, rows, rmask, HAS_W: tl.constexpr):
 
 
 @triton.jit
+def _tile(T, C, rows_per_prog, BLOCK_C: tl.constexpr):
+    """(this program's columns, their mask, its first row, its row end): axis 1 tiles the C channels by BLOCK_C,
+    axis 0 the T rows by rows_per_prog."""
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    start = tl.program_id(0) * rows_per_prog
+    return cols, cols < C, start, tl.minimum(start + rows_per_prog, T)
+
+
+@triton.jit
 def _channel_scores_kernel(h_ptr, w_ptr, part_ptr, T, C, d1, s0, s1, sc, rows_per_prog,
                            HAS_W: tl.constexpr, FLAT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                            STAGES: tl.constexpr):
-    pid_t = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    cols, cmask, start, end = _tile(T, C, rows_per_prog, BLOCK_C)
     col_off = cols.to(tl.int64) * sc
-    start = pid_t * rows_per_prog
-    end = tl.minimum(start + rows_per_prog, T)
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     for r in tl.range(start, end, BLOCK_T, num_stages=STAGES):
         rows = r + tl.arange(0, BLOCK_T)
@@ -101,19 +106,15 @@ def _channel_scores_kernel(h_ptr, w_ptr, part_ptr, T, C, d1, s0, s1, sc, rows_pe
         offs = _row_offsets(rows, d1, s0, s1, FLAT)[:, None] + col_off[None, :]
         x = tl.load(h_ptr + offs, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         acc += _weighted_squares(x, w_ptr, rows, rmask, HAS_W)
-    tl.store(part_ptr + pid_t * C + cols, tl.sum(acc, axis=0), mask=cmask)
+    tl.store(part_ptr + tl.program_id(0) * C + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
 @triton.jit
 def _glu_kernel(g_ptr, u_ptr, h_ptr, w_ptr, part_ptr, T, C, d1, gs0, gs1, gsc, us0, us1, usc, rows_per_prog,
                 ACT: tl.constexpr, SCORE: tl.constexpr, HAS_W: tl.constexpr, FLAT: tl.constexpr,
                 EXACT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):
-    pid_t = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    cols, cmask, start, end = _tile(T, C, rows_per_prog, BLOCK_C)
     cols64 = cols.to(tl.int64)
-    start = pid_t * rows_per_prog
-    end = tl.minimum(start + rows_per_prog, T)
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     for r in tl.range(start, end, BLOCK_T, num_stages=STAGES):
         rows = r + tl.arange(0, BLOCK_T)
@@ -130,7 +131,7 @@ def _glu_kernel(g_ptr, u_ptr, h_ptr, w_ptr, part_ptr, T, C, d1, gs0, gs1, gsc, u
         if SCORE:
             acc += _weighted_squares(h.to(tl.float32), w_ptr, rows, rmask, HAS_W)
     if SCORE:
-        tl.store(part_ptr + pid_t * C + cols, tl.sum(acc, axis=0), mask=cmask)
+        tl.store(part_ptr + tl.program_id(0) * C + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
 @triton.jit
