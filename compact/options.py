@@ -35,13 +35,23 @@ class Method:
     plan_trials: int = 0
 
     def __post_init__(self):
+        """The checks the command line's parser makes, for a Method built in Python."""
         from .criteria import check_criterion
+        from .selection import parse_ffn_keep
 
         check_criterion(self.ffn_criterion)
         for name, value, allowed in (("vocab_order", self.vocab_order, VOCAB_ORDERS),
                                      ("refit", self.refit, REFITS), ("ffn_select", self.ffn_select, SELECTIONS)):
             if value not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; got {value!r}")
+        for name, value, low in (("vocab_keep", self.vocab_keep, 1), ("ffn_multiple", self.ffn_multiple, 1),
+                                 ("plan_trials", self.plan_trials, 0)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer of at least {low}, got {value!r}")
+        if self.target_params is not None and not 0 < self.target_params <= 1:
+            raise ValueError(f"--target-params must be a fraction in (0, 1], got {self.target_params!r}")
+        if self.ffn_keep is not None and not parse_ffn_keep(self.ffn_keep) > 0:
+            raise ValueError(f"--ffn-keep must be positive (a count or a ratio in (0, 1]), got {self.ffn_keep!r}")
 
 
 @dataclass(frozen=True)

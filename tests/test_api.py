@@ -1,0 +1,61 @@
+"""The Python API (compact.decide / apply / prune) on a model in memory: a frozen decision that changes nothing,
+the cut it describes, and one-line errors for what a careless caller passes. (README's example against
+`compact prune` on SmolLM2: tests/test_real_model.py.)"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import compact
+import tiny_models
+
+
+@pytest.fixture()
+def calib(tmp_path):
+    np.save(tmp_path / "calib.npy", np.arange(128).reshape(4, 32) % 60)
+    return compact.CalibOptions(str(tmp_path / "calib.npy"), samples=4, seq_len=32)
+
+
+def test_decide_changes_nothing_and_apply_cuts_as_decided(calib):
+    model = tiny_models.build("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    decision = compact.decide(model, None, calib, compact.Method(vocab_keep=40, ffn_keep="24ch"),
+                              compact.Run(progress=False))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        decision.ffn_keep = 8
+    assert decision.method.refit == "sequential" and decision.refits  # the default re-fit, resolved
+    pruned, tokenizer, report = compact.apply(model, None, decision)
+    assert pruned is model and tokenizer is None
+    assert model.get_input_embeddings().num_embeddings == len(decision.kept_token_ids)
+    assert all(mlp.down_proj.in_features == 24 for mlp in (layer.mlp for layer in model.model.layers))
+    assert report["kept_channels"] == list(decision.kept_channels.values())
+    assert report["parameters"]["after"]["total"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("fields, said", [
+    (dict(vocab_keep=0), "--vocab-keep must be an integer of at least 1"),
+    (dict(vocab_keep=2.5), "--vocab-keep must be an integer"),
+    (dict(ffn_keep=-0.5), "--ffn-keep must be positive"),
+    (dict(ffn_keep="abc"), "--ffn-keep must be a channel count"),
+    (dict(target_params=2.0), r"--target-params must be a fraction in \(0, 1\]"),
+    (dict(vocab_order="freq"), "--vocab-order must be one of auto, id, frequency"),
+    (dict(refit="yes"), "--refit must be one of"),
+    (dict(ffn_criterion="act3"), "--ffn-criterion must be one of"),
+])
+def test_a_method_is_checked_when_it_is_made(fields, said):
+    with pytest.raises(ValueError, match=said):
+        compact.Method(**fields)
+
+
+def test_careless_calls_are_one_line_errors(tmp_path):
+    model = tiny_models.build("llama")
+    with pytest.raises(ValueError, match="nothing to prune"):
+        compact.prune(model)
+    with pytest.raises(FileNotFoundError, match="calibration file not found"):
+        compact.decide(model, None, tmp_path / "missing.txt", compact.Method(ffn_keep="24ch"))
+    with pytest.raises(TypeError, match="calibration must be a file path or compact.CalibOptions"):
+        compact.decide(model, None, 3, compact.Method(ffn_keep="24ch"))
