@@ -317,9 +317,12 @@ def _cmd_score(args) -> int:
     out, method, run = g["output"].out, g["method"], g["run"]
     output.check_destination(out, overwrite=g["output"].overwrite, protected=loading.locate(args.model), kind="file")
     loaded = _load(g["load"], method.vocab_keep)
-    resumed = runs.resume_point(run.checkpoint, run.resume)
-    decision = pipeline.decide(loaded, method, g["calib"], run, upto="scoring")
-    if runs.distributed()[0] != 0:
+    resumed, rank = runs.resume_point(run.checkpoint, run.resume), runs.distributed()[0]
+    try:
+        decision = pipeline.decide(loaded, method, g["calib"], run, upto="scoring")
+    finally:
+        runs.leave()
+    if rank != 0:
         return 0  # rank 0 writes
     source = decision.calibration.source if decision.calibration else None
     meta = {"model": loaded.source, "calibration": str(source), "vocab_keep": str(method.vocab_keep),

@@ -41,6 +41,13 @@ def distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def leave() -> None:
+    """Leave torchrun's process group, when this process joined one: a gloo group left to the interpreter's exit
+    can abort it ("terminate called without an active exception": 3 runs in 14 of the 2-rank test here)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def shard(count: int, rank: int, world: int) -> slice:
     """The contiguous block of `count` sequences that `rank` of `world` scores."""
     return slice(count * rank // world, count * (rank + 1) // world)
