@@ -103,6 +103,7 @@ def decide(loaded: Loaded, method: Method = Method(), calib: CalibOptions = Cali
            upto: str = "selection") -> Decision:
     """Run the steps up to `upto` (one of STEPS), each only when the method needs it, each timed; nothing is
     written and the model is not changed."""
+    asked_refit = None if method.refit == "auto" else method.refit
     job = _job(loaded, method, calib, run, upto)
     method, timings = job.method, Timings()
     ffn_keep = _ffn_keep(job)
@@ -132,7 +133,7 @@ def decide(loaded: Loaded, method: Method = Method(), calib: CalibOptions = Cali
         return decided
     with timings.phase("selection"):
         decided = _select(job, decided, passed)
-    _warn_idle(job, method.refit if method.refit != "auto" else None, decided)
+    _warn_idle(job, asked_refit, decided)
     return decided
 
 

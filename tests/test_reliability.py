@@ -911,6 +911,9 @@ def test_options_with_nothing_to_do_are_said(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipeline.decide(loaded, Method(ffn_keep="24ch"), calib, checked)
+        # --refit auto (sequential with --target-params) and a plan that cuts no FFN channel: nothing to say
+        planned = pipeline.decide(loaded, Method(target_params=0.95, ffn_multiple=8), calib, Run(progress=False))
+    assert planned.method.refit == "sequential" and planned.ffn_keep == tiny_models.INTER and not planned.refits
 
 
 def test_gguf_reader_bar_follows_quiet(monkeypatch):
