@@ -279,8 +279,8 @@ def _check(job: Job, calib: data.Calibration, kept_ids) -> dict:
 def _activation_pass(job: Job, calib: data.Calibration, kept_ids) -> ChannelScorer:
     """One model-major pass over the calibration data (checkpoints, torchrun): common and plain act^2."""
     run, loaded = job.run, job.loaded
-    checkpoints = runs.RunOptions(run.checkpoint, run.checkpoint_every, run.resume,
-                                  signature(job.method, job.calib, loaded.source, loaded.dtype))
+    checkpoints = runs.Checkpoints(run.checkpoint, run.checkpoint_every, run.resume,
+                                   signature(job.method, job.calib, loaded.source, loaded.dtype))
     scorer = ChannelScorer(loaded.model, keep_token_ids=kept_ids, plain=True)
     runs.run(scorer, calib.input_ids, calib.attention_mask, batch_size=run.batch_size, progress=run.progress,
              opts=checkpoints)

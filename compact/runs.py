@@ -21,8 +21,10 @@ from .scoring import ChannelScorer, Checkpointing, run_scorer
 from .sums import Sums
 
 
-@dataclass
-class RunOptions:
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where a pass's resume checkpoints go and when (built from compact.options.Run and the signature)."""
+
     checkpoint: str | None = None  # file for the partial sums (a rank suffix is added under torchrun)
     every: int = 0                 # save every this many batches; 0: never
     resume: bool = False
@@ -61,7 +63,7 @@ def save_checkpoint(path: Path, sums: Sums, next_batch: int, signature: dict) ->
     os.replace(tmp, path)
 
 
-def _path(opts: RunOptions | None, rank: int, world: int) -> Path | None:
+def _path(opts: Checkpoints | None, rank: int, world: int) -> Path | None:
     if opts is None or opts.checkpoint is None:
         return None
     return Path(opts.checkpoint + (f".rank{rank}" if world > 1 else ""))
@@ -69,7 +71,7 @@ def _path(opts: RunOptions | None, rank: int, world: int) -> Path | None:
 
 def resume_point(checkpoint: str | None, resume: bool) -> int:
     """The batch a --resume run of `checkpoint` will continue from (0 when it starts afresh)."""
-    path = _path(RunOptions(checkpoint), *distributed())
+    path = _path(Checkpoints(checkpoint), *distributed())
     if path is None or not path.exists() or not resume:
         return 0
     return int(_checkpoint_meta(path)["next_batch"])
@@ -103,10 +105,10 @@ def load_checkpoint(path: Path, sums: Sums, signature: dict) -> int:
 
 
 def run(scorer: ChannelScorer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
-        batch_size: int = 1, progress: bool | None = None, opts: RunOptions | None = None) -> int:
+        batch_size: int = 1, progress: bool | None = None, opts: Checkpoints | None = None) -> int:
     """run_scorer over this rank's shard, with checkpoints, then the sums of all ranks into `scorer`.
     Returns the batch this process started from (> 0 when it resumed)."""
-    opts = opts or RunOptions()
+    opts = opts or Checkpoints()
     rank, world = distributed()
     part = shard(input_ids.shape[0], rank, world)
     ids, mask = input_ids[part], None if attention_mask is None else attention_mask[part]
