@@ -14,7 +14,6 @@ from . import pipeline
 from .data import CalibOptions
 from .loading import held
 from .options import Method, Run
-from .report import build_report
 
 
 def decide(model, tokenizer=None, calibration: CalibOptions | str | Path | None = None, method: Method = Method(),
@@ -26,14 +25,7 @@ def decide(model, tokenizer=None, calibration: CalibOptions | str | Path | None 
 
 def apply(model, tokenizer, decision: pipeline.Decision) -> tuple:
     """(the model cut in place, the cut tokenizer or None, the report) as `decision` says."""
-    loaded = held(model, tokenizer)
-    timings = pipeline.Timings(decision.timings)
-    report = build_report(loaded, decision, timings)
-    with timings.phase("slicing"):
-        model, cut, report["parameters"]["after"] = pipeline.apply(loaded, decision)
-    report["tokenizer"] = None if tokenizer is None else (
-        "unchanged (vocabulary not cut)" if decision.kept_token_ids is None else "pruned to kept_token_ids")
-    return model, cut, report
+    return pipeline.apply(held(model, tokenizer), decision)
 
 
 def prune(model, tokenizer=None, calibration: CalibOptions | str | Path | None = None, method: Method = Method(),

@@ -443,36 +443,41 @@ def _fit_statistics(stats: engine.LayerStats) -> tuple[torch.Tensor, torch.Tenso
     return stats.gram, stats.mlp.down_proj.weight.detach().double() @ stats.gram
 
 
-def apply(loaded: Loaded, decision: Decision) -> tuple:
-    """Cut the model in memory as `decision` says (re-fitted columns first); (model, cut tokenizer or None,
-    the parameter counts after). The model is changed in place."""
+def apply(loaded: Loaded, decision: Decision, timings: Timings | None = None) -> tuple:
+    """Cut the model in memory as `decision` says (re-fitted columns first): (the model, changed in place; the
+    tokenizer cut to match, or None; the report, compact_report.json's contents). The cut is timed as "slicing"
+    in `timings` (a copy of the decision's when None), which the report holds."""
     if loaded.offloaded:
         raise ValueError("an offloaded model (--offload layerwise) is cut by `write`, tensor by tensor")
-    refits = decision.refits or {}
-    if refits:
-        repair.apply_refits(loaded.model, decision.kept_channels, refits)
-    slicing.slice_model(loaded.model, decision.kept_token_ids, decision.kept_channels)
-    return loaded.model, cut_tokenizer(loaded, decision.kept_token_ids), models.parameter_counts(loaded.model)
+    timings = Timings(decision.timings) if timings is None else timings
+    report = build_report(loaded, decision, timings)  # before the cut: the model's shape and ids as decided
+    with timings.phase("slicing"):
+        if decision.refits:
+            repair.apply_refits(loaded.model, decision.kept_channels, decision.refits)
+        slicing.slice_model(loaded.model, decision.kept_token_ids, decision.kept_channels)
+        cut = cut_tokenizer(loaded, decision.kept_token_ids)
+    report["parameters"]["after"] = models.parameter_counts(loaded.model)
+    report["tokenizer"] = _tokenizer_fate(loaded, decision.kept_token_ids)
+    return loaded.model, cut, report
 
 
 def write(loaded: Loaded, decision: Decision, out: Path, overwrite: bool = False, progress: bool | None = None) -> dict:
     """Slice and save checkpoint, tokenizer, scores and report into a staged folder renamed to `out` at the end;
     returns the report. The model is cut in place (or, offloaded, written tensor by tensor from its files)."""
     timings = Timings(decision.timings)
-    result = build_report(loaded, decision, timings)  # before the cut: the model's shape and ids as decided
-    shape = models.fingerprint(loaded.model.config)  # of the model the scores belong to
+    shape = models.fingerprint(loaded.model.config)  # of the model the scores belong to, before the cut
     with output.staged_dir(out, overwrite=overwrite) as tmp:
         if loaded.offloaded:
+            result = build_report(loaded, decision, timings)
             with timings.phase("slicing"):
                 result["parameters"]["after"] = _write_offloaded(loaded, decision, tmp, progress)
             with timings.phase("save"):
                 result["tokenizer"] = save_tokenizer(loaded, decision.kept_token_ids, tmp)
         else:
-            with timings.phase("slicing"):
-                model, cut, result["parameters"]["after"] = apply(loaded, decision)
+            model, cut, result = apply(loaded, decision, timings)
             with timings.phase("save"):
                 model.to(loaded.written_dtype).save_pretrained(tmp, safe_serialization=True)
-                result["tokenizer"] = save_tokenizer(loaded, decision.kept_token_ids, tmp, cut)
+                save_tokenizer(loaded, decision.kept_token_ids, tmp, cut)
         if decision.scores is not None:
             with timings.phase("save"):
                 output.save_scores(decision.scores, tmp / "compact_scores.safetensors", shape)
@@ -512,5 +517,11 @@ def save_tokenizer(loaded: Loaded, kept_ids: list[int] | None, folder: Path, cut
         warnings.warn("the model has no tokenizer: the pruned checkpoint is written without one", stacklevel=2)
         return None
     (cut or cut_tokenizer(loaded, kept_ids)).save_pretrained(folder)
-    return "unchanged (vocabulary not cut)" if kept_ids is None else "pruned to kept_token_ids"
+    return _tokenizer_fate(loaded, kept_ids)
 
+
+def _tokenizer_fate(loaded: Loaded, kept_ids: list[int] | None) -> str | None:
+    """What the report records of the tokenizer."""
+    if loaded.tokenizer is None:
+        return None
+    return "unchanged (vocabulary not cut)" if kept_ids is None else "pruned to kept_token_ids"

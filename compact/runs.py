@@ -63,15 +63,14 @@ def save_checkpoint(path: Path, sums: Sums, next_batch: int, signature: dict) ->
     os.replace(tmp, path)
 
 
-def _path(opts: Checkpoints | None, rank: int, world: int) -> Path | None:
-    if opts is None or opts.checkpoint is None:
-        return None
-    return Path(opts.checkpoint + (f".rank{rank}" if world > 1 else ""))
+def _path(checkpoint: str | None, rank: int, world: int) -> Path | None:
+    """This rank's checkpoint file (a rank suffix under torchrun), or None."""
+    return None if checkpoint is None else Path(checkpoint + (f".rank{rank}" if world > 1 else ""))
 
 
 def resume_point(checkpoint: str | None, resume: bool) -> int:
     """The batch a --resume run of `checkpoint` will continue from (0 when it starts afresh)."""
-    path = _path(Checkpoints(checkpoint), *distributed())
+    path = _path(checkpoint, *distributed())
     if path is None or not path.exists() or not resume:
         return 0
     return int(_checkpoint_meta(path)["next_batch"])
@@ -112,7 +111,7 @@ def run(scorer: ChannelScorer, input_ids: torch.Tensor, attention_mask: torch.Te
     rank, world = distributed()
     part = shard(input_ids.shape[0], rank, world)
     ids, mask = input_ids[part], None if attention_mask is None else attention_mask[part]
-    path = _path(opts, rank, world)
+    path = _path(opts.checkpoint, rank, world)
     signature = {**opts.signature, "rank": rank, "world": world, "batch_size": batch_size}
     start = 0
     if path is not None and path.exists():
