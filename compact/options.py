@@ -6,11 +6,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import engine, vocab
 from .data import CalibOptions
 
-VOCAB_ORDERS = ("auto", "id", "frequency")
-REFITS = ("auto", "none", "same-input", "sequential")
-SELECTIONS = ("scores", "obs")
+# A method's choices: what the engine and the vocabulary policy do, and "auto" (resolved by pipeline.decide).
+VOCAB_ORDERS = ("auto", *vocab.VOCAB_ORDERS)
+REFITS = ("auto", *engine.REFITS)
+SELECTIONS = ("scores", "obs")  # the top of the criterion, or repair.eliminate
 
 
 @dataclass(frozen=True)
