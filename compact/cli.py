@@ -82,10 +82,26 @@ def _check_and_run_options(p: argparse.ArgumentParser) -> None:
     _run_options(p)
 
 
+def _size(text: str) -> int:
+    """Bytes from "512M", "8G", "1.5T" or a plain count."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    number, unit = text[:-1] if text[-1:].isalpha() else text, text[-1:].upper() if text[-1:].isalpha() else ""
+    try:
+        value = float(number) * units[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be a size such as 512M, 8G or 0, got {text}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be a size of 0 or more, got {text}")
+    return int(value)
+
+
 def _run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint-every", type=_positive_int, metavar="B",
-                   help="save partial sums every B batches to OUT.ckpt (resumable with --resume)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.ckpt")
+    p.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
+                   help="save the calibration pass's state every N layers into OUT.ckpt/ (resumable with --resume)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.ckpt/")
+    p.add_argument("--host-memory", type=_size, metavar="SIZE",
+                   help="host memory the calibration's hidden states may take, e.g. 8G (default: half the memory "
+                        "available; beyond it they go to a file beside OUT)")
 
 
 def _model_options(p: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -267,7 +283,7 @@ FLAGS = {
     "refit": ("method", "refit"), "ffn_select": ("method", "ffn_select"), "plan_trials": ("method", "plan_trials"),
     "batch_size": ("run", "batch_size"), "quiet": ("run", "progress", lambda quiet: False if quiet else None),
     "check": ("run", "check"), "checkpoint_every": ("run", "checkpoint_every", lambda every: every or 0),
-    "resume": ("run", "resume"),
+    "resume": ("run", "resume"), "host_memory": ("run", "host_memory"),
     "out": ("output", "out"), "overwrite": ("output", "overwrite"), "gguf": ("output", "gguf"),
     "gguf_pre": ("output", "gguf_pre"),
 }
@@ -275,8 +291,7 @@ FLAGS = {
 
 def _groups(args) -> dict:
     """The option groups of `args` by FLAGS (fields whose flag this command lacks keep their defaults); the run's
-    checkpoint file is OUT.ckpt for `score`, and for `prune` when asked to checkpoint or resume (an unrelated
-    file of that name is not its)."""
+    checkpoint folder is OUT.ckpt for `score` and `prune` (where streams too large for memory go too)."""
     from dataclasses import replace
 
     from .data import CalibOptions
@@ -289,9 +304,8 @@ def _groups(args) -> dict:
             given[group][name] = convert[0](value) if convert else value
     groups = {"load": Load(**given["load"]), "calib": CalibOptions(**given["calib"]),
               "method": Method(**given["method"]), "run": Run(**given["run"]), "output": Output(**given["output"])}
-    run = groups["run"]
-    if args.command == "score" or run.checkpoint_every or run.resume:
-        groups["run"] = replace(run, checkpoint=f"{groups['output'].out}.ckpt")
+    if args.command in ("score", "prune"):
+        groups["run"] = replace(groups["run"], checkpoint=f"{groups['output'].out}.ckpt")
     return groups
 
 
@@ -313,22 +327,24 @@ def _load(load, vocab_keep: int | None = None):
 def _cmd_score(args) -> int:
     from . import loading, models, output, pipeline, runs
 
+    _check_checkpoint(args)
     g = _groups(args)
     out, method, run = g["output"].out, g["method"], g["run"]
     output.check_destination(out, overwrite=g["output"].overwrite, protected=loading.locate(args.model), kind="file")
     loaded = _load(g["load"], method.vocab_keep)
-    resumed, rank = runs.resume_point(run.checkpoint, run.resume), runs.distributed()[0]
+    group = runs.group()
     try:
-        decision = pipeline.decide(loaded, method, g["calib"], run, upto="scoring")
+        decision = pipeline.decide(loaded, method, g["calib"], run, upto="scoring", group=group)
     finally:
         runs.leave()
-    if rank != 0:
+    if group.rank != 0:
         return 0  # rank 0 writes
     source = decision.calibration.source if decision.calibration else None
     meta = {"model": loaded.source, "calibration": str(source), "vocab_keep": str(method.vocab_keep),
             "vocab_order": decision.method.vocab_order, "ffn_criterion": method.ffn_criterion,
-            "compact": __version__, "resumed_from_batch": str(resumed), **models.fingerprint(loaded.model.config)}
+            "compact": __version__, **models.fingerprint(loaded.model.config)}
     output.save_scores(decision.scores, out, meta, overwrite=g["output"].overwrite)
+    runs.discard(run.checkpoint)
     if not args.quiet:
         scores = decision.scores
         print(f"scores for {len(scores)} layers x {next(iter(scores.values())).numel()} channels -> {out}")
@@ -355,16 +371,19 @@ def _check_early(args) -> None:
         raise ValueError("give --target-params, or --vocab-keep/--ffn-keep, not both")
     if args.calib is not None and not Path(args.calib).is_file():
         raise FileNotFoundError(f"{args.calib}: calibration file not found")
+    _check_checkpoint(args)
+
+
+def _check_checkpoint(args) -> None:
+    """An interrupted run's checkpoints at OUT.ckpt are continued with --resume, never silently dropped."""
     checkpoint = Path(f"{args.out}.ckpt")
-    if (args.checkpoint_every or args.resume) and checkpoint.exists() and not args.resume:
+    if not args.resume and checkpoint.is_dir() and any(checkpoint.iterdir()):
         raise ValueError(f"{checkpoint} holds an interrupted run: pass --resume to continue it, or delete it")
 
 
 def _cmd_prune(args) -> int:
     from . import export, loading, output, pipeline, report, runs
 
-    if runs.distributed()[1] > 1:
-        raise ValueError("torchrun runs `compact score`; prune with --scores from it in one process")
     _check_early(args)
     g = _groups(args)
     out = g["output"]
@@ -372,8 +391,15 @@ def _cmd_prune(args) -> int:
     if out.gguf:
         export.check_exportable(args.model, out.gguf_pre)
     loaded = _load(g["load"], g["method"].vocab_keep)
-    decision = pipeline.decide(loaded, g["method"], g["calib"], g["run"])
+    group = runs.group()
+    try:
+        decision = pipeline.decide(loaded, g["method"], g["calib"], g["run"], group=group)
+    finally:
+        runs.leave()
+    if group.rank != 0:
+        return 0  # rank 0 writes
     result = pipeline.write(loaded, decision, out.out, out.overwrite, g["run"].progress)
+    runs.discard(g["run"].checkpoint)
     if not args.quiet:
         print(report.prune_summary(result, out.out))
     if out.gguf:

@@ -49,12 +49,6 @@ def _wanda(mlp, plain: torch.Tensor) -> torch.Tensor:
     return mlp.down_proj.weight.detach().double().norm(p=1, dim=0) * plain.to(mlp.down_proj.weight.device).sqrt()
 
 
-def wanda_scores(model, plain: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from . import models
-
-    return {name: _wanda(mlp, plain[name]) for name, mlp in models.mlps(model).items()}
-
-
 def layer_scores(stats, criterion: str) -> torch.Tensor:
     """One layer's data-driven criterion from the engine's statistics (compact.engine.LayerStats)."""
     if criterion == "common-act2":
@@ -63,11 +57,3 @@ def layer_scores(stats, criterion: str) -> torch.Tensor:
         return stats.plain
     return _wanda(stats.mlp, stats.plain)
 
-
-def from_activations(model, criterion: str, common: dict, plain: dict) -> dict[str, torch.Tensor]:
-    """The data-driven criterion's scores from the pass's two accumulators."""
-    if criterion == "common-act2":
-        return common
-    if criterion == "act2":
-        return plain
-    return wanda_scores(model, plain)

@@ -19,17 +19,22 @@ works in both modes and both give the same numbers. Per layer:
    pruned layer, giving the next layer's pruned-stream inputs.
 
 Statistics live for one layer at a time: I^2 + D*I float64 numbers at most (1.64 GB + 0.47 GB for
-Llama-3.1-8B), never L x I^2. The streams cost T x D each in the model dtype (T calibration tokens). The
-sequential re-fit runs each layer three times per batch instead of once (pass 1, 2 and 4) and adds
-2 T I^2 + 2 T D I FLOP per layer for G' and C.
+Llama-3.1-8B), never L x I^2. The streams cost T x D each in the model dtype (T calibration tokens) and live
+where they fit (compact.streams: device, host, or a disk memmap). The sequential re-fit runs each layer three
+times per batch instead of once (pass 1, 2 and 4) and adds 2 T I^2 + 2 T D I FLOP per layer for G' and C.
+
+Every mode is this loop (compact.runs): under torchrun each rank runs its share of the batches, the layer's
+statistics are all-reduced after passes 1 and 2, rank 0 chooses and re-fits and broadcasts the result; with
+checkpoints the state at a layer boundary (the sums so far, the choices and re-fits of the layers done, the
+streams) is saved every few layers, and a resumed run continues from there with the same numbers.
 """
 from __future__ import annotations
 
 import time
-import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +42,9 @@ from torch import nn
 
 import compact_kernels as ck
 
-from . import models, repair
+from . import models, repair, runs
 from .memory import trim_host_memory
+from .streams import Streams, place
 from .progress import bar as progress_bar
 from .scoring import ChannelScorer, ScoringOptions
 
@@ -77,33 +83,35 @@ def _record_inputs(decoder: nn.Module, input_ids, attention_mask) -> tuple[torch
     return sink["hidden"], [sink[i] for i in range(len(layers))]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Batch:
-    """One calibration batch in flight: its ids and mask (on the compute device), the unpruned stream's
-    hidden states, the pruned stream's (sequential re-fit only) and each layer's recorded arguments."""
+    """One calibration batch in flight: its ids and mask (on the compute device), its `rows` in the streams and
+    each layer's recorded arguments."""
 
     ids: torch.Tensor
     mask: torch.Tensor | None
-    hidden: torch.Tensor
+    rows: slice
     per_layer: list
-    shifted: torch.Tensor | None = None
 
     def run(self, layer: nn.Module, i: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Layer i on `hidden` (moved to the compute device); its output there."""
         args, kwargs = self.per_layer[i]
         out = layer(hidden.to(self.ids.device), *args, **kwargs)
-        return (out[0] if isinstance(out, tuple) else out).to(hidden.device)
+        return out[0] if isinstance(out, tuple) else out
 
 
-def record_batches(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                   batch_size: int, device: torch.device, hidden_device: torch.device) -> list[Batch]:
-    """Every batch's layer-0 hidden states (on `hidden_device`) and per-layer arguments."""
+def record_batches(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
+                   batch_size: int, device: torch.device, streams: Streams) -> list[Batch]:
+    """Every batch's per-layer arguments; its layer-0 hidden states into stream 0."""
     batches = []
     with torch.inference_mode():
         for start in range(0, input_ids.shape[0], batch_size):
-            ids = input_ids[start:start + batch_size].to(device)
-            mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
+            rows = slice(start, start + batch_size)
+            ids = input_ids[rows].to(device)
+            mask = None if attention_mask is None else attention_mask[rows].to(device)
             hidden, per_layer = _record_inputs(decoder, ids, mask)
-            batches.append(Batch(ids, mask, hidden.to(hidden_device), per_layer))
+            streams.put(0, rows, hidden)
+            batches.append(Batch(ids, mask, slice(start, start + ids.shape[0]), per_layer))
     return batches
 
 
@@ -112,17 +120,20 @@ def record_batches(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: 
 class Resident:
     """The layers of a model held in memory."""
 
+    reserve = 0  # device bytes the streams leave free beside the model (already resident)
+
     def __init__(self, model: nn.Module):
         self.model = model
         self.device = model.get_input_embeddings().weight.device
+        self.dtype = model.get_input_embeddings().weight.dtype
 
     @contextmanager
     def embedded(self) -> Iterator[None]:
         yield
 
-    def record(self, input_ids, attention_mask, batch_size: int) -> list[Batch]:
-        return record_batches(models.decoder_of(self.model), input_ids, attention_mask, batch_size, self.device,
-                              self.device)
+    def record(self, input_ids, attention_mask, batch_size: int, streams: Streams) -> list[Batch]:
+        return record_batches(models.decoder_of(self.model), input_ids, attention_mask, batch_size=batch_size,
+                              device=self.device, streams=streams)
 
     @contextmanager
     def layer(self, i: int) -> Iterator[nn.Module]:
@@ -131,16 +142,18 @@ class Resident:
 
 # ------------------------------------------------------------------------------------------- the loop
 
-@dataclass
+@dataclass(frozen=True)
 class EngineOptions:
     """What the engine computes beside the scores: `plain` act^2, the `gram` of the unpruned stream (for the
-    planner's pricing), and the re-fit of the kept channels (`refit` one of REFITS, with `ridge`)."""
+    planner's pricing), and the re-fit of the kept channels (`refit` one of REFITS, with `ridge`);
+    `host_memory`: bytes of host memory the streams may take (None: half the available; beyond: on disk)."""
 
     scoring: ScoringOptions = field(default_factory=ScoringOptions)
     plain: bool = False
     gram: bool = False
     refit: str = "none"
     ridge: float = repair.RIDGE
+    host_memory: int | None = None
 
 
 @dataclass
@@ -156,6 +169,11 @@ class LayerStats:
     shifted_gram: torch.Tensor | None = None
     cross: torch.Tensor | None = None
 
+    def reduce(self, group: runs.Group) -> None:
+        """Every statistic summed over torchrun's ranks, in place."""
+        for value in (self.scores, self.plain, self.gram, self.shifted_gram, self.cross):
+            group.all_reduce(value)
+
     def fit(self, kept: list[int], ridge: float) -> torch.Tensor | None:
         """The re-fitted kept down_proj columns (float64 [D, K]); None without the statistics for one."""
         weight = self.mlp.down_proj.weight.detach()
@@ -167,67 +185,197 @@ class LayerStats:
         return None
 
 
-@dataclass
+@dataclass(frozen=True)
+class Choice:
+    """What `choose` made of one layer's statistics: the channels kept (None: the layer is not cut), the layer's
+    scores by the caller's criterion, and `left`, the planner's curve of the error share a re-fit leaves."""
+
+    kept: tuple[int, ...] | None = None
+    scores: torch.Tensor | None = None
+    left: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class Outcome:
-    """What a run found: scores (and plain act^2) per MLP, the kept channels and their re-fitted down_proj
-    columns ([D, K] in the model dtype, on the CPU) where `choose` cut the layer."""
+    """What a run found: common act^2 `scores` (and `plain` act^2) per MLP, `choose`'s choice per MLP, the
+    re-fitted down_proj columns ([D, K] in the model dtype, on the CPU) where a layer was cut, the seconds the
+    choices and the re-fits took inside the pass, where the streams lived, and the layer a resumed run
+    continued from (0: it started afresh)."""
 
     scores: dict[str, torch.Tensor]
     plain: dict[str, torch.Tensor] | None
-    kept: dict[str, list[int]] = field(default_factory=dict)
+    choices: dict[str, Choice]
+    refits: dict[str, torch.Tensor]
+    choice_seconds: float = 0.0
+    refit_seconds: float = 0.0
+    streams: str = ""
+    resumed_from: int = 0
+
+    @property
+    def kept(self) -> dict[str, list[int]]:
+        """The kept channels of each cut MLP."""
+        return {name: list(c.kept) for name, c in self.choices.items() if c.kept is not None}
+
+
+@dataclass
+class _Pass:
+    """A run's state at a layer boundary: what a checkpoint holds."""
+
+    scorer: ChannelScorer
+    choices: dict[str, Choice] = field(default_factory=dict)
     refits: dict[str, torch.Tensor] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=lambda: {"choice": 0.0, "re-fit": 0.0})  # inside the pass
+    seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])  # choice, re-fit
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The sums, choices and re-fits as named tensors."""
+        state = dict(self.scorer.sums.state_dict())
+        for name, choice in self.choices.items():
+            for key, value in (("kept", None if choice.kept is None else torch.tensor(choice.kept)),
+                               ("criterion", choice.scores), ("left", choice.left)):
+                if value is not None:
+                    state[f"{key}/{name}"] = value
+        state.update({f"refit/{name}": columns for name, columns in self.refits.items()})
+        return state
+
+    def restore(self, saved: runs.Saved, names: list[str]) -> None:
+        """The state `state` saved, for the layers before `saved.next_layer`."""
+        tensors = saved.tensors
+        self.scorer.sums.load_state_dict(tensors)
+        for name in names[:saved.next_layer]:
+            kept = tensors.get(f"kept/{name}")
+            self.choices[name] = Choice(None if kept is None else tuple(kept.tolist()), tensors.get(f"criterion/{name}"),
+                                        tensors.get(f"left/{name}"))
+            if f"refit/{name}" in tensors:
+                self.refits[name] = tensors[f"refit/{name}"]
+
+    def outcome(self, streams: str, resumed_from: int) -> Outcome:
+        return Outcome(self.scorer.scores, self.scorer.plain_scores, dict(self.choices), dict(self.refits),
+                       *self.seconds, streams=streams, resumed_from=resumed_from)
 
 
 def run(source, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, options: EngineOptions,
-        choose: Callable[[LayerStats], list[int] | None] | None = None) -> Outcome:
-    """Run the calibration batches through `source`'s layers, layer by layer (see the module docstring)."""
+        choose: Callable[[LayerStats], Choice] | None = None, *, group: runs.Group | None = None,
+        checkpoints: runs.Checkpoints | None = None) -> Outcome:
+    """Run the calibration batches through `source`'s layers, layer by layer (see the module docstring): this
+    rank's share of them under `group`, saving and resuming as `checkpoints` say."""
+    group, checkpoints = group or runs.Group(), checkpoints or runs.Checkpoints()
+    rows = _share(input_ids, options, group)
+    ids, mask = input_ids[rows], None if attention_mask is None else attention_mask[rows]
+    model, scoring = source.model, options.scoring
+    names = list(models.mlps(model))
+    saved = runs.load(checkpoints, group)
+    with source.embedded():  # the scorer's tables and sums live where the embedding does
+        state = _Pass(ChannelScorer(model, keep_token_ids=scoring.keep_token_ids, token_weights=scoring.token_weights,
+                                    path=scoring.path, plain=options.plain,
+                                    gram=options.gram or options.refit == "same-input"))
+        if saved is not None:
+            state.restore(saved, names)
+            if saved.next_layer == len(names):
+                return state.outcome("", saved.next_layer)
+        streams = _streams(source, ids, options, checkpoints)
+        batches = source.record(ids, mask, scoring.batch_size, streams)
+    try:
+        start = 0 if saved is None else saved.next_layer
+        if saved is not None:
+            streams.load(saved.folder)
+        elif streams.data[1:]:
+            streams.copy(0, 1)  # the pruned stream starts where the unpruned one does
+        _layers(source, state, options, choose, batches=batches, streams=streams, group=group,
+                checkpoints=checkpoints, start=start)
+        return state.outcome(streams.describe(), start)
+    finally:
+        streams.close()
+
+
+def _share(input_ids: torch.Tensor, options: EngineOptions, group: runs.Group) -> slice:
+    """The rows this rank runs: whole batches, so that every batch is the batch one process would run."""
     if options.refit not in REFITS:
         raise ValueError(f"refit must be one of {', '.join(REFITS)}, got {options.refit!r}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [sequences, length], got shape {tuple(input_ids.shape)}")
-    scoring = options.scoring
-    if scoring.batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {scoring.batch_size}")
-    model = source.model
-    with source.embedded():  # the scorer's tables and sums live where the embedding does
-        scorer = ChannelScorer(model, keep_token_ids=scoring.keep_token_ids, token_weights=scoring.token_weights,
-                               path=scoring.path, plain=options.plain,
-                               gram=options.gram or options.refit == "same-input")
-        batches = source.record(input_ids, attention_mask, scoring.batch_size)
-    sequential = options.refit == "sequential"
-    for batch in batches if sequential else ():
-        batch.shifted = batch.hidden
-    outcome = Outcome(scorer.scores, scorer.plain_scores)
-    mlps = models.mlps(model)
-    post_normed = sequential and _post_normed(model)
-    glu = _glu(model)
+    size = options.scoring.batch_size
+    if size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {size}")
+    batches = -(-input_ids.shape[0] // size)
+    if batches < group.world:
+        raise ValueError(f"{batches} calibration batches for {group.world} ranks: every rank needs at least one "
+                         f"(more --samples, a smaller --batch-size, or fewer ranks)")
+    share = group.share(batches)
+    return slice(share.start * size, min(share.stop * size, input_ids.shape[0]))
+
+
+def _streams(source, ids: torch.Tensor, options: EngineOptions, checkpoints: runs.Checkpoints) -> Streams:
+    """The run's streams (two with the sequential re-fit), placed by their size."""
+    count = 2 if options.refit == "sequential" else 1
+    shape = (*ids.shape, source.model.config.hidden_size)
+    nbytes = count * shape[0] * shape[1] * shape[2] * source.dtype.itemsize
+    where = place(nbytes, source.device, reserve=source.reserve, host_limit=options.host_memory)
+    folder = checkpoints.folder if checkpoints.folder is not None and where == "disk" else None
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    return Streams(shape, source.dtype, count, where=where, device=source.device, folder=folder)
+
+
+def _layers(source, state: _Pass, options: EngineOptions, choose, *, batches: list[Batch], streams: Streams,
+            group: runs.Group, checkpoints: runs.Checkpoints, start: int) -> None:
+    """Layers `start`.. in turn: statistics, reduced over the ranks; rank 0's choice and re-fit, broadcast; the
+    pruned stream advanced; a checkpoint every `checkpoints.every` layers and at the end."""
+    names = list(models.mlps(source.model))
+    sequential, glu = options.refit == "sequential", _glu(source.model)
+    post_normed = sequential and _post_normed(source.model)
+    bar = progress_bar(range(start, len(names)), desc=f"layers ({streams.describe()})", unit="layer",
+                       initial=start, total=len(names), progress=options.scoring.progress)
     with torch.inference_mode():
-        for i, name in enumerate(progress_bar(mlps, desc="layers", unit="layer", progress=scoring.progress)):
+        for i in bar:
+            name = names[i]
             with source.layer(i) as layer:
-                stats = _layer(scorer, layer, name, batches, i, (glu, post_normed))
-                start = time.perf_counter()
-                kept = choose(stats) if choose is not None else None
-                chosen = time.perf_counter()
-                fitted = stats.fit(kept, options.ridge) if kept is not None and options.refit != "none" else None
-                if kept is not None:
-                    outcome.kept[name] = kept
-                if fitted is not None:
-                    outcome.refits[name] = fitted.to(layer.mlp.down_proj.weight.dtype).cpu()  # (a device sync)
-                outcome.seconds["choice"] += chosen - start
-                outcome.seconds["re-fit"] += time.perf_counter() - chosen
+                stats = _layer(state.scorer, layer, name, i, batches=batches, streams=streams, glu=glu,
+                               post_normed=post_normed)
+                stats.reduce(group)
+                choice, fitted = _decide(stats, choose, options, group, state)
                 if sequential:
-                    _advance(layer, batches, i, glu, (kept, fitted))
+                    _advance(layer, i, batches=batches, streams=streams, glu=glu, choice=choice, fitted=fitted)
             del stats, fitted
             trim_host_memory()  # the layer's statistics go back to the system before the next layer's
-    return outcome
+            if checkpoints.saving and (i + 1) % checkpoints.every == 0 and i + 1 < len(names):
+                runs.save(checkpoints, group, i + 1, state.state(), streams)
+    if checkpoints.saving:
+        runs.save(checkpoints, group, len(names), state.state())
 
 
-def _layer(scorer: ChannelScorer, layer: nn.Module, name: str, batches: list[Batch], i: int,
-           mlp_kind: tuple) -> LayerStats:
-    """Passes 1 and 2 over layer i: the unpruned stream scored and advanced, the pruned stream's statistics.
-    `mlp_kind`: (the activations function, whether the family normalizes the MLP output)."""
-    glu, post_normed = mlp_kind
+def _decide(stats: LayerStats, choose, options: EngineOptions, group: runs.Group,
+            state: _Pass) -> tuple[Choice | None, torch.Tensor | None]:
+    """(the layer's choice, its re-fitted columns, float64): rank 0's, broadcast to every rank; recorded in
+    `state`."""
+    started = time.perf_counter()
+    choice = choose(stats) if choose is not None and group.rank == 0 else None
+    if group.world > 1:
+        choice = group.broadcast(None if choice is None else _on_cpu(choice))
+    chosen = time.perf_counter()
+    fitted = None
+    if choice is not None and choice.kept is not None and options.refit != "none":
+        down = stats.mlp.down_proj.weight
+        fitted = stats.fit(list(choice.kept), options.ridge) if group.rank == 0 else torch.empty(
+            down.shape[0], len(choice.kept), dtype=torch.float64, device=down.device)
+        group.broadcast_tensor(fitted)
+    if choice is not None:
+        state.choices[stats.name] = choice
+    if fitted is not None:
+        state.refits[stats.name] = fitted.to(stats.mlp.down_proj.weight.dtype).cpu()  # (a device sync)
+    state.seconds[0] += chosen - started
+    state.seconds[1] += time.perf_counter() - chosen
+    return choice, fitted
+
+
+def _on_cpu(choice: Choice) -> Choice:
+    """A choice whose tensors can cross to another rank."""
+    return Choice(choice.kept, *(None if t is None else t.cpu() for t in (choice.scores, choice.left)))
+
+
+def _layer(scorer: ChannelScorer, layer: nn.Module, name: str, i: int, *, batches: list[Batch], streams: Streams,
+           glu, post_normed: bool) -> LayerStats:
+    """Passes 1 and 2 over layer i: the unpruned stream scored and advanced, the pruned stream's statistics
+    (`glu`: the activations function; `post_normed`: the family normalizes the MLP output)."""
     mlp = layer.mlp
     outputs: list[torch.Tensor] = []
     tap = mlp.register_forward_hook(lambda m, a, out: outputs.append(out)) if post_normed else None
@@ -235,23 +383,24 @@ def _layer(scorer: ChannelScorer, layer: nn.Module, name: str, batches: list[Bat
         with scorer.driven():
             for batch in batches:
                 scorer.set_batch(batch.ids, batch.mask)
-                batch.hidden = batch.run(layer, i, batch.hidden)
+                streams.put(0, batch.rows, batch.run(layer, i, streams.rows(0, batch.rows)))
     finally:
         if tap is not None:
             tap.remove()
     stats = LayerStats(name, mlp, scorer.scores[name],
                        None if scorer.plain_scores is None else scorer.plain_scores[name],
                        None if scorer.grams is None else scorer.grams.pop(name))
-    if batches and batches[0].shifted is not None:
-        stats.shifted_gram, stats.cross = _shifted_stats(scorer, layer, (batches, i), glu, outputs or None)
+    if len(streams.data) > 1:
+        stats.shifted_gram, stats.cross = _shifted_stats(scorer, layer, i, batches=batches, streams=streams, glu=glu,
+                                                         mlp_outputs=outputs or None)
     return stats
 
 
-def _shifted_stats(scorer: ChannelScorer, layer: nn.Module, where: tuple[list[Batch], int], glu,
-                   mlp_outputs: list | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _shifted_stats(scorer: ChannelScorer, layer: nn.Module, i: int, *, batches: list[Batch], streams: Streams,
+                   glu, mlp_outputs: list | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(G' = sum_t w_t h'_t h'_t^T, C = sum_t w_t r_t h'_t^T) over the pruned stream, float64: h' down_proj's
-    input there, r the target of the pruned MLP's output (module docstring). `where`: (batches, layer index)."""
-    (batches, i), mlp = where, layer.mlp
+    input there, r the target of the pruned MLP's output (module docstring)."""
+    mlp = layer.mlp
     down = mlp.down_proj
     gram = torch.zeros(down.in_features, down.in_features, dtype=torch.float64, device=down.weight.device)
     cross = torch.zeros(down.out_features, down.in_features, dtype=torch.float64, device=down.weight.device)
@@ -262,11 +411,14 @@ def _shifted_stats(scorer: ChannelScorer, layer: nn.Module, where: tuple[list[Ba
         seen.append(h)
         return torch.zeros(*h.shape[:-1], down.out_features, dtype=h.dtype, device=h.device)
 
-    with _forward(mlp, silenced):
+    with models.patched_forward(mlp, silenced):
         for b, batch in enumerate(batches):
-            residual = batch.run(layer, i, batch.shifted)
+            residual = batch.run(layer, i, streams.rows(1, batch.rows))
             h = seen.pop().reshape(-1, down.in_features).float()
-            target = batch.hidden - residual if mlp_outputs is None else mlp_outputs[b]
+            if mlp_outputs is None:
+                target = streams.rows(0, batch.rows).to(residual.device) - residual
+            else:
+                target = mlp_outputs[b]
             target = target.to(h.device).reshape(-1, down.out_features).float()
             if down.bias is not None:
                 target = target - down.bias.float()
@@ -277,24 +429,24 @@ def _shifted_stats(scorer: ChannelScorer, layer: nn.Module, where: tuple[list[Ba
     return gram, cross
 
 
-def _advance(layer: nn.Module, batches: list[Batch], i: int, glu, cut: tuple) -> None:
+def _advance(layer: nn.Module, i: int, *, batches: list[Batch], streams: Streams, glu, choice: Choice | None,
+             fitted: torch.Tensor | None) -> None:
     """The pruned stream through the pruned layer i: down_proj reads the kept channels with the re-fitted
-    columns (the original layer when nothing is cut). `cut`: (kept channels or None, re-fitted columns or None)."""
-    kept, fitted = cut
-    if kept is None:
+    columns (the original layer when nothing is cut)."""
+    if choice is None or choice.kept is None:
         for batch in batches:
-            batch.shifted = batch.run(layer, i, batch.shifted)
+            streams.put(1, batch.rows, batch.run(layer, i, streams.rows(1, batch.rows)))
         return
     down = layer.mlp.down_proj
-    index = torch.as_tensor(kept, dtype=torch.long, device=down.weight.device)
+    index = torch.as_tensor(choice.kept, dtype=torch.long, device=down.weight.device)
     weight = (fitted if fitted is not None else down.weight.detach()[:, index]).to(down.weight)
 
     def pruned(module, x):
         return F.linear(glu(module, x).index_select(-1, index), weight, down.bias)
 
-    with _forward(layer.mlp, pruned):
+    with models.patched_forward(layer.mlp, pruned):
         for batch in batches:
-            batch.shifted = batch.run(layer, i, batch.shifted)
+            streams.put(1, batch.rows, batch.run(layer, i, streams.rows(1, batch.rows)))
 
 
 def _glu(model: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
@@ -311,18 +463,3 @@ def _glu(model: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
 def _post_normed(model: nn.Module) -> bool:
     """Whether the family normalizes the MLP output before the residual add (Gemma 2/3)."""
     return hasattr(models.decoder_of(model).layers[0], "post_feedforward_layernorm")
-
-
-@contextmanager
-def _forward(mlp: nn.Module, forward):
-    """mlp.forward replaced by `forward(mlp, x)` inside the block, restored after."""
-    saved = mlp.__dict__.get("forward")
-    mlp.forward = types.MethodType(forward, mlp)
-    try:
-        yield
-    finally:
-        if saved is None:
-            del mlp.forward
-        else:
-            mlp.forward = saved
-

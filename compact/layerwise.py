@@ -10,7 +10,7 @@ at a time from the safetensors shards (read lazily with `safetensors.safe_open`)
    Gemma 3; the position ids) — so masks, positions and rotary tables are exactly the forward's own;
    the embedding is then freed;
 2. each decoder layer in turn: `to_empty` + load its tensors, run every batch through it with the recorded
-   arguments, keeping the hidden states (on the compute device when they fit, else on the CPU), score its MLP
+   arguments, keeping the hidden states where they fit (compact.streams: device, host or disk), score its MLP
    with the same `ChannelScorer` fused path as `compact.scoring` (`compact_kernels.glu_and_score`, weights =
    kept-token table * attention mask, float64 accumulators), free the layer, go on.
 
@@ -55,6 +55,7 @@ from torch import nn
 from . import engine, loading, models
 from .shards import open_shards, read_tensors
 from .engine import Batch, EngineOptions, record_batches
+from .streams import Streams
 from .memory import trim_host_memory
 from .models import prefix_of
 from .scoring import ScoringOptions
@@ -111,25 +112,15 @@ def _layer_bytes(layer: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in layer.state_dict().values())
 
 
-def _auto_hidden_device(device: torch.device, hidden_bytes: int, layer_bytes: int) -> torch.device:
-    """The compute device when the hidden states fit beside ~3 layers' worth of room, else the CPU."""
-    if device.type != "cuda":
-        return torch.device("cpu") if device.type != "meta" else device
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if hidden_bytes + 3 * layer_bytes < 0.9 * free else torch.device("cpu")
-
-
 # ------------------------------------------------------------------------------------------- scoring
 
-@dataclass
+@dataclass(frozen=True)
 class Placement:
     """Where `score_layerwise` computes: `device`, in `dtype` (checkpoint tensors are cast to it, as
-    from_pretrained(dtype=...) does); `hidden_device` holds the hidden states between layers (None: the
-    compute device when they fit, else the CPU)."""
+    from_pretrained(dtype=...) does). The hidden states between layers live where they fit (compact.streams)."""
 
     device: str | torch.device = "cpu"
     dtype: torch.dtype = torch.float32
-    hidden_device: str | torch.device | None = None
 
 
 class Shards:
@@ -143,8 +134,10 @@ class Shards:
         self.config, self.files, self.model = open_shards(path, "layerwise scoring", model_dir,
                                                               self.placement.dtype)
         self.device = torch.device(self.placement.device)
+        self.dtype = self.placement.dtype
         self.decoder = models.decoder_of(self.model)
         self.prefix = prefix_of(self.model, self.decoder)
+        self.reserve = 3 * _layer_bytes(self.decoder.layers[0])  # device room the streams leave for layers
 
     @contextmanager
     def embedded(self) -> Iterator[None]:
@@ -158,15 +151,10 @@ class Shards:
             for _, child in small:
                 release(child)
 
-    def record(self, input_ids, attention_mask, batch_size: int) -> list[Batch]:
-        """Every batch's inputs (inside `embedded`); hidden states on the compute device when they fit."""
-        hidden_device = self.placement.hidden_device
-        if hidden_device is None:
-            item = torch.empty((), dtype=self.placement.dtype).element_size()
-            hidden_bytes = input_ids.numel() * self.config.hidden_size * item
-            hidden_device = _auto_hidden_device(self.device, hidden_bytes, _layer_bytes(self.decoder.layers[0]))
-        return record_batches(self.decoder, input_ids, attention_mask, batch_size, self.device,
-                              torch.device(hidden_device))
+    def record(self, input_ids, attention_mask, batch_size: int, streams: Streams) -> list[Batch]:
+        """Every batch's inputs (inside `embedded`)."""
+        return record_batches(self.decoder, input_ids, attention_mask, batch_size=batch_size, device=self.device,
+                              streams=streams)
 
     @contextmanager
     def layer(self, i: int) -> Iterator[nn.Module]:

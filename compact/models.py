@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -192,3 +194,17 @@ def prefix_of(model: nn.Module, module: nn.Module) -> str:
         if m is module:
             return f"{name}." if name else ""
     raise ValueError("module is not part of the model")
+
+
+@contextmanager
+def patched_forward(module: nn.Module, forward: Callable) -> Iterator[None]:
+    """module.forward replaced by `forward(module, x)` on this instance inside the block, restored after."""
+    saved = module.__dict__.get("forward")
+    module.forward = types.MethodType(forward, module)
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved

@@ -59,8 +59,10 @@ class Method:
 @dataclass(frozen=True)
 class Run:
     """How this run goes (nothing here changes the result): sequences per forward, progress bars (None: on a
-    terminal), `check` the fused scores against hooks on `check_batches` batches, and checkpoints of the
-    calibration pass: saved to `checkpoint` every `checkpoint_every` batches, continued with `resume`."""
+    terminal), `check` the fused scores against hooks on `check_batches` batches, checkpoints of the engine's
+    passes: saved into the folder `checkpoint` every `checkpoint_every` layers, continued with `resume`; and
+    `host_memory`, the bytes of host memory the calibration streams may take (None: half the available;
+    beyond it they go to a disk memmap)."""
 
     batch_size: int = 1
     progress: bool | None = None
@@ -69,6 +71,7 @@ class Run:
     checkpoint: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
+    host_memory: int | None = None
 
 
 @dataclass(frozen=True)

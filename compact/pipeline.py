@@ -6,6 +6,7 @@ as the decision says, `write` saves the cut checkpoint (or, offloaded, writes it
 from __future__ import annotations
 
 import itertools
+import json
 import time
 import warnings
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from .data import CalibOptions
 from .loading import Loaded
 from .options import Method, Run, signature
 from .report import build_report, model_card, original_ids
-from .scoring import ChannelScorer, ScoringOptions
+from .scoring import ScoringOptions
 
 
 class CheckFailed(RuntimeError):
@@ -44,7 +45,8 @@ class Timings(dict):
 @dataclass(frozen=True)
 class Job:
     """What a decision is computed from: the model, the method (`vocab_order` and `refit` resolved), the
-    calibration options, the run options, the last step (one of STEPS) and the model's vocabulary."""
+    calibration options, the run options, the last step (one of STEPS), the model's vocabulary, the ranks and
+    the checkpoints."""
 
     loaded: Loaded
     method: Method
@@ -52,6 +54,8 @@ class Job:
     run: Run
     upto: str
     vocabulary: vocab.Vocabulary  # of the model as loaded: built once, for the policy and the planner's curve
+    group: runs.Group  # torchrun's ranks (the engine's passes share the calibration rows between them)
+    checkpoints: runs.Checkpoints  # where and when the engine's passes save resume checkpoints
 
     @property
     def intermediate(self) -> int:
@@ -61,14 +65,6 @@ class Job:
     def data_scores(self) -> bool:
         """Scores come from a pass over calibration data (not a file, not a data-free criterion)."""
         return self.method.scores is None and self.method.ffn_criterion not in criteria.DATA_FREE
-
-    @property
-    def batch_major(self) -> bool:
-        """Checkpointed, resumed or torchrun scoring (or an interrupted run's checkpoint waiting for --resume):
-        the model-major pass of compact.runs, batch by batch."""
-        run = self.run
-        waiting = run.checkpoint is not None and Path(run.checkpoint).exists()
-        return bool(run.checkpoint_every or run.resume or waiting or runs.distributed()[1] > 1)
 
     def cuts(self, ffn_keep: int | None) -> bool:
         """A prune that keeps `ffn_keep` channels per layer cuts the FFN."""
@@ -100,11 +96,12 @@ class Decision:
 
 
 def decide(loaded: Loaded, method: Method = Method(), calib: CalibOptions = CalibOptions(), run: Run = Run(), *,
-           upto: str = "selection") -> Decision:
+           upto: str = "selection", group: runs.Group | None = None) -> Decision:
     """Run the steps up to `upto` (one of STEPS), each only when the method needs it, each timed; nothing is
-    written and the model is not changed."""
+    written and the model is not changed. Under torchrun (`group`: compact.runs.group()) every rank runs this,
+    sharing the calibration rows, and every rank gets the same decision."""
     asked_refit = None if method.refit == "auto" else method.refit
-    job = _job(loaded, method, calib, run, upto)
+    job = _job(loaded, method, calib, run, upto=upto, group=group or runs.Group())
     method, timings = job.method, Timings()
     ffn_keep = _ffn_keep(job)
     calibration = held_out = counts = halves = None
@@ -137,15 +134,20 @@ def decide(loaded: Loaded, method: Method = Method(), calib: CalibOptions = Cali
     return decided
 
 
-def _job(loaded: Loaded, method: Method, calib: CalibOptions, run: Run, upto: str) -> Job:
-    """The job with the method's `vocab_order` and `refit` resolved, after the checks that need the model."""
+def _job(loaded: Loaded, method: Method, calib: CalibOptions, run: Run, *, upto: str, group: runs.Group) -> Job:
+    """The job with the method's `vocab_order` and `refit` resolved, after the checks that need the model; its
+    checkpoints' signature is the resolved method, the calibration and the batch size, for this model."""
     if upto not in STEPS:
         raise ValueError(f"upto must be one of {STEPS}, got {upto!r}")
     if method.vocab_order == "auto":
         method = replace(method, vocab_order="frequency" if calib.path else "id")
-    job = Job(loaded, method, calib, run, upto, vocab.Vocabulary.of(loaded.model, loaded.tokenizer))
+    job = Job(loaded, method, calib, run, upto, vocab.Vocabulary.of(loaded.model, loaded.tokenizer), group,
+              runs.Checkpoints())
     _check_method(job)
-    return replace(job, method=replace(method, refit=_resolve_refit(job)))
+    method = replace(method, refit=_resolve_refit(job))
+    stamp = {**signature(method, calib, loaded.source, loaded.dtype), "batch_size": run.batch_size}
+    checkpoints = runs.Checkpoints(run.checkpoint, run.checkpoint_every, run.resume, json.dumps(stamp))
+    return replace(job, method=method, checkpoints=checkpoints)
 
 
 def _check_method(job: Job) -> None:
@@ -155,9 +157,6 @@ def _check_method(job: Job) -> None:
     if fitted and not job.data_scores:
         raise ValueError("--refit and --ffn-select obs fit down_proj on the calibration pass: they need --calib and "
                          "a data-driven --ffn-criterion (not --scores or magnitude/random)")
-    if fitted and job.batch_major:
-        raise ValueError("--checkpoint-every, --resume and torchrun score batch by batch; the re-fit runs layer by "
-                         "layer: add --refit none (and --ffn-select scores)")
     if job.upto != "selection":
         return
     if method.target_params is not None and (method.vocab_keep or method.ffn_keep):
@@ -184,7 +183,7 @@ def _resolve_refit(job: Job) -> str:
     ffn_keep = _ffn_keep(job)
     may_cut = method.target_params is not None or job.cuts(ffn_keep)
     data_driven = job.data_scores and job.calib.path is not None
-    fits = job.upto in ("planning", "selection") and not job.batch_major
+    fits = job.upto in ("planning", "selection")
     return "sequential" if may_cut and data_driven and fits else "none"
 
 
@@ -201,7 +200,7 @@ def _warn_idle(job: Job, asked_refit: str | None, decided: Decision) -> None:
 def _calibrate(job: Job) -> tuple[data.Calibration, data.Calibration | None]:
     """(the calibration rows, the rows held out for measured planning: up to a quarter as many more, or None)."""
     calib, progress = job.calib, job.run.progress
-    if not trials.wanted(job) or job.batch_major:
+    if not trials.wanted(job):
         return calibrate(job.loaded, calib, progress), None
     rows = calibrate(job.loaded, replace(calib, samples=calib.samples + trials.held_rows(calib.samples)), progress)
     return trials.split_rows(rows, calib.samples)
@@ -249,19 +248,13 @@ def _select(job: Job, decided: Decision, passed: tuple) -> Decision:
 
 def _score(job: Job, calib: data.Calibration, kept_ids, ffn_keep: int | None, timings: Timings) -> tuple:
     """(scores by the criterion, --check's result, kept channels, re-fits): for a prune the channels and their
-    re-fit are chosen layer by layer in the engine's pass (model-major with checkpoints or torchrun)."""
+    re-fit are chosen layer by layer in the engine's pass."""
     loaded, method, run = job.loaded, job.method, job.run
     if method.ffn_criterion in criteria.DATA_FREE:
         if loaded.offloaded:
             raise ValueError(f"--ffn-criterion {method.ffn_criterion} needs the weights: drop --offload layerwise")
         return criteria.data_free_scores(loaded.model, method.ffn_criterion, method.seed), None, None, None
-    if loaded.offloaded and job.batch_major:
-        raise ValueError("--offload layerwise runs in one process without checkpoints")
     check = _check(job, calib, kept_ids) if run.check else None
-    if job.batch_major:
-        scorer = _activation_pass(job, calib, kept_ids)
-        scores = criteria.from_activations(loaded.model, method.ffn_criterion, scorer.scores, scorer.plain_scores)
-        return scores, check, None, None
     scores, kept, refits = ffn_pass(job, calib, kept_ids, ffn_keep if job.cuts(ffn_keep) else None, timings)
     return scores, check, kept, refits
 
@@ -276,56 +269,50 @@ def _check(job: Job, calib: data.Calibration, kept_ids) -> dict:
                                dtype=job.loaded.dtype)
 
 
-def _activation_pass(job: Job, calib: data.Calibration, kept_ids) -> ChannelScorer:
-    """One model-major pass over the calibration data (checkpoints, torchrun): common and plain act^2."""
-    run, loaded = job.run, job.loaded
-    checkpoints = runs.Checkpoints(run.checkpoint, run.checkpoint_every, run.resume,
-                                   signature(job.method, job.calib, loaded.source, loaded.dtype))
-    scorer = ChannelScorer(loaded.model, keep_token_ids=kept_ids, plain=True)
-    runs.run(scorer, calib.input_ids, calib.attention_mask, batch_size=run.batch_size, progress=run.progress,
-             opts=checkpoints)
-    return scorer
-
-
 def ffn_pass(job: Job, calib: data.Calibration, kept_ids, keep: int | None, timings: Timings | None = None) -> tuple:
     """The engine's pass: (scores by the criterion, kept channels, re-fitted columns); `keep` channels per layer
     chosen as it goes (None: scores only). The seconds the choice and the re-fit took inside the pass go to
     `timings` as "scoring: choice" and "scoring: re-fit" (parts of the scoring phase)."""
-    method, scores = job.method, {}
+    method = job.method
 
-    def choose(stats: engine.LayerStats) -> list[int] | None:
-        scores[stats.name] = criteria.layer_scores(stats, method.ffn_criterion)
+    def choose(stats: engine.LayerStats) -> engine.Choice:
+        scores = criteria.layer_scores(stats, method.ffn_criterion)
         if keep is None:
-            return None
+            return engine.Choice(scores=scores)
         if method.ffn_select == "obs":
             gram, cross = _fit_statistics(stats)
-            return repair.eliminate(stats.mlp.down_proj.weight.detach(), cross, gram, keep)
-        return selection.top_channels(scores[stats.name], keep, stats.name)
+            kept = repair.eliminate(stats.mlp.down_proj.weight.detach(), cross, gram, keep)
+        else:
+            kept = selection.top_channels(scores, keep, stats.name)
+        return engine.Choice(tuple(kept), scores)
 
     scoring = ScoringOptions(keep_token_ids=kept_ids, batch_size=job.run.batch_size, progress=job.run.progress)
     options = engine.EngineOptions(scoring, plain=method.ffn_criterion != "common-act2", refit=method.refit,
-                                   gram=method.ffn_select == "obs")
-    outcome = engine.run(layer_source(job.loaded), calib.input_ids, calib.attention_mask, options, choose)
-    for part, seconds in outcome.seconds.items() if timings is not None and keep is not None else ():
-        timings[f"scoring: {part}"] = round(seconds, 4)
-    return scores, outcome.kept, outcome.refits
+                                   gram=method.ffn_select == "obs", host_memory=job.run.host_memory)
+    checkpoints = job.checkpoints.named(f"ffn-{runs.digest([kept_ids, keep])}")
+    outcome = engine.run(layer_source(job.loaded), calib.input_ids, calib.attention_mask, options, choose,
+                         group=job.group, checkpoints=checkpoints)
+    if timings is not None and keep is not None:
+        timings["scoring: choice"] = round(outcome.choice_seconds, 4)
+        timings["scoring: re-fit"] = round(outcome.refit_seconds, 4)
+    return {name: c.scores for name, c in outcome.choices.items()}, outcome.kept, outcome.refits
 
 
 def plain_scores(job: Job, calib: data.Calibration) -> tuple[dict, dict | None]:
     """(act^2 over all calibration tokens, with a re-fit the share of each layer's output error it leaves at
     each K or None): the FFN evidence of the budget planner, one layer's Gram at a time."""
     method = job.method
-    left = {} if method.refit != "none" else None
+    priced = method.refit != "none"
 
-    def price(stats: engine.LayerStats) -> None:
-        if left is not None:
-            left[stats.name] = budget.repair_left(stats.mlp.down_proj.weight.detach(), stats.scores, stats.gram,
-                                                  method.ffn_multiple)
+    def price(stats: engine.LayerStats) -> engine.Choice:
+        return engine.Choice(left=budget.repair_left(stats.mlp.down_proj.weight.detach(), stats.scores, stats.gram,
+                                                     method.ffn_multiple))
 
     options = engine.EngineOptions(ScoringOptions(batch_size=job.run.batch_size, progress=job.run.progress),
-                                   gram=left is not None)
-    outcome = engine.run(layer_source(job.loaded), calib.input_ids, calib.attention_mask, options, price)
-    return outcome.scores, left
+                                   gram=priced, host_memory=job.run.host_memory)
+    outcome = engine.run(layer_source(job.loaded), calib.input_ids, calib.attention_mask, options,
+                         price if priced else None, group=job.group, checkpoints=job.checkpoints.named("plan"))
+    return outcome.scores, {name: c.left for name, c in outcome.choices.items()} if priced else None
 
 
 def plan_split(job: Job, counts: tuple, evidence: tuple) -> tuple:

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import functools
 import math
-import types
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -33,7 +32,6 @@ from .progress import bar as progress_bar
 from .sums import Sums
 
 PATHS = ("auto", "fused", "hooks")  # scoring paths ("backend" in compact_kernels is triton or torch)
-_ABSENT = object()
 _ACTIVE = "_compact_scorer_active"  # set on the decoder while a ChannelScorer is entered
 
 
@@ -47,15 +45,6 @@ class ScoringOptions:
     batch_size: int = 1
     path: str = "auto"
     progress: bool | None = None
-
-
-@dataclass
-class Checkpointing:
-    """Where `run_scorer` starts (a resumed run: the batch its checkpoint recorded) and what runs after each
-    batch: `on_batch(batches_done)`, where checkpoints are saved."""
-
-    start_batch: int = 0
-    on_batch: Callable[[int], None] | None = None
 
 
 class StopForward(Exception):
@@ -297,9 +286,9 @@ class ChannelScorer:
 
     def _patch_forward(self, mlp: nn.Module, forward) -> None:
         """mlp.forward = forward(mlp, x) on this instance, undone on exit."""
-        saved = mlp.__dict__.get("forward", _ABSENT)
-        mlp.forward = types.MethodType(forward, mlp)
-        self._undo.append(lambda: delattr(mlp, "forward") if saved is _ABSENT else setattr(mlp, "forward", saved))
+        patch = models.patched_forward(mlp, forward)
+        patch.__enter__()
+        self._undo.append(lambda: patch.__exit__(None, None, None))
 
     def _enter(self, *, pre_hook: bool) -> None:
         decoder = models.decoder_of(self.model)
@@ -369,10 +358,8 @@ def _dtype_name(tensor: torch.Tensor) -> str:
 
 
 def run_scorer(scorer: ChannelScorer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-               batch_size: int = 1, progress: bool | None = None,
-               checkpointing: Checkpointing | None = None) -> ChannelScorer:
-    """Feed the sequences through the decoder only (no LM head), batch by batch, under `scorer`, from batch
-    `checkpointing.start_batch` on; `checkpointing.on_batch(batches_done)` runs after each batch.
+               batch_size: int = 1, progress: bool | None = None) -> ChannelScorer:
+    """Feed the sequences through the decoder only (no LM head), batch by batch, under `scorer`.
 
     The decoder runs under inference_mode without hooks (the batch's token weights are set here) and stops
     once the last MLP has scored: the last down_proj, the final norm and everything after never run."""
@@ -382,11 +369,8 @@ def run_scorer(scorer: ChannelScorer, input_ids: torch.Tensor, attention_mask: t
     decoder = models.decoder_of(scorer.model)
     device = scorer.model.get_input_embeddings().weight.device
     total = -(-input_ids.shape[0] // batch_size)
-    checkpointing = checkpointing or Checkpointing()
-    start = checkpointing.start_batch
     with scorer.driven(stop_after=next(reversed(scorer.mlps), None)), torch.inference_mode():
-        for batch in progress_bar(range(start, total), desc="scoring", unit="batch", initial=start,
-                                  total=total, progress=progress):
+        for batch in progress_bar(range(total), desc="scoring", unit="batch", progress=progress):
             rows = slice(batch * batch_size, (batch + 1) * batch_size)
             ids = input_ids[rows].to(device)
             mask = None if attention_mask is None else attention_mask[rows].to(device)
@@ -395,8 +379,6 @@ def run_scorer(scorer: ChannelScorer, input_ids: torch.Tensor, attention_mask: t
                 decoder(input_ids=ids, attention_mask=mask, use_cache=False)
             except StopForward:
                 pass
-            if checkpointing.on_batch is not None:
-                checkpointing.on_batch(batch + 1)
     return scorer
 
 

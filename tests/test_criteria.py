@@ -1,12 +1,13 @@
 """FFN criteria at equal budget on the real stories260K model, and their formulas."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from compact import cli, criteria, evaluate, loading
+from compact import cli, criteria, evaluate, loading, models
 from compact.llama2c import load_llama2c
 from compact.scoring import ChannelScorer, run_scorer, score_channels
 from kernel_ops.tolerances import assert_close, decoder_rtol, fp32_sum_rtol
@@ -64,7 +65,8 @@ def test_criterion_formulas(stories):
     ckpt, _, _ = stories
     model = load_llama2c(ckpt)
     plain = {f"model.layers.{i}.mlp": torch.rand(172, dtype=torch.float64) for i in range(5)}
-    wanda = criteria.wanda_scores(model, plain)
+    wanda = {name: criteria.layer_scores(SimpleNamespace(mlp=mlp, plain=plain[name]), "wanda")
+             for name, mlp in models.mlps(model).items()}
     magnitude = criteria.data_free_scores(model, "magnitude")
     for i, layer in enumerate(model.model.layers):
         name, mlp = f"model.layers.{i}.mlp", layer.mlp

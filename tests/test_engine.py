@@ -57,7 +57,7 @@ def test_sequential_refit_is_the_least_squares_solve_on_the_pruned_stream():
     keep = list(range(0, tiny_models.VOCAB, 2))
 
     def top(stats):
-        return sorted(torch.topk(stats.scores, KEEP).indices.tolist())
+        return engine.Choice(tuple(sorted(torch.topk(stats.scores, KEEP).indices.tolist())))
 
     options = engine.EngineOptions(ScoringOptions(keep_token_ids=keep, batch_size=2, progress=False),
                                    refit="sequential")
@@ -155,11 +155,11 @@ MEMORY = PRELUDE + textwrap.dedent("""
     model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     options = engine.EngineOptions(ScoringOptions(batch_size=2, progress=False), refit=sys.argv[2])
-    half = list(range(model.config.intermediate_size // 2))
+    half = tuple(range(model.config.intermediate_size // 2))
     figures = {}
     for refit in ("none", "none", sys.argv[2]):  # the first run warms up torch's lazily built kernels and pools
         base = start()
-        engine.run(engine.Resident(model), ids, None, replace(options, refit=refit), lambda stats: half)
+        engine.run(engine.Resident(model), ids, None, replace(options, refit=refit), lambda stats: engine.Choice(half))
         figures[refit] = (status()["VmHWM"] - base) / 2**20
     print(json.dumps(figures))
 """)

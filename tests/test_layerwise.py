@@ -93,14 +93,14 @@ def test_layerwise_equals_in_memory(case, tmp_path, compute):
 
 @pytest.mark.parametrize("case", ["qwen2", "gemma2"])
 def test_single_file_token_weights_no_mask_hooks(case, tmp_path):
-    """One model.safetensors, a float token-weight table, no attention mask, hidden states forced to the CPU,
+    """One model.safetensors, a float token-weight table, no attention mask,
     and the plain hook scoring path."""
     folder = save(build(case, seed=3), tmp_path / case, sharded=False)
     ids, _ = batch(seed=4, rows=3)
     weights = torch.rand(VOCAB, generator=torch.Generator().manual_seed(5))
     ref = in_memory(folder, ids, None, token_weights=weights, batch_size=3)
     got = score_layerwise(folder, ids, None, ScoringOptions(token_weights=weights, batch_size=3, path="hooks",
-                                                            progress=False), Placement(hidden_device="cpu"))
+                                                            progress=False), Placement())
     assert_scores_equal(got, ref, rtol=FWD_RTOL, what=f"{case} single file, hooks")
 
 

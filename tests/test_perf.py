@@ -21,7 +21,7 @@ pytestmark = pytest.mark.serial  # timings: alone on the machine
 
 import compact_kernels as ck
 from compact import models, slicing
-from compact.scoring import ChannelScorer, Checkpointing, run_scorer, score_channels
+from compact.scoring import ChannelScorer, run_scorer, score_channels
 from hook_baseline import hook_scores
 from kernel_ops.tolerances import decoder_rtol, fp32_sum_rtol
 
@@ -123,11 +123,13 @@ def test_interrupted_run_restores_model(small):
     model, ids, mask, kept, _ = small
     scorer = ChannelScorer(model, keep_token_ids=kept)
 
-    def stop(done):
+    def stop(module, args):
         raise KeyboardInterrupt
 
+    hook = model.model.layers[1].register_forward_pre_hook(stop)  # a Ctrl-C in the middle of a forward
     with pytest.raises(KeyboardInterrupt):
-        run_scorer(scorer, ids, mask, batch_size=BATCH, checkpointing=Checkpointing(on_batch=stop))
+        run_scorer(scorer, ids, mask, batch_size=BATCH)
+    hook.remove()
     assert_untouched(model)
     with torch.no_grad():
         assert model(input_ids=ids[:1]).logits.shape == (1, SEQ, VOCAB)  # runs to the end again
