@@ -233,7 +233,7 @@ class _Pass:
             for key, value in (("kept", None if choice.kept is None else torch.tensor(choice.kept)),
                                ("criterion", choice.scores), ("left", choice.left)):
                 if value is not None:
-                    state[f"{key}/{name}"] = value
+                    state[f"{key}/{name}"] = value.clone()  # a criterion may be a sum itself: saved apart
         state.update({f"refit/{name}": columns for name, columns in self.refits.items()})
         return state
 
