@@ -1,22 +1,8 @@
-"""FFN channel criteria, for comparison at equal budget. The data-driven ones share one scoring pass.
-
-torch and the model adapters are imported where they are used: the CLI parser reads CRITERIA and must stay
-fast (`compact --help` imports no torch)."""
+"""FFN channel criteria, for comparison at equal budget (the names: compact.options.CRITERIA). The data-driven
+ones share one scoring pass. torch and the model adapters are imported where they are used."""
 from __future__ import annotations
 
-CRITERIA = {
-    "common-act2": "sum of h_c^2 over calibration tokens in the kept vocabulary (COMPACT's criterion)",
-    "act2": "sum of h_c^2 over all calibration tokens (no vocabulary weighting)",
-    "wanda": "||W_down[:, c]||_1 * ||h_c||_2 over all calibration tokens (Wanda's |W|*||X||, per channel)",
-    "magnitude": "L2 norm of the channel's weights: its gate and up rows and its down_proj column (no data)",
-    "random": "seeded uniform random scores (a baseline; no data)",
-}
-DATA_FREE = ("magnitude", "random")
-
-
-def check_criterion(name: str) -> None:
-    if name not in CRITERIA:
-        raise ValueError(f"--ffn-criterion must be one of {', '.join(CRITERIA)}; got {name!r}")
+from .options import DATA_FREE  # noqa: F401 - the pipeline reads criteria.DATA_FREE
 
 
 def _channel_weight_norms(mlp, family) -> tuple[torch.Tensor, torch.Tensor]:

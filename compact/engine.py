@@ -39,10 +39,9 @@ import compact_kernels as ck
 
 from . import models, repair
 from .memory import trim_host_memory
+from .options import REFITS
 from .progress import bar as progress_bar
 from .scoring import ChannelScorer, ScoringOptions
-
-REFITS = ("none", "same-input", "sequential")
 
 
 # ------------------------------------------------------------------------------------------- recording

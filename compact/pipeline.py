@@ -16,9 +16,8 @@ import torch
 
 from . import (budget, criteria, data, engine, models, output, repair, runs, selection, slicing, tokenizer, trials,
                vocab)
-from .data import CalibOptions
 from .loading import Loaded
-from .options import Method, Run, signature
+from .options import CalibOptions, Method, Run, signature
 from .report import build_report, model_card, original_ids
 from .scoring import ChannelScorer, ScoringOptions
 
