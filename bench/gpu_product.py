@@ -152,8 +152,7 @@ def step_checkpoint(s: Setup) -> None:
 def _prune(s: Setup, out: Path, offload: bool) -> tuple[dict, float]:
     """(report, load seconds) of `compact prune --target-params 0.65` with the defaults, in this process."""
     from compact import loading, pipeline
-    from compact.data import CalibOptions
-    from compact.options import Method, Run
+    from compact.options import CalibOptions, Method, Run
 
     start = time.perf_counter()
     load = loading.load_skeleton if offload else loading.load

@@ -58,9 +58,9 @@ import numpy as np
 import torch
 
 from compact import cli, evaluate, loading, pipeline, vocab
-from compact.data import CalibOptions, Calibration
+from compact.data import Calibration
 from compact.tokenizer import prune_tokenizer
-from compact.criteria import CRITERIA
+from compact.options import CRITERIA, CalibOptions
 
 RESULTS = ROOT / "bench" / "results"
 FIELDS = ["part", "group", "criterion", "score_vocab", "vocab_order", "vocab_keep", "vocab_cut", "ffn_keep",

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 
+from compact.options import CRITERIA  # noqa: E402
 from tests import real_model  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -44,7 +45,6 @@ FIELDS = ["name", "group", "method", "args", "vocab_rows", "ffn", "parameters", 
 DRAWS = 3  # calibration draws: the first half of the text read from 0, 1/3 and 2/3 of its length (wrapping)
 SEEN_CHARS = 40_000  # the calibration text's own bits/byte: its first 40 KB (what 16 x 512 tokens read)
 CALIB = ["--samples", "16", "--seq-len", "512"]
-CRITERIA = ("common-act2", "act2", "wanda", "magnitude", "random")
 PAPER = {"memory": 0.64, "throughput": 1.37}  # Llama-3.1-8B after COMPACT, from the paper
 # Run a prune in a fresh process and print its peak RSS (KiB) last, on stderr.
 WORKER = ("import resource, sys; from compact.cli import main; rc = main(sys.argv[1:]); "
@@ -128,7 +128,7 @@ def prune(model: Path, out: Path, args: list[str], calib: Path) -> tuple[dict, f
 def bits_per_byte(model: Path, held: Path) -> tuple[float, object]:
     """Held-out bits/byte as `compact eval` computes it, and the loaded model."""
     from compact import evaluate, loading, pipeline
-    from compact.data import CalibOptions
+    from compact.options import CalibOptions
 
     loaded = loading.load(str(model), dtype="float32", device="cpu")
     data = pipeline.calibrate(loaded, CalibOptions(str(held), samples=1000, seq_len=512), progress=False)
@@ -149,8 +149,7 @@ def planner_candidates(model: Path, text: tuple[Path, Path], work: Path, base: f
     """The 0.65 planner's choice (frequency order) and its neighbours, pruned as they are priced: cost against
     bits/byte."""
     from compact import loading, pipeline
-    from compact.data import CalibOptions
-    from compact.options import Method, Run
+    from compact.options import CalibOptions, Method, Run
 
     calib, held = text
     loaded = loading.load(str(model), dtype="float32", device="cpu")

@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import pipeline
-from .data import CalibOptions
 from .loading import held
-from .options import Method, Run
+from .options import CalibOptions, Method, Run
 
 
 def decide(model, tokenizer=None, calibration: CalibOptions | str | Path | None = None, method: Method = Method(),

@@ -12,7 +12,8 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import __version__
+from . import __version__, options
+from .options import CHOICES, CRITERIA, DTYPES, CalibOptions, Load, Method, Output, Run
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,44 +23,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+def _held_to(rule, parse=int):
+    """argparse's type= for a flag: the text as `parse` reads it (kept as text when it cannot be), held to `rule`,
+    one of compact.options' rules (the one its option group checks when built), as a one-line usage error."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = text  # the rule's message says what it must be
+        problem = rule(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return convert
 
 
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
-    return value
-
-
-def _ffn_keep(text: str) -> str:
-    from .selection import parse_ffn_keep
-
-    try:
-        value = parse_ffn_keep(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--ffn-keep ")) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive (a count or a ratio in (0, 1]), got {text}")
-    return text
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text}")
-    return value
+_count, _count_or_0 = _held_to(options.count), _held_to(lambda value: options.count(value, low=0))
+_fraction, _ffn_keep = _held_to(options.fraction, parse=float), _held_to(options.ffn_keep, parse=str)
 
 
 def _vocab_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--vocab-order", choices=["auto", "id", "frequency"], default="auto",
+    p.add_argument("--vocab-order", choices=CHOICES["--vocab-order"], default="auto",
                    help="id: keep the lowest ids (the paper); frequency: the most frequent tokens in --calib, "
                         "completed with their merge ancestors; auto (default): frequency when --calib is given")
     p.add_argument("--vocab-always", metavar="FILE",
@@ -68,9 +53,7 @@ def _vocab_options(p: argparse.ArgumentParser) -> None:
 
 
 def _criterion_options(p: argparse.ArgumentParser) -> None:
-    from .criteria import CRITERIA
-
-    p.add_argument("--ffn-criterion", choices=list(CRITERIA), default="common-act2",
+    p.add_argument("--ffn-criterion", choices=CHOICES["--ffn-criterion"], default="common-act2",
                    help="; ".join(f"{k}: {v}" for k, v in CRITERIA.items()))
     p.add_argument("--seed", type=int, default=0, help="seed of the random criterion (default 0)")
 
@@ -96,7 +79,7 @@ def _size(text: str) -> int:
 
 
 def _run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
+    p.add_argument("--checkpoint-every", type=_count, metavar="N",
                    help="save the calibration pass's state every N layers into OUT.ckpt/ (resumable with --resume)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.ckpt/")
     p.add_argument("--host-memory", type=_size, metavar="SIZE",
@@ -108,15 +91,15 @@ def _model_options(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("model", metavar="MODEL", nargs="?" if optional else None,
                    help="local model directory, llama2.c .bin checkpoint, or cached hub id")
     p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when present)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+    p.add_argument("--dtype", default="auto", choices=CHOICES["--dtype"],
                    help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="sequences per forward (default 1)")
+    p.add_argument("--batch-size", type=_count, default=1, help="sequences per forward (default 1)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off)")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer for a model without one (e.g. a llama2.c checkpoint): a tokenizer folder, "
                         "tokenizer.json or SentencePiece tokenizer.model; used for text data and written with a prune")
     if not optional:
-        p.add_argument("--offload", choices=["none", "layerwise"], default="none",
+        p.add_argument("--offload", choices=CHOICES["--offload"], default="none",
                        help="layerwise: never hold the whole model: score one decoder layer at a time from the "
                             "safetensors files, and (prune) write the pruned checkpoint tensor by tensor")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary tables")
@@ -125,9 +108,9 @@ def _model_options(p: argparse.ArgumentParser, optional: bool = False) -> None:
 def _calib_options(p: argparse.ArgumentParser, flag: str = "--calib", required: bool = False) -> None:
     p.add_argument(flag, dest="calib", required=required, metavar="PATH",
                    help=".txt, .jsonl (text field), .npy token ids (1-D or [N, L]) or .bin token memmap")
-    p.add_argument("--samples", type=_positive_int, default=16, help="sequences (default 16)")
-    p.add_argument("--seq-len", type=_positive_int, default=2048, help="tokens per sequence (default 2048, capped at the context)")
-    p.add_argument("--calib-dtype", choices=["uint16", "uint32"], help="token dtype of a .bin memmap")
+    p.add_argument("--samples", type=_count, default=16, help="sequences (default 16)")
+    p.add_argument("--seq-len", type=_count, default=2048, help="tokens per sequence (default 2048, capped at the context)")
+    p.add_argument("--calib-dtype", choices=CHOICES["--calib-dtype"], help="token dtype of a .bin memmap")
 
 
 def _score_command(sub) -> None:
@@ -135,7 +118,7 @@ def _score_command(sub) -> None:
     s = sub.add_parser("score", help="common act^2 per FFN channel -> a scores file")
     _model_options(s)
     _calib_options(s, required=True)
-    s.add_argument("--vocab-keep", type=_positive_int, help="weight only tokens of the kept vocabulary (N regular + specials)")
+    s.add_argument("--vocab-keep", type=_count, help="weight only tokens of the kept vocabulary (N regular + specials)")
     _vocab_options(s)
     _criterion_options(s)
     s.add_argument("--out", required=True, type=Path, help="scores file (.safetensors)")
@@ -144,14 +127,14 @@ def _score_command(sub) -> None:
 
 
 def _trials_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--plan-trials", type=_count, default=0, metavar="N",
+    p.add_argument("--plan-trials", type=_count_or_0, default=0, metavar="N",
                    help="--target-params: prune the N best-priced splits in memory and keep the one that reads the "
                         "calibration rows after --samples best (bits/byte); 0, the default, keeps the best-priced "
                         "(on SmolLM2-135M, 3 trials on 4 held-out rows picked a split 0.025 bits/byte worse)")
 
 
 def _refit_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--refit", choices=("auto", "sequential", "same-input", "none"), default="auto",
+    p.add_argument("--refit", choices=CHOICES["--refit"], default="auto",
                    help="re-fit each down_proj's kept columns by least squares (closed form, no training): "
                         "sequential (the default with --calib and an FFN cut) fits the pruned model's activations "
                         "to the unpruned layer's output, layer after layer; same-input fits the unpruned model's "
@@ -165,18 +148,18 @@ def _prune_command(sub) -> None:
     r = sub.add_parser("prune", help="prune vocabulary and/or FFN channels -> a standard checkpoint")
     _model_options(r)
     r.add_argument("--out", required=True, type=Path, help="output directory (refused if not empty, unless --overwrite)")
-    r.add_argument("--vocab-keep", type=_positive_int,
+    r.add_argument("--vocab-keep", type=_count,
                    help="regular tokens to keep (the lowest ids or the most frequent: --vocab-order) plus specials; "
                         "byte tokens, ASCII characters and the word-boundary piece always stay")
     r.add_argument("--ffn-keep", type=_ffn_keep, help="FFN channels to keep per layer: a count (128, or 1ch for one), or a ratio in (0, 1] (0.5; 1.0 keeps all)")
-    r.add_argument("--ffn-multiple", type=_positive_int, default=64, help="round a --ffn-keep ratio to this (default 64)")
+    r.add_argument("--ffn-multiple", type=_count, default=64, help="round a --ffn-keep ratio to this (default 64)")
     r.add_argument("--target-params", type=_fraction, metavar="F",
                    help="keep this fraction of the parameters; the split between vocabulary and FFN is planned")
     _vocab_options(r)
     _criterion_options(r)
     _refit_options(r)
     _trials_option(r)
-    r.add_argument("--ffn-select", choices=("scores", "obs"), default="scores",
+    r.add_argument("--ffn-select", choices=CHOICES["--ffn-select"], default="scores",
                    help="which channels stay: the top of --ffn-criterion (default), or obs: greedy elimination "
                         "for the re-fit (Optimal Brain Surgeon on its least-squares objective)")
     r.add_argument("--scores", help="use this scores file instead of calibrating")
@@ -187,9 +170,8 @@ def _prune_command(sub) -> None:
 
 
 def _gguf_option(p: argparse.ArgumentParser, default: str | None) -> None:
-    """--gguf [TYPE] (`default` when absent; f16 when given without a type) and --gguf-pre. (The types are
-    compact.export.OUTTYPES, spelled out here: the parser imports no torch.)"""
-    p.add_argument("--gguf", nargs="?", const="f16", default=default, choices=("f32", "f16", "bf16", "q8_0"),
+    """--gguf [TYPE] (`default` when absent; f16 when given without a type) and --gguf-pre."""
+    p.add_argument("--gguf", nargs="?", const="f16", default=default, choices=CHOICES["--gguf"],
                    metavar="TYPE",
                    help="also write the checkpoint as GGUF for llama.cpp (OUT/model-TYPE.gguf): f32, f16 (the "
                         "default TYPE), bf16 or q8_0; needs pip install 'compact[gguf]'")
@@ -215,7 +197,7 @@ def _plan_command(sub) -> None:
     _model_options(n)
     _calib_options(n, required=True)
     n.add_argument("--target-params", type=_fraction, required=True, metavar="F", help="fraction of parameters to keep")
-    n.add_argument("--ffn-multiple", type=_positive_int, default=64, help="FFN channel counts are multiples of this")
+    n.add_argument("--ffn-multiple", type=_count, default=64, help="FFN channel counts are multiples of this")
     _refit_options(n)
     _trials_option(n)
     _vocab_options(n)
@@ -247,7 +229,7 @@ def _demo_command(sub) -> None:
 def _check_command(sub) -> None:
     """The `compact check` subcommand and its options."""
     c = sub.add_parser("check", help="run every kernel against its plain-torch reference and print a table")
-    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+    c.add_argument("--dtype", choices=DTYPES, default="bfloat16",
                    help="dtype of the test tensors (default bfloat16)")
     c.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when present)")
     c.add_argument("--compile", action="store_true",
@@ -268,7 +250,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # Every flag of score, prune and plan -> (option group, field[, how the value converts]): the one place flags
-# become options (compact.options; "calib" is compact.data.CalibOptions). Renaming a flag without this table fails
+# become options (compact.options). Renaming a flag without this table fails
 # tests/test_cli.py::test_every_flag_reaches_an_option.
 FLAGS = {
     "model": ("load", "source"), "device": ("load", "device"), "dtype": ("load", "dtype"),
@@ -293,9 +275,6 @@ def _groups(args) -> dict:
     """The option groups of `args` by FLAGS (fields whose flag this command lacks keep their defaults); the run's
     checkpoint folder is OUT.ckpt for `score` and `prune` (where streams too large for memory go too)."""
     from dataclasses import replace
-
-    from .data import CalibOptions
-    from .options import Load, Method, Output, Run
 
     given: dict[str, dict] = {"load": {}, "calib": {}, "method": {}, "run": {}, "output": {}}
     for dest, (group, name, *convert) in FLAGS.items():
@@ -478,15 +457,12 @@ def _cmd_check(args) -> int:
 
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real kernels, not the interpreter
         return subprocess.run([sys.executable, "-m", "compact_kernels.compile_check"], env=env).returncode
-    import torch
-
     from compact_kernels.check import CHECK_HEAD, check_table_rows, run_kernel_check
 
-    from .loading import resolve_device
+    from .loading import DTYPE_NAMES, resolve_device
     from .tables import format_table
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    rows = run_kernel_check(dtypes[args.dtype], resolve_device(args.device))
+    rows = run_kernel_check(DTYPE_NAMES[args.dtype], resolve_device(args.device))
     print(format_table(CHECK_HEAD, check_table_rows(rows)))
     return 0 if all(r.ok for r in rows) else 1
 

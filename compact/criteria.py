@@ -1,23 +1,10 @@
-"""FFN channel criteria, for comparison at equal budget. The data-driven ones share one scoring pass.
-
-torch and the model adapters are imported where they are used: the CLI parser reads CRITERIA and must stay
-fast (`compact --help` imports no torch)."""
+"""FFN channel criteria, for comparison at equal budget (the names: compact.options.CRITERIA). The data-driven
+ones come from the engine's one scoring pass."""
 from __future__ import annotations
 
-CRITERIA = {
-    "common-act2": "sum of h_c^2 over calibration tokens in the kept vocabulary (COMPACT's criterion)",
-    "act2": "sum of h_c^2 over all calibration tokens (no vocabulary weighting)",
-    "wanda": "||W_down[:, c]||_1 * ||h_c||_2 over all calibration tokens (Wanda's |W|*||X||, per channel)",
-    "magnitude": "L2 norm of the channel's weights: its gate and up rows and its down_proj column (no data)",
-    "random": "seeded uniform random scores (a baseline; no data)",
-}
-DATA_FREE = ("magnitude", "random")
+import torch
 
-
-def check_criterion(name: str) -> None:
-    if name not in CRITERIA:
-        raise ValueError(f"--ffn-criterion must be one of {', '.join(CRITERIA)}; got {name!r}")
-
+from . import models
 
 def _channel_weight_norms(mlp, family) -> tuple[torch.Tensor, torch.Tensor]:
     """(L2 norms of the down_proj columns, squared L2 norms of the gate and up rows) per channel, float64."""
@@ -28,10 +15,6 @@ def _channel_weight_norms(mlp, family) -> tuple[torch.Tensor, torch.Tensor]:
 
 def data_free_scores(model, criterion: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """magnitude or random scores per MLP."""
-    import torch
-
-    from . import models
-
     family = models.family_of(model.config)
     gen = torch.Generator().manual_seed(seed)
     scores = {}

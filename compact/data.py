@@ -29,22 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .options import BIN_DTYPES, CalibOptions
 from .progress import bar as progress_bar
 
-BIN_DTYPES = ("uint16", "uint32")
 ID_SUFFIXES = (".npy", ".bin")  # formats that hold token ids rather than text
 PAD_ID = 0  # padding in a short last row; attention_mask marks it, so any valid id would do
-
-
-@dataclass(frozen=True)
-class CalibOptions:
-    """Which calibration file to read and how much of it: up to `samples` rows of `seq_len` token ids
-    (`bin_dtype`: the id width of a .bin file)."""
-
-    path: str | None = None
-    samples: int = 16
-    seq_len: int = 2048
-    bin_dtype: str | None = None
 
 
 @dataclass

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from . import data, demo_text, evaluate, loading, output, pipeline, tables
-from .options import Method, Run
+from . import demo_text, evaluate, loading, output, pipeline, tables
+from .options import CalibOptions, Method, Run
 
 MARKER = ".compact_demo"
 SEQ_LEN = 128
@@ -135,7 +135,7 @@ def _base_model(out: Path, train_texts: list[str], say):
 
 def _prune_variants(out: Path, model, regular: int, calib_file: Path, say) -> dict:
     """Step 3: out/base pruned four ways through the pipeline, into out/pruned_<i>; {name: (vocab, FFN, scores)}."""
-    calib = data.CalibOptions(str(calib_file), 16, SEQ_LEN)
+    calib = CalibOptions(str(calib_file), 16, SEQ_LEN)
     random_scores = out / "random_scores.safetensors"
     gen = torch.Generator().manual_seed(0)
     output.save_scores({f"model.layers.{i}.mlp": torch.rand(384, generator=gen, dtype=torch.float64)

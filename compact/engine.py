@@ -45,10 +45,9 @@ import compact_kernels as ck
 from . import models, repair, runs
 from .memory import trim_host_memory
 from .streams import Streams, place
+from .options import REFITS
 from .progress import bar as progress_bar
 from .scoring import ChannelScorer, ScoringOptions
-
-REFITS = ("none", "same-input", "sequential")
 
 
 # ------------------------------------------------------------------------------------------- recording

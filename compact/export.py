@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .options import GGUF_TYPES
 from .tokenizer import merge_pair
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 CANONICAL_PRE = ("llama-bpe", "qwen2", "qwen35", "tekken", "gpt-4o")  # what llama.cpp's converter writes for them
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
@@ -78,8 +78,8 @@ def export(folder, outtype: str = "f16", out=None, pre: str | None = None) -> Pa
     from transformers import AutoConfig
 
     gguf = _gguf()
-    if outtype not in OUTTYPES:
-        raise ValueError(f"--gguf type must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    if outtype not in GGUF_TYPES:
+        raise ValueError(f"--gguf type must be one of {', '.join(GGUF_TYPES)}, got {outtype!r}")
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
     arch = _architecture(config.model_type, str(folder))

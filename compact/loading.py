@@ -15,10 +15,11 @@ import torch
 from safetensors import SafetensorError
 
 from . import llama2c, models, shards
+from .options import DTYPES
 
 Vet = Callable[[object, int], None]  # vet(tokenizer or None, embedding rows), before the weights are read
 # --dtype names -> torch dtypes
-DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPE_NAMES = {name: getattr(torch, name) for name in DTYPES}
 
 
 @dataclass

@@ -1,18 +1,93 @@
 """The option groups of a prune, one per lifetime: what the method does (`Method`), which calibration data
-(`compact.data.CalibOptions`), how this run goes (`Run`), where the result goes (`Output`) and how the model is
-loaded (`Load`). Only the method and the calibration change the sums: they alone make a resume signature."""
+(`CalibOptions`), how this run goes (`Run`), where the result goes (`Output`) and how the model is loaded
+(`Load`); every set of choices an option takes, and each rule a value must follow, checked where its group is
+built (the command line's parser reads the choices and holds its text to the same rules). Only the method and
+the calibration change the sums: they alone make a resume signature. Imports no torch: `compact --help` reads it.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import engine, vocab
-from .data import CalibOptions
-
-# A method's choices: what the engine and the vocabulary policy do, and "auto" (resolved by pipeline.decide).
-VOCAB_ORDERS = ("auto", *vocab.VOCAB_ORDERS)
-REFITS = ("auto", *engine.REFITS)
+VOCAB_ORDERS = ("id", "frequency")  # the vocabulary policy's orders (compact.vocab)
+REFITS = ("none", "same-input", "sequential")  # the engine's re-fits of down_proj's kept columns
 SELECTIONS = ("scores", "obs")  # the top of the criterion, or repair.eliminate
+CRITERIA = {  # the FFN channel criteria (compact.criteria)
+    "common-act2": "sum of h_c^2 over calibration tokens in the kept vocabulary (COMPACT's criterion)",
+    "act2": "sum of h_c^2 over all calibration tokens (no vocabulary weighting)",
+    "wanda": "||W_down[:, c]||_1 * ||h_c||_2 over all calibration tokens (Wanda's |W|*||X||, per channel)",
+    "magnitude": "L2 norm of the channel's weights: its gate and up rows and its down_proj column (no data)",
+    "random": "seeded uniform random scores (a baseline; no data)",
+}
+DATA_FREE = ("magnitude", "random")  # criteria that need no calibration data
+PATHS = ("auto", "fused", "hooks")  # scoring paths ("backend" in compact_kernels is triton or torch)
+DTYPES = ("bfloat16", "float16", "float32")  # compute dtypes (compact.loading)
+OFFLOADS = ("none", "layerwise")  # layerwise: the model is never whole in memory
+BIN_DTYPES = ("uint16", "uint32")  # id widths of a .bin token file (compact.data)
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what --gguf writes (compact.export)
+
+# Each flag with a set of values -> that set ("auto": pipeline.decide, or for --dtype compact.loading, resolves it).
+CHOICES = {
+    "--vocab-order": ("auto", *VOCAB_ORDERS), "--refit": ("auto", *REFITS), "--ffn-select": SELECTIONS,
+    "--ffn-criterion": tuple(CRITERIA), "--dtype": ("auto", *DTYPES), "--offload": OFFLOADS,
+    "--calib-dtype": BIN_DTYPES, "--gguf": GGUF_TYPES,
+}
+
+
+def one_of(choices: tuple, value) -> str | None:
+    """What is wrong with `value` as one of `choices` (None: nothing)."""
+    return None if value in choices else f"must be one of {', '.join(choices)}; got {value!r}"
+
+
+def count(value, low: int = 1) -> str | None:
+    """What is wrong with `value` as an integer of at least `low` (None: nothing; an absent option passes)."""
+    if value is None or isinstance(value, int) and not isinstance(value, bool) and value >= low:
+        return None
+    return f"must be an integer of at least {low}, got {value!r}"
+
+
+def fraction(value) -> str | None:
+    """What is wrong with `value` as a fraction in (0, 1] (None: nothing; an absent option passes)."""
+    if value is None or isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
+        return None
+    return f"must be a fraction in (0, 1], got {value!r}"
+
+
+def ffn_keep(value) -> str | None:
+    """What is wrong with `value` as --ffn-keep (None: nothing; an absent option passes); see parse_ffn_keep."""
+    if value is None:
+        return None
+    try:
+        number = parse_ffn_keep(value)
+    except ValueError as e:
+        return str(e).removeprefix("--ffn-keep ")
+    return None if number > 0 else f"must be positive (a count or a ratio in (0, 1]), got {value!r}"
+
+
+def parse_ffn_keep(value: float | int | str) -> int | float:
+    """`--ffn-keep` as a channel count (an int, "128", "1ch") or a ratio in (0, 1] (a float, "0.5", "1.0").
+    A bare "1" is refused: one channel and all channels are both plausible readings."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    digits = text[:-2] if text.lower().endswith("ch") else text
+    if digits.lstrip("+") == "1" and digits is text:
+        raise ValueError("--ffn-keep 1 is ambiguous: write 1ch to keep one channel per layer, or 1.0 to keep all")
+    if digits.lstrip("+").isdigit():
+        return int(digits)
+    try:
+        if digits is text:
+            return float(text)
+    except ValueError:
+        pass
+    raise ValueError(f"--ffn-keep must be a channel count (128, 1ch) or a ratio in (0, 1] (0.5, 1.0), got {value!r}")
+
+
+def _refuse(problems: dict[str, str | None]) -> None:
+    """A one-line ValueError naming the flag of the first problem, if any."""
+    for flag, problem in problems.items():
+        if problem:
+            raise ValueError(f"{flag} {problem}")
 
 
 @dataclass(frozen=True)
@@ -37,23 +112,27 @@ class Method:
     plan_trials: int = 0
 
     def __post_init__(self):
-        """The checks the command line's parser makes, for a Method built in Python."""
-        from .criteria import check_criterion
-        from .selection import parse_ffn_keep
+        """The method's rules (the command line's parser holds its text to the same ones)."""
+        chosen = {"--vocab-order": self.vocab_order, "--refit": self.refit, "--ffn-select": self.ffn_select,
+                  "--ffn-criterion": self.ffn_criterion}
+        _refuse({**{flag: one_of(CHOICES[flag], value) for flag, value in chosen.items()},
+                 "--vocab-keep": count(self.vocab_keep), "--ffn-keep": ffn_keep(self.ffn_keep),
+                 "--target-params": fraction(self.target_params), "--ffn-multiple": count(self.ffn_multiple),
+                 "--plan-trials": count(self.plan_trials, low=0)})
 
-        check_criterion(self.ffn_criterion)
-        for name, value, allowed in (("vocab_order", self.vocab_order, VOCAB_ORDERS),
-                                     ("refit", self.refit, REFITS), ("ffn_select", self.ffn_select, SELECTIONS)):
-            if value not in allowed:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; got {value!r}")
-        for name, value, low in (("vocab_keep", self.vocab_keep, 1), ("ffn_multiple", self.ffn_multiple, 1),
-                                 ("plan_trials", self.plan_trials, 0)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer of at least {low}, got {value!r}")
-        if self.target_params is not None and not 0 < self.target_params <= 1:
-            raise ValueError(f"--target-params must be a fraction in (0, 1], got {self.target_params!r}")
-        if self.ffn_keep is not None and not parse_ffn_keep(self.ffn_keep) > 0:
-            raise ValueError(f"--ffn-keep must be positive (a count or a ratio in (0, 1]), got {self.ffn_keep!r}")
+
+@dataclass(frozen=True)
+class CalibOptions:
+    """Which calibration file to read and how much of it: up to `samples` rows of `seq_len` token ids
+    (`bin_dtype`: the id width of a .bin file)."""
+
+    path: str | None = None
+    samples: int = 16
+    seq_len: int = 2048
+    bin_dtype: str | None = None
+
+    def __post_init__(self):
+        _refuse({"--samples": count(self.samples), "--seq-len": count(self.seq_len)})
 
 
 @dataclass(frozen=True)
@@ -72,6 +151,10 @@ class Run:
     checkpoint_every: int = 0
     resume: bool = False
     host_memory: int | None = None
+
+    def __post_init__(self):
+        _refuse({"--batch-size": count(self.batch_size), "--checkpoint-every": count(self.checkpoint_every, low=0),
+                 "--host-memory": None if self.host_memory is None else count(self.host_memory, low=0)})
 
 
 @dataclass(frozen=True)

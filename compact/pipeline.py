@@ -17,9 +17,8 @@ import torch
 
 from . import (budget, criteria, data, engine, models, output, repair, runs, selection, slicing, tokenizer, trials,
                vocab)
-from .data import CalibOptions
 from .loading import Loaded
-from .options import Method, Run, signature
+from .options import DATA_FREE, CalibOptions, Method, Run, signature
 from .report import build_report, model_card, original_ids
 from .scoring import ScoringOptions
 
@@ -64,7 +63,7 @@ class Job:
     @property
     def data_scores(self) -> bool:
         """Scores come from a pass over calibration data (not a file, not a data-free criterion)."""
-        return self.method.scores is None and self.method.ffn_criterion not in criteria.DATA_FREE
+        return self.method.scores is None and self.method.ffn_criterion not in DATA_FREE
 
     def cuts(self, ffn_keep: int | None) -> bool:
         """A prune that keeps `ffn_keep` channels per layer cuts the FFN."""
@@ -250,7 +249,7 @@ def _score(job: Job, calib: data.Calibration, kept_ids, ffn_keep: int | None, ti
     """(scores by the criterion, --check's result, kept channels, re-fits): for a prune the channels and their
     re-fit are chosen layer by layer in the engine's pass."""
     loaded, method, run = job.loaded, job.method, job.run
-    if method.ffn_criterion in criteria.DATA_FREE:
+    if method.ffn_criterion in DATA_FREE:
         if loaded.offloaded:
             raise ValueError(f"--ffn-criterion {method.ffn_criterion} needs the weights: drop --offload layerwise")
         return criteria.data_free_scores(loaded.model, method.ffn_criterion, method.seed), None, None, None

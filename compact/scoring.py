@@ -28,10 +28,10 @@ import compact_kernels as ck
 from compact_kernels import reference
 
 from . import models
+from .options import PATHS
 from .progress import bar as progress_bar
 from .sums import Sums
 
-PATHS = ("auto", "fused", "hooks")  # scoring paths ("backend" in compact_kernels is triton or torch)
 _ACTIVE = "_compact_scorer_active"  # set on the decoder while a ChannelScorer is entered
 
 

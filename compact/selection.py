@@ -1,26 +1,7 @@
-"""Selection: which FFN channels to keep, from the scores (same K in every layer, as the paper does).
-
-torch is imported where it is used: the CLI parser reads `parse_ffn_keep` and must stay fast."""
+"""Selection: which FFN channels to keep, from the scores (same K in every layer, as the paper does)."""
 from __future__ import annotations
 
-
-def parse_ffn_keep(value: float | int | str) -> int | float:
-    """`--ffn-keep` as a channel count (an int, "128", "1ch") or a ratio in (0, 1] (a float, "0.5", "1.0").
-    A bare "1" is refused: one channel and all channels are both plausible readings."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value
-    text = str(value).strip()
-    count = text[:-2] if text.lower().endswith("ch") else text
-    if count.lstrip("+") == "1" and count is text:
-        raise ValueError("--ffn-keep 1 is ambiguous: write 1ch to keep one channel per layer, or 1.0 to keep all")
-    if count.lstrip("+").isdigit():
-        return int(count)
-    try:
-        if count is text:
-            return float(text)
-    except ValueError:
-        pass
-    raise ValueError(f"--ffn-keep must be a channel count (128, 1ch) or a ratio in (0, 1] (0.5, 1.0), got {value!r}")
+from .options import parse_ffn_keep
 
 
 def resolve_ffn_keep(value: float | int | str, intermediate: int, multiple: int = 64) -> int:

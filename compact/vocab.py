@@ -27,6 +27,7 @@ import torch
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from . import models
+from .options import VOCAB_ORDERS
 from .progress import bar as progress_bar
 from .tokenizer import (as_fast, check_supported, component_state, is_byte_level, merge_pair, special_token_ids,
                         steps_of)
@@ -94,9 +95,6 @@ def count_tokens(tokenizer, texts_or_ids, *, num_embeddings: int, progress: bool
     if counts is None:
         return torch.zeros(num_embeddings, dtype=torch.int64)
     return counts.cpu()
-
-
-VOCAB_ORDERS = ("id", "frequency")
 
 
 class Vocabulary:

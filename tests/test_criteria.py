@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from compact import cli, criteria, evaluate, loading, models
 from compact.llama2c import load_llama2c
+from compact.options import CRITERIA
 from compact.scoring import ChannelScorer, run_scorer, score_channels
 from kernel_ops.tolerances import assert_close, decoder_rtol, fp32_sum_rtol
 
@@ -19,7 +20,7 @@ def pruned_by_criterion(stories, tmp_path_factory):
     root = tmp_path_factory.mktemp("criteria")
     ids = torch.from_numpy(np.load(heldout))
     nll = {}
-    for name in criteria.CRITERIA:
+    for name in CRITERIA:
         out = root / name
         assert cli.main(["prune", str(ckpt), "--out", str(out), "--ffn-keep", "128", "--ffn-criterion", name,
                          "--calib", str(calib), "--quiet"]) == 0
@@ -31,7 +32,7 @@ def pruned_by_criterion(stories, tmp_path_factory):
 
 def test_every_criterion_runs_end_to_end(pruned_by_criterion):
     root, nll = pruned_by_criterion
-    for name in criteria.CRITERIA:
+    for name in CRITERIA:
         report = json.loads((root / name / "compact_report.json").read_text())
         assert report["ffn_criterion"] == name and report["sizes"]["intermediate_after"] == 128
         assert np.isfinite(nll[name])

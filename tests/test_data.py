@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from compact.data import CalibOptions, Calibration, load_calibration, pack_tokens
+from compact.data import Calibration, load_calibration, pack_tokens
+from compact.options import CalibOptions
 
 SHARED_DATA = Path(os.environ.get("COMPACT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SENTENCES = [

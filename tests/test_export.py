@@ -179,7 +179,7 @@ def test_the_source_tokenizer_identity_travels_through_the_report(byte_level, tm
     """A GGUF source's tokenizer.ggml.model/pre (Loaded.gguf_tokenizer) is recorded by the prune, kept by a second
     prune of the result, and written by the export, which --gguf-pre overrides."""
     from compact import loading, pipeline
-    from compact.data import CalibOptions
+    from compact.options import CalibOptions
     from compact.options import Method, Run
 
     root, _ = byte_level

@@ -18,7 +18,7 @@ import transformers as tf
 from safetensors.torch import load_file
 
 from compact import loading, models, output, pipeline, slicing
-from compact.data import CalibOptions
+from compact.options import CalibOptions
 from compact.options import Method, Run
 from compact.scoring import ChannelScorer, score_channels
 import tiny_models

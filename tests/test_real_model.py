@@ -12,7 +12,7 @@ import torch
 
 import real_model
 from compact import cli, evaluate, loading, pipeline
-from compact.data import CalibOptions
+from compact.options import CalibOptions
 from compact.options import Method, Run
 from kernel_ops.tolerances import assert_close, fp32_forward_rtol
 

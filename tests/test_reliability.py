@@ -650,7 +650,7 @@ def test_help_and_version_import_no_torch(tmp_path):
                               capture_output=True, text=True, timeout=60)
         imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines()}
         assert done.returncode == 0 and "compact" in done.stdout, done.stderr[-2000:]
-        assert "torch" not in imported and "compact.criteria" in imported, argv  # criteria: the help text
+        assert "torch" not in imported and "compact.options" in imported, argv  # options: the choices
     probe = ("import sys; from compact import cli; cli._parser().parse_args(['prune', 'm', '--out', 'o', "
              "'--ffn-keep', '0.5', '--ffn-criterion', 'wanda']); print(sorted(m for m in sys.modules if "
              "m.split('.')[0] in ('torch', 'transformers')))")
@@ -681,11 +681,12 @@ def test_a_tokenizer_without_regular_tokens_does_not_fit():
     from transformers import PreTrainedTokenizerFast
 
     from compact import vocab
+    from compact.options import VOCAB_ORDERS
 
     specials = {"<s>": 0, "</s>": 1, "<unk>": 2}
     backend = Tokenizer(tokenizer_models.WordLevel(specials, unk_token="<unk>"))
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    for order in vocab.VOCAB_ORDERS:
+    for order in VOCAB_ORDERS:
         with pytest.raises(ValueError, match="^the tokenizer does not fit the model: none of its 3 tokens .* the "
                                              "model's 32000 embedding rows"):
             vocab.Vocabulary(tok, 32000).kept(100, order=order, counts=torch.ones(32000))
@@ -755,7 +756,7 @@ def test_twice_pruned_model_reads_token_ids_of_the_original(tmp_path):
     named, and an id the first cut dropped is refused naming it."""
     import tiny_models
     from compact import loading, pipeline
-    from compact.data import CalibOptions
+    from compact.options import CalibOptions
 
     tiny_models.build("llama").save_pretrained(tmp_path / "model")
     vocab = tiny_models.VOCAB
@@ -846,7 +847,7 @@ def test_tokenizer_option_replaces_a_broken_one_and_a_damaged_report_blocks_only
     """Item 10: --tokenizer stands in for a model folder's broken tokenizer (which, without it, is an error
     naming the folder); a damaged compact_report.json refuses only token-id data, which it would renumber."""
     from compact import loading, pipeline
-    from compact.data import CalibOptions
+    from compact.options import CalibOptions
     from compact.demo import train_tokenizer
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -893,7 +894,7 @@ def test_options_with_nothing_to_do_are_said(tmp_path):
     FFN channel, warn instead of silently doing nothing."""
     import tiny_models
     from compact import loading, pipeline
-    from compact.data import CalibOptions
+    from compact.options import CalibOptions
     from compact.options import Method, Run
 
     tiny_models.build("llama").save_pretrained(tmp_path / "model")
@@ -939,7 +940,8 @@ def test_calibration_file_messages_say_what_is_wrong(tmp_path):
     """Item 14: a uint64 .npy reports its real maximum, a latin-1 byte its offset in the file, a .jsonl with a BOM
     reads like a .txt with one, a directory or FIFO is not 'not found', a GGUF named .bin is told to be renamed."""
     from compact import loading
-    from compact.data import CalibOptions, load_calibration
+    from compact.data import load_calibration
+    from compact.options import CalibOptions
 
     def load(path, **kw):
         return load_calibration(CalibOptions(str(path), samples=1, seq_len=4), vocab_size=100, **kw)
@@ -962,7 +964,8 @@ def test_calibration_file_messages_say_what_is_wrong(tmp_path):
 
 
 def test_jsonl_with_a_bom_reads_like_txt_with_one(tmp_path):
-    from compact.data import CalibOptions, load_calibration
+    from compact.data import load_calibration
+    from compact.options import CalibOptions
     from tokenizers_fixtures import llama32_tokenizer
 
     tokenizer = llama32_tokenizer()
@@ -975,7 +978,8 @@ def test_jsonl_with_a_bom_reads_like_txt_with_one(tmp_path):
 
 def test_description_counts_only_the_documents_used(tmp_path):
     """Item 14: 39 short documents, of which 1 x 4 tokens use only the first: the description says 1 document."""
-    from compact.data import CalibOptions, load_calibration
+    from compact.data import load_calibration
+    from compact.options import CalibOptions
     from tokenizers_fixtures import llama32_tokenizer
 
     tokenizer = llama32_tokenizer()
