@@ -544,10 +544,10 @@ def main(argv: list[str] | None = None) -> int:
                 return args.func(args)
             except KeyboardInterrupt:
                 handled()
-                print(f"compact {args.command}: interrupted; no output was written", file=sys.stderr)
+                print(f"compact {args.command}: interrupted; no output was written{_kept(args)}", file=sys.stderr)
                 return 130
     except Terminated:
-        print(f"compact {args.command}: terminated (SIGTERM); no output was written", file=sys.stderr)
+        print(f"compact {args.command}: terminated (SIGTERM); no output was written{_kept(args)}", file=sys.stderr)
         return 143
     except Exception as e:  # noqa: BLE001 - every failure is one line; --debug shows where
         if _check_failed(e):
@@ -560,6 +560,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _kept(args) -> str:
+    """What an interrupted run leaves: its checkpoints, when it saved any."""
+    folder = Path(f"{getattr(args, 'out', None)}.ckpt")
+    if getattr(args, "out", None) and folder.is_dir() and any(".layer" in p.name and p.suffix != ".tmp" for p in folder.iterdir()):
+        return f"; {folder} holds its checkpoints: rerun with --resume to continue"
+    return ""
 
 
 @contextmanager

@@ -218,8 +218,12 @@ def two_ranks(tiny, tmp_path_factory):
         commands.append({"args": [*out, "--resume"], "kill": None})
         resumed.append((f"{mode}, killed after layers 1, 2, 3", root / f"{mode}-resumed", root / mode))
     commands.append({"args": [*sigkilled, "--resume"], "kill": None})
+    score = ["score", str(root / "llama"), "--calib", str(root / "calib.npy"), "--samples", "6", "--seq-len", "24",
+             "--vocab-keep", "60", "--batch-size", "2", "--quiet"]
+    assert cli.main([*score, "--out", str(root / "scores-1.safetensors")]) == 0
+    commands.append({"args": [*score, "--out", str(root / "scores-2.safetensors")], "kill": None})
     torchrun(commands, root)
-    return families, resumed
+    return families, resumed, (root / "scores-2.safetensors", root / "scores-1.safetensors")
 
 
 @pytest.mark.serial  # two ranks of their own: alone on the machine, not beside two test workers
@@ -247,3 +251,14 @@ def test_layerwise_prune_writes_the_in_memory_checkpoint(tiny, tmp_path):
     assert cli.main(common + ["--out", str(tmp_path / "memory")]) == 0
     assert cli.main(common + ["--out", str(tmp_path / "layerwise"), "--offload", "layerwise"]) == 0
     assert_same_prune(tmp_path / "layerwise", tmp_path / "memory", "--scores, offloaded")
+
+
+@pytest.mark.serial
+def test_two_ranks_score_as_one_process(two_ranks):
+    """`compact score` under torchrun: the scores of one process, up to the order of float64 sums: each order of
+    adding 3 batches' non-negative partials rounds twice, within 2 * 2^-53 of the score itself, so the two
+    orders differ by at most 4 * 2^-53 of it."""
+    two, one = (load_file(str(path)) for path in two_ranks[2])
+    assert sorted(two) == sorted(one)
+    for name, want in one.items():
+        assert_close(two[name], want, rtol=4 * 2.0 ** -53, atol=0.0, what=name)
