@@ -14,7 +14,11 @@ gpu_product.log and the step table gpu_product_steps.csv):
 - utilisation  the calibration pass's model-FLOP utilisation: decoder FLOPs / time / the bf16 matrix rate
                measured in the same process, eager at several batch sizes and with torch.compile of the
                attention blocks (scores compared with eager);
-- torchrun     `compact score` under torchrun with one process (NCCL on a GPU): the multi-GPU code path.
+- torchrun     the same prune as the `compact` command under `torchrun --nproc-per-node 1` (NCCL on a GPU, gloo
+               on the CPU; one process joins no process group, but runs the ranks' code path): in memory, then
+               with --offload layerwise --checkpoint-every 8 (1 on --dry's 2 layers) under layerwise's GPU cap;
+               rc, seconds, whether the written tensors are finite, the report's re-fit (must be sequential),
+               whether the checkpoints were seen in OUT.ckpt and whether OUT.ckpt was removed at the end.
 
 --quick skips layerwise, torchrun and the compiled variant. --dry runs every step on a tiny model on the CPU, in
 this process but torchrun's (a test runs it, so that a GPU session never discovers a typo).
@@ -48,7 +52,7 @@ TINY = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_atte
             vocab_size=512)
 # step: (seconds allowed, skipped by --quick)
 STEPS = {"checkpoint": (120, False), "prune": (120, False), "layerwise": (120, True), "speed": (60, False),
-         "utilisation": (90, False), "torchrun": (60, True)}
+         "utilisation": (90, False), "torchrun": (240, True)}
 
 
 @dataclass
@@ -149,19 +153,39 @@ def step_checkpoint(s: Setup) -> None:
                             "write_s": round(written, 2)}])
 
 
+def prune_args(s: Setup) -> dict:
+    """Every prune's arguments, by `compact prune`'s flag names (target_params: --target-params): the defaults
+    but the target, with the setup's calibration, device and dtype."""
+    return {"target_params": 0.65, "calib": str(s.calib), "samples": s.samples, "seq_len": s.seq_len,
+            "device": s.device, "dtype": s.dtype}
+
+
+def gpu_cap(s: Setup) -> tuple[float, float] | None:
+    """layerwise's GPU memory cap, (fraction of the GPU's memory, GiB): less than the model's weights, so that it
+    can only run one layer at a time (None on the CPU)."""
+    import torch
+
+    if not s.device.startswith("cuda"):
+        return None
+    total = torch.cuda.get_device_properties(0).total_memory
+    cap = min(0.5 * sum(f.stat().st_size for f in s.model.glob("*.safetensors")), 0.9 * total)
+    return cap / total, cap / 2**30
+
+
 def _prune(s: Setup, out: Path, offload: bool) -> tuple[dict, float]:
-    """(report, load seconds) of `compact prune --target-params 0.65` with the defaults, in this process."""
+    """(report, load seconds) of `compact prune` with prune_args, in this process."""
     from compact import loading, pipeline
     from compact.options import CalibOptions, Method, Run
 
+    a = prune_args(s)
     start = time.perf_counter()
     load = loading.load_skeleton if offload else loading.load
-    loaded = load(str(s.model), dtype=s.dtype, device=s.device)
+    loaded = load(str(s.model), dtype=a["dtype"], device=a["device"])
     sync(s.device)
     load_s = time.perf_counter() - start
     shutil.rmtree(out, ignore_errors=True)
-    report = pipeline.prune(loaded, out, Method(target_params=0.65), CalibOptions(str(s.calib), s.samples, s.seq_len),
-                            Run(progress=False))
+    report = pipeline.prune(loaded, out, Method(target_params=a["target_params"]),
+                            CalibOptions(a["calib"], a["samples"], a["seq_len"]), Run(progress=False))
     return report, load_s
 
 
@@ -180,11 +204,9 @@ def step_prune(s: Setup) -> None:
 def step_layerwise(s: Setup) -> None:
     import torch
 
-    cap = None
-    if s.device.startswith("cuda"):  # less than the model's weights: it can only run one layer at a time
-        cap = min(0.5 * sum(f.stat().st_size for f in s.model.glob("*.safetensors")),
-                  0.9 * torch.cuda.get_device_properties(0).total_memory)
-        torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+    cap = gpu_cap(s)
+    if cap is not None:
+        torch.cuda.set_per_process_memory_fraction(cap[0])
     report, load_s = _prune(s, s.work / "pruned-layerwise", offload=True)
     shutil.rmtree(s.work / "pruned-layerwise")  # (~10 GB at the 8B shape; the in-memory prune's copy serves speed)
     phases = report["timings_s"]
@@ -193,7 +215,7 @@ def step_layerwise(s: Setup) -> None:
     scale = layer_params(LLAMA_70B) / layer_params(s.shape)
     rest = sum(sec for name, sec in phases.items() if not name.startswith("scoring")) 
     estimate = per_layer * scale * LLAMA_70B["num_hidden_layers"] + rest * 70 / 8
-    s.write("layerwise", [{"gpu_cap_gib": None if cap is None else round(cap / 2**30, 1),
+    s.write("layerwise", [{"gpu_cap_gib": None if cap is None else round(cap[1], 1),
                            "load_s": round(load_s, 2), **{k: round(v, 2) for k, v in phases.items()},
                            "per_layer_s": round(per_layer, 3), "layer_scale_to_70b": round(scale, 2),
                            "estimated_70b_s": round(estimate, 1), "paper_70b_s": PAPER["prune_70b_s"],
@@ -298,23 +320,69 @@ def step_utilisation(s: Setup) -> None:
     s.write("utilisation", rows)
 
 
-def step_torchrun(s: Setup) -> None:
-    out = s.work / "torchrun.safetensors"
-    out.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "-m", "compact",
-               "score", str(s.model), "--calib", str(s.calib), "--samples", str(s.samples), "--seq-len",
-               str(s.seq_len), "--out", str(out), "--quiet", "--device", s.device, "--dtype", s.dtype]
-    start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-    seconds = time.perf_counter() - start
-    print(proc.stdout[-2000:], proc.stderr[-2000:], sep="\n")
-    from safetensors.torch import load_file
+# torchrun's worker: `compact` under a GPU memory cap (argv[1]: the fraction of the GPU, or "none")
+_WORKER = """import sys
+cap = sys.argv.pop(1)
+if cap != "none":
+    import torch
+    torch.cuda.set_per_process_memory_fraction(float(cap))
+from compact.cli import run
+run()
+"""
 
-    finite = proc.returncode == 0 and all(bool(v.isfinite().all()) for v in load_file(str(out)).values())
-    s.write("torchrun", [{"processes": 1, "backend": "nccl" if s.device.startswith("cuda") else "gloo",
-                          "rc": proc.returncode, "seconds": round(seconds, 2), "scores_finite": finite}])
-    if not finite:
+
+def _torchrun_prune(s: Setup, out: Path, flags: list[str], cap: tuple[float, float] | None) -> dict:
+    """`compact prune MODEL` with prune_args and `flags` under `torchrun --nproc-per-node 1` into `out` (then
+    removed): rc, seconds, the written tensors finite, the report's re-fit, OUT.ckpt seen while it ran and gone."""
+    from safetensors import safe_open
+
+    ckpt = Path(f"{out}.ckpt")
+    for path in (out, ckpt):
+        shutil.rmtree(path, ignore_errors=True)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in prune_args(s).items()]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", "--no-python",
+               sys.executable, "-c", _WORKER, "none" if cap is None else repr(cap[0]), "prune", str(s.model), *args,
+               *flags, "--out", str(out), "--quiet"]
+    print(" ".join(command).replace(_WORKER, "WORKER"), flush=True)
+    log = s.work / f"{out.name}.log"
+    seen = False
+    start = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        while proc.poll() is None:
+            seen = seen or (ckpt.is_dir() and any(ckpt.iterdir()))
+            time.sleep(0.01)
+    seconds = time.perf_counter() - start
+    print(log.read_text()[-3000:], flush=True)
+    files = sorted(out.glob("*.safetensors")) if proc.returncode == 0 else []
+    finite = bool(files)
+    for file in files:  # tensor by tensor: the 8B shape's ~10 GB never whole in memory
+        with safe_open(str(file), "pt") as st:
+            names = st.keys()  # (a safe_open, not a dict)
+            finite = finite and all(bool(st.get_tensor(k).to(s.device).isfinite().all()) for k in names)
+    report = out / "compact_report.json"
+    refit = json.loads(report.read_text())["options"]["refit"] if report.is_file() else None
+    gone = not ckpt.exists()
+    shutil.rmtree(out, ignore_errors=True)  # (~10 GB at the 8B shape)
+    return {"rc": proc.returncode, "seconds": round(seconds, 2), "tensors_finite": finite, "refit": refit,
+            "ckpt_seen": seen, "ckpt_removed": gone}
+
+
+def step_torchrun(s: Setup) -> None:
+    every = 8 if s.shape["num_hidden_layers"] > 8 else 1
+    cap = gpu_cap(s)
+    rows = []
+    for mode, name, flags, run_cap in (("in memory", "torchrun-prune", [], None),
+                                       (f"--offload layerwise --checkpoint-every {every}", "torchrun-layerwise",
+                                        ["--offload", "layerwise", "--checkpoint-every", str(every)], cap)):
+        rows.append({"processes": 1, "backend": "nccl" if s.device.startswith("cuda") else "gloo", "mode": mode,
+                     "gpu_cap_gib": None if run_cap is None else round(run_cap[1], 1),
+                     **_torchrun_prune(s, s.work / name, flags, run_cap)})
+    s.write("torchrun", rows)
+    bad = [r for r in rows if r["rc"] != 0 or not r["tensors_finite"] or r["refit"] != "sequential"
+           or not r["ckpt_removed"] or (r["mode"] != "in memory" and not r["ckpt_seen"])]
+    if bad:
         raise SystemExit(1)
 
 

@@ -179,8 +179,9 @@ def test_calibration_bench_without_gpu(tmp_path):
 
 def test_gpu_product_dry_runs_every_step_on_the_cpu(tmp_path):
     """bench/gpu_product.py --dry: every step of the GPU session's product script, on a tiny model on the CPU, so
-    that a lent GPU's minutes are never spent finding a typo. (The torchrun step, two fresh torch processes and
-    ~18 s here, runs in `python bench/gpu_product.py --dry`; its code path is tests/test_runs.py's.)"""
+    that a lent GPU's minutes are never spent finding a typo. (The torchrun step, two `compact prune` runs under
+    torchrun, four fresh torch processes and ~42 s here, runs in `python bench/gpu_product.py --dry`; its code
+    path is tests/test_runs.py's.)"""
     out, work = tmp_path / "out", tmp_path / "work"
     proc = subprocess.run([sys.executable, str(BENCH / "gpu_product.py"), "--dry", "--out", str(out),
                            "--work", str(work), "--skip", "torchrun"], capture_output=True, text=True, timeout=600)

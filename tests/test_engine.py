@@ -150,37 +150,53 @@ def test_every_refit_offloaded_equals_in_memory(case, tmp_path, compute):
 MEMORY = PRELUDE + textwrap.dedent("""
     import transformers
     from dataclasses import replace
-    from compact import engine
+    from compact import engine, runs
     from compact.scoring import ScoringOptions
     model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    options = engine.EngineOptions(ScoringOptions(batch_size=2, progress=False), refit=sys.argv[2])
+    options = engine.EngineOptions(ScoringOptions(batch_size=1, progress=False), refit=sys.argv[2])
     half = tuple(range(model.config.intermediate_size // 2))
-    figures = {}
+    group, figures = runs.group(), {}  # (under torchrun: 2 ranks of one batch each)
     for refit in ("none", "none", sys.argv[2]):  # the first run warms up torch's lazily built kernels and pools
         base = start()
-        engine.run(engine.Resident(model), ids, None, replace(options, refit=refit), lambda stats: engine.Choice(half))
+        engine.run(engine.Resident(model), ids, None, replace(options, refit=refit), lambda stats: engine.Choice(half),
+                   group=group)
         figures[refit] = (status()["VmHWM"] - base) / 2**20
     print(json.dumps(figures))
+    runs.leave()
 """)
 
 
-@pytest.mark.slow  # peak RSS of its own fresh process: other tests beside it do not move it
-@pytest.mark.parametrize("refit", ["same-input", "sequential"])
-def test_statistics_live_for_one_layer(refit, tmp_path):
+def _peak(tmp_path, refit: str, launcher: list[str]) -> None:
     """32 layers with 1024 channels: all layers' float64 Grams are 256 MiB, four times the 64 MiB this test
-    allows the engine above its baseline; one layer's Gram is 8 MiB, its re-fit's working copies a few more."""
+    allows the engine above its baseline (in every process); one layer's Gram is 8 MiB, its re-fit's working
+    copies a few more."""
     if not os.path.exists("/proc/self/status"):
         pytest.skip("needs /proc (Linux) to read the peak RSS")
     model = tiny_models.big_llama(intermediate=1024, vocab=64, layers=32, hidden=32)
     model.save_pretrained(tmp_path / "model")
     grams = 32 * 1024 ** 2 * 8 / 2**20
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    run = subprocess.run([sys.executable, "-c", MEMORY, str(tmp_path / "model"), refit], capture_output=True,
-                         text=True, env=env, timeout=300)
+    script = tmp_path / "memory.py"
+    script.write_text(MEMORY)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([*launcher, str(script), str(tmp_path / "model"), refit], capture_output=True, text=True,
+                         env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    figures = json.loads(run.stdout.strip().splitlines()[-1])
-    peak = figures[refit]
-    print(f"\n{refit}: all-layer Grams {grams:.0f} MiB; engine peak RSS above baseline {peak:.0f} MiB, "
-          f"{figures['none']:.0f} MiB without a re-fit")
-    assert grams > 64 > peak, f"the engine's peak {peak:.0f} MiB is not one layer's statistics"
+    for line in (line for line in run.stdout.splitlines() if line.startswith("{")):
+        figures = json.loads(line)
+        peak = figures[refit]
+        print(f"\n{refit}: all-layer Grams {grams:.0f} MiB; engine peak RSS above baseline {peak:.0f} MiB, "
+              f"{figures['none']:.0f} MiB without a re-fit")
+        assert grams > 64 > peak, f"the engine's peak {peak:.0f} MiB is not one layer's statistics"
+
+
+@pytest.mark.slow  # peak RSS of its own fresh process: other tests beside it do not move it
+@pytest.mark.parametrize("refit", ["same-input", "sequential"])
+def test_statistics_live_for_one_layer(refit, tmp_path):
+    _peak(tmp_path, refit, [sys.executable])
+
+
+@pytest.mark.serial  # two ranks of its own
+def test_statistics_live_for_one_layer_under_torchrun(tmp_path):
+    """The same bound in each of 2 gloo ranks, whose statistics are all-reduced layer by layer."""
+    _peak(tmp_path, "sequential", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])
