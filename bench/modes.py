@@ -1,0 +1,110 @@
+"""The default prune of SmolLM2-135M in every mode of the one engine, on this CPU: one process against torchrun
+with 2 ranks (the same work: 2 threads against 2 ranks of 1 thread), and what a checkpoint costs per layer.
+
+The prune is `compact prune SmolLM2 --target-params 0.65 --calib <first half of sotu.txt> --samples 16 --seq-len
+512` (the sequential re-fit), as bench/real_models.py's `t0.65-default` row. Rows:
+- `1 process` / `2 ranks`: wall seconds of the whole command (a fresh process, startup and writing included),
+  and whether the 2-rank prune kept the same vocabulary and channels and wrote the same bytes;
+- `checkpoint`: the same prune with --checkpoint-every 1, in this process: per layer, the seconds `save` took
+  and the checkpoint's size on disk (streams, sums, the kept channels and re-fits of the layers done).
+
+Usage: python bench/modes.py   (~6 min on 2 cores); writes bench/results/modes.csv and modes_checkpoints.csv.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
+
+from bench.real_models import cpu_name  # noqa: E402
+from tests import real_model  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+PRUNE = ["--target-params", "0.65", "--samples", "16", "--seq-len", "512", "--quiet"]
+
+
+def timed(command: list[str], env: dict) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    files = sorted(p.name for p in a.glob("model*.safetensors"))
+    return files == sorted(p.name for p in b.glob("model*.safetensors")) and all(
+        (a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+
+def checkpoint_costs(args: list[str], out: Path) -> list[dict]:
+    """Per layer: the seconds runs.save took and the size of the checkpoint it left, in this process."""
+    from compact import cli, runs
+
+    rows, save = [], runs.save
+
+    def measured(checkpoints, group, next_layer, tensors, streams=None):
+        start = time.perf_counter()
+        save(checkpoints, group, next_layer, tensors, streams)
+        seconds = time.perf_counter() - start
+        folder = Path(checkpoints.folder) / f"{checkpoints.name}.layer{next_layer:05d}.rank{group.rank}"
+        size = sum(p.stat().st_size for p in folder.iterdir())
+        rows.append({"pass": checkpoints.name.split("-")[0], "next_layer": next_layer, "save_s": round(seconds, 4),
+                     "mib": round(size / 2**20, 2), "streams": streams is not None})
+
+    runs.save = measured
+    try:
+        assert cli.main([*args, "--out", str(out), "--checkpoint-every", "1"]) == 0
+    finally:
+        runs.save = save
+    return rows
+
+
+def main() -> int:
+    try:
+        model = real_model.checkpoint()
+    except real_model.Unavailable as e:
+        print(f"bench/modes.py: {e}; nothing measured")
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="compact-modes-"))
+    try:
+        calib, _ = real_model.split_text(ROOT.parent / "shared" / "data" / "sotu.txt", work)
+        args = ["prune", str(model), "--calib", str(calib), *PRUNE]
+        one = timed([sys.executable, "-m", "compact", *args, "--out", str(work / "one")], {"OMP_NUM_THREADS": "2"})
+        two = timed([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+                     "compact", *args, "--out", str(work / "two")], {"OMP_NUM_THREADS": "1"})
+        same = same_bytes(work / "one", work / "two")
+        cpu = cpu_name()
+        RESULTS.mkdir(exist_ok=True)
+        with (RESULTS / "modes.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, ["mode", "threads_per_process", "seconds", "ratio_to_one_process",
+                                   "same_bytes_as_one_process", "cpu"])
+            w.writeheader()
+            w.writerow({"mode": "1 process", "threads_per_process": 2, "seconds": round(one, 1),
+                        "ratio_to_one_process": 1.0, "same_bytes_as_one_process": True, "cpu": cpu})
+            w.writerow({"mode": "torchrun, 2 ranks (gloo)", "threads_per_process": 1, "seconds": round(two, 1),
+                        "ratio_to_one_process": round(two / one, 2), "same_bytes_as_one_process": same, "cpu": cpu})
+        rows = checkpoint_costs(args, work / "checkpointed")
+        with (RESULTS / "modes_checkpoints.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, [*rows[0], "cpu"])
+            w.writeheader()
+            w.writerows({**r, "cpu": cpu} for r in rows)
+        print(f"1 process {one:.1f} s, 2 ranks {two:.1f} s (x{two / one:.2f}), same bytes: {same}")
+        print(f"checkpoints: {len(rows)}, save {sum(r['save_s'] for r in rows):.2f} s in all, "
+              f"largest {max(r['mib'] for r in rows):.1f} MiB")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
