@@ -156,16 +156,16 @@ def planner_candidates(model: Path, text: tuple[Path, Path], work: Path, base: f
     decision = pipeline.decide(loaded, Method(target_params=0.65), CalibOptions(str(calib), 16, 512),
                                Run(progress=False), upto="planning")
     rows = []
-    candidates = decision.plan["candidates"]
-    chosen = next(i for i, c in enumerate(candidates) if c["chosen"])
+    candidates = decision.plan.candidates
+    chosen = next(i for i, c in enumerate(candidates) if c.chosen)
     for c in candidates[max(chosen - 1, 0):chosen + 3]:  # the choice and its neighbours in FFN size
-        name = f"plan0.65-N{c['vocab_keep']}-K{c['ffn_keep']}"
+        name = f"plan0.65-N{c.vocab_keep}-K{c.ffn_keep}"
         if name in done:
             continue
-        args = ["--vocab-keep", str(c["vocab_keep"]), "--ffn-keep", f"{c['ffn_keep']}ch"]
+        args = ["--vocab-keep", str(c.vocab_keep), "--ffn-keep", f"{c.ffn_keep}ch"]
         report, seconds, peak = prune(model, work / name, args, calib)
         r = row(name, "planner candidates at 0.65", "frequency order", args, report, seconds, peak)
-        r["planner_cost"] = f"{c['cost']:.4f}"
+        r["planner_cost"] = f"{c.cost:.4f}"
         rows.append(measured(r, work / name, text, base))
     return rows
 

@@ -10,7 +10,7 @@ holds little token mass, and large models mostly by cutting FFN channels.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ import torch
 from . import models, repair
 
 
-@dataclass
+@dataclass(frozen=True)
 class Accounting:
     """Parameters as fixed + rows * per_row + channels * per_channel."""
 
@@ -32,7 +32,7 @@ class Accounting:
         return self.fixed + rows * self.per_row + ffn_keep * self.per_channel
 
 
-@dataclass
+@dataclass(frozen=True)
 class VocabCurve:
     """What a vocabulary cut keeps, for every `--vocab-keep` N in 0..regular: the embedding rows (the cut, plus
     every row kept whatever N) and the share of calibration tokens dropped."""
@@ -44,8 +44,10 @@ class VocabCurve:
     heldout_loss: torch.Tensor | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Candidate:
+    """One split (N, K) the planner weighs, priced; `chosen`: the plan's choice (in a `Plan`'s candidates)."""
+
     vocab_keep: int
     vocab_rows: int
     ffn_keep: int
@@ -54,10 +56,42 @@ class Candidate:
     token_loss: float
     score_loss: float
     heldout_loss: float | None = None
+    chosen: bool = False
 
     @property
     def cost(self) -> float:
         return (self.token_loss if self.heldout_loss is None else self.heldout_loss) + self.score_loss
+
+    def to_json(self) -> dict:
+        """The report's candidate row: the fields, then the cost and the chosen flag."""
+        row = asdict(self)
+        chosen = row.pop("chosen")
+        return {**row, "cost": self.cost, "chosen": chosen}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The planner's record for --target-params: the target fraction, the rule, the re-fit it priced with, the
+    candidates shown (exactly one `chosen`), and with --plan-trials the measured trials (`trials.Trial`) and the
+    held-out rows they were read on."""
+
+    target: float
+    rule: str
+    refit: str
+    candidates: tuple[Candidate, ...]
+    measured: tuple | None = None
+    held_out: str | None = None
+
+    @property
+    def chosen(self) -> Candidate:
+        return next(c for c in self.candidates if c.chosen)
+
+    def to_json(self) -> dict:
+        """compact_report.json's "plan"."""
+        trials = {} if self.measured is None else {"measured": [asdict(t) for t in self.measured],
+                                                   "held_out": self.held_out}
+        return {"target": self.target, "rule": self.rule, "candidates": [c.to_json() for c in self.candidates],
+                "refit": self.refit, **trials}
 
 
 def accounting(model) -> Accounting:
@@ -158,10 +192,13 @@ def choose_split(acc: Accounting, target: float, vocab: VocabCurve, score_curve:
     return min(candidates, key=lambda c: (c.cost, -c.ffn_keep)), candidates
 
 
-def summary(choice: Candidate, candidates: list[Candidate], rows: int = 12) -> list[dict]:
-    """About `rows` evenly spaced candidates plus the choice, as dicts for tables and the report."""
-    step = max(1, len(candidates) // rows)
-    shown = candidates[::step]
-    if choice not in shown:
-        shown = sorted(shown + [choice], key=lambda c: -c.ffn_keep)
-    return [{**asdict(c), "cost": c.cost, "chosen": c is choice} for c in shown]
+def summary(candidates: list[Candidate], *, choice: Candidate, chosen: Candidate | None = None,
+            rows: int = 12) -> tuple[Candidate, ...]:
+    """About `rows` evenly spaced candidates plus the priced `choice` and the `chosen` one (the choice unless
+    measured planning chose another), largest FFN first, `chosen` flagged: the candidates a `Plan` shows."""
+    chosen = chosen or choice
+    shown = candidates[::max(1, len(candidates) // rows)]
+    for extra in (choice, chosen):
+        if extra not in shown:
+            shown = sorted(shown + [extra], key=lambda c: -c.ffn_keep)
+    return tuple(replace(c, chosen=c == chosen) for c in shown)

@@ -329,8 +329,8 @@ def _cmd_score(args) -> int:
         print(f"scores for {len(scores)} layers x {next(iter(scores.values())).numel()} channels -> {out}")
         print(f"calibration: {source}")
         if decision.check:
-            print(f"check vs hooks: max relative difference {decision.check['max_rel_diff']:.3g} "
-                  f"(rtol {decision.check['rtol']:g})")
+            print(f"check vs hooks: max relative difference {decision.check.max_rel_diff:.3g} "
+                  f"(rtol {decision.check.rtol:g})")
     return 0
 
 
@@ -382,7 +382,7 @@ def _cmd_prune(args) -> int:
     if not args.quiet:
         print(report.prune_summary(result, out.out))
     if out.gguf:
-        _write_gguf(out.out, (out.gguf, out.gguf_pre), None, args.quiet)
+        _write_gguf(out.out, outtype=out.gguf, pre=out.gguf_pre, out=None, quiet=args.quiet)
     return 0
 
 
@@ -392,15 +392,14 @@ def _cmd_export(args) -> int:
     out = args.out or export.gguf_path(args.model, args.gguf)
     if Path(out).exists() and not args.overwrite:
         raise ValueError(f"{out} exists: pass --overwrite to replace it")
-    _write_gguf(args.model, (args.gguf, args.gguf_pre), out, args.quiet)
+    _write_gguf(args.model, outtype=args.gguf, pre=args.gguf_pre, out=out, quiet=args.quiet)
     return 0
 
 
-def _write_gguf(folder, kind: tuple, out, quiet: bool) -> None:
-    """`kind`: (--gguf TYPE, --gguf-pre NAME or None)."""
+def _write_gguf(folder, *, outtype: str, pre: str | None, out, quiet: bool) -> None:
+    """`folder` as GGUF of --gguf TYPE (`outtype`) into `out` (None: beside it), --gguf-pre NAME `pre`."""
     from . import export
 
-    outtype, pre = kind
     path = export.export(folder, outtype, out, pre)
     if not quiet:
         print(f"GGUF ({outtype}) -> {path} ({path.stat().st_size / 2**20:.1f} MiB); run it with llama.cpp: "

@@ -9,9 +9,11 @@ import itertools
 import json
 import time
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -71,27 +73,84 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Check:
+    """--check's comparison of the fused scores with the hook path: over `sequences` rows, the largest
+    difference relative to a layer's maximum, where, the tolerance, and whether it held."""
+
+    sequences: int
+    max_rel_diff: float
+    worst_layer: str | None
+    rtol: float
+    ok: bool
+
+
+@dataclass(frozen=True)
+class Pass:
+    """What a calibration pass gave: scores per MLP by the criterion, --check's result, and (when it chose them
+    as it went) the kept channels and their re-fitted down_proj columns per cut MLP; None where it gave none."""
+
+    scores: Mapping[str, torch.Tensor] | None = None
+    check: Check | None = None
+    kept_channels: Mapping[str, list[int]] | None = None
+    refits: Mapping[str, torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The vocabulary rows and FFN channels per layer before and after the cut, the layers and the hidden size
+    (compact_report.json's "sizes")."""
+
+    vocab_before: int
+    vocab_after: int
+    intermediate_before: int
+    intermediate_after: int
+    layers: int
+    hidden: int
+
+
+@dataclass(frozen=True)
 class Decision:
     """What a prune keeps and why. `method`: as applied (`vocab_order` and `refit` resolved); `plan`: the
     planner's record for --target-params (the candidates weighed, the choice, measured trials); `vocab_keep`
     and `ffn_keep` (channels per layer): the sizes; `kept_token_ids` (None: vocabulary not cut) and
     `kept_channels` (None: FFN not cut): what stays; `refits`: re-fitted down_proj columns [D, K] per cut MLP;
-    `scores`: per MLP by the criterion; `check`: --check's comparison with hooks; `timings`: seconds per step.
-    Fields of steps past `upto` stay None."""
+    `scores`: per MLP by the criterion; `check`: --check's comparison with hooks; `parameters_before`, `sizes`
+    and `dtype` (the compute dtype): of the model as decided on; `timings`: seconds per step. Fields of steps
+    past `upto` stay None. Read-only throughout: mappings are read-only views, id lists tuples."""
 
     method: Method
     calib: CalibOptions
     calibration: data.Calibration | None = None
-    plan: dict | None = None
+    plan: budget.Plan | None = None
     vocab_keep: int | None = None
     ffn_keep: int | None = None
-    kept_token_ids: list[int] | None = None
-    scores: dict | None = None
-    check: dict | None = None
-    kept_channels: dict | None = None
-    refits: dict | None = None
-    parameters_before: dict | None = None
-    timings: dict = field(default_factory=dict)
+    kept_token_ids: tuple[int, ...] | None = None
+    scores: Mapping[str, torch.Tensor] | None = None
+    check: Check | None = None
+    kept_channels: Mapping[str, tuple[int, ...]] | None = None
+    refits: Mapping[str, torch.Tensor] | None = None
+    parameters_before: Mapping[str, int] | None = None
+    sizes: Sizes | None = None
+    dtype: torch.dtype | None = None
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        """Maps copied into read-only views, id lists into tuples; `timings` a view of decide's clock, which adds
+        its last phases after the decision is made."""
+        frozen = {name: _read_only(getattr(self, name)) for name in ("scores", "refits", "parameters_before")}
+        if self.kept_channels is not None:
+            frozen["kept_channels"] = _read_only({name: tuple(kept) for name, kept in self.kept_channels.items()})
+        if self.kept_token_ids is not None:
+            frozen["kept_token_ids"] = tuple(self.kept_token_ids)
+        if not isinstance(self.timings, MappingProxyType):
+            frozen["timings"] = MappingProxyType(self.timings)
+        for name, value in frozen.items():
+            object.__setattr__(self, name, value)
+
+
+def _read_only(mapping: Mapping | None) -> Mapping | None:
+    """A read-only copy of `mapping` (None stays None)."""
+    return None if mapping is None else MappingProxyType(dict(mapping))
 
 
 def decide(loaded: Loaded, method: Method = Method(), calib: CalibOptions = CalibOptions(), run: Run = Run(), *,
@@ -113,18 +172,20 @@ def decide(loaded: Loaded, method: Method = Method(), calib: CalibOptions = Cali
     vocab_keep, plan, trial = method.vocab_keep, None, None
     if method.target_params is not None:
         with timings.phase("planning"):
-            vocab_keep, ffn_keep, plan, trial = _split(job, (counts, halves), calibration, held_out)
-    decided = Decision(method, calib, calibration, plan, vocab_keep, ffn_keep, timings=timings)
+            plan, trial = _split(job, counts=counts, halves=halves, calibration=calibration, held_out=held_out)
+        vocab_keep, ffn_keep = plan.chosen.vocab_keep, plan.chosen.ffn_keep
+    decided = Decision(method, calib, calibration, plan=plan, vocab_keep=vocab_keep, ffn_keep=ffn_keep,
+                       timings=timings)
     if upto == "planning":
         return decided
     with timings.phase("vocabulary"):
         kept_ids = _kept_ids(job, counts, vocab_keep)
-    passed = (None, None, None, None)  # scores, check, kept channels, re-fits
+    passed = Pass()
     if method.scores is None and (upto == "scoring" or job.cuts(ffn_keep)):
         with timings.phase("scoring"):
             passed = (_score(job, calibration, kept_ids, ffn_keep, timings) if trial is None
-                      else (trial[0], _check(job, calibration, kept_ids) if run.check else None, *trial[1:]))
-    decided = replace(decided, kept_token_ids=kept_ids, scores=passed[0], check=passed[1])
+                      else replace(trial, check=_check(job, calibration, kept_ids) if run.check else None))
+    decided = replace(decided, kept_token_ids=kept_ids, scores=passed.scores, check=passed.check)
     if upto == "scoring":
         return decided
     with timings.phase("selection"):
@@ -213,18 +274,37 @@ def _count(job: Job) -> tuple[torch.Tensor, tuple | None]:
     return counts, tuple(token_counts(job.loaded, job.calib, False, part) for part in (0, 1))
 
 
-def _split(job: Job, counts: tuple, calibration: data.Calibration, held_out) -> tuple:
-    """(vocab_keep, ffn_keep, the planner's record, the chosen split's trial pass or None): every split priced;
-    with held-out rows the best-priced ones pruned and measured, the best measured kept."""
-    evidence = plain_scores(job, calibration)
-    choice, candidates, plan = plan_split(job, counts, evidence)
-    plan["refit"] = job.method.refit
-    if held_out is None:
-        return choice.vocab_keep, choice.ffn_keep, plan, None
-    best, trial, measured = trials.measure(job, candidates, (calibration, held_out),
-                                           (lambda n: _kept_ids(job, counts[0], n), ffn_pass))
-    plan.update(measured, candidates=trials.chosen_rows(plan["candidates"], best))
-    return best.vocab_keep, best.ffn_keep, plan, trial
+def _split(job: Job, *, counts: torch.Tensor, halves: tuple[torch.Tensor, torch.Tensor] | None,
+           calibration: data.Calibration, held_out: data.Calibration | None) -> tuple[budget.Plan, Pass | None]:
+    """(the planner's record, the chosen split's trial pass or None): every split priced; with held-out rows the
+    best-priced ones pruned and measured, the best measured chosen."""
+    method = job.method
+    scores, left = plain_scores(job, calibration)
+    choice, candidates = plan_split(job, counts=counts, halves=halves, scores=scores, left=left)
+    measured, chosen, trial = (None, choice, None) if held_out is None else _measure(
+        job, candidates, counts=counts, calibration=calibration, held_out=held_out)
+    plan = budget.Plan(target=method.target_params, rule=budget.RULE, refit=method.refit,
+                       candidates=budget.summary(candidates, choice=choice, chosen=chosen), measured=measured,
+                       held_out=None if held_out is None else held_out.source)
+    return plan, trial
+
+
+def _measure(job: Job, candidates: list[budget.Candidate], *, counts: torch.Tensor, calibration: data.Calibration,
+             held_out: data.Calibration) -> tuple[tuple[trials.Trial, ...], budget.Candidate, Pass]:
+    """The best-priced `candidates` (compact.trials), each pruned with the prune's own pass and read on the
+    held-out rows: (the trials, the best measured candidate, its pass)."""
+    shortlisted, measured, passes = trials.shortlist(candidates, job.method.plan_trials), [], []
+    for candidate in shortlisted:
+        kept_ids = _kept_ids(job, counts, candidate.vocab_keep)
+        keep = candidate.ffn_keep if candidate.ffn_keep < job.intermediate else None
+        passes.append(ffn_pass(job, calibration, kept_ids, keep))
+        bits = trials.held_out_bits_per_byte(job.loaded, held_out, kept_ids=kept_ids,
+                                             kept_channels=passes[-1].kept_channels, refits=passes[-1].refits)
+        measured.append(trials.Trial(vocab_keep=candidate.vocab_keep, ffn_keep=candidate.ffn_keep,
+                                     cost=candidate.cost, bits_per_byte=bits))
+    measured = trials.choose(measured)
+    best = next(i for i, trial in enumerate(measured) if trial.chosen)
+    return measured, shortlisted[best], passes[best]
 
 
 def _kept_ids(job: Job, counts, vocab_keep: int | None) -> list[int] | None:
@@ -233,32 +313,36 @@ def _kept_ids(job: Job, counts, vocab_keep: int | None) -> list[int] | None:
     return job.vocabulary.kept(vocab_keep, order=method.vocab_order, counts=counts, always=always)
 
 
-def _select(job: Job, decided: Decision, passed: tuple) -> Decision:
+def _select(job: Job, decided: Decision, passed: Pass) -> Decision:
     """The decision completed: channels from the calibration pass, a scores file or a data-free criterion."""
-    model, scores, kept, refits = job.loaded.model, decided.scores, passed[2], passed[3]
+    model, scores, kept = job.loaded.model, decided.scores, passed.kept_channels
     if job.method.scores:
         scores = output.load_scores(job.method.scores, {n: job.intermediate for n in models.mlps(model)},
                                     models.fingerprint(model.config))
     if job.cuts(decided.ffn_keep) and not kept:
         kept = selection.select_channels(scores, decided.ffn_keep)
-    return replace(decided, scores=scores, kept_channels=kept or None, refits=refits or None,
-                   parameters_before=models.parameter_counts(model))
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = decided.kept_token_ids
+    sizes = Sizes(vocab_before=vocab, vocab_after=vocab if ids is None else len(ids),
+                  intermediate_before=job.intermediate, intermediate_after=decided.ffn_keep,
+                  layers=len(models.mlps(model)), hidden=model.config.hidden_size)
+    return replace(decided, scores=scores, kept_channels=kept or None, refits=passed.refits or None,
+                   parameters_before=models.parameter_counts(model), sizes=sizes, dtype=job.loaded.dtype)
 
 
-def _score(job: Job, calib: data.Calibration, kept_ids, ffn_keep: int | None, timings: Timings) -> tuple:
-    """(scores by the criterion, --check's result, kept channels, re-fits): for a prune the channels and their
-    re-fit are chosen layer by layer in the engine's pass."""
+def _score(job: Job, calib: data.Calibration, kept_ids, ffn_keep: int | None, timings: Timings) -> Pass:
+    """The scoring pass, with --check's result: for a prune the channels and their re-fit are chosen layer by
+    layer in the engine's pass."""
     loaded, method, run = job.loaded, job.method, job.run
     if method.ffn_criterion in DATA_FREE:
         if loaded.offloaded:
             raise ValueError(f"--ffn-criterion {method.ffn_criterion} needs the weights: drop --offload layerwise")
-        return criteria.data_free_scores(loaded.model, method.ffn_criterion, method.seed), None, None, None
+        return Pass(scores=criteria.data_free_scores(loaded.model, method.ffn_criterion, method.seed))
     check = _check(job, calib, kept_ids) if run.check else None
-    scores, kept, refits = ffn_pass(job, calib, kept_ids, ffn_keep if job.cuts(ffn_keep) else None, timings)
-    return scores, check, kept, refits
+    return replace(ffn_pass(job, calib, kept_ids, ffn_keep if job.cuts(ffn_keep) else None, timings), check=check)
 
 
-def _check(job: Job, calib: data.Calibration, kept_ids) -> dict:
+def _check(job: Job, calib: data.Calibration, kept_ids) -> Check:
     """--check: the engine's fused scores against its hook path on the first batches."""
     def score(ids, mask, path):
         scoring = ScoringOptions(keep_token_ids=kept_ids, batch_size=job.run.batch_size, path=path, progress=False)
@@ -268,8 +352,8 @@ def _check(job: Job, calib: data.Calibration, kept_ids) -> dict:
                                dtype=job.loaded.dtype)
 
 
-def ffn_pass(job: Job, calib: data.Calibration, kept_ids, keep: int | None, timings: Timings | None = None) -> tuple:
-    """The engine's pass: (scores by the criterion, kept channels, re-fitted columns); `keep` channels per layer
+def ffn_pass(job: Job, calib: data.Calibration, kept_ids, keep: int | None, timings: Timings | None = None) -> Pass:
+    """The engine's pass: scores by the criterion, kept channels, re-fitted columns; `keep` channels per layer
     chosen as it goes (None: scores only). The seconds the choice and the re-fit took inside the pass go to
     `timings` as "scoring: choice" and "scoring: re-fit" (parts of the scoring phase)."""
     method = job.method
@@ -294,7 +378,8 @@ def ffn_pass(job: Job, calib: data.Calibration, kept_ids, keep: int | None, timi
     if timings is not None and keep is not None:
         timings["scoring: choice"] = round(outcome.choice_seconds, 4)
         timings["scoring: re-fit"] = round(outcome.refit_seconds, 4)
-    return {name: c.scores for name, c in outcome.choices.items()}, outcome.kept, outcome.refits
+    return Pass(scores={name: c.scores for name, c in outcome.choices.items()}, kept_channels=outcome.kept,
+                refits=outcome.refits)
 
 
 def plain_scores(job: Job, calib: data.Calibration) -> tuple[dict, dict | None]:
@@ -314,32 +399,31 @@ def plain_scores(job: Job, calib: data.Calibration) -> tuple[dict, dict | None]:
     return outcome.scores, {name: c.left for name, c in outcome.choices.items()} if priced else None
 
 
-def plan_split(job: Job, counts: tuple, evidence: tuple) -> tuple:
-    """(the cheapest candidate, every candidate, the planner's record) for --target-params, by the rule in
-    compact.budget, pricing each vocabulary cut by the rows and tokens the vocabulary policy really keeps,
-    and each FFN cut by its act^2 share (times the error share the re-fit leaves, with a re-fit). `counts`:
-    (all, halves or None); `evidence`: plain_scores' pair."""
+def plan_split(job: Job, *, counts: torch.Tensor, halves: tuple[torch.Tensor, torch.Tensor] | None,
+               scores: dict, left: dict | None) -> tuple[budget.Candidate, list[budget.Candidate]]:
+    """(the cheapest candidate, every candidate) for --target-params, by the rule in compact.budget, pricing
+    each vocabulary cut by the rows and tokens the vocabulary policy really keeps, and each FFN cut by its act^2
+    share (times the error share the re-fit leaves, with a re-fit). `counts`, `halves`: token counts over the
+    calibration file and its two halves (None: not cross-fitted); `scores`, `left`: plain_scores' evidence."""
     method = job.method
-    curve = _vocab_curve(job, counts)
-    plain, left = evidence
-    choice, candidates = budget.choose_split(budget.accounting(job.loaded.model), method.target_params, curve,
-                                     budget.score_loss_curve(plain, left), method.ffn_multiple)
-    return choice, candidates, {"target": method.target_params, "rule": budget.RULE,
-                                "candidates": budget.summary(choice, candidates)}
+    curve = _vocab_curve(job, counts=counts, halves=halves)
+    return budget.choose_split(budget.accounting(job.loaded.model), method.target_params, curve,
+                               budget.score_loss_curve(scores, left), method.ffn_multiple)
 
 
-def _vocab_curve(job: Job, counts: tuple) -> budget.VocabCurve:
-    """Rows kept and calibration tokens dropped at every N; in frequency order also the cross-fitted loss: the
-    keep order from one half of the text, the loss on the other, both ways, averaged."""
-    vocabulary, method, (counts, halves) = job.vocabulary, job.method, counts
+def _vocab_curve(job: Job, *, counts: torch.Tensor,
+                 halves: tuple[torch.Tensor, torch.Tensor] | None) -> budget.VocabCurve:
+    """Rows kept and calibration tokens dropped at every N; with `halves` (frequency order) also the
+    cross-fitted loss: the keep order from one half of the text, the loss on the other, both ways, averaged."""
+    vocabulary, method = job.vocabulary, job.method
     always = vocab.read_always_file(method.vocab_always) if method.vocab_always else ()
     base = vocabulary.base_rows
     curve = budget.vocab_curve(counts, *vocabulary.keep_curve(method.vocab_order, counts, always=always), base)
-    if halves is not None:
-        losses = [budget.vocab_curve(measure, *vocabulary.keep_curve("frequency", order, always=always),
-                                     base).token_loss for order, measure in (halves, halves[::-1])]
-        curve.heldout_loss = (losses[0] + losses[1]) / 2
-    return curve
+    if halves is None:
+        return curve
+    losses = [budget.vocab_curve(measure, *vocabulary.keep_curve("frequency", order, always=always),
+                                 base).token_loss for order, measure in (halves, halves[::-1])]
+    return replace(curve, heldout_loss=(losses[0] + losses[1]) / 2)
 
 
 def calibrate(loaded: Loaded, opts: CalibOptions, progress: bool | None = None) -> data.Calibration:
@@ -403,7 +487,7 @@ def layer_source(loaded: Loaded):
 
     return Shards(loaded.source, Placement(device=loaded.device, dtype=loaded.dtype))
 
-def check_against_hooks(score, calib: data.Calibration, *, batch_size: int, batches: int, dtype) -> dict:
+def check_against_hooks(score, calib: data.Calibration, *, batch_size: int, batches: int, dtype) -> Check:
     """`score(ids, mask, path)` on the first batches, the fused scoring path vs the plain hook path: the largest difference
     relative to each layer's maximum."""
     n = min(calib.input_ids.shape[0], batch_size * batches)
@@ -416,11 +500,10 @@ def check_against_hooks(score, calib: data.Calibration, *, batch_size: int, batc
         if diff >= worst:
             worst, where = diff, name
     rtol = CHECK_RTOL[dtype]
-    result = {"sequences": n, "max_rel_diff": worst, "worst_layer": where, "rtol": rtol, "ok": worst <= rtol}
-    if not result["ok"]:
+    if worst > rtol:
         raise CheckFailed(f"--check failed: fused scores differ from the hook reference by {worst:.3g} "
                           f"(relative to the layer maximum) in {where}, above {rtol:g}")
-    return result
+    return Check(sequences=n, max_rel_diff=worst, worst_layer=where, rtol=rtol, ok=True)
 
 def _fit_statistics(stats: engine.LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
     """(Gram, cross term) the re-fit solves with: the pruned stream's (sequential) or the unpruned one's."""
@@ -429,22 +512,25 @@ def _fit_statistics(stats: engine.LayerStats) -> tuple[torch.Tensor, torch.Tenso
     return stats.gram, stats.mlp.down_proj.weight.detach().double() @ stats.gram
 
 
-def apply(loaded: Loaded, decision: Decision, timings: Timings | None = None) -> tuple:
+def apply(loaded: Loaded, decision: Decision) -> tuple:
     """Cut the model in memory as `decision` says (re-fitted columns first): (the model, changed in place; the
-    tokenizer cut to match, or None; the report, compact_report.json's contents). The cut is timed as "slicing"
-    in `timings` (a copy of the decision's when None), which the report holds."""
+    tokenizer cut to match, or None; the report, compact_report.json's contents, the cut timed as "slicing")."""
+    timings = Timings(decision.timings)
+    cut = _cut(loaded, decision, timings)
+    return loaded.model, cut, build_report(loaded, decision, parameters_after=models.parameter_counts(loaded.model),
+                                           tokenizer=_tokenizer_fate(loaded, decision.kept_token_ids),
+                                           timings=timings)
+
+
+def _cut(loaded: Loaded, decision: Decision, timings: Timings):
+    """The model cut in place (re-fitted columns first), timed as "slicing"; the tokenizer cut to match."""
     if loaded.offloaded:
         raise ValueError("an offloaded model (--offload layerwise) is cut by `write`, tensor by tensor")
-    timings = Timings(decision.timings) if timings is None else timings
-    report = build_report(loaded, decision, timings)  # before the cut: the model's shape and ids as decided
     with timings.phase("slicing"):
         if decision.refits:
             repair.apply_refits(loaded.model, decision.kept_channels, decision.refits)
         slicing.slice_model(loaded.model, decision.kept_token_ids, decision.kept_channels)
-        cut = cut_tokenizer(loaded, decision.kept_token_ids)
-    report["parameters"]["after"] = models.parameter_counts(loaded.model)
-    report["tokenizer"] = _tokenizer_fate(loaded, decision.kept_token_ids)
-    return loaded.model, cut, report
+        return cut_tokenizer(loaded, decision.kept_token_ids)
 
 
 def write(loaded: Loaded, decision: Decision, out: Path, overwrite: bool = False, progress: bool | None = None) -> dict:
@@ -454,19 +540,20 @@ def write(loaded: Loaded, decision: Decision, out: Path, overwrite: bool = False
     shape = models.fingerprint(loaded.model.config)  # of the model the scores belong to, before the cut
     with output.staged_dir(out, overwrite=overwrite) as tmp:
         if loaded.offloaded:
-            result = build_report(loaded, decision, timings)
             with timings.phase("slicing"):
-                result["parameters"]["after"] = _write_offloaded(loaded, decision, tmp, progress)
+                after = _write_offloaded(loaded, decision, tmp, progress)
             with timings.phase("save"):
-                result["tokenizer"] = save_tokenizer(loaded, decision.kept_token_ids, tmp)
+                fate = save_tokenizer(loaded, decision.kept_token_ids, tmp)
         else:
-            model, cut, result = apply(loaded, decision, timings)
+            cut = _cut(loaded, decision, timings)
+            after = models.parameter_counts(loaded.model)
             with timings.phase("save"):
-                model.to(loaded.written_dtype).save_pretrained(tmp, safe_serialization=True)
-                save_tokenizer(loaded, decision.kept_token_ids, tmp, cut)
+                loaded.model.to(loaded.written_dtype).save_pretrained(tmp, safe_serialization=True)
+                fate = save_tokenizer(loaded, decision.kept_token_ids, tmp, cut)
         if decision.scores is not None:
             with timings.phase("save"):
                 output.save_scores(decision.scores, tmp / "compact_scores.safetensors", shape)
+        result = build_report(loaded, decision, parameters_after=after, tokenizer=fate, timings=timings)
         output.write_json(tmp / "compact_report.json", result)
         (tmp / "README.md").write_text(model_card(result), encoding="utf-8")
     return result

@@ -6,6 +6,7 @@ import json
 import platform
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,33 +14,29 @@ from . import __version__
 from .tables import EVAL_METRICS, format_table, parameter_rows
 
 
-def build_report(loaded, decision, timings: dict) -> dict:
-    """compact_report.json of a decision for the model `loaded` holds (before the cut), less the parameters after
-    the cut and the tokenizer's fate (added by the writer)."""
-    from . import models
-
-    model, method = loaded.model, decision.method
-    vocab_before = model.get_input_embeddings().num_embeddings
-    intermediate = models.intermediate_size(model)
-    kept_ids = decision.kept_token_ids
-    channels = decision.kept_channels or {name: list(range(intermediate)) for name in models.mlps(model)}
+def build_report(loaded, decision, *, parameters_after: Mapping[str, int], tokenizer: str | None,
+                 timings: Mapping[str, float]) -> dict:
+    """compact_report.json of a decision applied to the model `loaded` held (the cut made): `parameters_after`
+    the cut, `tokenizer` the tokenizer's fate (pipeline.save_tokenizer's words, None without one), `timings`
+    seconds per phase."""
+    method, sizes = decision.method, decision.sizes
+    kept_ids = list(range(sizes.vocab_before) if decision.kept_token_ids is None else decision.kept_token_ids)
+    channels = ([list(c) for c in decision.kept_channels.values()] if decision.kept_channels
+                else [list(range(sizes.intermediate_before)) for _ in range(sizes.layers)])
     return {
         "source": loaded.source, "calibration": decision.calibration.source if decision.calibration else None,
         "scores_file": method.scores, "ffn_criterion": None if method.scores else method.ffn_criterion,
-        "vocab_order": method.vocab_order, "plan": decision.plan,
+        "vocab_order": method.vocab_order, "plan": None if decision.plan is None else decision.plan.to_json(),
         "offload": "layerwise" if loaded.offloaded else "none",
-        "dtype": {"compute": _dtype_name(loaded.dtype), "output": _dtype_name(loaded.written_dtype)},
+        "dtype": {"compute": _dtype_name(decision.dtype), "output": _dtype_name(loaded.written_dtype)},
         "options": {**asdict(method), **{f"calib_{k}": v for k, v in asdict(decision.calib).items()},
                     **_calib_used(decision.calibration)},
-        "sizes": {"vocab_before": vocab_before, "vocab_after": len(kept_ids) if kept_ids else vocab_before,
-                  "intermediate_before": intermediate, "intermediate_after": decision.ffn_keep,
-                  "layers": len(channels), "hidden": model.config.hidden_size},
-        "parameters": {"before": decision.parameters_before},
-        "checks": {"scores_vs_hooks": decision.check}, "timings_s": timings, "versions": versions(),
-        "kept_token_ids": kept_ids if kept_ids is not None else list(range(vocab_before)),
-        "kept_channels": list(channels.values()),
+        "sizes": asdict(sizes),
+        "parameters": {"before": dict(decision.parameters_before), "after": dict(parameters_after)},
+        "checks": {"scores_vs_hooks": None if decision.check is None else asdict(decision.check)},
+        "timings_s": dict(timings), "versions": versions(), "kept_token_ids": kept_ids, "kept_channels": channels,
         "gguf_tokenizer": loaded.gguf_tokenizer or (loaded.report or {}).get("gguf_tokenizer"),
-        **_composition(loaded, kept_ids if kept_ids is not None else range(vocab_before)),
+        **_composition(loaded, kept_ids), "tokenizer": tokenizer,
     }
 
 

@@ -66,26 +66,27 @@ def eval_table(results: dict[str, dict], data: str | None) -> str:
     return f"data: {data or '-'}\n" + format_table(("metric", *results), rows)
 
 
-def plan_summary(model: str, data: str, plan: dict) -> str:
-    rows = [("*" if c["chosen"] else "", f"{c['vocab_keep']:,}", f"{c['vocab_rows']:,}", f"{c['ffn_keep']:,}",
-             f"{c['fraction']:.2%}", f"{c['token_loss']:.4f}",
-             "-" if c.get("heldout_loss") is None else f"{c['heldout_loss']:.4f}",
-             f"{c['score_loss']:.4f}", f"{c['cost']:.4f}") for c in plan["candidates"]]
-    chosen = next(c for c in plan["candidates"] if c["chosen"])
+def plan_summary(model: str, data: str, plan) -> str:
+    """`compact plan`'s output from the planner's record (a budget.Plan): the candidates priced, the measured
+    trials, the choice."""
+    rows = [("*" if c.chosen else "", f"{c.vocab_keep:,}", f"{c.vocab_rows:,}", f"{c.ffn_keep:,}",
+             f"{c.fraction:.2%}", f"{c.token_loss:.4f}", "-" if c.heldout_loss is None else f"{c.heldout_loss:.4f}",
+             f"{c.score_loss:.4f}", f"{c.cost:.4f}") for c in plan.candidates]
+    chosen = plan.chosen
     return "\n".join([
-        f"plan for {model}: keep {plan['target']:.0%} of the parameters (calibration: {data})",
-        f"rule: {plan['rule']}", f"re-fit: {plan.get('refit', 'none')}", "",
+        f"plan for {model}: keep {plan.target:.0%} of the parameters (calibration: {data})",
+        f"rule: {plan.rule}", f"re-fit: {plan.refit}", "",
         format_table(("", "vocab keep", "rows kept", "FFN keep", "params kept", "token loss", "cross-fitted",
                       "score loss", "cost"), rows), "", *_measured(plan),
-        f"choice: --vocab-keep {chosen['vocab_keep']} --ffn-keep {chosen['ffn_keep']} "
-        f"({chosen['fraction']:.2%} of the parameters)"])
+        f"choice: --vocab-keep {chosen.vocab_keep} --ffn-keep {chosen.ffn_keep} "
+        f"({chosen.fraction:.2%} of the parameters)"])
 
 
-def _measured(plan: dict) -> list[str]:
+def _measured(plan) -> list[str]:
     """The measured trials of the best-priced splits, as lines (none when the planner only priced)."""
-    if "measured" not in plan:
+    if plan.measured is None:
         return []
-    rows = [("*" if m["chosen"] else "", f"{m['vocab_keep']:,}", f"{m['ffn_keep']:,}", f"{m['cost']:.4f}",
-             f"{m['bits_per_byte']:.4f}") for m in plan["measured"]]
-    return [f"measured: the best-priced splits pruned and read on {plan['held_out']}", "",
+    rows = [("*" if m.chosen else "", f"{m.vocab_keep:,}", f"{m.ffn_keep:,}", f"{m.cost:.4f}",
+             f"{m.bits_per_byte:.4f}") for m in plan.measured]
+    return [f"measured: the best-priced splits pruned and read on {plan.held_out}", "",
             format_table(("", "vocab keep", "FFN keep", "cost", "held-out bits/byte"), rows), ""]

@@ -3,12 +3,13 @@ dropped, act^2 left), so its best-priced splits are pruned for real, in memory, 
 calibration pass, selection and re-fit, and measured on calibration rows held out from the fit (the rows after
 --samples), in the measure's own units: bits per byte of that text as each split's cut tokenizer reads it, as
 `compact eval` counts them. The best measured split wins; its pass is kept, so pruning it costs nothing more.
+Here: which splits are measured, the measure, the choice; the pipeline runs each split's pass.
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -40,42 +41,37 @@ def split_rows(calib: data.Calibration, samples: int) -> tuple[data.Calibration,
     return fit, held
 
 
-def measure(job, candidates: list, rows: tuple, steps: tuple) -> tuple:
-    """(the best measured candidate, its pass, the planner record's additions): the best-priced `candidates`
-    (`plan_trials` of them) pruned and measured on the held-out rows. `rows`: (calibration, held out);
-    `steps`: (kept_ids_of(vocab_keep): the vocabulary a split keeps, pipeline.ffn_pass)."""
-    (kept_ids_of, ffn_pass), (calibration, held_out), loaded = steps, rows, job.loaded
-    priced = sorted(candidates, key=lambda c: (c.cost, -c.ffn_keep))[:job.method.plan_trials]
-    results = []
-    for candidate in priced:
-        kept_ids = kept_ids_of(candidate.vocab_keep)
-        keep = candidate.ffn_keep if candidate.ffn_keep < job.intermediate else None
-        outcome = ffn_pass(job, calibration, kept_ids, keep)
-        results.append((held_out_bits_per_byte(loaded, kept_ids, outcome, held_out), candidate, outcome))
-    _, best, trial = min(results, key=lambda r: (r[0], r[1].cost))
-    measured = [{"vocab_keep": c.vocab_keep, "ffn_keep": c.ffn_keep, "cost": c.cost, "bits_per_byte": b,
-                 "chosen": c is best} for b, c, _ in results]
-    return best, trial, {"measured": measured, "held_out": held_out.source}
+@dataclass(frozen=True)
+class Trial:
+    """One best-priced split pruned in memory and read on the held-out rows: its sizes, the planner's price and
+    the bits per byte measured; `chosen`: the least (the plan's choice)."""
+
+    vocab_keep: int
+    ffn_keep: int
+    cost: float
+    bits_per_byte: float
+    chosen: bool = False
 
 
-def chosen_rows(rows: list[dict], best) -> list[dict]:
-    """The planner's candidate rows with `best` marked chosen (added in its place when it is not among them)."""
-    rows = [{**row, "chosen": (row["vocab_keep"], row["ffn_keep"]) == (best.vocab_keep, best.ffn_keep)}
-            for row in rows]
-    if not any(row["chosen"] for row in rows):
-        rows.append({**asdict(best), "cost": best.cost, "chosen": True})
-        rows.sort(key=lambda row: -row["ffn_keep"])
-    return rows
+def shortlist(candidates: list, n: int) -> list:
+    """The `n` best-priced candidates, cheapest first (ties: the larger FFN), the splits to measure."""
+    return sorted(candidates, key=lambda c: (c.cost, -c.ffn_keep))[:n]
 
 
-def held_out_bits_per_byte(loaded, kept_ids: list[int] | None, outcome: tuple, held: data.Calibration) -> float:
-    """Bits per byte of the held-out rows' text for the model pruned as `outcome` says (a copy, in memory),
-    the text re-read by the tokenizer cut to `kept_ids`."""
-    _, kept, refits = outcome
+def choose(measured: list[Trial]) -> tuple[Trial, ...]:
+    """The trials with the least bits per byte (ties: the cheaper) marked chosen."""
+    best = min(measured, key=lambda t: (t.bits_per_byte, t.cost))
+    return tuple(replace(t, chosen=t is best) for t in measured)
+
+
+def held_out_bits_per_byte(loaded, held: data.Calibration, *, kept_ids: list[int] | None, kept_channels,
+                           refits) -> float:
+    """Bits per byte of the held-out rows' text for the model pruned to `kept_ids` and `kept_channels` (None:
+    not cut), `refits` applied first (a copy, in memory), the text re-read by the tokenizer cut to `kept_ids`."""
     model = copy.deepcopy(loaded.model)
     if refits:
-        repair.apply_refits(model, kept, refits)
-    slicing.slice_model(model, kept_ids, kept or None)
+        repair.apply_refits(model, kept_channels, refits)
+    slicing.slice_model(model, kept_ids, kept_channels or None)
     cut = loaded.tokenizer if kept_ids is None else tokenizer.prune_tokenizer(loaded.tokenizer, kept_ids)
     context = getattr(model.config, "max_position_embeddings", None) or held.input_ids.shape[1]
     ids, mask = _reread(loaded.tokenizer, cut, held, context)

@@ -32,8 +32,31 @@ def test_decide_changes_nothing_and_apply_cuts_as_decided(calib):
     assert pruned is model and tokenizer is None
     assert model.get_input_embeddings().num_embeddings == len(decision.kept_token_ids)
     assert all(mlp.down_proj.in_features == 24 for mlp in (layer.mlp for layer in model.model.layers))
-    assert report["kept_channels"] == list(decision.kept_channels.values())
+    assert report["kept_channels"] == [list(kept) for kept in decision.kept_channels.values()]
     assert report["parameters"]["after"]["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_a_decision_and_everything_it_holds_is_frozen(calib):
+    """Fields, the planner's record and its rows, the check, the per-layer maps and the id lists are read-only."""
+    model = tiny_models.build("llama")
+    decision = compact.decide(model, None, calib, compact.Method(target_params=0.8, ffn_multiple=8),
+                              compact.Run(check=True, progress=False))
+    plan, name = decision.plan, next(iter(decision.kept_channels))
+    assert plan.chosen.ffn_keep == decision.ffn_keep and decision.check.ok and decision.refits
+    assert len(decision.kept_token_ids) == decision.sizes.vocab_after < decision.sizes.vocab_before
+    for record, field in ((decision, "plan"), (plan, "target"), (plan.candidates[0], "chosen"),
+                          (decision.check, "ok"), (decision.sizes, "vocab_after")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(record, field, None)
+    for mapping in (decision.scores, decision.kept_channels, decision.refits, decision.parameters_before,
+                    decision.timings):
+        with pytest.raises(TypeError):
+            mapping["model.layers.0.mlp"] = None
+    with pytest.raises(AttributeError):
+        decision.kept_channels[name].append(0)
+    with pytest.raises(TypeError):
+        decision.kept_token_ids[0] = 1
+    assert isinstance(plan.candidates, tuple)
 
 
 @pytest.mark.parametrize("fields, said", [
