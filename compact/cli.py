@@ -283,8 +283,9 @@ def _groups(args) -> dict:
             given[group][name] = convert[0](value) if convert else value
     groups = {"load": Load(**given["load"]), "calib": CalibOptions(**given["calib"]),
               "method": Method(**given["method"]), "run": Run(**given["run"]), "output": Output(**given["output"])}
-    if args.command in ("score", "prune"):
-        groups["run"] = replace(groups["run"], checkpoint=f"{groups['output'].out}.ckpt")
+    folder = Path(f"{groups['output'].out}.ckpt")
+    if args.command in ("score", "prune") and (folder.is_dir() or not folder.exists()):
+        groups["run"] = replace(groups["run"], checkpoint=str(folder))
     return groups
 
 
@@ -354,8 +355,12 @@ def _check_early(args) -> None:
 
 
 def _check_checkpoint(args) -> None:
-    """An interrupted run's checkpoints at OUT.ckpt are continued with --resume, never silently dropped."""
+    """An interrupted run's checkpoints at OUT.ckpt are continued with --resume, never silently dropped; a file of
+    that name is not compact's, and is never touched."""
     checkpoint = Path(f"{args.out}.ckpt")
+    if checkpoint.exists() and not checkpoint.is_dir() and (args.resume or args.checkpoint_every):
+        raise ValueError(f"{checkpoint} is damaged or not a checkpoint compact wrote (a file: compact's checkpoints "
+                         f"are a folder): move or delete it")
     if not args.resume and checkpoint.is_dir() and any(checkpoint.iterdir()):
         raise ValueError(f"{checkpoint} holds an interrupted run: pass --resume to continue it, or delete it")
 
