@@ -174,7 +174,7 @@ def gpu_cap(s: Setup) -> tuple[float, float] | None:
 
 def _prune(s: Setup, out: Path, offload: bool) -> tuple[dict, float]:
     """(report, load seconds) of `compact prune` with prune_args, in this process."""
-    from compact import loading, pipeline
+    from compact import loading, pruning
     from compact.options import CalibOptions, Method, Run
 
     a = prune_args(s)
@@ -184,7 +184,7 @@ def _prune(s: Setup, out: Path, offload: bool) -> tuple[dict, float]:
     sync(s.device)
     load_s = time.perf_counter() - start
     shutil.rmtree(out, ignore_errors=True)
-    report = pipeline.prune(loaded, out, Method(target_params=a["target_params"]),
+    report = pruning.prune(loaded, out, Method(target_params=a["target_params"]),
                             CalibOptions(a["calib"], a["samples"], a["seq_len"]), Run(progress=False))
     return report, load_s
 

@@ -57,7 +57,7 @@ if str(ROOT) not in sys.path:
 import numpy as np
 import torch
 
-from compact import cli, evaluate, loading, pipeline, vocab
+from compact import cli, evaluate, loading, pruning, vocab
 from compact.data import Calibration
 from compact.tokenizer import prune_tokenizer
 from compact.options import CRITERIA, CalibOptions
@@ -134,7 +134,7 @@ class Runner:
         """What `compact eval MODEL --data DATA --samples S --seq-len L --batch-size B` computes, as a dict."""
         argv = ["eval", model, "--data", data, "--samples", samples, "--seq-len", seq_len, "--batch-size", batch]
         loaded = loading.load(str(model), dtype="float32", device="cpu")
-        ids = pipeline.calibrate(loaded, CalibOptions(str(data), samples, seq_len), progress=False)
+        ids = pruning.calibrate(loaded, CalibOptions(str(data), samples, seq_len), progress=False)
         result = evaluate.evaluate(loaded.model, ids, tokenizer=loaded.tokenizer, batch_size=batch, progress=False)
         return result, self.show(argv)
 
@@ -206,7 +206,7 @@ def part_a(cfg: Config, run: Runner) -> tuple[list[dict], list[str]]:
     # file); each gives a second metric: bits per token over the held-out positions whose input and target
     # token it keeps (the distribution common act^2 optimises for), the vocabulary itself left whole.
     source = loading.load(str(ckpt), dtype="float32", device="cpu")
-    counts = pipeline.token_counts(source, CalibOptions(str(calib), n, length), progress=False)
+    counts = pruning.token_counts(source, CalibOptions(str(calib), n, length), progress=False)
     inside = {}
     vocabulary = vocab.Vocabulary.of(source.model, source.tokenizer)
     for order, keep in cfg.a_weight_vocab:
@@ -296,7 +296,7 @@ def part_a(cfg: Config, run: Runner) -> tuple[list[dict], list[str]]:
         if int((lengths - 1).clamp_min(0).sum()) == 0:
             return None, float("nan"), coverage, "no held-out row starts with two kept tokens: nothing to evaluate"
         loaded = loading.load(str(out), dtype="float32", device="cpu")
-        ids = pipeline.renumber(held, mask, kept, 512, "held-out")
+        ids = pruning.renumber(held, mask, kept, 512, "held-out")
         result = evaluate.evaluate(loaded.model, Calibration(ids, mask, "held-out prefixes, renumbered"),
                                    batch_size=16, progress=False)
         same = evaluate.evaluate(model, Calibration(held, mask, "held-out prefixes"), batch_size=16,

@@ -127,11 +127,11 @@ def prune(model: Path, out: Path, args: list[str], calib: Path) -> tuple[dict, f
 
 def bits_per_byte(model: Path, held: Path) -> tuple[float, object]:
     """Held-out bits/byte as `compact eval` computes it, and the loaded model."""
-    from compact import evaluate, loading, pipeline
+    from compact import evaluate, loading, pruning
     from compact.options import CalibOptions
 
     loaded = loading.load(str(model), dtype="float32", device="cpu")
-    data = pipeline.calibrate(loaded, CalibOptions(str(held), samples=1000, seq_len=512), progress=False)
+    data = pruning.calibrate(loaded, CalibOptions(str(held), samples=1000, seq_len=512), progress=False)
     return evaluate.evaluate(loaded.model, data, tokenizer=loaded.tokenizer, batch_size=4)["bits_per_byte"], loaded
 
 
@@ -148,12 +148,12 @@ def row(name, group, method, args, report=None, seconds=None, peak=None) -> dict
 def planner_candidates(model: Path, text: tuple[Path, Path], work: Path, base: float, done: dict) -> list[dict]:
     """The 0.65 planner's choice (frequency order) and its neighbours, pruned as they are priced: cost against
     bits/byte."""
-    from compact import loading, pipeline
+    from compact import loading, pruning
     from compact.options import CalibOptions, Method, Run
 
     calib, held = text
     loaded = loading.load(str(model), dtype="float32", device="cpu")
-    decision = pipeline.decide(loaded, Method(target_params=0.65), CalibOptions(str(calib), 16, 512),
+    decision = pruning.decide(loaded, Method(target_params=0.65), CalibOptions(str(calib), 16, 512),
                                Run(progress=False), upto="planning")
     rows = []
     candidates = decision.plan.candidates

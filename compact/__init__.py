@@ -9,7 +9,7 @@ __all__ = ["ChannelScorer", "score_channels", "decide", "apply", "prune", "Decis
            "CalibOptions", "__version__"]
 
 _LAZY = {"ChannelScorer": "scoring", "score_channels": "scoring", "decide": "api", "apply": "api", "prune": "api",
-         "Decision": "pipeline", "Method": "options", "Run": "options", "CalibOptions": "options"}
+         "Decision": "pruning", "Method": "options", "Run": "options", "CalibOptions": "options"}
 
 
 def __getattr__(name):

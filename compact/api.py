@@ -10,21 +10,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import pipeline
+from . import pruning
 from .loading import held
 from .options import CalibOptions, Method, Run
 
 
 def decide(model, tokenizer=None, calibration: CalibOptions | str | Path | None = None, method: Method = Method(),
-           run: Run = Run()) -> pipeline.Decision:
+           run: Run = Run()) -> pruning.Decision:
     """What pruning `model` by `method` keeps, from `calibration` (a file path: 16 x 2048 tokens at most, or
     CalibOptions); the model is put in eval mode and not otherwise changed."""
-    return pipeline.decide(held(model, tokenizer), method, _calibration(calibration), run)
+    return pruning.decide(held(model, tokenizer), method, _calibration(calibration), run)
 
 
-def apply(model, tokenizer, decision: pipeline.Decision) -> tuple:
+def apply(model, tokenizer, decision: pruning.Decision) -> tuple:
     """(the model cut in place, the cut tokenizer or None, the report) as `decision` says."""
-    return pipeline.apply(held(model, tokenizer), decision)
+    return pruning.apply(held(model, tokenizer), decision)
 
 
 def prune(model, tokenizer=None, calibration: CalibOptions | str | Path | None = None, method: Method = Method(),

@@ -305,7 +305,7 @@ def _load(load, vocab_keep: int | None = None):
 
 
 def _cmd_score(args) -> int:
-    from . import loading, models, output, pipeline, runs
+    from . import loading, models, output, pruning, runs
 
     _check_checkpoint(args)
     g = _groups(args)
@@ -314,7 +314,7 @@ def _cmd_score(args) -> int:
     loaded = _load(g["load"], method.vocab_keep)
     group = runs.group()
     try:
-        decision = pipeline.decide(loaded, method, g["calib"], run, upto="scoring", group=group)
+        decision = pruning.decide(loaded, method, g["calib"], run, upto="scoring", group=group)
     finally:
         runs.leave()
     if group.rank != 0:
@@ -336,11 +336,11 @@ def _cmd_score(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from . import pipeline, tables
+    from . import pruning, tables
 
     g = _groups(args)
     loaded = _load(g["load"])
-    decision = pipeline.decide(loaded, g["method"], g["calib"], g["run"], upto="planning")
+    decision = pruning.decide(loaded, g["method"], g["calib"], g["run"], upto="planning")
     print(tables.plan_summary(loaded.source, decision.calibration.source, decision.plan))
     return 0
 
@@ -366,7 +366,7 @@ def _check_checkpoint(args) -> None:
 
 
 def _cmd_prune(args) -> int:
-    from . import export, loading, output, pipeline, report, runs
+    from . import export, loading, output, pruning, report, runs
 
     _check_early(args)
     g = _groups(args)
@@ -377,12 +377,12 @@ def _cmd_prune(args) -> int:
     loaded = _load(g["load"], g["method"].vocab_keep)
     group = runs.group()
     try:
-        decision = pipeline.decide(loaded, g["method"], g["calib"], g["run"], group=group)
+        decision = pruning.decide(loaded, g["method"], g["calib"], g["run"], group=group)
     finally:
         runs.leave()
     if group.rank != 0:
         return 0  # rank 0 writes
-    result = pipeline.write(loaded, decision, out.out, out.overwrite, g["run"].progress)
+    result = pruning.write(loaded, decision, out.out, out.overwrite, g["run"].progress)
     runs.discard(g["run"].checkpoint)
     if not args.quiet:
         print(report.prune_summary(result, out.out))
@@ -417,7 +417,7 @@ def _cmd_eval(args) -> int:
     import gc
     from dataclasses import replace
 
-    from . import evaluate, loading, pipeline, tables
+    from . import evaluate, loading, pruning, tables
 
     g = _groups(args)
 
@@ -430,7 +430,7 @@ def _cmd_eval(args) -> int:
     for source in sources:
         try:
             loaded = _load(replace(g["load"], source=source))
-            data = pipeline.calibrate(loaded, g["calib"], g["run"].progress)
+            data = pruning.calibrate(loaded, g["calib"], g["run"].progress)
             results[source] = evaluate.evaluate(loaded.model, data, tokenizer=loaded.tokenizer,
                                                 batch_size=args.batch_size, measure_speed=args.speed,
                                                 progress=g["run"].progress)
@@ -637,9 +637,9 @@ def run() -> None:
 
 
 def _check_failed(error: Exception) -> bool:
-    """A failed --check (pipeline.CheckFailed, looked up without importing the pipeline: it may be what failed)."""
-    pipeline = sys.modules.get(f"{__package__}.pipeline")
-    return isinstance(error, getattr(pipeline, "CheckFailed", ()))
+    """A failed --check (pruning.CheckFailed, looked up without importing the prune: it may be what failed)."""
+    records = sys.modules.get(f"{__package__}.pruning.records")
+    return isinstance(error, getattr(records, "CheckFailed", ()))
 
 
 def _main_thread() -> bool:

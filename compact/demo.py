@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import demo_text, evaluate, loading, output, pipeline, tables
+from . import demo_text, evaluate, loading, output, pruning, tables
 from .options import CalibOptions, Method, Run
 
 MARKER = ".compact_demo"
@@ -150,7 +150,7 @@ def _prune_variants(out: Path, model, regular: int, calib_file: Path, say) -> di
     for i, (name, (vocab_keep, ffn_keep, scores)) in enumerate(variants.items()):
         check = scores is None and ffn_keep is not None  # --check compares the FFN scoring pass with hooks
         method = Method(vocab_keep=vocab_keep, ffn_keep=ffn_keep, scores=scores)
-        reports[name] = pipeline.prune(loading.load(str(out / "base"), dtype="float32"), out / f"pruned_{i}", method,
+        reports[name] = pruning.prune(loading.load(str(out / "base"), dtype="float32"), out / f"pruned_{i}", method,
                                        calib, Run(batch_size=4, check=check, progress=False), overwrite=True)
     check = reports["both (vocab 90%, FFN 75%)"]["checks"]["scores_vs_hooks"]
     say(f"[3/5] pruned {len(variants)} ways by the CLI pipeline; fused scores vs forward hooks: "

@@ -26,7 +26,7 @@ OFFLOADS = ("none", "layerwise")  # layerwise: the model is never whole in memor
 BIN_DTYPES = ("uint16", "uint32")  # id widths of a .bin token file (compact.data)
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what --gguf writes (compact.export)
 
-# Each flag with a set of values -> that set ("auto": pipeline.decide, or for --dtype compact.loading, resolves it).
+# Each flag with a set of values -> that set ("auto": pruning.decide, or for --dtype compact.loading, resolves it).
 CHOICES = {
     "--vocab-order": ("auto", *VOCAB_ORDERS), "--refit": ("auto", *REFITS), "--ffn-select": SELECTIONS,
     "--ffn-criterion": tuple(CRITERIA), "--dtype": ("auto", *DTYPES), "--offload": OFFLOADS,

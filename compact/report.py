@@ -17,7 +17,7 @@ from .tables import EVAL_METRICS, format_table, parameter_rows
 def build_report(loaded, decision, *, parameters_after: Mapping[str, int], tokenizer: str | None,
                  timings: Mapping[str, float]) -> dict:
     """compact_report.json of a decision applied to the model `loaded` held (the cut made): `parameters_after`
-    the cut, `tokenizer` the tokenizer's fate (pipeline.save_tokenizer's words, None without one), `timings`
+    the cut, `tokenizer` the tokenizer's fate (pruning.cut.save_tokenizer's words, None without one), `timings`
     seconds per phase."""
     method, sizes = decision.method, decision.sizes
     kept_ids = list(range(sizes.vocab_before) if decision.kept_token_ids is None else decision.kept_token_ids)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compact import cli, pipeline
+from compact import cli
+from compact.pruning import cut
 from compact.llama2c import load_llama2c
 
 
@@ -144,7 +145,7 @@ def test_crash_while_saving_leaves_nothing(stories, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(pipeline, "save_tokenizer", boom)
+    monkeypatch.setattr(cut, "save_tokenizer", boom)
     assert cli.main(["prune", str(ckpt), "--out", str(tmp_path / "out"), "--vocab-keep", "300", "--quiet"]) == 2
     assert list(tmp_path.iterdir()) == []
 

@@ -178,7 +178,7 @@ def test_llama3_rope_scaling_writes_the_converters_factors():
 def test_the_source_tokenizer_identity_travels_through_the_report(byte_level, tmp_path):
     """A GGUF source's tokenizer.ggml.model/pre (Loaded.gguf_tokenizer) is recorded by the prune, kept by a second
     prune of the result, and written by the export, which --gguf-pre overrides."""
-    from compact import loading, pipeline
+    from compact import loading, pruning
     from compact.options import CalibOptions
     from compact.options import Method, Run
 
@@ -186,10 +186,10 @@ def test_the_source_tokenizer_identity_travels_through_the_report(byte_level, tm
     loaded = loading.load(str(root / "model"), dtype="float32", device="cpu")
     loaded.gguf_tokenizer = {"model": "gpt2", "pre": "smollm"}  # as _read_gguf sets it for a .gguf source
     quiet = Run(progress=False)
-    pipeline.prune(loaded, tmp_path / "once", Method(vocab_keep=500), CalibOptions(str(root / "calib.txt"), 4, 64),
+    pruning.prune(loaded, tmp_path / "once", Method(vocab_keep=500), CalibOptions(str(root / "calib.txt"), 4, 64),
                    quiet)
     again = loading.load(str(tmp_path / "once"), dtype="float32", device="cpu")
-    pipeline.prune(again, tmp_path / "twice", Method(vocab_keep=400), CalibOptions(str(root / "calib.txt"), 4, 64),
+    pruning.prune(again, tmp_path / "twice", Method(vocab_keep=400), CalibOptions(str(root / "calib.txt"), 4, 64),
                    quiet)
     assert json.loads((tmp_path / "twice" / "compact_report.json").read_text())["gguf_tokenizer"]["pre"] == "smollm"
     assert metadata(export.export(tmp_path / "twice", "f32"))["tokenizer.ggml.pre"] == "smollm"

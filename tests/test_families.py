@@ -2,7 +2,7 @@
 
 For each family: fused scoring == hook scoring == an independent float64 reference; `ChannelScorer` in a
 user's loop (no_grad and with autograd) restores the model exactly; FFN and vocabulary slicing are exact;
-`compact.pipeline.prune` end to end writes a checkpoint that reloads, holds exactly the kept rows/columns
+`compact.pruning.prune` end to end writes a checkpoint that reloads, holds exactly the kept rows/columns
 and generates. An unsupported model type gives `UnsupportedModelError` naming the supported ones.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import transformers as tf
 from safetensors.torch import load_file
 
-from compact import loading, models, output, pipeline, slicing
+from compact import loading, models, output, pruning, slicing
 from compact.options import CalibOptions
 from compact.options import Method, Run
 from compact.scoring import ChannelScorer, score_channels
@@ -342,7 +342,7 @@ def test_prune_end_to_end(case, tmp_path):
     method = Method(vocab_keep=keep_vocab, ffn_keep=str(keep_ffn), vocab_order="id",
                     refit="none")  # exact slices (test_engine: re-fits)
     calib_opts = CalibOptions(path=str(tmp_path / "calib.npy"), samples=4, seq_len=12)
-    pipeline.prune(loaded, out, method, calib_opts, Run(batch_size=2, check=True, progress=False))
+    pruning.prune(loaded, out, method, calib_opts, Run(batch_size=2, check=True, progress=False))
 
     report = json.loads((out / "compact_report.json").read_text())
     kept_ids, kept_channels = report["kept_token_ids"], report["kept_channels"]
@@ -418,7 +418,7 @@ def test_prune_from_scores_file_breaks_ties_to_lower_index(case, tmp_path):
     output.save_scores(scores, tmp_path / "scores.safetensors")
     keep = 16
     method = Method(ffn_keep=str(keep), scores=str(tmp_path / "scores.safetensors"))
-    report = pipeline.prune(loading.load(str(src), dtype="float32", device="cpu"), out, method, CalibOptions(),
+    report = pruning.prune(loading.load(str(src), dtype="float32", device="cpu"), out, method, CalibOptions(),
                             Run(progress=False))
     saved = load_file(str(out / "compact_scores.safetensors"))
     for i, chosen in enumerate(report["kept_channels"]):

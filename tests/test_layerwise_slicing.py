@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 import tiny_models
 from memory_probe import PRELUDE
 from tiny_models import CASES, INTER, VOCAB
-from compact import cli, models, pipeline, slicing
+from compact import cli, models, slicing
+from compact.pruning import cut
 from compact.layerwise_slicing import write_layerwise
 
 
@@ -193,7 +194,7 @@ def test_offloaded_prune_is_atomic_and_guarded(tmp_path, monkeypatch, capsys):
         raise OSError("tokenizer surgery failed")
 
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "save_tokenizer", failing)
+        patch.setattr(cut, "save_tokenizer", failing)
         assert prune("--ffn-keep", "20ch") == 2 and "tokenizer surgery failed" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npy", "src"], "a failed prune left files behind"
     assert prune("--ffn-keep", "20ch") == 0

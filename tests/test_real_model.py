@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import real_model
-from compact import cli, evaluate, loading, pipeline
+from compact import cli, evaluate, loading, pruning
 from compact.options import CalibOptions
 from compact.options import Method, Run
 from kernel_ops.tolerances import assert_close, fp32_forward_rtol
@@ -104,10 +104,10 @@ def test_common_act2_beats_random_and_magnitude_at_ffn_75(smol, tmp_path):
     nll = {}
     for criterion in ("common-act2", "random", "magnitude"):
         method = Method(ffn_keep="0.75", ffn_criterion=criterion)
-        pipeline.prune(loading.load(str(folder), dtype="float32"), tmp_path / criterion, method,
+        pruning.prune(loading.load(str(folder), dtype="float32"), tmp_path / criterion, method,
                        CalibOptions(str(calib), samples=4, seq_len=64), Run(progress=False))
         pruned = loading.load(str(tmp_path / criterion), dtype="float32")
-        data = pipeline.calibrate(pruned, CalibOptions(str(held), samples=1, seq_len=384))
+        data = pruning.calibrate(pruned, CalibOptions(str(held), samples=1, seq_len=384))
         nll[criterion] = evaluate.evaluate(pruned.model, data, tokenizer=pruned.tokenizer)["bits_per_byte"]
     print("held-out bits/byte at FFN 75%:", nll)
     assert nll["common-act2"] < nll["random"] and nll["common-act2"] < nll["magnitude"], nll

@@ -350,7 +350,7 @@ def interruptible():
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_while_writing_removes_the_staging(world, monkeypatch, interruptible, sig, code):
     """The signal arrives while the checkpoint is being written (inside the staging folder)."""
-    from compact import pipeline
+    from compact.pruning import cut
 
     root, src = world
     before = [digest(src)]
@@ -360,7 +360,7 @@ def test_signal_while_writing_removes_the_staging(world, monkeypatch, interrupti
         os.kill(os.getpid(), sig)
         time.sleep(5)  # the handler raises before this returns
 
-    monkeypatch.setattr(pipeline, "save_tokenizer", signal_self)
+    monkeypatch.setattr(cut, "save_tokenizer", signal_self)
     got, err = run(prune_args(src, "out"))
     assert_clean_failure(got, err, folder=root, sources=[src], before=before, absent=root / "out", want=code,
                          what=signal.Signals(sig).name)
@@ -755,7 +755,7 @@ def test_twice_pruned_model_reads_token_ids_of_the_original(tmp_path):
     cuts), and token-id data in original ids is renumbered through it: every position lands on the token it
     named, and an id the first cut dropped is refused naming it."""
     import tiny_models
-    from compact import loading, pipeline
+    from compact import loading, pruning
     from compact.options import CalibOptions
 
     tiny_models.build("llama").save_pretrained(tmp_path / "model")
@@ -774,12 +774,12 @@ def test_twice_pruned_model_reads_token_ids_of_the_original(tmp_path):
     data = np.where(kept, ids, composed[0])  # original ids the twice-pruned model still has
     np.save(tmp_path / "kept.npy", data)
     loaded = loading.load(str(tmp_path / "twice"), dtype="float32")
-    calib = pipeline.calibrate(loaded, CalibOptions(str(tmp_path / "kept.npy"), samples=4, seq_len=50))
+    calib = pruning.calibrate(loaded, CalibOptions(str(tmp_path / "kept.npy"), samples=4, seq_len=50))
     assert calib.input_ids.tolist() == [[composed.index(int(t)) for t in row] for row in data]
     dropped = next(t for t in range(vocab) if t not in once["kept_token_ids"])
     np.save(tmp_path / "dropped.npy", np.full((1, 50), dropped))
     with pytest.raises(ValueError, match=f"token id {dropped}, which this pruned model's vocabulary dropped"):
-        pipeline.calibrate(loaded, CalibOptions(str(tmp_path / "dropped.npy"), samples=1, seq_len=50))
+        pruning.calibrate(loaded, CalibOptions(str(tmp_path / "dropped.npy"), samples=1, seq_len=50))
 
 
 def test_checks_that_need_no_model_come_before_loading_it(tmp_path):
@@ -847,7 +847,7 @@ def test_written_dtype_is_the_same_in_memory_and_offloaded(dtype, tmp_path):
 def test_tokenizer_option_replaces_a_broken_one_and_a_damaged_report_blocks_only_id_data(tmp_path):
     """Item 10: --tokenizer stands in for a model folder's broken tokenizer (which, without it, is an error
     naming the folder); a damaged compact_report.json refuses only token-id data, which it would renumber."""
-    from compact import loading, pipeline
+    from compact import loading, pruning
     from compact.options import CalibOptions
     from compact.demo import train_tokenizer
 
@@ -871,9 +871,9 @@ def test_tokenizer_option_replaces_a_broken_one_and_a_damaged_report_blocks_only
     assert loaded.report is None and "is damaged" in loaded.report_damaged
     np.save(tmp_path / "ids.npy", np.arange(32).reshape(2, 16))
     with pytest.raises(ValueError, match="compact_report.json is damaged .* token-id data"):
-        pipeline.calibrate(loaded, CalibOptions(str(tmp_path / "ids.npy"), samples=2, seq_len=16))
+        pruning.calibrate(loaded, CalibOptions(str(tmp_path / "ids.npy"), samples=2, seq_len=16))
     loaded.tokenizer = good
-    text = pipeline.calibrate(loaded, CalibOptions(str(tmp_path / "text.txt"), samples=2, seq_len=16))
+    text = pruning.calibrate(loaded, CalibOptions(str(tmp_path / "text.txt"), samples=2, seq_len=16))
     assert text.input_ids.shape == (2, 16)
 
 
@@ -894,7 +894,7 @@ def test_options_with_nothing_to_do_are_said(tmp_path):
     """Item 14: --check on a prune that runs no calibration pass, and an explicit --refit on a prune that cuts no
     FFN channel, warn instead of silently doing nothing."""
     import tiny_models
-    from compact import loading, pipeline
+    from compact import loading, pruning
     from compact.options import CalibOptions
     from compact.options import Method, Run
 
@@ -909,12 +909,12 @@ def test_options_with_nothing_to_do_are_said(tmp_path):
                               (Method(vocab_keep=60, refit="sequential"), Run(progress=False),
                                "nothing was re-fitted")):
         with pytest.warns(UserWarning, match=said):
-            pipeline.decide(loaded, method, calib, run)
+            pruning.decide(loaded, method, calib, run)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pipeline.decide(loaded, Method(ffn_keep="24ch"), calib, checked)
+        pruning.decide(loaded, Method(ffn_keep="24ch"), calib, checked)
         # --refit auto (sequential with --target-params) and a plan that cuts no FFN channel: nothing to say
-        planned = pipeline.decide(loaded, Method(target_params=0.95, ffn_multiple=8), calib, Run(progress=False))
+        planned = pruning.decide(loaded, Method(target_params=0.95, ffn_multiple=8), calib, Run(progress=False))
     assert planned.method.refit == "sequential" and planned.ffn_keep == tiny_models.INTER and not planned.refits
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from compact import output, pipeline, selection
+from compact import output, pruning, selection
 
 
 def test_top_channels_ties_to_lower_index_ascending():
@@ -89,8 +89,8 @@ def test_scores_file_round_trip_and_validation(tmp_path):
 
 def test_renumber_ids():
     ids = torch.tensor([[0, 5, 7, 3]])
-    assert pipeline.renumber(ids, None, [0, 3, 5, 7], 8, "x").tolist() == [[0, 2, 3, 1]]
+    assert pruning.renumber(ids, None, [0, 3, 5, 7], 8, "x").tolist() == [[0, 2, 3, 1]]
     with pytest.raises(ValueError, match="holds token id 6, which this pruned model's vocabulary dropped"):
-        pipeline.renumber(torch.tensor([[6, 0]]), None, [0, 3], 8, "x")
+        pruning.renumber(torch.tensor([[6, 0]]), None, [0, 3], 8, "x")
     mask = torch.tensor([[1, 0]])
-    assert pipeline.renumber(torch.tensor([[3, 6]]), mask, [0, 3], 8, "x").tolist() == [[1, 0]]
+    assert pruning.renumber(torch.tensor([[3, 6]]), mask, [0, 3], 8, "x").tolist() == [[1, 0]]

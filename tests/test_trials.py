@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from compact import cli, evaluate, loading, pipeline
+from compact import cli, evaluate, loading, pruning
 from compact.demo import train_tokenizer
 from compact.options import CalibOptions
 from kernel_ops.tolerances import decoder_rtol
@@ -50,7 +50,7 @@ def test_plan_prunes_the_best_priced_splits_and_keeps_the_best_measured(small, t
     assert (report["sizes"]["intermediate_after"], report["options"]["calib_samples"]) == (chosen["ffn_keep"], 8)
 
     source = loading.load(str(small / "model"), dtype="float32")
-    rows = pipeline.calibrate(source, CalibOptions(str(small / "calib.txt"), samples=10, seq_len=64))
+    rows = pruning.calibrate(source, CalibOptions(str(small / "calib.txt"), samples=10, seq_len=64))
     pruned = loading.load(str(out), dtype="float32")
     ids, mask = [], []
     for row in rows.input_ids[8:]:
