@@ -361,7 +361,7 @@ def _check_checkpoint(args) -> None:
     if checkpoint.exists() and not checkpoint.is_dir() and (args.resume or args.checkpoint_every):
         raise ValueError(f"{checkpoint} is damaged or not a checkpoint compact wrote (a file: compact's checkpoints "
                          f"are a folder): move or delete it")
-    if not args.resume and checkpoint.is_dir() and any(checkpoint.iterdir()):
+    if not args.resume and checkpoint.is_dir() and any(".layer" in p.name for p in checkpoint.iterdir()):
         raise ValueError(f"{checkpoint} holds an interrupted run: pass --resume to continue it, or delete it")
 
 

@@ -109,6 +109,9 @@ def record_batches(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: 
             ids = input_ids[rows].to(device)
             mask = None if attention_mask is None else attention_mask[rows].to(device)
             hidden, per_layer = _record_inputs(decoder, ids, mask)
+            if hidden.dtype != streams.dtype:  # a stream in another dtype would round what the layers pass on
+                raise RuntimeError(f"the decoder's hidden states are {hidden.dtype}, its weights "
+                                   f"{streams.dtype}: load the model in one dtype")
             streams.put(0, rows, hidden)
             batches.append(Batch(ids, mask, slice(start, start + ids.shape[0]), per_layer))
     return batches

@@ -117,6 +117,16 @@ def test_a_sigkilled_offloaded_run_resumes_to_the_same_bytes(tiny, tmp_path):
     assert_same_prune(tmp_path / "out", tmp_path / "plain", "offloaded, SIGKILLed")
 
 
+def test_an_explicit_sequential_refit_is_accepted_with_checkpoints_and_resume(tiny, tmp_path):
+    """--refit sequential with --checkpoint-every and --resume (nothing to resume yet: a fresh start) runs, and is
+    the method the report records, as --refit auto's."""
+    root, args = tiny
+    assert cli.main([*args, "--refit", "sequential", "--checkpoint-every", "2", "--resume", "--out",
+                     str(tmp_path / "out")]) == 0
+    assert report(tmp_path / "out")["options"]["refit"] == "sequential"
+    assert not (tmp_path / "out.ckpt").exists()
+
+
 def test_checkpoints_refuse_other_arguments(tiny, tmp_path, monkeypatch):
     root, args = tiny
     out = ["--out", str(tmp_path / "out"), "--checkpoint-every", "1"]
