@@ -395,8 +395,7 @@ def _cmd_export(args) -> int:
     from . import export
 
     out = args.out or export.gguf_path(args.model, args.gguf)
-    if Path(out).exists() and not args.overwrite:
-        raise ValueError(f"{out} exists: pass --overwrite to replace it")
+    export.check_out(out, overwrite=args.overwrite)
     _write_gguf(args.model, outtype=args.gguf, pre=args.gguf_pre, out=out, quiet=args.quiet)
     return 0
 

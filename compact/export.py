@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import __version__
 from .options import GGUF_TYPES
 from .tokenizer import merge_pair
 
@@ -69,6 +70,35 @@ def _architecture(model_type: str | None, what: str) -> str:
 def gguf_path(folder: Path, outtype: str) -> Path:
     """Where `compact prune --gguf` and `compact export` write: beside the checkpoint, named by type."""
     return Path(folder) / f"model-{outtype}.gguf"
+
+
+WRITER_KEY = "compact.version"  # a GGUF compact wrote says so: the only kind --overwrite may replace
+
+
+def check_out(out, *, overwrite: bool) -> None:
+    """Refuse, before any work, an --out the export must not write: a folder, a place in a missing folder, or an
+    existing file without `overwrite`; with it, only a GGUF compact wrote (never the checkpoint's own files)."""
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; name the .gguf file to write (e.g. {out}/model.gguf)")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
+    if not out.exists():
+        return
+    if not overwrite:
+        raise ValueError(f"{out} exists: pass --overwrite to replace it")
+    if not _written_by_compact(out):
+        raise ValueError(f"--out {out} exists and is not a GGUF compact wrote; --overwrite replaces only compact's "
+                         f"own GGUF files: remove it yourself or choose another place")
+
+
+def _written_by_compact(path: Path) -> bool:
+    from .loading import gguf_strings
+
+    try:
+        return WRITER_KEY in gguf_strings(path, (WRITER_KEY,))
+    except Exception:  # noqa: BLE001 - not a GGUF file at all (a checkpoint's safetensors, its JSON, ...)
+        return False
 
 
 def export(folder, outtype: str = "f16", out=None, pre: str | None = None) -> Path:
@@ -124,6 +154,7 @@ def _hyperparameters(writer, config, outtype: str) -> None:
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(_types(outtype)[1])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_string(WRITER_KEY, __version__)
 
 
 def _types(outtype: str) -> tuple:

@@ -151,6 +151,7 @@ def test_what_export_cannot_write_is_one_line_before_any_work(tmp_path, monkeypa
     import tiny_models
 
     tiny_models.build("gemma").save_pretrained(tmp_path / "gemma")
+    capsys.readouterr()  # (transformers' own progress bar, when nothing before disabled it)
     assert cli.main(["prune", str(tmp_path / "gemma"), "--out", str(tmp_path / "o"), "--ffn-keep", "24ch",
                      "--gguf"]) == 2
     err = capsys.readouterr().err
@@ -214,3 +215,26 @@ def test_an_unnamed_pre_tokenizer_is_refused_before_pruning(byte_level, tmp_path
     assert "name it with --gguf-pre" in err and err.count("\n") == 1 and not (tmp_path / "o").exists(), err
     assert cli.main([*common, "--gguf-pre", "smollm"]) == 0
     assert metadata(export.gguf_path(tmp_path / "o", "f16"))["tokenizer.ggml.pre"] == "smollm"
+
+
+def test_export_overwrites_only_a_gguf_compact_wrote(byte_level, tmp_path, capsys):
+    """--overwrite never replaces a file of the checkpoint (its weights, its config) or any file compact did not
+    write; it replaces a GGUF compact wrote. A folder or a place in a missing folder is refused before any work."""
+    root, _ = byte_level
+    out = tmp_path / "o"
+    assert cli.main(["prune", str(root / "model"), "--out", str(out), "--vocab-keep", "400", "--quiet"]) == 0
+    own = {name: (out / name).read_bytes() for name in ("model.safetensors", "config.json")}
+    export_ = ["export", str(out), "--gguf", "f32", "--quiet"]
+    for name in own:
+        assert cli.main([*export_, "--out", str(out / name), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert "is not a GGUF compact wrote" in err and err.count("\n") == 1, err
+    assert {name: (out / name).read_bytes() for name in own} == own
+    for bad, words in ((out, "is a folder"), (tmp_path / "missing" / "m.gguf", "does not exist")):
+        assert cli.main([*export_, "--out", str(bad)]) == 2
+        assert words in capsys.readouterr().err
+    assert cli.main(export_) == 0
+    assert cli.main(export_) == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert cli.main([*export_, "--overwrite"]) == 0
+    assert metadata(export.gguf_path(out, "f32"))[export.WRITER_KEY]
+    assert not list(out.glob(".*partial"))
