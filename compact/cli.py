@@ -307,8 +307,8 @@ def _load(load, vocab_keep: int | None = None):
 def _cmd_score(args) -> int:
     from . import loading, models, output, pruning, runs
 
-    _check_checkpoint(args)
     g = _groups(args)
+    _check_early(args, g)
     out, method, run = g["output"].out, g["method"], g["run"]
     output.check_destination(out, overwrite=g["output"].overwrite, protected=loading.locate(args.model), kind="file")
     loaded = _load(g["load"], method.vocab_keep)
@@ -339,16 +339,17 @@ def _cmd_plan(args) -> int:
     from . import pruning, tables
 
     g = _groups(args)
+    options.check_method(g["method"], g["calib"], prune=False)
     loaded = _load(g["load"])
     decision = pruning.decide(loaded, g["method"], g["calib"], g["run"], upto="planning")
     print(tables.plan_summary(loaded.source, decision.calibration.source, decision.plan))
     return 0
 
 
-def _check_early(args) -> None:
-    """What can be refused before loading the model: conflicting targets, a calibration file that is not there."""
-    if args.target_params is not None and (args.vocab_keep or args.ffn_keep):
-        raise ValueError("give --target-params, or --vocab-keep/--ffn-keep, not both")
+def _check_early(args, groups: dict) -> None:
+    """What can be refused before loading the model: the method's rules with the calibration, a calibration file
+    that is not there, a checkpoint in the way."""
+    options.check_method(groups["method"], groups["calib"], prune=args.command == "prune")
     if args.calib is not None and not Path(args.calib).is_file():
         raise FileNotFoundError(f"{args.calib}: calibration file not found")
     _check_checkpoint(args)
@@ -368,8 +369,8 @@ def _check_checkpoint(args) -> None:
 def _cmd_prune(args) -> int:
     from . import export, loading, output, pruning, report, runs
 
-    _check_early(args)
     g = _groups(args)
+    _check_early(args, g)
     out = g["output"]
     output.check_destination(out.out, overwrite=out.overwrite, protected=loading.locate(args.model))
     if out.gguf:

@@ -53,6 +53,13 @@ def fraction(value) -> str | None:
     return f"must be a fraction in (0, 1], got {value!r}"
 
 
+def seed(value) -> str | None:
+    """What is wrong with `value` as a random seed (None: nothing): an integer torch's generators take."""
+    if isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**64:
+        return None
+    return f"must be an integer in [-2^63, 2^64), got {value!r}"
+
+
 def ffn_keep(value) -> str | None:
     """What is wrong with `value` as --ffn-keep (None: nothing; an absent option passes); see parse_ffn_keep."""
     if value is None:
@@ -61,7 +68,11 @@ def ffn_keep(value) -> str | None:
         number = parse_ffn_keep(value)
     except ValueError as e:
         return str(e).removeprefix("--ffn-keep ")
-    return None if number > 0 else f"must be positive (a count or a ratio in (0, 1]), got {value!r}"
+    if number <= 0:
+        return f"must be positive (a count or a ratio in (0, 1]), got {value!r}"
+    if isinstance(number, float) and number > 1:
+        return f"as a ratio must be in (0, 1] (a channel count is an integer), got {value!r}"
+    return None
 
 
 def parse_ffn_keep(value: float | int | str) -> int | float:
@@ -118,7 +129,7 @@ class Method:
         _refuse({**{flag: one_of(CHOICES[flag], value) for flag, value in chosen.items()},
                  "--vocab-keep": count(self.vocab_keep), "--ffn-keep": ffn_keep(self.ffn_keep),
                  "--target-params": fraction(self.target_params), "--ffn-multiple": count(self.ffn_multiple),
-                 "--plan-trials": count(self.plan_trials, low=0)})
+                 "--plan-trials": count(self.plan_trials, low=0), "--seed": seed(self.seed)})
 
 
 @dataclass(frozen=True)
@@ -133,6 +144,36 @@ class CalibOptions:
 
     def __post_init__(self):
         _refuse({"--samples": count(self.samples), "--seq-len": count(self.seq_len)})
+
+
+def check_method(method: Method, calib: CalibOptions, *, prune: bool) -> None:
+    """The rules that join the method and the calibration, from the options alone (before any model is read):
+    a one-line ValueError naming the flags. `prune`: for a prune (not `compact score` or `plan`)."""
+    data_driven = method.scores is None and method.ffn_criterion not in DATA_FREE
+    fitted = method.refit not in ("auto", "none") or method.ffn_select == "obs"
+    if fitted and not data_driven:
+        raise ValueError("--refit and --ffn-select obs fit down_proj on the calibration pass: they need --calib and "
+                         "a data-driven --ffn-criterion (not --scores or magnitude/random)")
+    if prune and method.target_params is not None and (method.vocab_keep or method.ffn_keep):
+        raise ValueError("give --target-params, or --vocab-keep/--ffn-keep, not both")
+    if prune and method.target_params is None and method.vocab_keep is None and method.ffn_keep is None:
+        raise ValueError("nothing to prune: give --vocab-keep and/or --ffn-keep, or --target-params")
+    if prune and method.vocab_always and method.vocab_keep is None and method.target_params is None:
+        raise ValueError("--vocab-always keeps tokens in a vocabulary cut: add --vocab-keep or --target-params")
+    needs = {"--target-params": method.target_params is not None, f"--refit {method.refit}": fitted,
+             "--ffn-select obs": method.ffn_select == "obs", "--vocab-order frequency": method.vocab_order == "frequency",
+             f"--ffn-criterion {method.ffn_criterion}": data_driven and (not prune or _cuts_ffn(method.ffn_keep))}
+    wanting = [flag for flag, needed in needs.items() if needed]
+    if wanting and calib.path is None:
+        raise ValueError(f"{wanting[0]} needs calibration data: pass --calib PATH")
+
+
+def _cuts_ffn(keep) -> bool:
+    """--ffn-keep may cut (a ratio of 1.0 keeps every channel; whether a count does, the model tells)."""
+    if keep is None:
+        return False
+    value = parse_ffn_keep(keep)
+    return isinstance(value, int) or value < 1.0
 
 
 @dataclass(frozen=True)

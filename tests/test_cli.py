@@ -279,3 +279,37 @@ def test_the_resume_signature_is_the_method_and_the_calibration(tmp_path):
     assert set(base) == {"method", "calibration", "model", "dtype"}
     assert sig("--calib", "c.txt", "--quiet", "--overwrite", "--check", "--gguf", "--batch-size", "4") == base
     assert sig("--calib", "c.txt", "--seed", "3") != base and sig("--calib", "c.txt", "--samples", "8") != base
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--ffn-keep", "1.5"], "as a ratio must be in (0, 1]"),
+    (["--target-params", "0.6"], "--target-params needs calibration data"),
+    (["--ffn-keep", "0.5", "--refit", "sequential"], "--refit sequential needs calibration data"),
+    (["--vocab-keep", "50", "--vocab-order", "frequency"], "--vocab-order frequency needs calibration data"),
+    (["--ffn-keep", "0.5", "--ffn-criterion", "act2"], "--ffn-criterion act2 needs calibration data"),
+    (["--ffn-keep", "0.5", "--ffn-select", "obs", "--ffn-criterion", "random"], "a data-driven --ffn-criterion"),
+    (["--ffn-keep", "0.5", "--scores", "s.safetensors", "--refit", "sequential"], "a data-driven --ffn-criterion"),
+    (["--ffn-keep", "0.5", "--ffn-criterion", "random", "--vocab-always", "a.txt"], "--vocab-always keeps tokens"),
+    (["--ffn-keep", "0.5", "--ffn-criterion", "random", "--seed", str(2**70)], "--seed must be an integer"),
+])
+def test_errors_that_follow_from_the_flags_come_before_the_model_is_read(flags, words, tmp_path, capsys):
+    """The model path does not exist: an error about the flags proves nothing was loaded first (a parse error is
+    argparse's exit 2)."""
+    try:
+        code = cli.main(["prune", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"), *flags])
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert words in err and "no-model" not in err and err.count("\n") == 1, err
+
+
+def test_python_options_are_typed():
+    """In Python a count is an int and a ratio a float: 1.5 channels or a seed of "a" are refused by name."""
+    from compact.options import Method
+
+    assert Method(ffn_keep=1).ffn_keep == 1 and Method(ffn_keep=1.0).ffn_keep == 1.0
+    for kwargs, flag in (({"ffn_keep": 1.5}, "--ffn-keep"), ({"seed": "a"}, "--seed"),
+                         ({"target_params": "0.5"}, "--target-params"), ({"target_params": True}, "--target-params")):
+        with pytest.raises(ValueError, match=flag):
+            Method(**kwargs)

@@ -11,7 +11,7 @@ import torch
 
 from .. import criteria, data, models, output, runs, selection, trials, vocab
 from ..loading import Loaded
-from ..options import DATA_FREE, CalibOptions, Method, Run, signature
+from ..options import DATA_FREE, CalibOptions, Method, Run, check_method, signature
 from .calibration import calibrate, token_counts
 from .passes import check, ffn_pass
 from .planning import split
@@ -75,18 +75,8 @@ def _job(loaded: Loaded, method: Method, calib: CalibOptions, run: Run, *, upto:
 
 
 def _check_method(job: Job) -> None:
-    """What the method cannot do with these options (before any work)."""
-    method = job.method
-    fitted = method.refit not in ("auto", "none") or method.ffn_select == "obs"
-    if fitted and not job.data_scores:
-        raise ValueError("--refit and --ffn-select obs fit down_proj on the calibration pass: they need --calib and "
-                         "a data-driven --ffn-criterion (not --scores or magnitude/random)")
-    if job.upto != "selection":
-        return
-    if method.target_params is not None and (method.vocab_keep or method.ffn_keep):
-        raise ValueError("give --target-params, or --vocab-keep/--ffn-keep, not both")
-    if method.target_params is None and method.vocab_keep is None and method.ffn_keep is None:
-        raise ValueError("nothing to prune: give --vocab-keep and/or --ffn-keep, or --target-params")
+    """What the method cannot do with these options (before any work): compact.options.check_method."""
+    check_method(job.method, job.calib, prune=job.upto == "selection")
 
 
 def _ffn_keep(job: Job) -> int | None:
