@@ -223,13 +223,26 @@ class Load:
 
 def signature(method: Method, calib: CalibOptions, model: str, dtype) -> dict:
     """What a resume checkpoint must match: the method and the calibration (the file's size and time too), for
-    this model in this dtype."""
+    this model (its weight and config files' sizes and times too: weights changed in place are another model) in
+    this dtype."""
     calibration = {**asdict(calib)}
     if calib.path and Path(calib.path).is_file():
-        stat = Path(calib.path).stat()
-        calibration["file"] = f"{stat.st_size} bytes, mtime {stat.st_mtime_ns}"
+        calibration["file"] = _stamp(Path(calib.path))
     return {"method": _strings(asdict(method)), "calibration": _strings(calibration), "model": str(model),
-            "dtype": str(dtype)}
+            "model files": _model_files(Path(str(model))), "dtype": str(dtype)}
+
+
+def _model_files(path: Path) -> dict:
+    """{file name: size and time} of a model's weight and config files (the file itself for a single file)."""
+    if path.is_file():
+        return {path.name: _stamp(path)}
+    files = [p for p in sorted(path.glob("*")) if p.suffix in (".safetensors", ".bin", ".gguf", ".json")]
+    return {p.name: _stamp(p) for p in files if p.is_file()} if path.is_dir() else {}
+
+
+def _stamp(path: Path) -> str:
+    stat = path.stat()
+    return f"{stat.st_size} bytes, mtime {stat.st_mtime_ns}"
 
 
 def _strings(values: dict) -> dict:

@@ -276,7 +276,7 @@ def test_the_resume_signature_is_the_method_and_the_calibration(tmp_path):
         return signature(g["method"], g["calib"], "m", "float32")
 
     base = sig("--calib", "c.txt")
-    assert set(base) == {"method", "calibration", "model", "dtype"}
+    assert set(base) == {"method", "calibration", "model", "model files", "dtype"}
     assert sig("--calib", "c.txt", "--quiet", "--overwrite", "--check", "--gguf", "--batch-size", "4") == base
     assert sig("--calib", "c.txt", "--seed", "3") != base and sig("--calib", "c.txt", "--samples", "8") != base
 

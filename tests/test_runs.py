@@ -140,6 +140,28 @@ def test_checkpoints_refuse_other_arguments(tiny, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_resume_is_refused_when_the_model_changed_in_place(tiny, tmp_path, monkeypatch, capsys):
+    """The same path with other weights is another model: its checkpoint is refused, naming the model's files."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    root, args = tiny
+    shutil.copytree(root / "model", tmp_path / "model")
+    args = [a if a != str(root / "model") else str(tmp_path / "model") for a in args]
+    out = ["--out", str(tmp_path / "out"), "--checkpoint-every", "1"]
+    with monkeypatch.context() as patch:
+        kill_after(patch, 2)
+        with pytest.raises(Killed):
+            cli.main([*args, *out])
+    weights = load_file(str(tmp_path / "model" / "model.safetensors"))
+    weights["model.layers.3.mlp.down_proj.weight"] *= 2
+    save_file(weights, str(tmp_path / "model" / "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert cli.main([*args, *out, "--resume"]) == 2
+    assert "model files" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_streams_on_disk_give_the_same_bytes(tiny, tmp_path):
     """--host-memory 0: the streams live in a disk memmap, and the prune is the same to the byte."""
     root, args = tiny
