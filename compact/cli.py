@@ -324,6 +324,7 @@ def _cmd_score(args) -> int:
             "vocab_order": decision.method.vocab_order, "ffn_criterion": method.ffn_criterion,
             "compact": __version__, **models.fingerprint(loaded.model.config)}
     output.save_scores(decision.scores, out, meta, overwrite=g["output"].overwrite)
+    _DONE.complete = True
     runs.discard(run.checkpoint)
     if not args.quiet:
         scores = decision.scores
@@ -384,6 +385,10 @@ def _cmd_prune(args) -> int:
     if group.rank != 0:
         return 0  # rank 0 writes
     result = pruning.write(loaded, decision, out.out, out.overwrite, g["run"].progress)
+    _DONE.complete = not out.gguf
+    if out.gguf:
+        _DONE.note = (f"{out.out} holds the complete pruned checkpoint, without its GGUF: write it with "
+                      f"`compact export {out.out} --gguf {out.gguf}`")
     runs.discard(g["run"].checkpoint)
     if not args.quiet:
         print(report.prune_summary(result, out.out))
@@ -539,16 +544,20 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     args = _parser().parse_args(argv)  # imports no torch: --help and --version are instant
+    _DONE.note, _DONE.complete = None, False
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:  # from here every import (torch: seconds) runs under the handlers below, an early SIGINT included
         with _interrupts_repeated() as handled:
             try:
                 _setup_threads()
                 _setup_output(getattr(args, "quiet", False))
-                return args.func(args)
+                status = args.func(args)
+                _DONE.complete = True  # (a SIGINT from here on changes nothing: it is ignored)
+                return status
             except KeyboardInterrupt:
                 handled()
-                print(f"compact {args.command}: interrupted; no output was written{_kept(args)}", file=sys.stderr)
+                print(f"compact {args.command}: interrupted; {_DONE.note or 'no output was written' + _kept(args)}",
+                      file=sys.stderr)
                 return 130
     except Terminated:
         print(f"compact {args.command}: terminated (SIGTERM); no output was written{_kept(args)}", file=sys.stderr)
@@ -564,6 +573,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+class _Done:
+    """What the running command has finished: `complete` (its output is whole: an interrupt changes nothing),
+    and `note`, what an interrupt leaves behind when that is not nothing."""
+
+    complete: bool = False
+    note: str | None = None
+
+
+_DONE = _Done()
 
 
 def _kept(args) -> str:
@@ -594,6 +614,8 @@ def _interrupts_repeated():
             _thread.interrupt_main()  # does nothing once SIGINT is ignored
 
     def on_sigint(signum, frame):
+        if _DONE.complete:
+            return
         if not started:
             started.append(threading.Thread(target=repeat, daemon=True))
             started[0].start()
@@ -629,6 +651,7 @@ def run() -> None:
     status = main()
     if _main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the output is complete or cleanly refused: exit as such
     if status == 130:
         sys.stdout.flush()
         sys.stderr.flush()

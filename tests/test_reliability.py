@@ -366,6 +366,42 @@ def test_signal_while_writing_removes_the_staging(world, monkeypatch, interrupti
                          what=signal.Signals(sig).name)
 
 
+def test_a_sigint_once_the_output_is_complete_changes_nothing(world, monkeypatch, interruptible):
+    """The pruned folder is in place: a Ctrl-C from then on is ignored, and the run exits 0 with its output."""
+    from compact import runs
+
+    root, src = world
+    discard = runs.discard
+
+    def signal_self(folder):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)  # (a handler that raised would raise here)
+        discard(folder)
+
+    monkeypatch.setattr(runs, "discard", signal_self)
+    got, err = run(prune_args(src, "done"))
+    assert got == 0 and err == "" and (root / "done" / "compact_report.json").is_file(), (got, err)
+
+
+def test_an_interrupted_gguf_says_what_is_there_and_how_to_finish(world, monkeypatch, interruptible):
+    """Interrupted while the GGUF is written: the pruned folder is complete, and the one line says so and names
+    the command that writes the GGUF."""
+    from compact import export
+
+    root, src = world
+
+    def signal_self(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler raises before this returns
+
+    monkeypatch.setattr(export, "check_exportable", lambda *a: None)
+    monkeypatch.setattr(cli, "_write_gguf", signal_self)
+    got, err = run(prune_args(src, "half", "--gguf", "f16"))
+    assert got == 130 and (root / "half" / "compact_report.json").is_file(), (got, err)
+    assert err.count("\n") == 1 and "holds the complete pruned checkpoint" in err, err
+    assert "compact export half --gguf f16" in err, err
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_while_scoring(world, sig, code):
     """A child process interrupted mid-scoring: one line, its exit code, no output, a resumable checkpoint."""
