@@ -133,13 +133,26 @@ def _trials_option(p: argparse.ArgumentParser) -> None:
                         "(on SmolLM2-135M, 3 trials on 4 held-out rows picked a split 0.025 bits/byte worse)")
 
 
+class _OneRefit(argparse.Action):
+    """--refit and --ffn-repair (its old name for same-input) set one value: two flags that disagree are refused,
+    not settled by their order."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        value = self.const if self.nargs == 0 else values
+        earlier = getattr(namespace, "_refit_flag", None)
+        if earlier is not None and getattr(namespace, self.dest) != value:
+            parser.error(f"{earlier} and {option_string} ask for different re-fits: give one")
+        namespace._refit_flag = option_string if self.nargs == 0 else f"{option_string} {value}"
+        setattr(namespace, self.dest, value)
+
+
 def _refit_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--refit", choices=CHOICES["--refit"], default="auto",
+    p.add_argument("--refit", choices=CHOICES["--refit"], default="auto", action=_OneRefit,
                    help="re-fit each down_proj's kept columns by least squares (closed form, no training): "
                         "sequential (the default with --calib and an FFN cut) fits the pruned model's activations "
                         "to the unpruned layer's output, layer after layer; same-input fits the unpruned model's "
                         "activations (cheaper); none keeps the columns as they are")
-    p.add_argument("--ffn-repair", dest="refit", action="store_const", const="same-input",
+    p.add_argument("--ffn-repair", dest="refit", action=_OneRefit, nargs=0, const="same-input",
                    help="the same as --refit same-input (kept for earlier scripts)")
 
 

@@ -313,3 +313,13 @@ def test_python_options_are_typed():
                          ({"target_params": "0.5"}, "--target-params"), ({"target_params": True}, "--target-params")):
         with pytest.raises(ValueError, match=flag):
             Method(**kwargs)
+
+
+@pytest.mark.parametrize("flags", [["--refit", "none", "--ffn-repair"], ["--ffn-repair", "--refit", "sequential"]])
+def test_ffn_repair_and_another_refit_are_refused(flags, capsys):
+    """--ffn-repair is --refit same-input: beside another --refit it is a contradiction, not a silent last-wins."""
+    with pytest.raises(SystemExit) as exit_:
+        cli._parser().parse_args(["prune", "m", "--out", "o", "--ffn-keep", "0.5", *flags])
+    assert exit_.value.code == 2 and "ask for different re-fits" in capsys.readouterr().err
+    agreed = cli._parser().parse_args(["prune", "m", "--out", "o", "--refit", "same-input", "--ffn-repair"])
+    assert agreed.refit == "same-input"
