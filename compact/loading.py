@@ -282,11 +282,17 @@ def load_tokenizer(source: str, vocab_rows: int | None = None, trust_remote_code
             raise ValueError("expected a tokenizer folder, a tokenizer.json or a SentencePiece tokenizer.model")
     except (OSError, ValueError, RuntimeError, TypeError) as e:
         raise ValueError(f"--tokenizer {source}: cannot load it: {e}") from None
-    largest = max(tokenizer.get_vocab().values(), default=-1)
-    if vocab_rows is not None and largest >= vocab_rows:
-        raise ValueError(f"--tokenizer {source}: it has ids up to {largest:,} but the model's embedding has "
-                         f"{vocab_rows:,} rows: not this model's tokenizer")
+    if vocab_rows is not None:
+        _check_fits(tokenizer, vocab_rows, f"--tokenizer {source}")
     return tokenizer
+
+
+def _check_fits(tokenizer, vocab_rows: int, what: str) -> None:
+    """Every id `tokenizer` can produce has an embedding row, else a one-line ValueError naming `what`."""
+    largest = max(tokenizer.get_vocab().values(), default=-1)
+    if largest >= vocab_rows:
+        raise ValueError(f"{what}: it has ids up to {largest:,} but the model's embedding has {vocab_rows:,} rows: "
+                         f"not this model's tokenizer")
 
 
 def _config(path: Path, trust_remote_code: bool):
@@ -331,6 +337,11 @@ def held(model, tokenizer=None) -> Loaded:
     compact_report.json of the folder it was loaded from, when compact pruned it."""
     source = getattr(model.config, "_name_or_path", "") or "a model in memory"
     models.check_prunable(model.config, source)
+    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"the model's weights are not loaded ({meta} is on the meta device): load them first")
+    if tokenizer is not None:
+        _check_fits(tokenizer, model.get_input_embeddings().num_embeddings, "the tokenizer")
     loaded = Loaded(model.eval(), tokenizer, source, device=str(model.get_input_embeddings().weight.device))
     return _with_report(loaded) if Path(source).is_dir() else loaded
 

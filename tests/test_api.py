@@ -82,3 +82,16 @@ def test_careless_calls_are_one_line_errors(tmp_path):
         compact.decide(model, None, tmp_path / "missing.txt", compact.Method(ffn_keep="24ch"))
     with pytest.raises(TypeError, match="calibration must be a file path or compact.CalibOptions"):
         compact.decide(model, None, 3, compact.Method(ffn_keep="24ch"))
+
+
+def test_a_tokenizer_of_another_model_and_unloaded_weights_are_refused(tmp_path):
+    """The API refuses what the CLI refuses: a tokenizer whose ids run past the embedding, and (one line, no
+    internal names) a model whose weights are still on the meta device."""
+    from tokenizers_fixtures import llama2_tokenizer
+
+    model = tiny_models.build("llama")  # 97 embedding rows; Llama 2's tokenizer has 32,000 ids
+    with pytest.raises(ValueError, match="not this model's tokenizer"):
+        compact.decide(model, llama2_tokenizer(tmp_path), None, compact.Method(vocab_keep=50))
+    empty = type(model)(model.config).to("meta")
+    with pytest.raises(ValueError, match="is on the meta device"):
+        compact.decide(empty, None, None, compact.Method(vocab_keep=50))
