@@ -602,7 +602,8 @@ _DONE = _Done()
 def _kept(args) -> str:
     """What an interrupted run leaves: its checkpoints, when it saved any."""
     folder = Path(f"{getattr(args, 'out', None)}.ckpt")
-    if getattr(args, "out", None) and folder.is_dir() and any(".layer" in p.name and p.suffix != ".tmp" for p in folder.iterdir()):
+    saved = folder.is_dir() and any(".layer" in p.name and p.suffix != ".tmp" for p in folder.iterdir())
+    if getattr(args, "out", None) and saved:
         return f"; {folder} holds its checkpoints: rerun with --resume to continue"
     return ""
 

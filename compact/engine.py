@@ -245,8 +245,8 @@ class _Pass:
         self.scorer.sums.load_state_dict(tensors)
         for name in names[:saved.next_layer]:
             kept = tensors.get(f"kept/{name}")
-            self.choices[name] = Choice(None if kept is None else tuple(kept.tolist()), tensors.get(f"criterion/{name}"),
-                                        tensors.get(f"left/{name}"))
+            self.choices[name] = Choice(None if kept is None else tuple(kept.tolist()),
+                                        tensors.get(f"criterion/{name}"), tensors.get(f"left/{name}"))
             if f"refit/{name}" in tensors:
                 self.refits[name] = tensors[f"refit/{name}"]
 

@@ -198,7 +198,8 @@ def rope_factors(config) -> torch.Tensor | None:
 # ------------------------------------------------------------------------------------------- tensors
 
 def _permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """q/k rows from Hugging Face's rotate-half order to llama.cpp's interleaved pairs (its converter's permute)."""
+    """q/k rows (or bias entries) from Hugging Face's rotate-half order to llama.cpp's interleaved pairs (its
+    converter's permute, applied to the weights and the biases alike)."""
     return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
             .swapaxes(1, 2).reshape(weight.shape))
 
@@ -219,7 +220,7 @@ def _tensors(writer, folder: Path, config, outtype: str) -> None:
         with safe_open(str(file), "pt") as f:
             for name in f.keys():
                 weight = f.get_tensor(name).float()
-                if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
                     heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
                     weight = _permute(weight, heads)
                 target = names.get_name(name, try_suffixes=(".weight", ".bias"))

@@ -161,7 +161,8 @@ def check_method(method: Method, calib: CalibOptions, *, prune: bool) -> None:
     if prune and method.vocab_always and method.vocab_keep is None and method.target_params is None:
         raise ValueError("--vocab-always keeps tokens in a vocabulary cut: add --vocab-keep or --target-params")
     needs = {"--target-params": method.target_params is not None, f"--refit {method.refit}": fitted,
-             "--ffn-select obs": method.ffn_select == "obs", "--vocab-order frequency": method.vocab_order == "frequency",
+             "--ffn-select obs": method.ffn_select == "obs",
+             "--vocab-order frequency": method.vocab_order == "frequency",
              f"--ffn-criterion {method.ffn_criterion}": data_driven and (not prune or _cuts_ffn(method.ffn_keep))}
     wanting = [flag for flag, needed in needs.items() if needed]
     if wanting and calib.path is None:

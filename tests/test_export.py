@@ -238,3 +238,28 @@ def test_export_overwrites_only_a_gguf_compact_wrote(byte_level, tmp_path, capsy
     assert cli.main([*export_, "--overwrite"]) == 0
     assert metadata(export.gguf_path(out, "f32"))[export.WRITER_KEY]
     assert not list(out.glob(".*partial"))
+
+
+def test_attention_biases_follow_their_rows_into_llamacpp_order(tmp_path):
+    """A Llama-family model with attention biases: llama.cpp's rotary order permutes the q/k rows, and each bias
+    entry must move with its row (transformers' GGUF reader drops llama biases, so a round trip cannot show it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, attention_bias=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    model.save_pretrained(tmp_path)
+    written = {}
+    writer = type("Writer", (), {"add_tensor": lambda self, name, data: written.__setitem__(name, data)})()
+    export._tensors(writer, tmp_path, config, "f32")
+    attention = model.model.layers[0].self_attn
+    for proj, heads, short in ((attention.q_proj, 4, "attn_q"), (attention.k_proj, 2, "attn_k")):
+        rows = proj.weight.shape[0]
+        order = export._permute(torch.arange(rows).float().unsqueeze(1), heads).squeeze(1).long()
+        assert sorted(order.tolist()) == list(range(rows)) and order.tolist() != list(range(rows))
+        assert np.array_equal(written[f"blk.0.{short}.weight"], proj.weight.detach()[order].numpy())
+        assert np.array_equal(written[f"blk.0.{short}.bias"], proj.bias.detach()[order].numpy()), short
