@@ -153,7 +153,7 @@ def test_what_export_cannot_write_is_one_line_before_any_work(tmp_path, monkeypa
     tiny_models.build("gemma").save_pretrained(tmp_path / "gemma")
     capsys.readouterr()  # (transformers' own progress bar, when nothing before disabled it)
     assert cli.main(["prune", str(tmp_path / "gemma"), "--out", str(tmp_path / "o"), "--ffn-keep", "24ch",
-                     "--gguf"]) == 2
+                     "--ffn-criterion", "magnitude", "--gguf"]) == 2
     err = capsys.readouterr().err
     assert "GGUF export supports the llama, mistral, qwen2, qwen3 model types" in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
