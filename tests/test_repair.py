@@ -89,8 +89,11 @@ def test_refits_lower_held_out_loss(stories, tmp_path):
                                                                      "--ffn-criterion", "random"]])
 def test_repair_needs_the_calibration_pass(stories, tmp_path, extra, capsys):
     ckpt, calib, _ = stories
-    rc = cli.main(["prune", str(ckpt), "--out", str(tmp_path / "out"), "--ffn-keep", "0.5", "--calib", str(calib),
-                   "--ffn-repair", *extra])
+    try:
+        rc = cli.main(["prune", str(ckpt), "--out", str(tmp_path / "out"), "--ffn-keep", "0.5", "--calib", str(calib),
+                       "--ffn-repair", *extra])
+    except SystemExit as e:  # (--ffn-repair beside --refit none: a usage error)
+        rc = e.code
     err = capsys.readouterr().err
     assert rc == 2 and "--refit" in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
