@@ -18,6 +18,14 @@ works in both modes and both give the same numbers. Per layer:
 4. the kept down_proj columns are re-fitted (compact.repair); `sequential`: the pruned stream runs the
    pruned layer, giving the next layer's pruned-stream inputs.
 
+`mlp` is `sequential` plus a reconstruction of the whole MLP: pass 2 also keeps, for this layer only, what
+the MLP receives in the pruned stream (x'), the targets r and the token weights, per batch (2 T D float32
+numbers on this rank); after the closed form, `repair.reconstruct` takes a few full-batch Adam steps on the
+kept gate/up rows and down columns, stopped on the calibration rows held out by their index in the whole set
+(every `repair.HOLD_OUT`th; so the split does not depend on the number of ranks), every rank stepping on the
+all-reduced gradients; the pruned stream then advances through the reconstructed MLP (`repair.Refit` carries
+the rows to the checkpoint and the cut).
+
 Statistics live for one layer at a time: I^2 + D*I float64 numbers at most (1.64 GB + 0.47 GB for
 Llama-3.1-8B), never L x I^2. The streams cost T x D each in the model dtype (T calibration tokens) and live
 where they fit (compact.streams: device, host, or a disk memmap). The sequential re-fit runs each layer three

@@ -11,6 +11,11 @@ G[K, K]) added to G[K, K]. G comes from the scoring pass itself (`ChannelScorer(
 numbers per layer, one [I, T] x [T, I] product per layer and batch. For Llama-3.1-8B (I = 14336, 32 layers):
 1.64 GB per layer (52.6 GB for all layers at once), 2 T I^2 = 13.5 TFLOP per layer for T = 32k calibration
 tokens (431 TFLOP in all: ~7 s at an H100's 67 TFLOP/s fp32); the solves are ~K^3/3 each, under 1 TFLOP.
+
+`reconstruct` (--refit mlp) goes past the closed form: the kept rows of gate/up and columns of down together,
+by full-batch Adam on the pruned stream's MLP inputs and targets, stopped on held-out calibration rows. Each
+step costs 6 T D K FLOP forward and backward (T training tokens of this rank), plus 2 T D K for the held-out
+loss; memory: x' and r of one layer (2 T D float32) and the kept weights with Adam's two moments (9 K D float32).
 """
 from __future__ import annotations
 
@@ -162,16 +167,16 @@ def reconstruct(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, sample
         anchor = original.detach().float().clone()
         rates = [rate * float(p.detach().square().mean().sqrt()) for p in params]
         adam = torch.optim.Adam([{"params": [p], "lr": lr} for p, lr in zip(params, rates)], foreach=False)
-        for p in params:  # (a rank without training rows still adds its zeros to the sums)
-            p.grad = torch.zeros_like(p)
         best, kept, chosen = None, None, 0
         for step in range(steps + 1):
             if step:
-                adam.zero_grad(set_to_none=False)
-                for x, r, w in data[0]:
-                    (loss(x, r, w).sum() / float(totals[0])).backward()
-                for p in params:
-                    reduce(p.grad)
+                sums = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+                for x, r, w in data[0]:  # each batch's float32 gradient, summed in float64 (as the statistics
+                    # are: ranks add the same per-batch terms in another order, ~1e-16 apart, not 1e-7)
+                    for total, grad in zip(sums, torch.autograd.grad(loss(x, r, w).sum(), params)):
+                        total.add_(grad)
+                for p, total in zip(params, sums):
+                    p.grad = (reduce(total) / float(totals[0])).float()
                 params[2].grad.add_(params[2].detach() - anchor, alpha=2 * damp)  # (after the sum: once)
                 adam.step()
             now = held_out()

@@ -235,6 +235,11 @@ def two_ranks(tiny, tmp_path_factory):
             assert cli.main([*args, "--out", str(root / f"{case}-{mode}-1")]) == 0
             commands.append({"args": [*args, "--out", str(root / f"{case}-{mode}-2")], "kill": None})
             families.append((f"{case} {mode}", root / f"{case}-{mode}-2", root / f"{case}-{mode}-1"))
+            if case in ("llama", "phi3") and mode == "memory":  # the whole MLP reconstructed: all-reduced steps
+                mlp = [*args, "--refit", "mlp"]
+                assert cli.main([*mlp, "--out", str(root / f"{case}-mlp-1")]) == 0
+                commands.append({"args": [*mlp, "--out", str(root / f"{case}-mlp-2")], "kill": None})
+                families.append((f"{case} --refit mlp", root / f"{case}-mlp-2", root / f"{case}-mlp-1"))
     _, args = tiny
     sigkilled = [*args, "--out", str(root / "sigkilled"), "--checkpoint-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -260,7 +265,7 @@ def two_ranks(tiny, tmp_path_factory):
 @pytest.mark.serial  # two ranks of their own: alone on the machine, not beside two test workers
 def test_two_ranks_prune_every_family_as_one_process(two_ranks):
     for what, two, one in two_ranks[0]:
-        assert report(two)["options"]["refit"] == "sequential", what
+        assert report(two)["options"]["refit"] == ("mlp" if "mlp" in what else "sequential"), what
         assert_prune_within_reduction_order(two, one, what)
 
 
