@@ -127,7 +127,10 @@ def reconstruct(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, sample
     with torch.inference_mode(False), torch.enable_grad():
         params = [t.detach().float().clone().requires_grad_() for t in (gate, up, down)]
         fixed = [None if b is None else b.detach().float().clone() for b in biases]
-        data = [[tuple(t.clone() for t in batch) for batch in part] for part in (samples.train, samples.held)]
+        data = [[], []]  # the rows as tensors autograd may save (`samples` holds inference tensors), moved out
+        for part, copies in zip((samples.train, samples.held), data):
+            while part:
+                copies.append(tuple(t.clone() for t in part.pop(0)))
         device = params[0].device
         totals = reduce(torch.tensor([sum(float(w.double().sum()) for _, _, w in part) for part in data],
                                      dtype=torch.float64, device=device))
