@@ -18,6 +18,14 @@ works in both modes and both give the same numbers. Per layer:
 4. the kept down_proj columns are re-fitted (compact.repair); `sequential`: the pruned stream runs the
    pruned layer, giving the next layer's pruned-stream inputs.
 
+`mlp` is `sequential` plus a reconstruction of the whole MLP: pass 2 also keeps, for this layer only, what
+the MLP receives in the pruned stream (x'), the targets r and the token weights, per batch (2 T D float32
+numbers on this rank); after the closed form, `repair.reconstruct` takes a few full-batch Adam steps on the
+kept gate/up rows and down columns, stopped on the calibration rows held out by their index in the whole set
+(every `repair.HOLD_OUT`th; so the split does not depend on the number of ranks), every rank stepping on the
+all-reduced gradients; the pruned stream then advances through the reconstructed MLP (`repair.Refit` carries
+the rows to the checkpoint and the cut).
+
 Statistics live for one layer at a time: I^2 + D*I float64 numbers at most (1.64 GB + 0.47 GB for
 Llama-3.1-8B), never L x I^2. The streams cost T x D each in the model dtype (T calibration tokens) and live
 where they fit (compact.streams: device, host, or a disk memmap). The sequential re-fit runs each layer three
@@ -31,6 +39,7 @@ streams) is saved every few layers, and a resumed run continues from there with 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -147,7 +156,8 @@ class Resident:
 @dataclass(frozen=True)
 class EngineOptions:
     """What the engine computes beside the scores: `plain` act^2, the `gram` of the unpruned stream (for the
-    planner's pricing), and the re-fit of the kept channels (`refit` one of REFITS, with `ridge`);
+    planner's pricing), and the re-fit of the kept channels (`refit` one of REFITS, with `ridge`; `mlp` is the
+    sequential re-fit followed by `repair.reconstruct` on the whole MLP);
     `host_memory`: bytes of host memory the streams may take (None: half the available; beyond: on disk)."""
 
     scoring: ScoringOptions = field(default_factory=ScoringOptions)
@@ -170,6 +180,7 @@ class LayerStats:
     gram: torch.Tensor | None = None
     shifted_gram: torch.Tensor | None = None
     cross: torch.Tensor | None = None
+    samples: repair.Samples | None = None  # --refit mlp: this rank's pruned-stream MLP inputs and targets
 
     def reduce(self, group: runs.Group) -> None:
         """Every statistic summed over torchrun's ranks, in place."""
@@ -200,14 +211,15 @@ class Choice:
 @dataclass(frozen=True)
 class Outcome:
     """What a run found: common act^2 `scores` (and `plain` act^2) per MLP, `choose`'s choice per MLP, the
-    re-fitted down_proj columns ([D, K] in the model dtype, on the CPU) where a layer was cut, the seconds the
+    re-fit (`repair.Refit`: down_proj's kept columns, and with `mlp` gate/up's kept rows; the model dtype, on the
+    CPU) where a layer was cut, the seconds the
     choices and the re-fits took inside the pass, where the streams lived, and the layer a resumed run
     continued from (0: it started afresh)."""
 
     scores: dict[str, torch.Tensor]
     plain: dict[str, torch.Tensor] | None
     choices: dict[str, Choice]
-    refits: dict[str, torch.Tensor]
+    refits: dict[str, repair.Refit]
     choice_seconds: float = 0.0
     refit_seconds: float = 0.0
     streams: str = ""
@@ -225,7 +237,7 @@ class _Pass:
 
     scorer: ChannelScorer
     choices: dict[str, Choice] = field(default_factory=dict)
-    refits: dict[str, torch.Tensor] = field(default_factory=dict)
+    refits: dict[str, repair.Refit] = field(default_factory=dict)
     seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])  # choice, re-fit
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -236,7 +248,10 @@ class _Pass:
                                ("criterion", choice.scores), ("left", choice.left)):
                 if value is not None:
                     state[f"{key}/{name}"] = value.clone()  # a criterion may be a sum itself: saved apart
-        state.update({f"refit/{name}": columns for name, columns in self.refits.items()})
+        for name, refit in self.refits.items():
+            for key, value in (("refit", refit.down), ("refit-gate", refit.gate), ("refit-up", refit.up)):
+                if value is not None:
+                    state[f"{key}/{name}"] = value
         return state
 
     def restore(self, saved: runs.Saved, names: list[str]) -> None:
@@ -248,7 +263,8 @@ class _Pass:
             self.choices[name] = Choice(None if kept is None else tuple(kept.tolist()),
                                         tensors.get(f"criterion/{name}"), tensors.get(f"left/{name}"))
             if f"refit/{name}" in tensors:
-                self.refits[name] = tensors[f"refit/{name}"]
+                self.refits[name] = repair.Refit(tensors[f"refit/{name}"], tensors.get(f"refit-gate/{name}"),
+                                                 tensors.get(f"refit-up/{name}"))
 
     def outcome(self, streams: str, resumed_from: int) -> Outcome:
         return Outcome(self.scorer.scores, self.scorer.plain_scores, dict(self.choices), dict(self.refits),
@@ -262,6 +278,10 @@ def run(source, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, op
     rank's share of them under `group`, saving and resuming as `checkpoints` say."""
     group, checkpoints = group or runs.Group(), checkpoints or runs.Checkpoints()
     rows = _share(input_ids, options, group)
+    if options.refit == "mlp" and input_ids.shape[0] < repair.HOLD_OUT:
+        warnings.warn(f"--refit mlp holds out every {repair.HOLD_OUT}th calibration row to stop on; "
+                      f"{input_ids.shape[0]} rows leave none: the sequential re-fit's closed form is kept "
+                      f"(more --samples)", stacklevel=2)
     ids, mask = input_ids[rows], None if attention_mask is None else attention_mask[rows]
     model, scoring = source.model, options.scoring
     names = list(models.mlps(model))
@@ -283,7 +303,7 @@ def run(source, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, op
         elif streams.data[1:]:
             streams.copy(0, 1)  # the pruned stream starts where the unpruned one does
         _layers(source, state, options, choose, batches=batches, streams=streams, group=group,
-                checkpoints=checkpoints, start=start)
+                checkpoints=checkpoints, start=start, first_row=rows.start)
         return state.outcome(streams.describe(), start)
     finally:
         streams.close()
@@ -308,7 +328,7 @@ def _share(input_ids: torch.Tensor, options: EngineOptions, group: runs.Group) -
 
 def _streams(source, ids: torch.Tensor, options: EngineOptions, checkpoints: runs.Checkpoints) -> Streams:
     """The run's streams (two with the sequential re-fit), placed by their size."""
-    count = 2 if options.refit == "sequential" else 1
+    count = 2 if options.refit in SEQUENTIAL else 1
     shape = (*ids.shape, source.model.config.hidden_size)
     nbytes = count * shape[0] * shape[1] * shape[2] * source.dtype.itemsize
     where = place(nbytes, source.device, reserve=source.reserve, host_limit=options.host_memory)
@@ -319,11 +339,13 @@ def _streams(source, ids: torch.Tensor, options: EngineOptions, checkpoints: run
 
 
 def _layers(source, state: _Pass, options: EngineOptions, choose, *, batches: list[Batch], streams: Streams,
-            group: runs.Group, checkpoints: runs.Checkpoints, start: int) -> None:
-    """Layers `start`.. in turn: statistics, reduced over the ranks; rank 0's choice and re-fit, broadcast; the
-    pruned stream advanced; a checkpoint every `checkpoints.every` layers and at the end."""
+            group: runs.Group, checkpoints: runs.Checkpoints, start: int, first_row: int = 0) -> None:
+    """Layers `start`.. in turn: statistics, reduced over the ranks; rank 0's choice and re-fit, broadcast (with
+    `mlp`, the reconstruction on every rank's rows); the pruned stream advanced; a checkpoint every
+    `checkpoints.every` layers and at the end. `first_row`: this rank's first calibration row in the whole set."""
     names = list(models.mlps(source.model))
-    sequential, glu = options.refit == "sequential", _glu(source.model)
+    sequential, glu = options.refit in SEQUENTIAL, _glu(source.model)
+    samples = first_row if options.refit == "mlp" else None
     post_normed = sequential and _post_normed(source.model)
     bar = progress_bar(range(start, len(names)), desc=f"layers ({streams.describe()})", unit="layer",
                        initial=start, total=len(names), progress=options.scoring.progress)
@@ -332,12 +354,13 @@ def _layers(source, state: _Pass, options: EngineOptions, choose, *, batches: li
             name = names[i]
             with source.layer(i) as layer:
                 stats = _layer(state.scorer, layer, name, i, batches=batches, streams=streams, glu=glu,
-                               post_normed=post_normed)
+                               post_normed=post_normed, samples=samples)
                 stats.reduce(group)
-                choice, fitted = _decide(stats, choose, options, group, state)
+                choice, refit = _decide(stats, choose, options, group, state, source.model)
                 if sequential:
-                    _advance(layer, i, batches=batches, streams=streams, glu=glu, choice=choice, fitted=fitted)
-            del stats, fitted
+                    _advance(source.model, layer, i, batches=batches, streams=streams, glu=glu, choice=choice,
+                             refit=refit)
+            del stats, refit
             trim_host_memory()  # the layer's statistics go back to the system before the next layer's
             if checkpoints.saving and (i + 1) % checkpoints.every == 0 and i + 1 < len(names):
                 runs.save(checkpoints, group, i + 1, state.state(), streams)
@@ -345,10 +368,10 @@ def _layers(source, state: _Pass, options: EngineOptions, choose, *, batches: li
         runs.save(checkpoints, group, len(names), state.state())
 
 
-def _decide(stats: LayerStats, choose, options: EngineOptions, group: runs.Group,
-            state: _Pass) -> tuple[Choice | None, torch.Tensor | None]:
-    """(the layer's choice, its re-fitted columns, float64): rank 0's, broadcast to every rank; recorded in
-    `state`."""
+def _decide(stats: LayerStats, choose, options: EngineOptions, group: runs.Group, state: _Pass,
+            model: nn.Module) -> tuple[Choice | None, repair.Refit | None]:
+    """(the layer's choice, its re-fit): rank 0's, broadcast to every rank (`mlp`: the closed form broadcast, then
+    reconstructed by every rank together); recorded in `state`."""
     started = time.perf_counter()
     choice = choose(stats) if choose is not None and group.rank == 0 else None
     if group.world > 1:
@@ -362,11 +385,36 @@ def _decide(stats: LayerStats, choose, options: EngineOptions, group: runs.Group
         group.broadcast_tensor(fitted)
     if choice is not None:
         state.choices[stats.name] = choice
+    refit = None
     if fitted is not None:
-        state.refits[stats.name] = fitted.to(stats.mlp.down_proj.weight.dtype).cpu()  # (a device sync)
+        dtype = stats.mlp.down_proj.weight.dtype
+        rebuilt = _reconstruct(model, stats, choice, fitted, group, options.ridge) if options.refit == "mlp" else None
+        refit = repair.Refit(fitted.to(dtype).cpu()) if rebuilt is None else repair.Refit(  # (a device sync)
+            rebuilt[2].to(dtype).cpu(), rebuilt[0].to(dtype).cpu(), rebuilt[1].to(dtype).cpu())
+        state.refits[stats.name] = refit
     state.seconds[0] += chosen - started
     state.seconds[1] += time.perf_counter() - chosen
-    return choice, fitted
+    return choice, refit
+
+
+def _reconstruct(model: nn.Module, stats: LayerStats, choice: Choice, fitted: torch.Tensor, group: runs.Group,
+                 ridge: float) -> tuple[torch.Tensor, ...] | None:
+    """--refit mlp: `repair.reconstruct` from the closed form `fitted` on every rank's rows (rank 0's result,
+    broadcast, so that every rank holds the same bytes); None: the closed form stands."""
+    mlp = stats.mlp
+    family, activation = models.family_of(model.config), models.activation_of(model.config)
+    kept = torch.as_tensor(choice.kept, dtype=torch.long, device=fitted.device)
+    gate, up, *biases = repair.kept_gate_up(family, mlp, kept)
+    rebuilt = repair.reconstruct(gate, up, fitted, stats.samples, activation=activation, biases=tuple(biases),
+                                 original=mlp.down_proj.weight.detach()[:, kept], ridge=ridge,
+                                 group=group if group.world > 1 else None, name=stats.name)
+    if group.world > 1:
+        if not group.broadcast(rebuilt is not None):
+            return None
+        rebuilt = rebuilt or (gate.float().clone(), up.float().clone(), fitted.float().clone())
+        for tensor in rebuilt:
+            group.broadcast_tensor(tensor)
+    return rebuilt
 
 
 def _on_cpu(choice: Choice) -> Choice:
@@ -375,9 +423,10 @@ def _on_cpu(choice: Choice) -> Choice:
 
 
 def _layer(scorer: ChannelScorer, layer: nn.Module, name: str, i: int, *, batches: list[Batch], streams: Streams,
-           glu, post_normed: bool) -> LayerStats:
+           glu, post_normed: bool, samples: int | None = None) -> LayerStats:
     """Passes 1 and 2 over layer i: the unpruned stream scored and advanced, the pruned stream's statistics
-    (`glu`: the activations function; `post_normed`: the family normalizes the MLP output)."""
+    (`glu`: the activations function; `post_normed`: the family normalizes the MLP output; `samples`: this
+    rank's first calibration row when --refit mlp keeps the MLP's inputs and targets, else None)."""
     mlp = layer.mlp
     outputs: list[torch.Tensor] = []
     tap = mlp.register_forward_hook(lambda m, a, out: outputs.append(out)) if post_normed else None
@@ -393,24 +442,32 @@ def _layer(scorer: ChannelScorer, layer: nn.Module, name: str, i: int, *, batche
                        None if scorer.plain_scores is None else scorer.plain_scores[name],
                        None if scorer.grams is None else scorer.grams.pop(name))
     if len(streams.data) > 1:
+        kept = None if samples is None else repair.Samples()
         stats.shifted_gram, stats.cross = _shifted_stats(scorer, layer, i, batches=batches, streams=streams, glu=glu,
-                                                         mlp_outputs=outputs or None)
+                                                         mlp_outputs=outputs or None, samples=kept, first_row=samples)
+        stats.samples = kept
     return stats
 
 
 def _shifted_stats(scorer: ChannelScorer, layer: nn.Module, i: int, *, batches: list[Batch], streams: Streams,
-                   glu, mlp_outputs: list | None) -> tuple[torch.Tensor, torch.Tensor]:
+                   glu, mlp_outputs: list | None, samples: repair.Samples | None = None,
+                   first_row: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(G' = sum_t w_t h'_t h'_t^T, C = sum_t w_t r_t h'_t^T) over the pruned stream, float64: h' down_proj's
-    input there, r the target of the pruned MLP's output (module docstring)."""
+    input there, r the target of the pruned MLP's output (module docstring). With `samples`, also the MLP's
+    inputs x', the targets r and the weights w of every batch go there, the rows whose index in the whole
+    calibration set (`first_row` + the row here) is HOLD_OUT - 1 modulo repair.HOLD_OUT held out."""
     mlp = layer.mlp
     down = mlp.down_proj
     gram = torch.zeros(down.in_features, down.in_features, dtype=torch.float64, device=down.weight.device)
     cross = torch.zeros(down.out_features, down.in_features, dtype=torch.float64, device=down.weight.device)
     seen: list[torch.Tensor] = []
+    inputs: list[torch.Tensor] = []
 
     def silenced(module, x):
         h = glu(module, x)
         seen.append(h)
+        if samples is not None:
+            inputs.append(x)
         return torch.zeros(*h.shape[:-1], down.out_features, dtype=h.dtype, device=h.device)
 
     with models.patched_forward(mlp, silenced):
@@ -425,30 +482,59 @@ def _shifted_stats(scorer: ChannelScorer, layer: nn.Module, i: int, *, batches: 
             if down.bias is not None:
                 target = target - down.bias.float()
             weights = scorer.weights_for(batch.ids, batch.mask)
+            if samples is not None:
+                x = inputs.pop()
+                rows = torch.arange(batch.rows.start, batch.rows.stop, device=x.device) + first_row
+                samples.add(x, target.reshape(x.shape), weights, rows % repair.HOLD_OUT == repair.HOLD_OUT - 1)
             weighted = h if weights is None else h * weights.reshape(-1, 1)
             gram.add_(weighted.T @ h)  # float32 products, summed across batches in float64
             cross.add_(target.T @ weighted)
     return gram, cross
 
 
-def _advance(layer: nn.Module, i: int, *, batches: list[Batch], streams: Streams, glu, choice: Choice | None,
-             fitted: torch.Tensor | None) -> None:
+def _advance(model: nn.Module, layer: nn.Module, i: int, *, batches: list[Batch], streams: Streams, glu,
+             choice: Choice | None, refit: repair.Refit | None) -> None:
     """The pruned stream through the pruned layer i: down_proj reads the kept channels with the re-fitted
-    columns (the original layer when nothing is cut)."""
+    columns, from the re-fitted gate/up rows where `mlp` re-fitted them (the original layer when nothing is
+    cut)."""
     if choice is None or choice.kept is None:
         for batch in batches:
             streams.put(1, batch.rows, batch.run(layer, i, streams.rows(1, batch.rows)))
         return
     down = layer.mlp.down_proj
     index = torch.as_tensor(choice.kept, dtype=torch.long, device=down.weight.device)
-    weight = (fitted if fitted is not None else down.weight.detach()[:, index]).to(down.weight)
+    weight = (refit.down if refit is not None else down.weight.detach()[:, index]).to(down.weight)
 
     def pruned(module, x):
         return F.linear(glu(module, x).index_select(-1, index), weight, down.bias)
 
+    if refit is not None and refit.gate is not None:
+        pruned = _rebuilt_forward(model, layer.mlp, index, refit, weight)
+
     with models.patched_forward(layer.mlp, pruned):
         for batch in batches:
             streams.put(1, batch.rows, batch.run(layer, i, streams.rows(1, batch.rows)))
+
+
+def _rebuilt_forward(model: nn.Module, mlp: nn.Module, index: torch.Tensor, refit: repair.Refit,
+                     weight: torch.Tensor) -> Callable:
+    """The forward of the MLP sliced to `index` with `refit`'s gate/up rows and down columns (`weight`), as the
+    pruned checkpoint computes it (one fused gate_up GEMM for Phi-3)."""
+    family, activation = models.family_of(model.config), models.activation_of(model.config)
+    _, _, gate_bias, up_bias = repair.kept_gate_up(family, mlp, index)
+    gate, up = (t.to(weight) for t in (refit.gate, refit.up))
+    bias = mlp.down_proj.bias
+    if family.fused_gate_up:
+        fused = torch.cat([gate, up])
+        fused_bias = None if gate_bias is None else torch.cat([gate_bias, up_bias])
+
+        def forward(module, x):
+            return F.linear(ck.glu_and_score(F.linear(x, fused, fused_bias), activation=activation), weight, bias)
+    else:
+        def forward(module, x):
+            h = ck.glu_and_score(F.linear(x, gate, gate_bias), F.linear(x, up, up_bias), activation=activation)
+            return F.linear(h, weight, bias)
+    return forward
 
 
 def _glu(model: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
@@ -465,3 +551,6 @@ def _glu(model: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
 def _post_normed(model: nn.Module) -> bool:
     """Whether the family normalizes the MLP output before the residual add (Gemma 2/3)."""
     return hasattr(models.decoder_of(model).layers[0], "post_feedforward_layernorm")
+
+
+SEQUENTIAL = ("sequential", "mlp")  # the re-fits that run the pruned stream

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 VOCAB_ORDERS = ("id", "frequency")  # the vocabulary policy's orders (compact.vocab)
-REFITS = ("none", "same-input", "sequential")  # the engine's re-fits of down_proj's kept columns
+REFITS = ("none", "same-input", "sequential", "mlp")  # the engine's re-fits: down_proj's kept columns, or the MLP
 SELECTIONS = ("scores", "obs")  # the top of the criterion, or repair.eliminate
 CRITERIA = {  # the FFN channel criteria (compact.criteria)
     "common-act2": "sum of h_c^2 over calibration tokens in the kept vocabulary (COMPACT's criterion)",

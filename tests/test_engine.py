@@ -76,7 +76,7 @@ def test_sequential_refit_is_the_least_squares_solve_on_the_pruned_stream():
         damp = repair.RIDGE * gram.diagonal().mean()
         lhs = gram + damp * torch.eye(KEEP, dtype=torch.float64)
         rhs = target.T @ h_k + damp * w_k
-        fitted = outcome.refits[name].double()
+        fitted = outcome.refits[name].down.double()
         # float32 sums over the calibration positions (G', C) and float32 forwards that round differently (the
         # engine's batches of 2 and index_select'ed down_proj, the model's single rows and zeroed columns)
         rtol = fp32_sum_rtol(ids.numel()) + fp32_forward_rtol(9 * (layer + 1), tiny_models.INTER)
@@ -86,7 +86,7 @@ def test_sequential_refit_is_the_least_squares_solve_on_the_pruned_stream():
         assert float((fitted - w_k).abs().max()) > 100 * rtol * float(w_k.abs().max()), "the re-fit moved nothing"
         with torch.no_grad():  # prune this layer as the engine did, before capturing the next
             down = pruned.model.layers[layer].mlp.down_proj.weight
-            down[:, kept] = outcome.refits[name].to(down)
+            down[:, kept] = outcome.refits[name].down.to(down)
         _zero_dropped(pruned, layer, kept)
 
 
@@ -133,18 +133,39 @@ def test_every_refit_offloaded_equals_in_memory(case, tmp_path, compute):
     src = tmp_path / "src"
     model.save_pretrained(src)
     np.save(tmp_path / "calib.npy", _calibration(tiny_models.VOCAB, rows=4, length=32)[0].numpy())
+    np.save(tmp_path / "calib12.npy", _calibration(tiny_models.VOCAB, rows=12, length=32)[0].numpy())
     extras = [[]] + ([["--refit", "same-input"], ["--ffn-select", "obs"]] if case == "llama" else [])
+    extras += [["--refit", "mlp"]] if case in ("llama", "phi3", "gemma2") else []
     for extra in extras:
         outs = []
         for mode in ([], ["--offload", "layerwise"]):
             out = tmp_path / f"out{len(outs)}"
-            assert cli.main(["prune", str(src), "--out", str(out), "--overwrite", "--calib", str(tmp_path / "calib.npy"),
+            calib = tmp_path / ("calib12.npy" if "mlp" in extra else "calib.npy")  # (3 rows held out of 12)
+            assert cli.main(["prune", str(src), "--out", str(out), "--overwrite", "--calib", str(calib),
                              "--seq-len", "32", "--ffn-keep", f"{KEEP}ch", "--quiet", *extra, *mode,
                              *compute.args]) == 0
             outs.append(out)
         report = json.loads((outs[1] / "compact_report.json").read_text())
         assert report["options"]["refit"] == (extra[1] if extra[:1] == ["--refit"] else "sequential")
         assert_same_checkpoint(outs[1], outs[0], f"{case} {' '.join(extra)}")
+        if extra == ["--refit", "mlp"]:
+            _assert_gate_up_refitted(src, outs[0], report["kept_channels"], case)
+
+
+def _assert_gate_up_refitted(src, out, kept_channels: list, what: str) -> None:
+    """--refit mlp changed some layer's kept gate/up rows (the reconstruction ran and won on held-out rows),
+    and wrote them where the slice puts them (both halves of Phi-3's fused gate_up_proj)."""
+    from safetensors.torch import load_file
+
+    before = {k: v for f in src.glob("model*.safetensors") for k, v in load_file(str(f)).items()}
+    after = {k: v for f in out.glob("model*.safetensors") for k, v in load_file(str(f)).items()}
+    moved = 0
+    for i, kept in enumerate(kept_channels):
+        index = torch.tensor(kept)
+        for name in [n for n in after if n.startswith(f"model.layers.{i}.mlp.") and ("gate" in n or "up_" in n)]:
+            rows = torch.cat([index, index + tiny_models.INTER]) if "gate_up" in name else index
+            moved += not torch.equal(after[name], before[name][rows])
+    assert moved, f"{what}: --refit mlp left every kept gate/up row as it was"
 
 
 MEMORY = PRELUDE + textwrap.dedent("""

@@ -37,7 +37,7 @@ def test_options_import_without_torch():
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     assert lines[0] == repr(Method()) and lines[1] == repr(Run()), lines
-    assert lines[5] == "--refit must be one of auto, none, same-input, sequential; got 'yes'", lines
+    assert lines[5] == "--refit must be one of auto, none, same-input, sequential, mlp; got 'yes'", lines
     assert lines[6] == "['compact', 'compact.options']", lines
 
 

@@ -1,5 +1,6 @@
 """--refit: the Gram matrices of the scoring pass and the least-squares re-fit of down_proj."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -83,6 +84,50 @@ def test_refits_lower_held_out_loss(stories, tmp_path):
     print("held-out NLL per token:", nll)
     assert kept["none"] == kept["same-input"] == kept["sequential"]
     assert nll["same-input"] < nll["none"] and nll["sequential"] < nll["none"]
+
+
+def test_mlp_reconstruction_never_raises_held_out_nll(stories, tmp_path):
+    """--refit mlp against the sequential re-fit it starts from, the same channels: held-out text (rows the
+    calibration never saw) is predicted no worse, gate/up really moved, and two runs write the same bytes."""
+    ckpt, calib, heldout = stories
+    ids = torch.from_numpy(np.load(heldout))
+    nll, kept, weights = {}, {}, {}
+    for refit in ("sequential", "mlp", "mlp-again"):
+        out = tmp_path / refit
+        assert cli.main(["prune", str(ckpt), "--out", str(out), "--ffn-keep", "96", "--ffn-multiple", "8",
+                         "--calib", str(calib), "--quiet", "--refit", refit.split("-")[0]]) == 0
+        kept[refit] = json.loads((out / "compact_report.json").read_text())["kept_channels"]
+        loaded = loading.load(str(out), dtype="float32")
+        weights[refit] = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+        total, count = evaluate.nll(loaded.model, ids, batch_size=6, progress=False)
+        nll[refit] = total / count
+    print("held-out NLL per token:", nll)
+    assert kept["sequential"] == kept["mlp"] == kept["mlp-again"]
+    assert nll["mlp"] <= nll["sequential"], nll
+    moved = [k for k in weights["mlp"] if ("gate_proj" in k or "up_proj" in k)
+             and not torch.equal(weights["mlp"][k], weights["sequential"][k])]
+    assert moved, "no gate/up row was re-fitted"
+    for name, tensor in weights["mlp"].items():
+        assert torch.equal(tensor.view(torch.uint8), weights["mlp-again"][name].view(torch.uint8)), name
+
+
+def test_mlp_reconstruction_keeps_the_closed_form_without_held_out_rows(recwarn):
+    """Fewer calibration rows than HOLD_OUT: none can be held out, so --refit mlp warns once and gives the
+    sequential re-fit's columns, byte for byte."""
+    import tiny_models
+    from compact import engine
+    from compact.scoring import ScoringOptions
+
+    model = tiny_models.build("llama")
+    ids = torch.randint(0, tiny_models.VOCAB, (repair.HOLD_OUT - 1, 16), generator=torch.Generator().manual_seed(0))
+    options = engine.EngineOptions(ScoringOptions(batch_size=1, progress=False), refit="sequential")
+    half = engine.Choice(tuple(range(0, tiny_models.INTER, 2)))
+    want = engine.run(engine.Resident(model), ids, None, options, lambda stats: half)
+    with pytest.warns(UserWarning, match="--refit mlp holds out") as caught:
+        got = engine.run(engine.Resident(model), ids, None, replace(options, refit="mlp"), lambda stats: half)
+    assert len([w for w in caught if "--refit mlp" in str(w.message)]) == 1
+    for name, refit in want.refits.items():
+        assert got.refits[name].gate is None and torch.equal(got.refits[name].down, refit.down), name
 
 
 @pytest.mark.parametrize("extra", [["--ffn-criterion", "magnitude"], ["--ffn-select", "obs", "--refit", "none",

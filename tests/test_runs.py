@@ -105,6 +105,27 @@ def test_a_run_killed_after_any_layer_resumes_to_the_same_bytes(tiny, tmp_path, 
     assert_same_prune(out, tmp_path / "plain", f"{mode}, resumed twice")
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_an_mlp_refit_killed_mid_run_resumes_to_the_same_bytes(tiny, tmp_path, monkeypatch, mode):
+    """--refit mlp (the whole MLP reconstructed on the pruned stream), killed in the middle and resumed: the
+    uninterrupted run's checkpoint, byte for byte, in memory and offloaded; the re-fitted gate/up rows travel
+    in the checkpoint (the layers before the kill are not recomputed)."""
+    root, args = tiny
+    args = [*args, *MODES[mode], "--refit", "mlp"]
+    assert cli.main([*args, "--out", str(tmp_path / "plain")]) == 0
+    out = tmp_path / "resumed"
+    with monkeypatch.context() as patch:
+        kill_after(patch, 2)
+        with pytest.raises(Killed):
+            cli.main([*args, "--out", str(out), "--checkpoint-every", "1"])
+    saved = [p for p in (tmp_path / "resumed.ckpt").iterdir() if p.name.startswith("ffn-")]
+    state = load_file(str(saved[0] / "state.safetensors"))
+    assert any(k.startswith("refit-gate/") for k in state), sorted(state)
+    assert cli.main([*args, "--out", str(out), "--checkpoint-every", "1", "--resume"]) == 0
+    assert report(out)["options"]["refit"] == "mlp"
+    assert_same_prune(out, tmp_path / "plain", f"--refit mlp, {mode}, resumed")
+
+
 def test_a_sigkilled_offloaded_run_resumes_to_the_same_bytes(tiny, tmp_path):
     """A real SIGKILL (no cleanup runs) in the middle of an offloaded prune, then --resume."""
     root, args = tiny
@@ -236,6 +257,11 @@ def two_ranks(tiny, tmp_path_factory):
             assert cli.main([*args, "--out", str(root / f"{case}-{mode}-1")]) == 0
             commands.append({"args": [*args, "--out", str(root / f"{case}-{mode}-2")], "kill": None})
             families.append((f"{case} {mode}", root / f"{case}-{mode}-2", root / f"{case}-{mode}-1"))
+            if case in ("llama", "phi3") and mode == "memory":  # the whole MLP reconstructed: all-reduced steps
+                mlp = [*args, "--refit", "mlp"]
+                assert cli.main([*mlp, "--out", str(root / f"{case}-mlp-1")]) == 0
+                commands.append({"args": [*mlp, "--out", str(root / f"{case}-mlp-2")], "kill": None})
+                families.append((f"{case} --refit mlp", root / f"{case}-mlp-2", root / f"{case}-mlp-1"))
     _, args = tiny
     sigkilled = [*args, "--out", str(root / "sigkilled"), "--checkpoint-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -261,7 +287,7 @@ def two_ranks(tiny, tmp_path_factory):
 @pytest.mark.serial  # two ranks of their own: alone on the machine, not beside two test workers
 def test_two_ranks_prune_every_family_as_one_process(two_ranks):
     for what, two, one in two_ranks[0]:
-        assert report(two)["options"]["refit"] == "sequential", what
+        assert report(two)["options"]["refit"] == ("mlp" if "mlp" in what else "sequential"), what
         assert_prune_within_reduction_order(two, one, what)
 
 

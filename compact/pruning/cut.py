@@ -6,6 +6,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import torch
+
 from .. import models, output, repair, slicing, tokenizer
 from ..loading import Loaded
 from ..options import CalibOptions, Method, Run
@@ -64,7 +66,13 @@ def _write_offloaded(loaded: Loaded, decision: Decision, folder: Path, progress:
     """The pruned shards written tensor by tensor from the source files into `folder`; the parameter counts after."""
     from ..layerwise_slicing import write_layerwise
 
-    refits = {f"{name}.down_proj.weight": columns for name, columns in (decision.refits or {}).items()}
+    family, intermediate = models.family_of(loaded.model.config), models.intermediate_size(loaded.model)
+    refits = {}
+    for name, refit in (decision.refits or {}).items():
+        refits[f"{name}.down_proj.weight"] = refit.down
+        kept = torch.as_tensor(decision.kept_channels[name], dtype=torch.long)
+        for projection, rows in repair.rows_replaced(family, refit, kept, intermediate).items():
+            refits[f"{name}.{projection}.weight"] = rows
     summary = write_layerwise(loaded.source, folder, decision.kept_token_ids, decision.kept_channels,
                               device=loaded.device, progress=progress, replacements=refits,
                               dtype=loaded.written_dtype)

@@ -10,7 +10,7 @@ from types import MappingProxyType
 
 import torch
 
-from .. import budget, data, models, runs, vocab
+from .. import budget, data, models, repair, runs, vocab
 from ..loading import Loaded
 from ..options import DATA_FREE, CalibOptions, Method, Run
 
@@ -81,12 +81,12 @@ class Check:
 @dataclass(frozen=True)
 class Pass:
     """What a calibration pass gave: scores per MLP by the criterion, --check's result, and (when it chose them
-    as it went) the kept channels and their re-fitted down_proj columns per cut MLP; None where it gave none."""
+    as it went) the kept channels and their re-fit (`repair.Refit`) per cut MLP; None where it gave none."""
 
     scores: Mapping[str, torch.Tensor] | None = None
     check: Check | None = None
     kept_channels: Mapping[str, list[int]] | None = None
-    refits: Mapping[str, torch.Tensor] | None = None
+    refits: Mapping[str, "repair.Refit"] | None = None
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,8 @@ class Decision:
     """What a prune keeps and why. `method`: as applied (`vocab_order` and `refit` resolved); `plan`: the
     planner's record for --target-params (the candidates weighed, the choice, measured trials); `vocab_keep`
     and `ffn_keep` (channels per layer): the sizes; `kept_token_ids` (None: vocabulary not cut) and
-    `kept_channels` (None: FFN not cut): what stays; `refits`: re-fitted down_proj columns [D, K] per cut MLP;
+    `kept_channels` (None: FFN not cut): what stays; `refits`: the re-fit per cut MLP (`repair.Refit`:
+    down_proj's kept columns [D, K], and with --refit mlp gate/up's kept rows [K, D]);
     `scores`: per MLP by the criterion; `check`: --check's comparison with hooks; `parameters_before`, `sizes`
     and `dtype` (the compute dtype): of the model as decided on; `timings`: seconds per step. Fields of steps
     past `upto` stay None. Read-only throughout: mappings are read-only views, id lists tuples."""
@@ -122,7 +123,7 @@ class Decision:
     scores: Mapping[str, torch.Tensor] | None = None
     check: Check | None = None
     kept_channels: Mapping[str, tuple[int, ...]] | None = None
-    refits: Mapping[str, torch.Tensor] | None = None
+    refits: Mapping[str, "repair.Refit"] | None = None
     parameters_before: Mapping[str, int] | None = None
     sizes: Sizes | None = None
     dtype: torch.dtype | None = None
