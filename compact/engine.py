@@ -505,13 +505,12 @@ def _advance(model: nn.Module, layer: nn.Module, i: int, *, batches: list[Batch]
     index = torch.as_tensor(choice.kept, dtype=torch.long, device=down.weight.device)
     weight = (refit.down if refit is not None else down.weight.detach()[:, index]).to(down.weight)
 
-    def pruned(module, x):
+    def sliced(module, x):
         return F.linear(glu(module, x).index_select(-1, index), weight, down.bias)
 
-    if refit is not None and refit.gate is not None:
-        pruned = _rebuilt_forward(model, layer.mlp, index, refit, weight)
-
-    with models.patched_forward(layer.mlp, pruned):
+    rebuilt = refit is not None and refit.gate is not None
+    forward = _rebuilt_forward(model, layer.mlp, index, refit, weight) if rebuilt else sliced
+    with models.patched_forward(layer.mlp, forward):
         for batch in batches:
             streams.put(1, batch.rows, batch.run(layer, i, streams.rows(1, batch.rows)))
 
