@@ -406,9 +406,11 @@ def test_an_interrupted_gguf_says_what_is_there_and_how_to_finish(world, monkeyp
 def test_signal_while_scoring(world, sig, code):
     """A child process interrupted mid-scoring: one line, its exit code, no output, a resumable checkpoint."""
     root, src = world
-    np.save(root / "long.npy", np.random.default_rng(1).integers(0, VOCAB, size=(2000, 16)))
+    # The engine passes every row through one layer, then the next: 8000 rows make a layer last long enough that
+    # the signal, sent once the first layer's checkpoint is there, lands before the last layer is done.
+    np.save(root / "long.npy", np.random.default_rng(1).integers(0, VOCAB, size=(8000, 16)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    argv = ["score", src, "--out", "s.safetensors", "--calib", "long.npy", "--samples", "2000", "--seq-len", "16",
+    argv = ["score", src, "--out", "s.safetensors", "--calib", "long.npy", "--samples", "8000", "--seq-len", "16",
             "--checkpoint-every", "1", "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "compact", *argv], cwd=root, env=env, stderr=subprocess.PIPE,
                             text=True, preexec_fn=_interruptible)
