@@ -378,7 +378,9 @@ def _check_checkpoint(args) -> None:
     if checkpoint.exists() and not checkpoint.is_dir() and (args.resume or args.checkpoint_every):
         raise ValueError(f"{checkpoint} is damaged or not a checkpoint compact wrote (a file: compact's checkpoints "
                          f"are a folder): move or delete it")
-    if not args.resume and checkpoint.is_dir() and any(".layer" in p.name for p in checkpoint.iterdir()):
+    from . import runs
+
+    if not args.resume and runs.holds_checkpoints(checkpoint):
         raise ValueError(f"{checkpoint} holds an interrupted run: pass --resume to continue it, or delete it")
 
 
@@ -603,7 +605,7 @@ _DONE = _Done()
 
 def _kept(args) -> str:
     """What an interrupted run leaves: its checkpoints, when it saved any."""
-    folder = Path(f"{getattr(args, 'out', None)}.ckpt")
+    folder = Path(f"{getattr(args, 'out', None)}.ckpt")  # (read without compact.runs: its torch import is slow)
     saved = folder.is_dir() and any(".layer" in p.name and p.suffix != ".tmp" for p in folder.iterdir())
     if getattr(args, "out", None) and saved:
         return f"; {folder} holds its checkpoints: rerun with --resume to continue"

@@ -18,7 +18,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -106,7 +106,7 @@ class Checkpoints:
         return self.folder is not None and self.every > 0
 
     def named(self, name: str) -> "Checkpoints":
-        return Checkpoints(self.folder, self.every, self.resume, self.signature, name)
+        return replace(self, name=name)
 
 
 @dataclass(frozen=True)
@@ -196,6 +196,12 @@ def _meta(path: Path) -> dict:
 def digest(value) -> str:
     """A short stable name for a JSON-able value (a pass's inputs: its checkpoints' file names)."""
     return hashlib.sha1(json.dumps(value).encode()).hexdigest()[:12]
+
+
+def holds_checkpoints(folder: str | Path) -> bool:
+    """Whether `folder` holds a checkpoint some rank saved (not only a temporary one, or spilled streams)."""
+    folder = Path(folder)
+    return folder.is_dir() and any(_NAME.match(path.name) for path in folder.iterdir())
 
 
 def discard(folder: str | None) -> None:
