@@ -28,15 +28,26 @@ def trim_host_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def _status_bytes(key: str) -> int | None:
-    """A size field of /proc/self/status (VmRSS, VmHWM) in bytes, or None where unavailable."""
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A size field (in kB there) of a /proc file, in bytes, or None where unavailable."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(path).read_text().splitlines():
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
     return None
+
+
+def _status_bytes(key: str) -> int | None:
+    """A size field of /proc/self/status (VmRSS, VmHWM) in bytes, or None where unavailable."""
+    return _proc_bytes("/proc/self/status", key)
+
+
+def host_available() -> int:
+    """Bytes of host memory available now (MemAvailable; all physical pages where /proc is absent)."""
+    available = _proc_bytes("/proc/meminfo", "MemAvailable")
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if available is None else available
 
 
 def rss_bytes() -> int:

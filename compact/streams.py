@@ -13,29 +13,18 @@ stream per layer).
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .memory import host_available
+
 WHERE = ("device", "host", "disk")
 _CHUNK = 1 << 26  # bytes per copy between a stream and a file: bounded host memory for any stream size
 _RAW = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}  # numpy has no bf16: stored as raw bits
 _RAW_TORCH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def host_available() -> int:
-    """Bytes of host memory available now (MemAvailable; total pages where /proc is absent)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def place(nbytes: int, device: torch.device, *, reserve: int = 0, host_limit: int | None = None) -> str:
