@@ -1,6 +1,7 @@
 """Model-family adapters, one table keyed by `config.model_type`: where the MLPs are and how they compute."""
 from __future__ import annotations
 
+import hashlib
 import math
 import types
 from collections.abc import Callable, Iterator
@@ -144,6 +145,42 @@ def intermediate_size(model: nn.Module) -> int:
 def is_tied(model: nn.Module) -> bool:
     head = model.get_output_embeddings()
     return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Which model a decision was made for: its vocabulary rows and FFN channels, a digest of every parameter's name
+    and shape, and a digest of 16 evenly spaced values of each, rounded to bfloat16 (so a cast or a move to another
+    device is the same model; None for a skeleton on the meta device, whose values are in its files)."""
+
+    vocab: int
+    intermediate: int
+    shapes: str
+    values: str | None
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Identity:
+        shapes, values, samples = hashlib.sha256(), hashlib.sha256(), []
+        for name, p in model.named_parameters():
+            shapes.update(f"{name}{tuple(p.shape)};".encode())
+            if not p.is_meta and p.numel():
+                flat = p.detach().reshape(-1)
+                samples.append(flat[torch.linspace(0, flat.numel() - 1, 16, device=flat.device).long()])
+        if samples:
+            values.update(torch.cat([s.to(torch.bfloat16) for s in samples]).view(torch.int16).cpu().numpy())
+        return cls(model.get_input_embeddings().num_embeddings, intermediate_size(model), shapes.hexdigest()[:16],
+                   values.hexdigest()[:16] if samples else None)
+
+    def check(self, model: nn.Module) -> None:
+        """ValueError unless `model` is the one this identity describes (its values compared where both hold them)."""
+        other = Identity.of(model)
+        if (other.vocab, other.intermediate) != (self.vocab, self.intermediate):
+            raise ValueError(f"this decision was made for a model of {self.vocab} tokens and {self.intermediate} FFN "
+                             f"channels per layer; this one has {other.vocab} and {other.intermediate} (was the "
+                             "decision already applied to it?)")
+        if other.shapes != self.shapes or None not in (self.values, other.values) and other.values != self.values:
+            raise ValueError("this decision was made for another model (its parameters' shapes or values differ): "
+                             "decide on the model you cut")
 
 
 SPECIAL_ID_ATTRS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")  # config token ids

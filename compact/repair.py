@@ -66,6 +66,20 @@ def apply_refits(model: nn.Module, kept_channels: dict[str, list[int]], refits: 
                 target.data[rows] = tensor.to(target)
 
 
+def check_refits(model: nn.Module, kept_channels: dict[str, list[int]], refits: dict[str, Refit]) -> None:
+    """ValueError unless every re-fit belongs to an MLP of `model` and has the shapes of its kept channels."""
+    mlps = models.mlps(model)
+    for name, refit in refits.items():
+        if name not in mlps or name not in kept_channels:
+            raise ValueError(f"a re-fit names {name!r}, which is not a cut MLP of this model")
+        hidden, kept = mlps[name].down_proj.out_features, len(kept_channels[name])
+        shapes = {"down": (hidden, kept), "gate": (kept, hidden), "up": (kept, hidden)}
+        for part, shape in shapes.items():
+            tensor = getattr(refit, part)
+            if tensor is not None and tuple(tensor.shape) != shape:
+                raise ValueError(f"{name}'s re-fitted {part} is {tuple(tensor.shape)}, not {shape}")
+
+
 def rows_replaced(family: models.Family, refit: Refit, kept: torch.Tensor, intermediate: int) -> dict:
     """{projection: its kept rows as re-fitted} (empty when gate/up are not re-fitted): gate_proj and up_proj, or
     a fused gate_up_proj's rows (gate half first), in the order `family.channel_rows` lists them."""

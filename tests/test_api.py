@@ -95,3 +95,78 @@ def test_a_tokenizer_of_another_model_and_unloaded_weights_are_refused(tmp_path)
     empty = type(model)(model.config).to("meta")
     with pytest.raises(ValueError, match="is on the meta device"):
         compact.decide(empty, None, None, compact.Method(vocab_keep=50))
+
+
+def _state(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, before: dict, config: dict) -> bool:
+    state = model.state_dict()
+    return (state.keys() == before.keys() and all(torch.equal(before[k], v) for k, v in state.items())
+            and model.config.to_dict() == config)
+
+
+@pytest.mark.parametrize("refit", ["sequential", "same-input", "none"])
+def test_a_decision_for_another_model_is_refused_and_changes_nothing(calib, refit):
+    """A decision applied to a model it was not made for (other FFN width, other vocabulary, the same shapes with
+    other weights) raises before anything is written: the model keeps every tensor and its config."""
+    decision = compact.decide(tiny_models.build("llama"), None, calib,
+                              compact.Method(vocab_keep=40, ffn_keep="24ch", refit=refit), compact.Run(progress=False))
+    assert bool(decision.refits) == (refit != "none")
+    wider = tiny_models.config("llama")
+    wider.intermediate_size, wider.vocab_size = 96, 120
+    others = {"other shapes": type(tiny_models.build("llama"))(wider).eval(),
+              "other weights": tiny_models.build("llama", seed=5)}
+    for why, model in others.items():
+        before, config = _state(model), model.config.to_dict()
+        with pytest.raises(ValueError, match="decision was made for"):
+            compact.apply(model, None, decision)
+        assert _unchanged(model, before, config), why
+
+
+def test_applying_a_decision_twice_says_so(calib):
+    model = tiny_models.build("gemma")
+    decision = compact.decide(model, None, calib, compact.Method(vocab_keep=40, ffn_keep="24ch"),
+                              compact.Run(progress=False))
+    compact.apply(model, None, decision)
+    before, config = _state(model), model.config.to_dict()
+    with pytest.raises(ValueError, match="already applied"):
+        compact.apply(model, None, decision)
+    assert _unchanged(model, before, config)
+
+
+def test_a_cast_or_moved_model_is_the_same_model(calib):
+    """The identity samples values at bfloat16 precision: the model decided on in float32, applied in bfloat16."""
+    model = tiny_models.build("qwen2")
+    decision = compact.decide(model, None, calib, compact.Method(ffn_keep="24ch"), compact.Run(progress=False))
+    compact.apply(model.to(torch.bfloat16), None, decision)
+    assert all(mlp.down_proj.in_features == 24 for mlp in (layer.mlp for layer in model.model.layers))
+
+
+@pytest.mark.parametrize("damage", ["channel out of range", "re-fit of another shape", "tokenizer cut fails"])
+def test_a_failing_apply_leaves_the_model_as_it_was(calib, damage, monkeypatch):
+    """Whatever fails in `apply` (a decision's index past the model, a re-fit that does not fit, the tokenizer's
+    cut) fails before the first re-fitted column or sliced tensor is written."""
+    model = tiny_models.build("phi3")  # a fused gate_up_proj: rows of both halves are re-fitted
+    decision = compact.decide(model, None, calib, compact.Method(vocab_keep=40, ffn_keep="24ch", refit="sequential"),
+                              compact.Run(progress=False))
+    last = list(decision.kept_channels)[-1]
+    if damage == "channel out of range":
+        decision = dataclasses.replace(decision, kept_channels={
+            **decision.kept_channels, last: (*decision.kept_channels[last][:-1], 10_000)})
+    elif damage == "re-fit of another shape":
+        refit = decision.refits[last]
+        decision = dataclasses.replace(decision, refits={**decision.refits, last: dataclasses.replace(
+            refit, down=refit.down[:, :-1])})
+    else:
+        from compact import tokenizer as cut
+
+        def fails(*_):
+            raise RuntimeError("the tokenizer cannot be cut")
+        monkeypatch.setattr(cut, "prune_tokenizer", fails)
+        monkeypatch.setattr("compact.loading._check_fits", lambda *_: None)
+    before, config = _state(model), model.config.to_dict()
+    with pytest.raises((ValueError, IndexError, RuntimeError)):
+        compact.apply(model, object() if damage == "tokenizer cut fails" else None, decision)
+    assert _unchanged(model, before, config)

@@ -26,14 +26,27 @@ def apply(loaded: Loaded, decision: Decision) -> tuple:
 
 
 def _cut(loaded: Loaded, decision: Decision, timings: Timings):
-    """The model cut in place (re-fitted columns first), timed as "slicing"; the tokenizer cut to match."""
+    """The model cut in place (re-fitted columns first), timed as "slicing"; the tokenizer cut to match. What can
+    fail (the checks, the tokenizer's cut) comes before the model is changed."""
     if loaded.offloaded:
         raise ValueError("an offloaded model (--offload layerwise) is cut by `write`, tensor by tensor")
     with timings.phase("slicing"):
+        _check_fits(loaded, decision)
+        cut = cut_tokenizer(loaded, decision.kept_token_ids)
         if decision.refits:
             repair.apply_refits(loaded.model, decision.kept_channels, decision.refits)
         slicing.slice_model(loaded.model, decision.kept_token_ids, decision.kept_channels)
-        return cut_tokenizer(loaded, decision.kept_token_ids)
+        return cut
+
+
+def _check_fits(loaded: Loaded, decision: Decision) -> None:
+    """ValueError (or IndexError, KeyError) unless `decision` was made for this model, not cut yet, and its ids,
+    channels and re-fits index it."""
+    if decision.model is not None:
+        decision.model.check(loaded.model)
+    shapes = {name: tuple(p.shape) for name, p in loaded.model.named_parameters()}
+    slicing.slices_of(loaded.model, shapes, decision.kept_token_ids, decision.kept_channels)
+    repair.check_refits(loaded.model, decision.kept_channels, decision.refits or {})
 
 
 def write(loaded: Loaded, decision: Decision, out: Path, overwrite: bool = False, progress: bool | None = None) -> dict:
@@ -44,6 +57,7 @@ def write(loaded: Loaded, decision: Decision, out: Path, overwrite: bool = False
     with output.staged_dir(out, overwrite=overwrite) as tmp:
         if loaded.offloaded:
             with timings.phase("slicing"):
+                _check_fits(loaded, decision)
                 after = _write_offloaded(loaded, decision, tmp, progress)
             with timings.phase("save"):
                 fate = save_tokenizer(loaded, decision.kept_token_ids, tmp)

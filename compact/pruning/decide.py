@@ -39,7 +39,7 @@ def decide(loaded: Loaded, method: Method = Method(), calib: CalibOptions = Cali
             plan, trial = split(job, counts=counts, halves=halves, calibration=calibration, held_out=held_out)
         vocab_keep, ffn_keep = plan.chosen.vocab_keep, plan.chosen.ffn_keep
     decided = Decision(method, calib, calibration, plan=plan, vocab_keep=vocab_keep, ffn_keep=ffn_keep,
-                       timings=timings)
+                       model=models.Identity.of(loaded.model), timings=timings)
     if upto == "planning":
         return decided
     with timings.phase("vocabulary"):

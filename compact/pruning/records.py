@@ -110,7 +110,8 @@ class Decision:
     `kept_channels` (None: FFN not cut): what stays; `refits`: the re-fit per cut MLP (`repair.Refit`:
     down_proj's kept columns [D, K], and with --refit mlp gate/up's kept rows [K, D]);
     `scores`: per MLP by the criterion; `check`: --check's comparison with hooks; `parameters_before`, `sizes`
-    and `dtype` (the compute dtype): of the model as decided on; `timings`: seconds per step. Fields of steps
+    and `dtype` (the compute dtype): of the model as decided on; `model`: which model that was (`apply` and
+    `write` refuse another, or the same one already cut); `timings`: seconds per step. Fields of steps
     past `upto` stay None. Read-only throughout: mappings are read-only views, id lists tuples."""
 
     method: Method
@@ -127,6 +128,7 @@ class Decision:
     parameters_before: Mapping[str, int] | None = None
     sizes: Sizes | None = None
     dtype: torch.dtype | None = None
+    model: models.Identity | None = None
     timings: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
