@@ -389,12 +389,36 @@ def _decide(stats: LayerStats, choose, options: EngineOptions, group: runs.Group
     if fitted is not None:
         dtype = stats.mlp.down_proj.weight.dtype
         rebuilt = _reconstruct(model, stats, choice, fitted, group, options.ridge) if options.refit == "mlp" else None
-        refit = repair.Refit(fitted.to(dtype).cpu()) if rebuilt is None else repair.Refit(  # (a device sync)
+        closed = repair.Refit(fitted.to(dtype).cpu())  # (a device sync)
+        refit = closed if rebuilt is None else repair.Refit(
             rebuilt[2].to(dtype).cpu(), rebuilt[0].to(dtype).cpu(), rebuilt[1].to(dtype).cpu())
-        state.refits[stats.name] = refit
+        refit = _finite(refit, closed, stats.mlp, model, choice.kept, stats.name)
+        if refit is not None:
+            state.refits[stats.name] = refit
     state.seconds[0] += chosen - started
     state.seconds[1] += time.perf_counter() - chosen
     return choice, refit
+
+
+def _finite(refit: repair.Refit, closed: repair.Refit, mlp: nn.Module, model: nn.Module, kept: tuple[int, ...],
+            name: str) -> repair.Refit | None:
+    """The first finite of `refit`, the closed form `closed` and no re-fit (None: the kept weights as they are),
+    with a warning when one was passed over: a NaN or inf among the dropped channels' weights, activations or
+    targets would otherwise reach every kept column. ValueError when the kept weights themselves are not finite."""
+    for candidate in (refit, closed):
+        if all(bool(t.isfinite().all()) for t in (candidate.down, candidate.gate, candidate.up) if t is not None):
+            if candidate is not refit:
+                warnings.warn(f"{name}: the whole-MLP re-fit is not finite; the layer keeps the closed form",
+                              stacklevel=3)
+            return candidate
+    index = torch.as_tensor(kept, dtype=torch.long, device=mlp.down_proj.weight.device)
+    gate, up, *_ = repair.kept_gate_up(models.family_of(model.config), mlp, index)
+    if not all(bool(t.isfinite().all()) for t in (gate, up, mlp.down_proj.weight.detach()[:, index])):
+        raise ValueError(f"{name}: the kept channels' weights hold NaN or inf: the pruned model's output would not "
+                         "be finite")
+    warnings.warn(f"{name}: the re-fit is not finite (NaN or inf in the dropped channels' weights, or in the "
+                  "calibration's activations): the layer keeps its channels' weights as they are", stacklevel=3)
+    return None
 
 
 def _reconstruct(model: nn.Module, stats: LayerStats, choice: Choice, fitted: torch.Tensor, group: runs.Group,

@@ -157,3 +157,71 @@ def test_planner_prices_ffn_cuts_lower_with_repair(stories, capsys):
     assert losses[True].keys() == losses[False].keys()
     assert all(losses[True][k] <= losses[False][k] for k in losses[False])
     assert any(losses[True][k] < 0.9 * losses[False][k] for k in losses[False])
+
+
+@pytest.mark.parametrize("case", ["llama", "phi3"])
+@pytest.mark.parametrize("refit", ["same-input", "sequential", "mlp"])
+def test_a_nan_among_the_dropped_weights_never_reaches_the_output(case, refit, tmp_path):
+    """One NaN in a down_proj column the cut drops (of the last layer: in an earlier one it would make every later
+    layer's act^2 NaN, which selection refuses in one line): the least-squares re-fit would mix it into every kept
+    column. The layer keeps its weights as they are, with a warning naming it; the pruned model's logits are
+    finite."""
+    import tiny_models
+    import compact
+
+    model = tiny_models.build(case)
+    np.save(tmp_path / "calib.npy", (np.arange(8 * 32).reshape(8, 32) * 7) % tiny_models.VOCAB)
+    calib = compact.CalibOptions(str(tmp_path / "calib.npy"), samples=8, seq_len=32)
+    method = compact.Method(ffn_keep=f"{tiny_models.INTER // 2}ch", refit=refit)
+    plain = compact.decide(model, None, calib, replace(method, refit="none"), compact.Run(progress=False))
+    kept = plain.kept_channels["model.layers.1.mlp"]
+    column = next(j for j in range(tiny_models.INTER) if j not in kept)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, column] = float("nan")
+    with pytest.warns(UserWarning, match=r"model\.layers\.1\.mlp: the re-fit is not finite"):
+        decision = compact.decide(model, None, calib, method, compact.Run(progress=False))
+    assert decision.kept_channels["model.layers.1.mlp"] == kept
+    assert "model.layers.1.mlp" not in decision.refits
+    compact.apply(model, None, decision)
+    assert bool(model(torch.from_numpy(np.load(tmp_path / "calib.npy"))).logits.isfinite().all())
+
+
+def test_a_nan_among_the_kept_weights_is_one_line(tmp_path):
+    """A NaN the cut keeps would reach the output whatever the re-fit: refused, naming the layer."""
+    import tiny_models
+    import compact
+
+    model = tiny_models.build("qwen2")
+    np.save(tmp_path / "calib.npy", (np.arange(4 * 32).reshape(4, 32) * 7) % tiny_models.VOCAB)
+    calib = compact.CalibOptions(str(tmp_path / "calib.npy"), samples=4, seq_len=32)
+    method = compact.Method(ffn_keep=f"{tiny_models.INTER // 2}ch", refit="sequential")
+    kept = compact.decide(model, None, calib, replace(method, refit="none"),
+                          compact.Run(progress=False)).kept_channels["model.layers.0.mlp"]
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, kept[0]] = float("inf")
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp: the kept channels' weights hold NaN or inf"):
+        compact.decide(model, None, calib, method, compact.Run(progress=False))
+
+
+def test_a_nan_among_the_dropped_weights_offloaded(tmp_path):
+    """The same through the CLI with --offload layerwise (the weights read layer by layer from the files): exit
+    0, the layer named in a warning, finite logits from the written checkpoint."""
+    import tiny_models
+
+    model = tiny_models.build("mistral")
+    np.save(tmp_path / "calib.npy", (np.arange(8 * 32).reshape(8, 32) * 7) % tiny_models.VOCAB)
+    args = ["--ffn-keep", f"{tiny_models.INTER // 2}ch", "--calib", str(tmp_path / "calib.npy"), "--samples", "8",
+            "--seq-len", "32", "--quiet"]
+    model.save_pretrained(tmp_path / "model")
+    assert cli.main(["prune", str(tmp_path / "model"), "--out", str(tmp_path / "plain"), "--refit", "none",
+                     *args]) == 0
+    kept = json.loads((tmp_path / "plain" / "compact_report.json").read_text())["kept_channels"][1]
+    column = next(j for j in range(tiny_models.INTER) if j not in kept)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, column] = float("nan")
+    model.save_pretrained(tmp_path / "model")
+    with pytest.warns(UserWarning, match=r"model\.layers\.1\.mlp: the re-fit is not finite"):
+        assert cli.main(["prune", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--refit", "sequential",
+                         "--offload", "layerwise", *args[:-1]]) == 0  # (not --quiet: it silences warnings)
+    pruned = loading.load(str(tmp_path / "out"), dtype="float32").model
+    assert bool(pruned(torch.from_numpy(np.load(tmp_path / "calib.npy"))).logits.isfinite().all())
