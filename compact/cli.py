@@ -382,6 +382,8 @@ def _check_checkpoint(args) -> None:
 
     if not args.resume and runs.holds_checkpoints(checkpoint):
         raise ValueError(f"{checkpoint} holds an interrupted run: pass --resume to continue it, or delete it")
+    if args.resume and not runs.holds_checkpoints(checkpoint):
+        warnings.warn(f"--resume: {checkpoint} holds no checkpoint; the run starts from the beginning", stacklevel=2)
 
 
 def _cmd_prune(args) -> int:
@@ -417,6 +419,7 @@ def _cmd_prune(args) -> int:
 def _cmd_export(args) -> int:
     from . import export
 
+    export.check_folder(args.model)
     out = args.out or export.gguf_path(args.model, args.gguf)
     export.check_out(out, overwrite=args.overwrite)
     _write_gguf(args.model, outtype=args.gguf, pre=args.gguf_pre, out=out, quiet=args.quiet)

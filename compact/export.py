@@ -75,6 +75,17 @@ def gguf_path(folder: Path, outtype: str) -> Path:
 WRITER_KEY = "compact.version"  # a GGUF compact wrote says so: the only kind --overwrite may replace
 
 
+def check_folder(folder) -> None:
+    """Refuse, before any work, a MODEL that is not a checkpoint folder (what `compact export` converts)."""
+    folder = Path(folder)
+    if folder.is_file():
+        raise ValueError(f"{folder} is a file; compact export converts a checkpoint folder (as compact prune writes "
+                         "it: config.json, weights, tokenizer)")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: {'no config.json in this folder' if folder.is_dir() else 'no such folder'}"
+                                "; compact export converts a checkpoint folder (as compact prune writes it)")
+
+
 def check_out(out, *, overwrite: bool) -> None:
     """Refuse, before any work, an --out the export must not write: a folder, a place in a missing folder, or an
     existing file without `overwrite`; with it, only a GGUF compact wrote (never the checkpoint's own files)."""
@@ -82,7 +93,9 @@ def check_out(out, *, overwrite: bool) -> None:
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; name the .gguf file to write (e.g. {out}/model.gguf)")
     if not out.parent.is_dir():
-        raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
+        missing = next(p for p in reversed([out.parent, *out.parent.parents]) if not p.is_dir())
+        raise ValueError(f"--out {out}: {missing} " + ("is a file, not a folder" if missing.exists() else
+                                                      "does not exist"))
     if not out.exists():
         return
     if not overwrite:
@@ -117,7 +130,7 @@ def export(folder, outtype: str = "f16", out=None, pre: str | None = None) -> Pa
     tmp = out.with_name(f".{out.name}.partial")
     writer = gguf.GGUFWriter(tmp, arch)
     try:
-        _hyperparameters(writer, config, outtype)
+        _hyperparameters(writer, folder, config, outtype)
         _tokenizer(writer, folder, config, pre)
         _tensors(writer, folder, config, outtype)
         writer.write_header_to_file()
@@ -136,9 +149,20 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _hyperparameters(writer, config, outtype: str) -> None:
+def _name(folder: Path, config) -> str:
+    """general.name: the model this checkpoint was pruned from (compact_report.json's source), with "pruned", so
+    two prunes of one model into two folders write the same file; else the folder's name."""
+    report = folder / "compact_report.json"
+    source = json.loads(report.read_text(encoding="utf-8")).get("source") if report.is_file() else None
+    if not source:
+        return Path(str(getattr(config, "_name_or_path", "") or folder)).name or "model"
+    name = Path(str(source)).name
+    return f"{name.removesuffix('.gguf')} (pruned)"
+
+
+def _hyperparameters(writer, folder: Path, config, outtype: str) -> None:
     gguf = _gguf()
-    writer.add_name(Path(str(getattr(config, "_name_or_path", "") or "pruned")).name or "pruned")
+    writer.add_name(_name(folder, config))
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -288,7 +312,17 @@ def _tokenizer(writer, folder: Path, config, pre: str | None) -> None:
     if kind == "llama":  # SentencePiece: llama.cpp merges by score, the higher first (merge rank order)
         writer.add_token_scores(scores)
         writer.add_add_space_prefix(_prefix_space(spec))
-    gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
+    special.add_special_token.update(_adds_special(tokenizer))
+    special.add_to_gguf(writer, quiet=True)
+
+
+def _adds_special(tokenizer) -> dict[str, bool]:
+    """Whether the tokenizer puts BOS before and EOS after a text, as it behaves (tokenizer_config.json's
+    add_bos_token is often absent, and llama.cpp's default for a missing key is its own)."""
+    ids = tokenizer("a").input_ids
+    return {"bos": tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id],
+            "eos": tokenizer.eos_token_id is not None and len(ids) > 1 and ids[-1:] == [tokenizer.eos_token_id]}
 
 
 def _prefix_space(spec: dict) -> bool:

@@ -144,6 +144,9 @@ class CalibOptions:
 
     def __post_init__(self):
         _refuse({"--samples": count(self.samples), "--seq-len": count(self.seq_len)})
+        if self.bin_dtype is not None and self.path is not None and Path(self.path).suffix != ".bin":
+            raise ValueError(f"--calib-dtype gives the id width of a .bin token file; {self.path} is not one (a .npy "
+                             "file records its own width, and text is tokenized)")
 
 
 def check_method(method: Method, calib: CalibOptions, *, prune: bool) -> None:
@@ -154,6 +157,9 @@ def check_method(method: Method, calib: CalibOptions, *, prune: bool) -> None:
     if fitted and not data_driven:
         raise ValueError("--refit and --ffn-select obs fit down_proj on the calibration pass: they need --calib and "
                          "a data-driven --ffn-criterion (not --scores or magnitude/random)")
+    if method.scores is not None and method.ffn_criterion != Method.ffn_criterion:
+        raise ValueError(f"--scores gives the channel scores: --ffn-criterion {method.ffn_criterion} would be ignored "
+                         "(score with it: compact score --ffn-criterion ...; or drop one)")
     if prune and method.target_params is not None and (method.vocab_keep or method.ffn_keep):
         raise ValueError("give --target-params, or --vocab-keep/--ffn-keep, not both")
     if prune and method.target_params is None and method.vocab_keep is None and method.ffn_keep is None:

@@ -291,17 +291,25 @@ def test_the_resume_signature_is_the_method_and_the_calibration(tmp_path):
     (["--ffn-keep", "0.5", "--scores", "s.safetensors", "--refit", "sequential"], "a data-driven --ffn-criterion"),
     (["--ffn-keep", "0.5", "--ffn-criterion", "random", "--vocab-always", "a.txt"], "--vocab-always keeps tokens"),
     (["--ffn-keep", "0.5", "--ffn-criterion", "random", "--seed", str(2**70)], "--seed must be an integer"),
+    (["--ffn-keep", "0.5", "--scores", "s.safetensors", "--ffn-criterion", "wanda"],
+     "--ffn-criterion wanda would be ignored"),
+    (["--ffn-keep", "0.5", "--calib", "c.txt", "--calib-dtype", "uint16"], "--calib-dtype gives the id width"),
 ])
 def test_errors_that_follow_from_the_flags_come_before_the_model_is_read(flags, words, tmp_path, capsys):
-    """The model path does not exist: an error about the flags proves nothing was loaded first (a parse error is
-    argparse's exit 2)."""
+    """The model's weights file is damaged: an error about the flags proves no weight was read first (a parse
+    error is argparse's exit 2)."""
+    import tiny_models
+
+    tiny_models.config("llama").save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"not a safetensors file" * 10)
+    (tmp_path / "c.txt").write_text("calibration text")
     try:
-        code = cli.main(["prune", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"), *flags])
+        code = cli.main(["prune", str(tmp_path / "model"), "--out", str(tmp_path / "out"), *flags])
     except SystemExit as e:
         code = e.code
     assert code == 2
     err = capsys.readouterr().err
-    assert words in err and "no-model" not in err and err.count("\n") == 1, err
+    assert words in err and "safetensors" not in err.replace("s.safetensors", "") and err.count("\n") == 1, err
 
 
 def test_python_options_are_typed():
@@ -323,3 +331,15 @@ def test_ffn_repair_and_another_refit_are_refused(flags, capsys):
     assert exit_.value.code == 2 and "ask for different re-fits" in capsys.readouterr().err
     agreed = cli._parser().parse_args(["prune", "m", "--out", "o", "--refit", "same-input", "--ffn-repair"])
     assert agreed.refit == "same-input"
+
+
+def test_resume_without_a_checkpoint_says_it_starts_from_the_beginning(tmp_path):
+    import numpy as np
+
+    import tiny_models
+
+    tiny_models.build("llama").save_pretrained(tmp_path / "model")
+    np.save(tmp_path / "c.npy", (np.arange(4 * 16).reshape(4, 16) * 7) % tiny_models.VOCAB)
+    with pytest.warns(UserWarning, match=r"--resume: .*out\.ckpt holds no checkpoint; the run starts from the beg"):
+        assert cli.main(["prune", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--ffn-keep", "24ch",
+                         "--calib", str(tmp_path / "c.npy"), "--resume"]) == 0

@@ -119,6 +119,7 @@ def test_sentencepiece_llama2_tokenizer_to_gguf(shared_data, tmp_path):
     from compact.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(shared_data / "llama2-tokenizer.model"))
+    tokenizer.add_bos_token = True  # as Llama 2 ships it (the GGUF must say so: the byte-level case says False)
     text = (shared_data / "sotu.txt").read_text(encoding="utf-8")
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -134,6 +135,7 @@ def test_sentencepiece_llama2_tokenizer_to_gguf(shared_data, tmp_path):
     check_roundtrip(out, "f16", held_out_paragraphs(text))
     meta = metadata(export.gguf_path(out, "f16"))
     assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is True
+    assert meta["tokenizer.ggml.add_bos_token"] is True and meta["tokenizer.ggml.add_eos_token"] is False
     # llama.cpp's SentencePiece tokenizer merges the best-scored pair first (transformers reads the merges
     # instead): the scores must rank the merged tokens in the cut tokenizer's merge order
     reader = gguf.GGUFReader(str(export.gguf_path(out, "f16")))
@@ -230,9 +232,17 @@ def test_export_overwrites_only_a_gguf_compact_wrote(byte_level, tmp_path, capsy
         err = capsys.readouterr().err
         assert "is not a GGUF compact wrote" in err and err.count("\n") == 1, err
     assert {name: (out / name).read_bytes() for name in own} == own
-    for bad, words in ((out, "is a folder"), (tmp_path / "missing" / "m.gguf", "does not exist")):
+    (tmp_path / "a-file").write_text("")
+    for bad, words in ((out, "is a folder"), (tmp_path / "missing" / "m.gguf", "missing does not exist"),
+                       (tmp_path / "a-file" / "m.gguf", "a-file is a file, not a folder")):
         assert cli.main([*export_, "--out", str(bad)]) == 2
-        assert words in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+    for model, words in ((tmp_path / "nonexistent", "no such folder"), (out / "model.safetensors", "is a file"),
+                         (tmp_path, "no config.json in this folder")):
+        assert cli.main(["export", str(model), "--gguf", "f32"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "hub" not in err and err.count("\n") == 1, err
     assert cli.main(export_) == 0
     assert cli.main(export_) == 2 and "pass --overwrite" in capsys.readouterr().err
     assert cli.main([*export_, "--overwrite"]) == 0
@@ -263,3 +273,19 @@ def test_attention_biases_follow_their_rows_into_llamacpp_order(tmp_path):
         assert sorted(order.tolist()) == list(range(rows)) and order.tolist() != list(range(rows))
         assert np.array_equal(written[f"blk.0.{short}.weight"], proj.weight.detach()[order].numpy())
         assert np.array_equal(written[f"blk.0.{short}.bias"], proj.bias.detach()[order].numpy()), short
+
+
+def test_the_gguf_names_the_source_model_and_says_whether_it_adds_bos(byte_level, tmp_path):
+    """The same prune into two folders writes the same GGUF bytes (general.name is the source model's, not the
+    output folder's); a tokenizer that adds no BOS (this byte-level one) says so, where llama.cpp would otherwise
+    take its own default."""
+    root, _ = byte_level
+    files = []
+    for name in ("one", "two"):
+        assert cli.main(["prune", str(root / "model"), "--out", str(tmp_path / name), "--vocab-keep", "400",
+                         "--ffn-keep", "256ch", "--ffn-criterion", "magnitude", "--gguf", "f32", "--quiet"]) == 0
+        files.append(export.gguf_path(tmp_path / name, "f32").read_bytes())
+    assert files[0] == files[1]
+    meta = metadata(export.gguf_path(tmp_path / "one", "f32"))
+    assert meta["general.name"] == "model (pruned)"
+    assert meta["tokenizer.ggml.add_bos_token"] is False and meta["tokenizer.ggml.add_eos_token"] is False
