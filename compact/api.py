@@ -17,8 +17,8 @@ from .options import CalibOptions, Method, Run
 
 def decide(model, tokenizer=None, calibration: CalibOptions | str | Path | None = None, method: Method = Method(),
            run: Run = Run()) -> pruning.Decision:
-    """What pruning `model` by `method` keeps, from `calibration` (a file path: 16 x 2048 tokens at most, or
-    CalibOptions); the model is put in eval mode and not otherwise changed."""
+    """What pruning `model` by `method` keeps, from `calibration` (a file or folder path, several: 16 x 2048
+    tokens at most, or CalibOptions); the model is put in eval mode and not otherwise changed."""
     return pruning.decide(held(model, tokenizer), method, _calibration(calibration), run)
 
 
@@ -36,6 +36,7 @@ def prune(model, tokenizer=None, calibration: CalibOptions | str | Path | None =
 def _calibration(calibration) -> CalibOptions:
     if calibration is None or isinstance(calibration, CalibOptions):
         return calibration or CalibOptions()
-    if isinstance(calibration, (str, Path)):
-        return CalibOptions(str(calibration))
-    raise TypeError(f"calibration must be a file path or compact.CalibOptions, got {type(calibration).__name__}")
+    if isinstance(calibration, (str, Path, list, tuple)):
+        return CalibOptions(calibration)
+    raise TypeError(f"calibration must be a path (a file or folder), several, or compact.CalibOptions, got "
+                    f"{type(calibration).__name__}")

@@ -106,8 +106,10 @@ def _model_options(p: argparse.ArgumentParser, optional: bool = False) -> None:
 
 
 def _calib_options(p: argparse.ArgumentParser, flag: str = "--calib", required: bool = False) -> None:
-    p.add_argument(flag, dest="calib", required=required, metavar="PATH",
-                   help=".txt, .jsonl (text field), .npy token ids (1-D or [N, L]) or .bin token memmap")
+    p.add_argument(flag, dest="calib", required=required, metavar="PATH", nargs="+",
+                   help=".txt, .jsonl (text field), .npy token ids (1-D or [N, L]) or .bin token memmap; a folder of "
+                        "them, or several: the rows are shared out evenly and every source's token counts weigh the "
+                        "same")
     p.add_argument("--samples", type=_count, default=16, help="sequences (default 16)")
     p.add_argument("--seq-len", type=_count, default=2048, help="tokens per sequence (default 2048, capped at the context)")
     p.add_argument("--calib-dtype", choices=CHOICES["--calib-dtype"], help="token dtype of a .bin memmap")
@@ -271,7 +273,8 @@ FLAGS = {
     "model": ("load", "source"), "device": ("load", "device"), "dtype": ("load", "dtype"),
     "trust_remote_code": ("load", "trust_remote_code"), "tokenizer": ("load", "tokenizer"),
     "offload": ("load", "offload"),
-    "calib": ("calib", "path"), "samples": ("calib", "samples"), "seq_len": ("calib", "seq_len"),
+    "calib": ("calib", "path", lambda paths: paths if not paths or len(paths) > 1 else paths[0]),  # (as CalibOptions)
+    "samples": ("calib", "samples"), "seq_len": ("calib", "seq_len"),
     "calib_dtype": ("calib", "bin_dtype"),
     "vocab_keep": ("method", "vocab_keep"), "ffn_keep": ("method", "ffn_keep"),
     "target_params": ("method", "target_params"), "vocab_order": ("method", "vocab_order"),
@@ -366,8 +369,7 @@ def _check_early(args, groups: dict) -> None:
     """What can be refused before loading the model: the method's rules with the calibration, a calibration file
     that is not there, a checkpoint in the way."""
     options.check_method(groups["method"], groups["calib"], prune=args.command == "prune")
-    if args.calib is not None and not Path(args.calib).is_file():
-        raise FileNotFoundError(f"{args.calib}: calibration file not found")
+    groups["calib"].files()  # a missing file, or a folder without calibration files
     _check_checkpoint(args)
 
 

@@ -128,6 +128,24 @@ def load_calibration(opts: CalibOptions, *, tokenizer=None, vocab_size: int, eos
     return Calibration(input_ids, attention_mask, f"{path.name}: {_describe(input_ids, attention_mask)} from {origin}")
 
 
+def interleave(parts: list[Calibration]) -> Calibration:
+    """The rows of several calibrations in turn (each one's first row, then each one's second, ...), padded to
+    the longest row with PAD_ID (masked); one calibration is returned as it is."""
+    if len(parts) == 1:
+        return parts[0]
+    length = max(part.input_ids.shape[1] for part in parts)
+    rows, masks = [], []
+    for part in parts:
+        pad = length - part.input_ids.shape[1]
+        mask = torch.ones_like(part.input_ids) if part.attention_mask is None else part.attention_mask
+        rows.append(torch.nn.functional.pad(part.input_ids, (0, pad), value=PAD_ID))
+        masks.append(torch.nn.functional.pad(mask, (0, pad), value=0))
+    order = [(r, i) for r in range(max(len(ids) for ids in rows)) for i in range(len(parts)) if r < len(rows[i])]
+    input_ids = torch.stack([rows[i][r] for r, i in order])
+    mask = torch.stack([masks[i][r] for r, i in order])
+    return Calibration(input_ids, None if bool(mask.all()) else mask, "; ".join(part.source for part in parts))
+
+
 def bos_by_default(tokenizer) -> int | None:
     """The BOS id the tokenizer puts before text by default (Llama 2/3 do, Qwen and SmolLM2 do not), else None."""
     bos = getattr(tokenizer, "bos_token_id", None)

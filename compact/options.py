@@ -132,21 +132,53 @@ class Method:
                  "--plan-trials": count(self.plan_trials, low=0), "--seed": seed(self.seed)})
 
 
+CALIB_SUFFIXES = (".txt", ".jsonl", ".npy", ".bin")  # calibration formats (compact.data), what a folder offers
+
+
 @dataclass(frozen=True)
 class CalibOptions:
-    """Which calibration file to read and how much of it: up to `samples` rows of `seq_len` token ids
-    (`bin_dtype`: the id width of a .bin file)."""
+    """Which calibration data to read and how much of it: up to `samples` rows of `seq_len` token ids
+    (`bin_dtype`: the id width of a .bin file). `path`: a file, a folder (its calibration files, by name) or
+    several of either (a tuple): the rows are shared out evenly and interleaved, and each source's token counts
+    weigh the same, so that several domains calibrate together."""
 
-    path: str | None = None
+    path: str | tuple[str, ...] | None = None
     samples: int = 16
     seq_len: int = 2048
     bin_dtype: str | None = None
 
     def __post_init__(self):
+        if isinstance(self.path, (list, tuple)):  # one path is kept as a string (what the report and resume read)
+            paths = tuple(str(p) for p in self.path)
+            object.__setattr__(self, "path", paths[0] if len(paths) == 1 else paths or None)
+        elif self.path is not None:
+            object.__setattr__(self, "path", str(self.path))
         _refuse({"--samples": count(self.samples), "--seq-len": count(self.seq_len)})
-        if self.bin_dtype is not None and self.path is not None and Path(self.path).suffix != ".bin":
-            raise ValueError(f"--calib-dtype gives the id width of a .bin token file; {self.path} is not one (a .npy "
-                             "file records its own width, and text is tokenized)")
+        if self.bin_dtype is not None and self.paths and not any(Path(p).suffix == ".bin" or Path(p).is_dir()
+                                                                 for p in self.paths):
+            raise ValueError(f"--calib-dtype gives the id width of a .bin token file; {', '.join(self.paths)} holds "
+                             "none (a .npy file records its own width, and text is tokenized)")
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The paths given (files or folders)."""
+        return () if self.path is None else (self.path,) if isinstance(self.path, str) else self.path
+
+    def files(self) -> tuple[Path, ...]:
+        """The calibration files, a folder's in name order: FileNotFoundError for one that is not there,
+        ValueError for a folder without any."""
+        files = []
+        for path in map(Path, self.paths):
+            if path.is_dir():
+                found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in CALIB_SUFFIXES)
+                if not found:
+                    raise ValueError(f"{path}: a folder without calibration files ({', '.join(CALIB_SUFFIXES)})")
+                files += found
+            elif not path.exists():
+                raise FileNotFoundError(f"{path}: calibration file not found")
+            else:
+                files.append(path)
+        return tuple(files)
 
 
 def check_method(method: Method, calib: CalibOptions, *, prune: bool) -> None:
@@ -233,8 +265,8 @@ def signature(method: Method, calib: CalibOptions, model: str, dtype) -> dict:
     this model (its weight and config files' sizes and times too: weights changed in place are another model) in
     this dtype."""
     calibration = {**asdict(calib)}
-    if calib.path and Path(calib.path).is_file():
-        calibration["file"] = _stamp(Path(calib.path))
+    if calib.paths and all(Path(p).exists() for p in calib.paths):
+        calibration["file"] = "; ".join(f"{p.name}: {_stamp(p)}" for p in calib.files())
     return {"method": _strings(asdict(method)), "calibration": _strings(calibration), "model": str(model),
             "model files": _model_files(Path(str(model))), "dtype": str(dtype)}
 

@@ -14,9 +14,26 @@ from ..options import CalibOptions
 from ..report import original_ids
 
 def calibrate(loaded: Loaded, opts: CalibOptions, progress: bool | None = None) -> data.Calibration:
-    """Calibration sequences for the model, seq_len capped at its context."""
+    """Calibration sequences for the model, seq_len capped at its context; of several files, `samples` rows
+    shared out evenly (the first files one more) and interleaved, so that any prefix of the rows mixes them."""
     if opts.path is None:
         raise ValueError("this needs calibration data: pass --calib PATH")
+    files = opts.files()
+    if len(files) > opts.samples:
+        raise ValueError(f"--samples {opts.samples} is fewer than the {len(files)} calibration files: at least one "
+                         "row each")
+    shares = [opts.samples // len(files) + (i < opts.samples % len(files)) for i in range(len(files))]
+    return data.interleave([_calibrate_file(loaded, replace(_one(opts, path), samples=rows), progress)
+                            for path, rows in zip(files, shares)])
+
+
+def _one(opts: CalibOptions, path: Path) -> CalibOptions:
+    """`opts` for the one file `path` (--calib-dtype only for a .bin)."""
+    return replace(opts, path=str(path), bin_dtype=opts.bin_dtype if path.suffix == ".bin" else None)
+
+
+def _calibrate_file(loaded: Loaded, opts: CalibOptions, progress: bool | None) -> data.Calibration:
+    """`calibrate` of one file."""
     model = loaded.model
     context = getattr(model.config, "max_position_embeddings", None) or opts.seq_len
     eos = getattr(loaded.tokenizer, "eos_token_id", None) if loaded.tokenizer else model.config.eos_token_id
@@ -49,12 +66,19 @@ def renumber(input_ids: torch.Tensor, attention_mask, kept_token_ids: list[int],
 
 
 def token_counts(loaded: Loaded, calib_opts: CalibOptions, progress: bool | None = None, part=None) -> torch.Tensor:
-    """Token frequencies over the whole calibration file, streamed; `part` 0 or 1: over every other line of
-    text (block of 4096 ids), the two halves the planner cross-fits frequency order on."""
+    """Token frequencies over the whole calibration file, streamed (of several files, each file's scaled to the
+    same total: float64); `part` 0 or 1: over every other line of text (block of 4096 ids), the two halves the
+    planner cross-fits frequency order on."""
     if calib_opts.path is None:
         raise ValueError("--vocab-order frequency and --target-params need calibration data: pass --calib PATH")
+    files = calib_opts.files()
+    if len(files) > 1:  # each file's counts scaled to the mean total: every source weighs the same
+        counts = [token_counts(loaded, _one(calib_opts, path), progress, part) for path in files]
+        totals = [float(c.sum()) for c in counts]
+        mean = sum(totals) / len(totals)
+        return sum(c.double() * (mean / total) for c, total in zip(counts, totals) if total > 0)
     rows = loaded.model.get_input_embeddings().num_embeddings
-    chunks = data.stream(calib_opts.path, bin_dtype=calib_opts.bin_dtype)
+    chunks = data.stream(files[0], bin_dtype=calib_opts.bin_dtype)
     if part is not None:
         chunks = itertools.islice(_pieces(chunks), part, None, 2)
     return vocab.count_tokens(loaded.tokenizer, chunks, num_embeddings=rows, progress=progress)
