@@ -87,7 +87,7 @@ def _run_options(p: argparse.ArgumentParser) -> None:
                         "available; beyond it they go to a file beside OUT)")
 
 
-def _model_options(p: argparse.ArgumentParser, optional: bool = False) -> None:
+def _model_options(p: argparse.ArgumentParser, optional: bool = False, offload: bool | None = None) -> None:
     p.add_argument("model", metavar="MODEL", nargs="?" if optional else None,
                    help="local model directory, llama2.c .bin checkpoint, or cached hub id")
     p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when present)")
@@ -98,7 +98,7 @@ def _model_options(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer for a model without one (e.g. a llama2.c checkpoint): a tokenizer folder, "
                         "tokenizer.json or SentencePiece tokenizer.model; used for text data and written with a prune")
-    if not optional:
+    if (not optional) if offload is None else offload:
         p.add_argument("--offload", choices=CHOICES["--offload"], default="none",
                        help="layerwise: never hold the whole model: score one decoder layer at a time from the "
                             "safetensors files, and (prune) write the pruned checkpoint tensor by tensor")
@@ -235,6 +235,22 @@ def _eval_command(sub) -> None:
     e.set_defaults(func=_cmd_eval)
 
 
+def _generate_command(sub) -> None:
+    """The `compact generate` subcommand and its options."""
+    g = sub.add_parser("generate", help="calibration text the model writes itself -> a .txt file for --calib",
+                       description="Samples drawn from the model's own distribution, from its BOS token; the file "
+                                   "holds them as documents separated by form feeds. Mix it with a corpus: "
+                                   "--calib corpus.txt generated.txt.")
+    _model_options(g, offload=False)
+    g.add_argument("--out", required=True, type=Path, help="the text file to write (never replaced)")
+    g.add_argument("--samples", type=_count, default=16, help="texts to write (default 16)")
+    g.add_argument("--seq-len", type=_count, default=512, help="new tokens per text at most (default 512)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature (default 1: the model's own distribution)")
+    g.set_defaults(func=_cmd_generate)
+
+
 def _demo_command(sub) -> None:
     """The `compact demo` subcommand and its options."""
     d = sub.add_parser("demo", help="the whole job on an embedded default model and text (20-35 s on a 2-core CPU)")
@@ -260,8 +276,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"compact {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    for add in (_score_command, _prune_command, _plan_command, _eval_command, _export_command, _demo_command,
-                _check_command):
+    for add in (_score_command, _prune_command, _plan_command, _eval_command, _export_command, _generate_command,
+                _demo_command, _check_command):
         add(sub)
     return p
 
@@ -473,6 +489,21 @@ def _cmd_eval(args) -> int:
         raise ValueError("no model could be evaluated: " + "; ".join(f"{s}: {results[s]['error']}" for s in failed))
     print(tables.eval_table(results, data_source))
     return 1 if failed else 0
+
+
+def _cmd_generate(args) -> int:
+    from . import generate
+
+    g = _groups(args)
+    if args.out.exists() or args.out.is_symlink():  # (before the model loads; `generate.write` checks again)
+        raise ValueError(f"--out {args.out} exists: remove it or choose another name")
+    loaded = _load(g["load"])
+    sampling = generate.Sampling(samples=args.samples, length=args.seq_len, seed=args.seed,
+                                 temperature=args.temperature, batch_size=args.batch_size)
+    generate.write(generate.generate(loaded, sampling, progress=g["run"].progress), args.out)
+    if not args.quiet:
+        print(f"{args.samples} texts of up to {args.seq_len} tokens -> {args.out}")
+    return 0
 
 
 def _cmd_demo(args) -> int:

@@ -1,0 +1,50 @@
+"""`compact generate`: calibration text the model writes itself, reproducible from its seed, read back by
+--calib as one document per sample; nothing replaced, one-line errors."""
+import pytest
+
+from compact import cli, data, demo, demo_text
+from compact.options import CalibOptions
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny Llama with a byte-level BPE tokenizer (BOS and EOS tokens, no BOS added to text)."""
+    folder = tmp_path_factory.mktemp("generate") / "model"
+    tokenizer = demo.train_tokenizer(demo_text.stories(200, seed=1))
+    demo.build_model(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_the_same_seed_writes_the_same_text_and_another_seed_other_text(model, tmp_path):
+    written = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert cli.main(["generate", str(model), "--out", str(tmp_path / f"{name}.txt"), "--samples", "5",
+                         "--seq-len", "24", "--seed", str(seed), "--batch-size", "2", "--quiet"]) == 0
+        written[name] = (tmp_path / f"{name}.txt").read_text(encoding="utf-8")
+    assert written["a"] == written["b"] != written["c"]
+    assert written["a"].count("\f") == 4  # five documents
+
+
+def test_the_text_calibrates(model, tmp_path):
+    """Read back as --calib text: the tokenizer's ids, documents joined by EOS."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "gen.txt"
+    assert cli.main(["generate", str(model), "--out", str(out), "--samples", "4", "--seq-len", "32", "--quiet"]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    rows = data.load_calibration(CalibOptions(str(out), samples=16, seq_len=16), tokenizer=tokenizer,
+                                 vocab_size=len(tokenizer))
+    assert rows.input_ids.shape[1] == 16 and "from 4 document(s)" in rows.source
+
+
+def test_nothing_is_replaced_and_errors_are_one_line(model, tmp_path, capsys):
+    out = tmp_path / "kept.txt"
+    out.write_text("my own text")
+    assert cli.main(["generate", str(model), "--out", str(out), "--quiet"]) == 2
+    assert out.read_text() == "my own text"
+    assert cli.main(["generate", str(model), "--out", str(tmp_path / "t.txt"), "--temperature", "0"]) == 2
+    assert cli.main(["generate", str(model), "--out", str(tmp_path / "no" / "t.txt"), "--samples", "1"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(": error: ")[1].split(" ")[0] for line in err] == ["--out", "--temperature", "--out"], err
+    assert not list(tmp_path.glob(".*partial")) and not (tmp_path / "t.txt").exists()
