@@ -50,6 +50,7 @@ bench: $(BIN)/.installed-test
 # COMPACT on SmolLM2-135M (bench/real_models.py): ~1 h on 2 CPU cores; rows already measured are kept.
 real: $(BIN)/.installed-test
 	$(BIN)/python bench/real_models.py
+	COMPACT_FULL_RECIPE=1 $(BIN)/python -m pytest -q -p no:xdist tests/test_real_model.py -k readme_recipe
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -210,7 +210,9 @@ def test_the_documented_python_example_writes_the_cli_prune_tensor_for_tensor(do
 def test_the_readme_recipe_runs_as_written(smol, shared_data_dir_module, tmp_path):
     """The README's "Prune SmolLM2 in five commands", read from its bash block and run in a fresh folder: the
     install line is left out (the packages are here, or the tier skips), `.venv/bin/` is this interpreter and
-    ../shared/data this machine's. The eval prints the held-out figure the README quotes."""
+    ../shared/data this machine's. With COMPACT_FULL_RECIPE=1 (`make real`) as written, and the eval prints the
+    held-out figure the README quotes; else (`make test`) on 2 x 64 calibration tokens and 4 eval windows, which
+    runs every command in a minute and checks what they write, not the figure."""
     try:
         real_model.gguf_path()
     except real_model.Unavailable as e:
@@ -222,6 +224,11 @@ def test_the_readme_recipe_runs_as_written(smol, shared_data_dir_module, tmp_pat
     script = "\n".join(line.replace(".venv/bin/python", python).replace(".venv/bin/compact", f"{python} -m compact")
                        .replace("../shared/data/sotu.txt", str(shared_data_dir_module / "sotu.txt"))
                        for line in lines[1:])
+    full = os.environ.get("COMPACT_FULL_RECIPE") == "1"
+    if not full:
+        assert "--samples 16 --seq-len 512" in script and "--samples 1000" in script, script
+        script = script.replace("--samples 16 --seq-len 512", "--samples 2 --seq-len 64").replace(
+            "--samples 1000", "--samples 4")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True,
                           text=True, check=False)
@@ -232,5 +239,5 @@ def test_the_readme_recipe_runs_as_written(smol, shared_data_dir_module, tmp_pat
     assert abs(report["parameters"]["after"]["total"] / report["parameters"]["before"]["total"] - 0.65) < 0.01
     quoted = float(re.search(r"\*\*(\d\.\d{4}) bits/byte\*\*", (ROOT / "README.md").read_text()).group(1))
     measured = float(re.search(r"bits / byte\s+(\d\.\d+)", proc.stdout).group(1))
-    print(f"README recipe: held-out bits/byte {measured} (the README quotes {quoted})")
-    assert abs(measured - quoted) < 0.01, (measured, quoted, proc.stdout[-2000:])
+    print(f"README recipe: held-out bits/byte {measured} (the README quotes {quoted}; as written: {full})")
+    assert abs(measured - quoted) < 0.01 if full else 1.0 < measured < 3.0, (measured, quoted, proc.stdout[-2000:])
