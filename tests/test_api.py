@@ -170,3 +170,18 @@ def test_a_failing_apply_leaves_the_model_as_it_was(calib, damage, monkeypatch):
     with pytest.raises((ValueError, IndexError, RuntimeError)):
         compact.apply(model, object() if damage == "tokenizer cut fails" else None, decision)
     assert _unchanged(model, before, config)
+
+
+def test_the_identity_samples_within_a_parameter_past_float32_integers():
+    """An embedding of more than 2^24 values (SmolLM2's has 28.3M): the sampled indices stay inside it (a float32
+    linspace would round the last one past the end)."""
+    from compact import models
+
+    config = tiny_models.config("llama", layers=1)
+    config.vocab_size = 2**24 // config.hidden_size + 1
+    model = type(tiny_models.build("llama", layers=1))(config)
+    identity = models.Identity.of(model)
+    assert identity.vocab == config.vocab_size and identity.values is not None
+    with torch.no_grad():
+        model.get_input_embeddings().weight[-1] += 1.0  # the last value is one of the 16 sampled
+    assert models.Identity.of(model).values != identity.values
