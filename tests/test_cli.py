@@ -235,8 +235,8 @@ def _subcommands() -> dict:
 
 
 # command -> the arguments it requires; the flag under test is added to these
-_BASE = {"score": ["m", "--out", "o.safetensors", "--calib", "c.txt"], "prune": ["m", "--out", "o"],
-         "plan": ["m", "--calib", "c.txt", "--target-params", "0.5"], "eval": ["m", "--data", "c.txt"]}
+_BASE = {"score": ["m", "--out", "o.safetensors", "--calib", "c.bin"], "prune": ["m", "--out", "o"],
+         "plan": ["m", "--calib", "c.bin", "--target-params", "0.5"], "eval": ["m", "--data", "c.bin"]}
 _SAMPLES = {"--target-params": "0.4", "--ffn-keep": "0.5", "--tokenizer": "t", "--scores": "s.safetensors",
             "--vocab-always": "a.txt", "--gguf-pre": "llama-bpe", "--calib": "d.txt", "--data": "d.txt",
             "--out": "p", "--device": "cpu"}
