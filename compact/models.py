@@ -165,7 +165,8 @@ class Identity:
             shapes.update(f"{name}{tuple(p.shape)};".encode())
             if not p.is_meta and p.numel():
                 flat = p.detach().reshape(-1)
-                samples.append(flat[torch.linspace(0, flat.numel() - 1, 16, device=flat.device).long()])
+                # integer steps: a float32 linspace rounds numel - 1 up past the end above 2^24 values
+                samples.append(flat[torch.arange(16, device=flat.device) * (flat.numel() - 1) // 15])
         if samples:
             values.update(torch.cat([s.to(torch.bfloat16) for s in samples]).view(torch.int16).cpu().numpy())
         return cls(model.get_input_embeddings().num_embeddings, intermediate_size(model), shapes.hexdigest()[:16],
