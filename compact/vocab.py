@@ -280,13 +280,14 @@ class Vocabulary:
         """The tokenizer's own distribution over the regular tokens: float64 ``[num_embeddings]``, zero elsewhere.
 
         Zipf over merge rank, p(r) proportional to 1 / (r + B): BPE learns its merges most frequent pair first,
-        so a token's merge rank is its frequency rank in the tokenizer's training text. The B base symbols (the
-        tokens BPE starts from: byte tokens, byte-fallback pieces, single characters) come first, in id order,
-        then each merged token at B + the rank of the first merge producing it, then the regular tokens no
-        merge produces (never emitted from text). The offset B keeps the base symbols, which no merge ranks
-        among themselves, within a factor 2 of each other, and gives the first merges about half the weight of
-        the top symbol. Without a tokenizer, the same law over id rank with an offset of 1. (SentencePiece
-        unigram, whose scores are log-probabilities, never gets here: the vocabulary cut refuses it.)
+        so a token's merge rank is its frequency rank in the tokenizer's training text. The B base symbols every
+        cut keeps (byte tokens, byte-fallback pieces, printable ASCII, the decoder's word-boundary symbol) come
+        first, in id order, then each merged token at B + the rank of the first merge producing it, then the
+        regular tokens no merge produces, in id order (other single characters: SentencePiece lists them last,
+        Llama 2's CJK among them). The offset B keeps the base symbols, which no merge ranks among themselves,
+        within a factor 2 of each other, and gives the first merges about half the weight of the top symbol.
+        Without a tokenizer, the same law over id rank with an offset of 1. (SentencePiece unigram, whose
+        scores are log-probabilities, never gets here: the vocabulary cut refuses it.)
         """
         regular = torch.as_tensor(self.regular, dtype=torch.long)
         ranks, offset = (torch.arange(len(regular)), 1) if self.tokenizer is None else self._merge_ranks()
@@ -299,7 +300,7 @@ class Vocabulary:
         """(the Zipf rank of each regular id, in :attr:`regular` order; the number of base symbols B)."""
         tree, forced = self._tree, self._parts[3]
         merge = [tree.rank(tree.tokens.get(i)) for i in self.regular]
-        base = [m is None and (i in forced or len(tree.tokens.get(i, "")) == 1) for i, m in zip(self.regular, merge)]
+        base = [m is None and i in forced for i, m in zip(self.regular, merge)]
         b, after = sum(base), sum(base) + max((m for m in merge if m is not None), default=-1) + 1
         symbols, others = itertools.count(), itertools.count(after)
         ranks = [next(symbols) if is_base else b + m if m is not None else next(others)
