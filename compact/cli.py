@@ -41,12 +41,17 @@ def _held_to(rule, parse=int):
 
 _count, _count_or_0 = _held_to(options.count), _held_to(lambda value: options.count(value, low=0))
 _fraction, _ffn_keep = _held_to(options.fraction, parse=float), _held_to(options.ffn_keep, parse=str)
+_weight = _held_to(options.weight, parse=float)
 
 
 def _vocab_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-order", choices=CHOICES["--vocab-order"], default="auto",
                    help="id: keep the lowest ids (the paper); frequency: the most frequent tokens in --calib, "
                         "completed with their merge ancestors; auto (default): frequency when --calib is given")
+    p.add_argument("--vocab-prior", type=_weight, default=0.0, metavar="LAMBDA",
+                   help="frequency order: rank tokens by counts + LAMBDA * N * prior, the tokenizer's own prior "
+                        "(Zipf over merge rank) weighed as LAMBDA times the N tokens counted, so that a short or "
+                        "narrow --calib does not drop what other text needs (default 0: the counts alone)")
     p.add_argument("--vocab-always", metavar="FILE",
                    help="token strings (one per line, as the vocabulary spells them) kept in either order, with "
                         "the merge ancestors they need")
@@ -294,7 +299,8 @@ FLAGS = {
     "calib_dtype": ("calib", "bin_dtype"),
     "vocab_keep": ("method", "vocab_keep"), "ffn_keep": ("method", "ffn_keep"),
     "target_params": ("method", "target_params"), "vocab_order": ("method", "vocab_order"),
-    "vocab_always": ("method", "vocab_always"), "ffn_multiple": ("method", "ffn_multiple"),
+    "vocab_prior": ("method", "vocab_prior"), "vocab_always": ("method", "vocab_always"),
+    "ffn_multiple": ("method", "ffn_multiple"),
     "ffn_criterion": ("method", "ffn_criterion"), "seed": ("method", "seed"), "scores": ("method", "scores"),
     "refit": ("method", "refit"), "ffn_select": ("method", "ffn_select"), "plan_trials": ("method", "plan_trials"),
     "batch_size": ("run", "batch_size"), "quiet": ("run", "progress", lambda quiet: False if quiet else None),

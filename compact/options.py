@@ -53,6 +53,13 @@ def fraction(value) -> str | None:
     return f"must be a fraction in (0, 1], got {value!r}"
 
 
+def weight(value) -> str | None:
+    """What is wrong with `value` as a non-negative finite number (None: nothing)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf"):
+        return None
+    return f"must be a number of at least 0, got {value!r}"
+
+
 def seed(value) -> str | None:
     """What is wrong with `value` as a random seed (None: nothing): an integer torch's generators take."""
     if isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**64:
@@ -106,13 +113,15 @@ class Method:
     """What to cut and how to choose it. `vocab_keep`: regular tokens kept (plus specials); `ffn_keep`: channels
     per layer, a count ("128", "1ch") or a ratio ("0.5"); or `target_params`, the fraction of parameters kept,
     split between the two by the planner (`plan_trials`: that many best-priced splits pruned and measured).
-    `vocab_order` auto is frequency with calibration data, else id; `refit` auto is sequential when calibration
+    `vocab_order` auto is frequency with calibration data, else id; `vocab_prior` (lambda) blends frequency
+    order's counts with the tokenizer's own prior, counts + lambda * N * prior (compact.vocab); `refit` auto is sequential when calibration
     data drives an FFN cut, else none; `ffn_select` obs: elimination for the re-fit instead of the top scores."""
 
     vocab_keep: int | None = None
     ffn_keep: str | int | float | None = None
     target_params: float | None = None
     vocab_order: str = "auto"
+    vocab_prior: float = 0.0
     vocab_always: str | None = None
     ffn_multiple: int = 64
     ffn_criterion: str = "common-act2"
@@ -128,7 +137,8 @@ class Method:
                   "--ffn-criterion": self.ffn_criterion}
         _refuse({**{flag: one_of(CHOICES[flag], value) for flag, value in chosen.items()},
                  "--vocab-keep": count(self.vocab_keep), "--ffn-keep": ffn_keep(self.ffn_keep),
-                 "--target-params": fraction(self.target_params), "--ffn-multiple": count(self.ffn_multiple),
+                 "--target-params": fraction(self.target_params), "--vocab-prior": weight(self.vocab_prior),
+                 "--ffn-multiple": count(self.ffn_multiple),
                  "--plan-trials": count(self.plan_trials, low=0), "--seed": seed(self.seed)})
 
 
@@ -198,7 +208,10 @@ def check_method(method: Method, calib: CalibOptions, *, prune: bool) -> None:
         raise ValueError("nothing to prune: give --vocab-keep and/or --ffn-keep, or --target-params")
     if prune and method.vocab_always and method.vocab_keep is None and method.target_params is None:
         raise ValueError("--vocab-always keeps tokens in a vocabulary cut: add --vocab-keep or --target-params")
-    needs = {"--target-params": method.target_params is not None, f"--refit {method.refit}": fitted,
+    if method.vocab_prior and method.vocab_order == "id":
+        raise ValueError("--vocab-prior blends the token counts of --vocab-order frequency; --vocab-order id keeps "
+                         "the lowest ids: drop one")
+    needs = {"--target-params": method.target_params is not None, "--vocab-prior": method.vocab_prior > 0, f"--refit {method.refit}": fitted,
              "--ffn-select obs": method.ffn_select == "obs",
              "--vocab-order frequency": method.vocab_order == "frequency",
              f"--ffn-criterion {method.ffn_criterion}": data_driven and (not prune or _cuts_ffn(method.ffn_keep))}

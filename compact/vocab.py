@@ -155,11 +155,13 @@ class Vocabulary:
             raise ValueError(f"--vocab-keep must be between 1 and {len(self.regular)} (the number of regular "
                              f"tokens), got {keep}")
 
-    def kept(self, keep: int | None, *, order: str = "id", counts=None, always=()) -> list[int] | None:
+    def kept(self, keep: int | None, *, order: str = "id", counts=None, always=(),
+             prior: float = 0.0) -> list[int] | None:
         """The vocabulary policy: ascending old ids to keep, or None when ``keep`` is None (no cut).
 
         Id order keeps the ``keep`` lowest regular ids, frequency order the ``keep`` most frequent by ``counts``
-        (``[num_embeddings]``, e.g. from :func:`count_tokens`), closed under merge ancestry; both add every
+        (``[num_embeddings]``, e.g. from :func:`count_tokens`; blended with the tokenizer's prior by a weight
+        ``prior``, :meth:`blend`), closed under merge ancestry; both add every
         special/added id, ``extra_ids``, the base symbols, and the ``always`` token strings (as the vocabulary
         spells them, e.g. ``"Ġthe"``; unknown ones raise ValueError) with the merge ancestors they need.
         """
@@ -172,7 +174,7 @@ class Vocabulary:
                                  "(or --target-params)")
             return None
         if order == "frequency":
-            return self._by_frequency(keep, _check_counts(counts, self.num_embeddings), always)
+            return self._by_frequency(keep, self.blend(counts, prior), always)
         kept = self._by_id(keep, always)
         if self.tokenizer is None:
             warnings.warn("no tokenizer: id order assumes later ids are rarer, which need not hold here "
@@ -246,22 +248,64 @@ class Vocabulary:
         kept |= _alphabet_ids(self.tokenizer.convert_ids_to_tokens(sorted(kept - forced)), vocab)
         return sorted((kept | forced | self.extra_ids) & valid)
 
-    def keep_curve(self, order: str, counts=None, *, always=()) -> tuple[list[int], list[int]]:
+    def keep_curve(self, order: str, counts=None, *, always=(), prior: float = 0.0) -> tuple[list[int], list[int]]:
         """(ids, prefix): the regular ids in the order a growing cut keeps them, and for every ``keep`` N in
         0..len(ids), ``prefix[N]`` = how many of them :meth:`kept` keeps at N (its cut plus the tokens kept
         whatever N: base symbols, ``always`` with their ancestors, the characters kept tokens are spelled
         with); the rows kept are ``prefix[N] + base_rows``. Exact in id order; in frequency order ``ids`` is
         the order the selection takes tokens in with no budget (the base symbols, the ``always`` tokens with
         their ancestors, then each token by descending count preceded by its missing ancestors), which it
-        follows up to the room a too-large last group leaves. The budget planner prices cuts along it."""
+        follows up to the room a too-large last group leaves (``prior``: :meth:`blend`'s weight). The budget
+        planner prices cuts along it."""
         always = [always] if isinstance(always, str) else list(always)
         if order == "frequency":
-            ids = self._frequency_order(_check_counts(counts, self.num_embeddings), always)
+            ids = self._frequency_order(self.blend(counts, prior), always)
             start = 0 if self.tokenizer is None else len(self._initial(always))
             return ids, [max(n, start) for n in range(len(ids) + 1)]
         if self.tokenizer is None:
             return list(self.regular), list(range(self.num_embeddings + 1))
         return self._id_curve(always)
+
+    def blend(self, counts, prior: float = 0.0) -> torch.Tensor:
+        """Pseudo-counts ``counts + prior * N * p``: N the tokens counted, p :attr:`prior`. A weight of 1 lets the
+        tokenizer's prior weigh as much as the counted text, so a short or narrow calibration text does not
+        alone decide which tokens other text loses. Weight 0 returns ``counts`` as they are (today's order)."""
+        counts = _check_counts(counts, self.num_embeddings)
+        if not prior:
+            return counts
+        return counts.double() + prior * float(counts.sum()) * self.prior
+
+    @cached_property
+    def prior(self) -> torch.Tensor:
+        """The tokenizer's own distribution over the regular tokens: float64 ``[num_embeddings]``, zero elsewhere.
+
+        Zipf over merge rank, p(r) proportional to 1 / (r + B): BPE learns its merges most frequent pair first,
+        so a token's merge rank is its frequency rank in the tokenizer's training text. The B base symbols every
+        cut keeps (byte tokens, byte-fallback pieces, printable ASCII, the decoder's word-boundary symbol) come
+        first, in id order, then each merged token at B + the rank of the first merge producing it, then the
+        regular tokens no merge produces, in id order (other single characters: SentencePiece lists them last,
+        Llama 2's CJK among them). The offset B keeps the base symbols, which no merge ranks among themselves,
+        within a factor 2 of each other, and gives the first merges about half the weight of the top symbol.
+        Without a tokenizer, the same law over id rank with an offset of 1. (SentencePiece unigram, whose
+        scores are log-probabilities, never gets here: the vocabulary cut refuses it.)
+        """
+        regular = torch.as_tensor(self.regular, dtype=torch.long)
+        ranks, offset = (torch.arange(len(regular)), 1) if self.tokenizer is None else self._merge_ranks()
+        weights = 1.0 / (ranks.double() + offset)
+        prior = torch.zeros(self.num_embeddings, dtype=torch.float64)
+        prior[regular] = weights / weights.sum()
+        return prior
+
+    def _merge_ranks(self) -> tuple[torch.Tensor, int]:
+        """(the Zipf rank of each regular id, in :attr:`regular` order; the number of base symbols B)."""
+        tree, forced = self._tree, self._parts[3]
+        merge = [tree.rank(tree.tokens.get(i)) for i in self.regular]
+        base = [m is None and i in forced for i, m in zip(self.regular, merge)]
+        b, after = sum(base), sum(base) + max((m for m in merge if m is not None), default=-1) + 1
+        symbols, others = itertools.count(), itertools.count(after)
+        ranks = [next(symbols) if is_base else b + m if m is not None else next(others)
+                 for is_base, m in zip(base, merge)]
+        return torch.as_tensor(ranks), max(b, 1)
 
     def _id_curve(self, always: list) -> tuple[list[int], list[int]]:
         """:meth:`keep_curve` in id order."""
@@ -469,6 +513,11 @@ class _MergeTree:
         self.ranks: dict[tuple[str, str], int] = dict(zip(reversed(pairs), range(len(pairs) - 1, -1, -1)))
         self.first: dict[str, tuple[str, str]] = {a + b: (a, b) for a, b in reversed(pairs)}
         self._parents: dict[int, tuple[int, ...]] = {}
+
+    def rank(self, token: str | None) -> int | None:
+        """The rank of the first merge that produces ``token`` (None: no merge does)."""
+        pair = self.first.get(token)
+        return None if pair is None else self.ranks[pair]
 
     def parents(self, token_id: int) -> tuple[int, ...]:
         """The ids ``token_id`` is built from: two merge parts, its characters, or () (a single character)."""

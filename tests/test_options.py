@@ -74,6 +74,7 @@ def test_the_parser_offers_the_choices_options_accepts():
 @pytest.mark.parametrize("argv,given", [
     (["--vocab-keep", "0"], dict(vocab_keep=0)), (["--ffn-keep", "1"], dict(ffn_keep="1")),
     (["--target-params", "1.5"], dict(target_params=1.5)), (["--plan-trials", "-2"], dict(plan_trials=-2)),
+    (["--vocab-prior", "-1"], dict(vocab_prior=-1.0)),
 ])
 def test_the_parser_and_the_method_refuse_with_one_rule(argv, given, capsys):
     """The command line refuses a bad value when parsing it, with the message Method gives in Python."""

@@ -58,13 +58,19 @@ def plan_split(job: Job, *, counts: torch.Tensor, halves: tuple[torch.Tensor, to
 def _vocab_curve(job: Job, *, counts: torch.Tensor,
                  halves: tuple[torch.Tensor, torch.Tensor] | None) -> budget.VocabCurve:
     """Rows kept and calibration tokens dropped at every N; with `halves` (frequency order) also the
-    cross-fitted loss: the keep order from one half of the text, the loss on the other, both ways, averaged."""
+    cross-fitted loss: the keep order from one half of the text, the loss on the other, both ways, averaged.
+
+    With --vocab-prior the cuts follow the blended order (the one the prune keeps), and both losses are still
+    shares of the calibration text's own tokens: the FFN's loss is measured on that text too, so the two
+    terms stay in one unit, and the prior, a guess about other text rather than evidence, does not make its
+    own cuts look cheaper (the calibration tokens they drop are charged in full)."""
     vocabulary, method = job.vocabulary, job.method
     always = vocab.read_always_file(method.vocab_always) if method.vocab_always else ()
-    base = vocabulary.base_rows
-    curve = budget.vocab_curve(counts, *vocabulary.keep_curve(method.vocab_order, counts, always=always), base)
+    base, prior = vocabulary.base_rows, method.vocab_prior
+    curve = budget.vocab_curve(counts, *vocabulary.keep_curve(method.vocab_order, counts, always=always,
+                                                              prior=prior), base)
     if halves is None:
         return curve
-    losses = [budget.vocab_curve(measure, *vocabulary.keep_curve("frequency", order, always=always),
+    losses = [budget.vocab_curve(measure, *vocabulary.keep_curve("frequency", order, always=always, prior=prior),
                                  base).token_loss for order, measure in (halves, halves[::-1])]
     return replace(curve, heldout_loss=(losses[0] + losses[1]) / 2)

@@ -63,7 +63,8 @@ class Job:
         """The token ids the vocabulary policy keeps at `vocab_keep` (None: the vocabulary is not cut)."""
         method = self.method
         always = vocab.read_always_file(method.vocab_always) if method.vocab_always else ()
-        return self.vocabulary.kept(vocab_keep, order=method.vocab_order, counts=counts, always=always)
+        return self.vocabulary.kept(vocab_keep, order=method.vocab_order, counts=counts, always=always,
+                                    prior=method.vocab_prior)
 
 
 @dataclass(frozen=True)
