@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__, options
-from .options import CHOICES, CRITERIA, DTYPES, CalibOptions, Load, Method, Output, Run
+from .options import CHOICES, CRITERIA, DTYPES, GGUF_INSTALL, CalibOptions, Load, Method, Output, Run
 
 
 class _Parser(argparse.ArgumentParser):
@@ -189,7 +189,7 @@ def _gguf_option(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--gguf", nargs="?", const="f16", default=default, choices=CHOICES["--gguf"],
                    metavar="TYPE",
                    help="also write the checkpoint as GGUF for llama.cpp (OUT/model-TYPE.gguf): f32, f16 (the "
-                        "default TYPE), bf16 or q8_0; needs pip install 'compact[gguf]'")
+                        f"default TYPE), bf16 or q8_0; needs {GGUF_INSTALL}")
     p.add_argument("--gguf-pre", metavar="NAME",
                    help="llama.cpp's name for the tokenizer's pre-tokenizer (tokenizer.ggml.pre: smollm, llama-bpe, "
                         "qwen2, ...), where neither a GGUF source nor the tokenizer gives it")

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 
 from . import llama2c, models, shards
-from .options import DTYPES
+from .options import DTYPES, GGUF_INSTALL
 
 Vet = Callable[[object, int], None]  # vet(tokenizer or None, embedding rows), before the weights are read
 # --dtype names -> torch dtypes
@@ -221,7 +221,7 @@ def _gguf_errors(path: Path) -> Iterator[None]:
         yield
     except ImportError as e:
         raise ValueError(f"model {path}: loading GGUF needs the gguf and accelerate packages "
-                         f"(pip install 'compact[gguf]'): {' '.join(str(e).split())}") from None
+                         f"({GGUF_INSTALL}): {' '.join(str(e).split())}") from None
     except models.UnsupportedModelError:
         raise
     except Exception as e:  # noqa: BLE001 - the GGUF reader fails in many ways (struct.error on a short file)

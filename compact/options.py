@@ -25,6 +25,7 @@ DTYPES = ("bfloat16", "float16", "float32")  # compute dtypes (compact.loading)
 OFFLOADS = ("none", "layerwise")  # layerwise: the model is never whole in memory
 BIN_DTYPES = ("uint16", "uint32")  # id widths of a .bin token file (compact.data)
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what --gguf writes (compact.export)
+GGUF_INSTALL = "pip install 'compact-kernels[gguf]'"  # the distribution's name: `compact` on PyPI is another package
 
 # Each flag with a set of values -> that set ("auto": pruning.decide, or for --dtype compact.loading, resolves it).
 CHOICES = {

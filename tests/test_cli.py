@@ -323,3 +323,24 @@ def test_ffn_repair_and_another_refit_are_refused(flags, capsys):
     assert exit_.value.code == 2 and "ask for different re-fits" in capsys.readouterr().err
     agreed = cli._parser().parse_args(["prune", "m", "--out", "o", "--refit", "same-input", "--ffn-repair"])
     assert agreed.refit == "same-input"
+
+
+def _distribution() -> str:
+    """The distribution's name in pyproject.toml (what `pip install` takes)."""
+    import tomllib
+    from pathlib import Path
+
+    return tomllib.loads((Path(cli.__file__).parents[1] / "pyproject.toml").read_text())["project"]["name"]
+
+
+def test_install_hints_name_the_distribution():
+    """`compact` on PyPI is another package: every install hint, in the sources and the help, names this one."""
+    from pathlib import Path
+
+    root = Path(cli.__file__).parents[1]
+    sources = [p for folder in ("compact", "compact_kernels") for p in (root / folder).rglob("*.py")]
+    texts = {str(p): p.read_text(encoding="utf-8") for p in sources}
+    texts.update({f"compact {name} --help": sub.format_help() for name, sub in _subcommands().items()})
+    wrong = [where for where, text in texts.items() if "compact[" in text]
+    assert not wrong, f"install hints that name another package: {wrong}"
+    assert f"pipinstall'{_distribution()}[gguf]'" in "".join(texts["compact prune --help"].split())  # as wrapped
