@@ -325,12 +325,17 @@ def test_ffn_repair_and_another_refit_are_refused(flags, capsys):
     assert agreed.refit == "same-input"
 
 
-def _distribution() -> str:
-    """The distribution's name in pyproject.toml (what `pip install` takes)."""
+def _project() -> dict:
+    """pyproject.toml's [project] table."""
     import tomllib
     from pathlib import Path
 
-    return tomllib.loads((Path(cli.__file__).parents[1] / "pyproject.toml").read_text())["project"]["name"]
+    return tomllib.loads((Path(cli.__file__).parents[1] / "pyproject.toml").read_text())["project"]
+
+
+def _distribution() -> str:
+    """The distribution's name (what `pip install` takes)."""
+    return _project()["name"]
 
 
 def test_install_hints_name_the_distribution():
@@ -344,3 +349,16 @@ def test_install_hints_name_the_distribution():
     wrong = [where for where, text in texts.items() if "compact[" in text]
     assert not wrong, f"install hints that name another package: {wrong}"
     assert f"pipinstall'{_distribution()}[gguf]'" in "".join(texts["compact prune --help"].split())  # as wrapped
+
+
+def test_the_quick_start_installs_gguf_support():
+    """`make demo` installs the gguf extra, so a .gguf model prunes right after it; the extra holds what
+    transformers' GGUF loading imports: gguf (the file) and accelerate (from_pretrained with gguf_file needs it)."""
+    import re
+    from pathlib import Path
+
+    makefile = (Path(cli.__file__).parents[1] / "Makefile").read_text()
+    recipe = makefile.split("$(BIN)/.installed:", 1)[1].split("\n\n", 1)[0]
+    assert '-e ".[gguf]"' in recipe, recipe
+    assert {re.split(r"[<>=!~ \[]", r, maxsplit=1)[0] for r in _project()["optional-dependencies"]["gguf"]} >= {
+        "gguf", "accelerate"}
