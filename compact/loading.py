@@ -187,7 +187,7 @@ def _read_gguf(path: Path, where: dict, placement: tuple, tokenizer_opts: tuple)
 
     def own():
         with _gguf_errors(path):
-            return AutoTokenizer.from_pretrained(**where)
+            return _fitted(AutoTokenizer.from_pretrained(**where), _embedding_rows(config))
 
     tokenizer = _vetted(own, _embedding_rows(config), tokenizer_opts)
     with _gguf_errors(path):
@@ -196,6 +196,17 @@ def _read_gguf(path: Path, where: dict, placement: tuple, tokenizer_opts: tuple)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return Loaded(model.to(device).eval(), tokenizer, str(path), device=device, gguf_tokenizer=_gguf_tokenizer(path))
+
+
+def _fitted(tokenizer, rows: int):
+    """A GGUF's tokenizer without the ids past the model's `rows` embedding rows: transformers' conversion adds
+    GPT-2's default `<|endoftext|>` to a byte-level vocabulary that lacks it (Llama 3's), a token with no row."""
+    ids = sorted(tokenizer.get_vocab().values())
+    if not ids or ids[-1] < rows:
+        return tokenizer
+    from .tokenizer import prune_tokenizer
+
+    return prune_tokenizer(tokenizer, [i for i in ids if i < rows])
 
 
 def gguf_strings(path: Path, keys: tuple[str, ...]) -> dict[str, str]:

@@ -95,3 +95,40 @@ def test_a_tokenizer_of_another_model_and_unloaded_weights_are_refused(tmp_path)
     empty = type(model)(model.config).to("meta")
     with pytest.raises(ValueError, match="is on the meta device"):
         compact.decide(empty, None, None, compact.Method(vocab_keep=50))
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """(a tiny Llama folder with a byte-level BPE tokenizer, the same model written as an f32 .gguf beside it)."""
+    pytest.importorskip("gguf")
+    from compact import demo, demo_text, export
+
+    root = tmp_path_factory.mktemp("gguf")
+    tokenizer = demo.train_tokenizer(demo_text.stories(60, seed=1))
+    demo.build_model(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return root / "model", export.export(root / "model", "f32", root / "tiny.gguf")
+
+
+def test_load_reads_a_gguf_ready_for_decide(tiny_gguf, tmp_path):
+    """compact.load dequantizes a .gguf as `compact prune` does: the same logits as the folder it was written from
+    (f32: the same weights), and decide takes it; transformers' own gguf_file= load keeps its quantizer, and
+    decide's refusal points at compact.load."""
+    from transformers import AutoModelForCausalLM
+    from kernel_ops.tolerances import assert_close, decoder_rtol
+
+    folder, path = tiny_gguf
+    model, tokenizer = compact.load(path)
+    reference, _ = compact.load(folder)
+    ids = torch.tensor([tokenizer("Once upon a time there was a little dog.").input_ids])
+    with torch.no_grad():
+        got, want = model(ids).logits, reference(ids).logits
+    rtol = decoder_rtol(reference.config, ids.shape[1])  # float32 products laid out differently, nothing more
+    assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()), what="logits of the loaded GGUF")
+    (tmp_path / "calib.txt").write_text("Once upon a time there was a little dog who liked to run. " * 8)
+    decision = compact.decide(model, tokenizer, tmp_path / "calib.txt", compact.Method(vocab_keep=300),
+                              compact.Run(progress=False))
+    assert decision.sizes.vocab_after < decision.sizes.vocab_before
+    raw = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    with pytest.raises(ValueError, match=r"quantized \(gguf\).*compact\.load\(path\)"):
+        compact.decide(raw, tokenizer, None, compact.Method(vocab_keep=300))
