@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__, options
-from .options import CHOICES, CRITERIA, DTYPES, GGUF_INSTALL, CalibOptions, Load, Method, Output, Run
+from .options import CHOICES, CRITERIA, DTYPE_HELP, DTYPES, GGUF_INSTALL, CalibOptions, Load, Method, Output, Run
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,7 +40,9 @@ def _held_to(rule, parse=int):
 
 
 _count, _count_or_0 = _held_to(options.count), _held_to(lambda value: options.count(value, low=0))
-_fraction, _ffn_keep = _held_to(options.fraction, parse=float), _held_to(options.ffn_keep, parse=str)
+_fraction, _seed = _held_to(options.fraction, parse=float), _held_to(options.seed)
+_vocab_keep = _held_to(lambda value: options.keep(value, "--vocab-keep"), parse=str)
+_ffn_keep = _held_to(lambda value: options.keep(value, "--ffn-keep"), parse=str)
 
 
 def _vocab_options(p: argparse.ArgumentParser) -> None:
@@ -55,7 +57,7 @@ def _vocab_options(p: argparse.ArgumentParser) -> None:
 def _criterion_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn-criterion", choices=CHOICES["--ffn-criterion"], default="common-act2",
                    help="; ".join(f"{k}: {v}" for k, v in CRITERIA.items()))
-    p.add_argument("--seed", type=int, default=0, help="seed of the random criterion (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random criterion (default 0)")
 
 
 def _check_and_run_options(p: argparse.ArgumentParser) -> None:
@@ -89,10 +91,10 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 
 def _model_options(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("model", metavar="MODEL", nargs="?" if optional else None,
-                   help="local model directory, llama2.c .bin checkpoint, or cached hub id")
+                   help="a local model directory, a .gguf file (dequantized on loading), a llama2.c .bin checkpoint, "
+                        "or a hub id in the local cache")
     p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when present)")
-    p.add_argument("--dtype", default="auto", choices=CHOICES["--dtype"],
-                   help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--dtype", default="auto", choices=CHOICES["--dtype"], help=DTYPE_HELP)
     p.add_argument("--batch-size", type=_count, default=1, help="sequences per forward (default 1)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off)")
     p.add_argument("--tokenizer", metavar="PATH",
@@ -118,7 +120,9 @@ def _score_command(sub) -> None:
     s = sub.add_parser("score", help="common act^2 per FFN channel -> a scores file")
     _model_options(s)
     _calib_options(s, required=True)
-    s.add_argument("--vocab-keep", type=_count, help="weight only tokens of the kept vocabulary (N regular + specials)")
+    s.add_argument("--vocab-keep", type=_vocab_keep, metavar="N",
+                   help="weight only tokens of the kept vocabulary (N regular tokens plus the specials; N as prune "
+                        "takes it)")
     _vocab_options(s)
     _criterion_options(s)
     s.add_argument("--out", required=True, type=Path, help="scores file (.safetensors)")
@@ -129,8 +133,8 @@ def _score_command(sub) -> None:
 def _trials_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan-trials", type=_count_or_0, default=0, metavar="N",
                    help="--target-params: prune the N best-priced splits in memory and keep the one that reads the "
-                        "calibration rows after --samples best (bits/byte); 0, the default, keeps the best-priced "
-                        "(on SmolLM2-135M, 3 trials on 4 held-out rows picked a split 0.025 bits/byte worse)")
+                        "calibration rows after --samples best (bits/byte); 0 keeps the best-priced (default 0: on "
+                        "SmolLM2-135M, 3 trials on 4 held-out rows picked a split 0.025 bits/byte worse)")
 
 
 class _OneRefit(argparse.Action):
@@ -163,10 +167,13 @@ def _prune_command(sub) -> None:
     r = sub.add_parser("prune", help="prune vocabulary and/or FFN channels -> a standard checkpoint")
     _model_options(r)
     r.add_argument("--out", required=True, type=Path, help="output directory (refused if not empty, unless --overwrite)")
-    r.add_argument("--vocab-keep", type=_count,
-                   help="regular tokens to keep (the lowest ids or the most frequent: --vocab-order) plus specials; "
-                        "byte tokens, ASCII characters and the word-boundary piece always stay")
-    r.add_argument("--ffn-keep", type=_ffn_keep, help="FFN channels to keep per layer: a count (128, or 1ch for one), or a ratio in (0, 1] (0.5; 1.0 keeps all)")
+    r.add_argument("--vocab-keep", type=_vocab_keep, metavar="N",
+                   help="regular tokens to keep (the lowest ids or the most frequent: --vocab-order) plus specials: "
+                        "a count (24576, or 1tok for one) or a ratio of the regular tokens in (0, 1] (0.5; 1.0 keeps "
+                        "all); byte tokens, ASCII characters and the word-boundary piece always stay")
+    r.add_argument("--ffn-keep", type=_ffn_keep, metavar="K",
+                   help="FFN channels to keep per layer: a count (128, or 1ch for one) or a ratio in (0, 1] (0.5; 1.0 "
+                        "keeps all)")
     r.add_argument("--ffn-multiple", type=_count, default=64, help="round a --ffn-keep ratio to this (default 64)")
     r.add_argument("--target-params", type=_fraction, metavar="F",
                    help="keep this fraction of the parameters; the split between vocabulary and FFN is planned")
@@ -212,7 +219,8 @@ def _plan_command(sub) -> None:
     _model_options(n)
     _calib_options(n, required=True)
     n.add_argument("--target-params", type=_fraction, required=True, metavar="F", help="fraction of parameters to keep")
-    n.add_argument("--ffn-multiple", type=_count, default=64, help="FFN channel counts are multiples of this")
+    n.add_argument("--ffn-multiple", type=_count, default=64,
+                   help="FFN channel counts are multiples of this (default 64)")
     _refit_options(n)
     _trials_option(n)
     _vocab_options(n)
@@ -304,7 +312,7 @@ def _groups(args) -> dict:
     return groups
 
 
-def _load(load, vocab_keep: int | None = None):
+def _load(load, vocab_keep: int | float | str | None = None):
     """MODEL as the load options say, with --tokenizer in place of its own when given; an out-of-range
     --vocab-keep is refused from the tokenizer, before the weights are read."""
     from .loading import load as load_model
@@ -335,7 +343,7 @@ def _cmd_score(args) -> int:
     if group.rank != 0:
         return 0  # rank 0 writes
     source = decision.calibration.source if decision.calibration else None
-    meta = {"model": loaded.source, "calibration": str(source), "vocab_keep": str(method.vocab_keep),
+    meta = {"model": loaded.source, "calibration": str(source), "vocab_keep": str(decision.vocab_keep),
             "vocab_order": decision.method.vocab_order, "ffn_criterion": method.ffn_criterion,
             "compact": __version__, **models.fingerprint(loaded.model.config)}
     output.save_scores(decision.scores, out, meta, overwrite=g["output"].overwrite)

@@ -53,9 +53,9 @@ class Loaded:
 
 
 def resolve_dtype(name: str, device: str, storage: torch.dtype | None = None) -> torch.dtype:
-    """--dtype, the compute dtype: auto means the dtype the weights are stored in (`storage`), computed in
-    float32 on a CPU when that is a 16-bit type; without a known storage dtype, bfloat16 on a GPU and float32
-    on a CPU."""
+    """--dtype, the compute dtype (options.DTYPE_HELP says it for the user): auto means the dtype a model folder's
+    weights are stored in (`storage`), float32 on a CPU when that is a 16-bit type; without a stored dtype (a
+    .gguf or llama2.c file), bfloat16 on a GPU and float32 on a CPU."""
     if name == "auto":
         if storage is not None:
             return torch.float32 if device == "cpu" and storage in (torch.float16, torch.bfloat16) else storage

@@ -60,8 +60,9 @@ def test_a_decision_and_everything_it_holds_is_frozen(calib):
 
 
 @pytest.mark.parametrize("fields, said", [
-    (dict(vocab_keep=0), "--vocab-keep must be an integer of at least 1"),
-    (dict(vocab_keep=2.5), "--vocab-keep must be an integer"),
+    (dict(vocab_keep=0), "--vocab-keep must be positive"),
+    (dict(vocab_keep=2.5), r"--vocab-keep as a ratio must be in \(0, 1\]"),
+    (dict(vocab_keep="1"), "--vocab-keep 1 is ambiguous: write 1tok"),
     (dict(ffn_keep=-0.5), "--ffn-keep must be positive"),
     (dict(ffn_keep="abc"), "--ffn-keep must be a channel count"),
     (dict(target_params=2.0), r"--target-params must be a fraction in \(0, 1\]"),
@@ -132,3 +133,18 @@ def test_load_reads_a_gguf_ready_for_decide(tiny_gguf, tmp_path):
     raw = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
     with pytest.raises(ValueError, match=r"quantized \(gguf\).*compact\.load\(path\)"):
         compact.decide(raw, tokenizer, None, compact.Method(vocab_keep=300))
+
+
+@pytest.mark.parametrize("given", [0.5, "0.5", 0.25])
+def test_a_vocab_keep_ratio_is_a_share_of_the_regular_tokens(given):
+    """--vocab-keep takes a ratio as --ffn-keep does (a float is a ratio, an int a count): the decision's count is
+    the ratio of the regular tokens, rounded, and the cut keeps exactly the tokens that count keeps."""
+    from compact.vocab import Vocabulary
+
+    model = tiny_models.build("llama")
+    regular = len(Vocabulary.of(model, None).regular)
+    ratio = compact.decide(model, None, None, compact.Method(vocab_keep=given), compact.Run(progress=False))
+    count = compact.decide(model, None, None, compact.Method(vocab_keep=round(float(given) * regular)),
+                           compact.Run(progress=False))
+    assert ratio.vocab_keep == round(float(given) * regular) == count.vocab_keep
+    assert ratio.kept_token_ids == count.kept_token_ids

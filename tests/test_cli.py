@@ -3,6 +3,7 @@ import argparse
 import hashlib
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -290,7 +291,7 @@ def test_the_resume_signature_is_the_method_and_the_calibration(tmp_path):
     (["--ffn-keep", "0.5", "--ffn-select", "obs", "--ffn-criterion", "random"], "a data-driven --ffn-criterion"),
     (["--ffn-keep", "0.5", "--scores", "s.safetensors", "--refit", "sequential"], "a data-driven --ffn-criterion"),
     (["--ffn-keep", "0.5", "--ffn-criterion", "random", "--vocab-always", "a.txt"], "--vocab-always keeps tokens"),
-    (["--ffn-keep", "0.5", "--ffn-criterion", "random", "--seed", str(2**70)], "--seed must be an integer"),
+    (["--ffn-keep", "0.5", "--ffn-criterion", "random", "--seed", str(2**70)], "--seed: must be an integer"),
 ])
 def test_errors_that_follow_from_the_flags_come_before_the_model_is_read(flags, words, tmp_path, capsys):
     """The model path does not exist: an error about the flags proves nothing was loaded first (a parse error is
@@ -328,7 +329,6 @@ def test_ffn_repair_and_another_refit_are_refused(flags, capsys):
 def _project() -> dict:
     """pyproject.toml's [project] table."""
     import tomllib
-    from pathlib import Path
 
     return tomllib.loads((Path(cli.__file__).parents[1] / "pyproject.toml").read_text())["project"]
 
@@ -340,8 +340,6 @@ def _distribution() -> str:
 
 def test_install_hints_name_the_distribution():
     """`compact` on PyPI is another package: every install hint, in the sources and the help, names this one."""
-    from pathlib import Path
-
     root = Path(cli.__file__).parents[1]
     sources = [p for folder in ("compact", "compact_kernels") for p in (root / folder).rglob("*.py")]
     texts = {str(p): p.read_text(encoding="utf-8") for p in sources}
@@ -355,10 +353,68 @@ def test_the_quick_start_installs_gguf_support():
     """`make demo` installs the gguf extra, so a .gguf model prunes right after it; the extra holds what
     transformers' GGUF loading imports: gguf (the file) and accelerate (from_pretrained with gguf_file needs it)."""
     import re
-    from pathlib import Path
 
     makefile = (Path(cli.__file__).parents[1] / "Makefile").read_text()
     recipe = makefile.split("$(BIN)/.installed:", 1)[1].split("\n\n", 1)[0]
     assert '-e ".[gguf]"' in recipe, recipe
     assert {re.split(r"[<>=!~ \[]", r, maxsplit=1)[0] for r in _project()["optional-dependencies"]["gguf"]} >= {
         "gguf", "accelerate"}
+
+
+def _help(action) -> str:
+    return " ".join((action.help or "").split())
+
+
+def test_the_help_says_what_the_code_does():
+    """MODEL takes a .gguf file; every numeric default is in its help as `default N`; --dtype is the one text."""
+    from compact.options import DTYPE_HELP
+
+    for name, sub in _subcommands().items():
+        for action in sub._actions:
+            if action.dest == "model" and name != "export":
+                assert ".gguf file" in _help(action), f"compact {name} MODEL: {action.help}"
+            if type(action.default) in (int, float):
+                assert f"default {action.default}" in _help(action), f"compact {name} {action.option_strings}"
+            if action.dest == "dtype" and name != "check":
+                assert action.help == DTYPE_HELP, f"compact {name} --dtype"
+
+
+@pytest.mark.parametrize("storage, device, compute", [
+    (torch.bfloat16, "cpu", torch.float32), (torch.float16, "cpu", torch.float32), (torch.bfloat16, "cuda", torch.bfloat16),
+    (torch.float32, "cuda", torch.float32), (None, "cpu", torch.float32), (None, "cuda", torch.bfloat16)])
+def test_dtype_auto_resolves_as_its_help_says(storage, device, compute):
+    """--dtype auto: a folder computes in its stored dtype (float32 on a CPU for 16-bit) and writes that stored
+    dtype; a file without one (storage None: .gguf, llama2.c) computes and writes bfloat16 on a GPU, float32 on a
+    CPU -- as options.DTYPE_HELP says."""
+    from compact.loading import _output, resolve_dtype
+
+    assert resolve_dtype("auto", device, storage) == compute
+    assert (_output("auto", storage) or compute) == (storage or compute)
+
+
+def test_a_bad_value_is_refused_in_plain_words_naming_its_flag(capsys):
+    """No converter's Python name (`invalid _count value`, `invalid int value`) reaches the user: each option that
+    converts its text says what it must be, after the flag's name."""
+    for name, sub in _subcommands().items():
+        for action in sub._actions:
+            if action.type in (None, Path) or not action.option_strings:
+                continue
+            flag = action.option_strings[0]
+            with pytest.raises(SystemExit):
+                cli._parser().parse_args([name, *_BASE.get(name, ["m"]), flag, "x!"])
+            err = capsys.readouterr().err
+            assert f"argument {flag}: must" in err and "invalid" not in err, err
+
+
+def test_vocab_keep_takes_a_ratio_as_ffn_keep_does(capsys):
+    """--vocab-keep 0.5 is a ratio (of the regular tokens: test_api), 24576 a count; a bare 1 is ambiguous, as for
+    --ffn-keep."""
+    def method(*flags):
+        return cli._groups(cli._parser().parse_args(["prune", "m", "--out", "o", *flags]))["method"]
+
+    assert method("--vocab-keep", "0.5").vocab_keep == "0.5" and method("--vocab-keep", "24576").vocab_keep == "24576"
+    for flag, unit in (("--vocab-keep", "1tok"), ("--ffn-keep", "1ch")):
+        assert getattr(method(flag, unit), flag[2:].replace("-", "_")) == unit
+        with pytest.raises(SystemExit):
+            method(flag, "1")
+        assert f"argument {flag}: 1 is ambiguous: write {unit}" in capsys.readouterr().err
