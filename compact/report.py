@@ -99,7 +99,7 @@ def prune_summary(report: dict, out: Path) -> str:
         chosen = next(c for c in report["plan"]["candidates"] if c["chosen"])
         lines.append(f"plan: target {report['plan']['target']:.0%}, chose vocab {chosen['vocab_keep']:,} / FFN "
                      f"{chosen['ffn_keep']:,} (token loss {chosen['token_loss']:.4f}"
-                     + ("" if chosen.get("heldout_loss") is None else f", cross-fitted {chosen['heldout_loss']:.4f}")
+                     + ("" if chosen.get("cross_fitted_loss") is None else f", cross-fitted {chosen['cross_fitted_loss']:.4f}")
                      + f", score loss {chosen['score_loss']:.4f})")
     check = report["checks"].get("scores_vs_hooks")
     if check:

@@ -70,8 +70,9 @@ def plan_summary(model: str, data: str, plan) -> str:
     """`compact plan`'s output from the planner's record (a budget.Plan): the candidates priced, the measured
     trials, the choice."""
     rows = [("*" if c.chosen else "", f"{c.vocab_keep:,}", f"{c.vocab_rows:,}", f"{c.ffn_keep:,}",
-             f"{c.fraction:.2%}", f"{c.token_loss:.4f}", "-" if c.heldout_loss is None else f"{c.heldout_loss:.4f}",
-             f"{c.score_loss:.4f}", f"{c.cost:.4f}") for c in plan.candidates]
+             f"{c.fraction:.2%}", f"{c.token_loss:.4f}",
+             "-" if c.cross_fitted_loss is None else f"{c.cross_fitted_loss:.4f}", f"{c.score_loss:.4f}",
+             f"{c.cost:.4f}") for c in plan.candidates]
     chosen = plan.chosen
     return "\n".join([
         f"plan for {model}: keep {plan.target:.0%} of the parameters (calibration: {data})",
