@@ -28,13 +28,15 @@ def build_report(loaded, decision, *, parameters_after: Mapping[str, int], token
         "scores_file": method.scores, "ffn_criterion": None if method.scores else method.ffn_criterion,
         "vocab_order": method.vocab_order, "plan": None if decision.plan is None else decision.plan.to_json(),
         "offload": "layerwise" if loaded.offloaded else "none",
-        "dtype": {"compute": _dtype_name(decision.dtype), "output": _dtype_name(loaded.written_dtype)},
+        "dtype": {"compute": _dtype_name(decision.dtype), "output": _dtype_name(loaded.written_dtype),
+                  **_storage(loaded.storage)},
         "options": {**asdict(method), **{f"calib_{k}": v for k, v in asdict(decision.calib).items()},
                     **_calib_used(decision.calibration)},
         "sizes": asdict(sizes),
         "parameters": {"before": dict(decision.parameters_before), "after": dict(parameters_after)},
         "checks": {"scores_vs_hooks": None if decision.check is None else asdict(decision.check)},
-        "timings_s": dict(timings), "versions": versions(), "kept_token_ids": kept_ids, "kept_channels": channels,
+        "timings_s": {**({} if loaded.seconds is None else {"loading": loaded.seconds}), **timings},
+        "versions": versions(), "kept_token_ids": kept_ids, "kept_channels": channels,
         "gguf_tokenizer": loaded.gguf_tokenizer or (loaded.report or {}).get("gguf_tokenizer"),
         **_composition(loaded, kept_ids), "tokenizer": tokenizer,
     }
@@ -42,6 +44,11 @@ def build_report(loaded, decision, *, parameters_after: Mapping[str, int], token
 
 def _dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _storage(storage) -> dict:
+    """The report's record of how the source stores its weights (nothing when unknown)."""
+    return {} if storage is None else {"source": storage.name, "source_bits_per_weight": round(storage.bits, 3)}
 
 
 def versions() -> dict:
@@ -85,27 +92,54 @@ def _calib_used(calib) -> dict:
 
 
 def prune_summary(report: dict, out: Path) -> str:
+    """What `compact prune` prints: the cut, the parameters, the planner's choice in words, the timings (loading
+    included) and a note when the output is written wider than the source stores it."""
     sizes, params = report["sizes"], report["parameters"]
+    vocabulary = (f"vocabulary {sizes['vocab_before']:,} -> {sizes['vocab_after']:,} tokens (embedding rows, special "
+                  "tokens included)")
+    ffn = f"FFN {sizes['intermediate_before']:,} -> {sizes['intermediate_after']:,} channels x {sizes['layers']} layers"
     lines = [
-        f"pruned {report['source']} -> {out}",
-        f"vocabulary {sizes['vocab_before']:,} -> {sizes['vocab_after']:,} tokens; "
-        f"FFN {sizes['intermediate_before']:,} -> {sizes['intermediate_after']:,} channels x {sizes['layers']} layers",
-        "",
+        f"pruned {report['source']} -> {out}", f"{vocabulary}; {ffn}", "",
         format_table(("parameters", "before", "after", "kept"), parameter_rows(params["before"], params["after"])),
-        "",
+        "", *_plan_lines(report.get("plan")),
         "timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items()),
+        *_wider_lines(report.get("dtype") or {}),
     ]
-    if report.get("plan"):
-        chosen = next(c for c in report["plan"]["candidates"] if c["chosen"])
-        lines.append(f"plan: target {report['plan']['target']:.0%}, chose vocab {chosen['vocab_keep']:,} / FFN "
-                     f"{chosen['ffn_keep']:,} (token loss {chosen['token_loss']:.4f}"
-                     + ("" if chosen.get("cross_fitted_loss") is None else f", cross-fitted {chosen['cross_fitted_loss']:.4f}")
-                     + f", score loss {chosen['score_loss']:.4f})")
     check = report["checks"].get("scores_vs_hooks")
     if check:
         lines.append(f"check vs hooks: max relative difference {check['max_rel_diff']:.3g} "
                      f"over {check['sequences']} sequences (rtol {check['rtol']:g}): ok")
     return "\n".join(lines)
+
+
+def _plan_lines(plan: dict | None) -> list[str]:
+    """The planner's choice in words: its sizes as the flags name them, and the two losses it weighed."""
+    if not plan:
+        return []
+    chosen = next(c for c in plan["candidates"] if c["chosen"])
+    crossed = chosen.get("cross_fitted_loss")
+    refit = "" if plan.get("refit") in (None, "none") else f", scaled by what the {plan['refit']} re-fit leaves"
+    sizes = (f"plan for {plan['target']:.0%} of the parameters: --vocab-keep {chosen['vocab_keep']:,} regular tokens "
+             f"({chosen['vocab_rows']:,} rows with the special tokens), --ffn-keep {chosen['ffn_keep']:,} channels")
+    dropped = (f"  calibration tokens the cut vocabulary drops (spelled with kept tokens instead): "
+               f"{chosen['token_loss']:.2%}")
+    crossed = "" if crossed is None else f" ({crossed:.2%} cross-fitted on halves of the text)"
+    return [sizes, dropped + crossed,
+            f"  FFN act^2 share of the cut channels, mean over layers{refit}: {chosen['score_loss']:.2%}"]
+
+
+DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
+
+
+def _wider_lines(dtype: dict) -> list[str]:
+    """A note when the output's weights take more bits than the source's (a 4-bit GGUF written as float32)."""
+    bits, written = dtype.get("source_bits_per_weight"), DTYPE_BITS.get(dtype.get("output"))
+    if bits is None or written is None or written <= bits:
+        return []
+    how = ("--dtype bfloat16 writes 16 bits (and computes in bfloat16)" if written > 16
+           else "--gguf q8_0 also writes an 8-bit GGUF copy")
+    return [f"note: the weights are written as {dtype['output']}, {written / bits:.1f}x the {bits:.1f} bits per weight "
+            f"the source stores ({dtype['source']}): {how}"]
 
 
 PAPER = "[COMPACT](https://arxiv.org/abs/2509.06836) (Kwek & Yin)"

@@ -102,13 +102,11 @@ def test_a_tokenizer_of_another_model_and_unloaded_weights_are_refused(tmp_path)
 def tiny_gguf(tmp_path_factory):
     """(a tiny Llama folder with a byte-level BPE tokenizer, the same model written as an f32 .gguf beside it)."""
     pytest.importorskip("gguf")
-    from compact import demo, demo_text, export
+    from compact import export
 
     root = tmp_path_factory.mktemp("gguf")
-    tokenizer = demo.train_tokenizer(demo_text.stories(60, seed=1))
-    demo.build_model(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    return root / "model", export.export(root / "model", "f32", root / "tiny.gguf")
+    folder, _ = tiny_models.byte_level_llama(root)
+    return folder, export.export(folder, "f32", root / "tiny.gguf")
 
 
 def test_load_reads_a_gguf_ready_for_decide(tiny_gguf, tmp_path):

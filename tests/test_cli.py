@@ -418,3 +418,45 @@ def test_vocab_keep_takes_a_ratio_as_ffn_keep_does(capsys):
         with pytest.raises(SystemExit):
             method(flag, "1")
         assert f"argument {flag}: 1 is ambiguous: write {unit}" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def q8_gguf(tmp_path_factory):
+    """(a tiny Llama written as a Q8_0 .gguf, calibration text)."""
+    pytest.importorskip("gguf")
+    import tiny_models
+    from compact import export
+
+    root = tmp_path_factory.mktemp("q8")
+    folder, calib = tiny_models.byte_level_llama(root)
+    return export.export(folder, "q8_0", root / "tiny-q8_0.gguf"), calib
+
+
+def test_the_prune_summary_says_what_it_measured(q8_gguf, tmp_path, capsys):
+    """The planner's losses are said in words and percent, its vocabulary in the rows the line above counts, the
+    timings include loading, and an output wider than the source (Q8_0 written as float32) is one note naming
+    --dtype."""
+    import json
+
+    import gguf
+
+    path, calib = q8_gguf
+    out = tmp_path / "out"
+    assert cli.main(["prune", str(path), "--out", str(out), "--target-params", "0.7", "--ffn-multiple", "16",
+                     "--calib", str(calib), "--samples", "2", "--seq-len", "32", "--refit", "none"]) == 0
+    printed, report = capsys.readouterr().out, json.loads((out / "compact_report.json").read_text())
+    chosen = next(c for c in report["plan"]["candidates"] if c["chosen"])
+    assert "token loss" not in printed and "score loss" not in printed, printed
+    assert f"calibration tokens the cut vocabulary drops (spelled with kept tokens instead): " \
+           f"{chosen['token_loss']:.2%} ({chosen['cross_fitted_loss']:.2%} cross-fitted" in printed, printed
+    rows = report["sizes"]["vocab_after"]
+    assert f"-> {rows:,} tokens (embedding rows, special tokens included)" in printed
+    assert f"--vocab-keep {chosen['vocab_keep']:,} regular tokens ({rows:,} rows with the special tokens)" in printed
+    assert next(iter(report["timings_s"])) == "loading" and "timings: loading " in printed
+    tensors = gguf.GGUFReader(str(path)).tensors  # the mean bits per weight: block scales included
+    bits = 8 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
+    assert report["dtype"] == {"compute": "float32", "output": "float32", "source": "GGUF Q8_0",
+                               "source_bits_per_weight": round(bits, 3)}
+    notes, bits = [line for line in printed.splitlines() if line.startswith("note: ")], round(bits, 3)  # as reported
+    assert notes == [f"note: the weights are written as float32, {32 / bits:.1f}x the {bits:.1f} bits per weight the "
+                     "source stores (GGUF Q8_0): --dtype bfloat16 writes 16 bits (and computes in bfloat16)"], notes
