@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__, options
-from .options import CHOICES, CRITERIA, DTYPE_HELP, DTYPES, GGUF_INSTALL, CalibOptions, Load, Method, Output, Run
+from .options import CHOICES, CRITERIA, DTYPES, CalibOptions, Load, Method, Output, Run
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,7 +94,7 @@ def _model_options(p: argparse.ArgumentParser, optional: bool = False) -> None:
                    help="a local model directory, a .gguf file (dequantized on loading), a llama2.c .bin checkpoint, "
                         "or a hub id in the local cache")
     p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when present)")
-    p.add_argument("--dtype", default="auto", choices=CHOICES["--dtype"], help=DTYPE_HELP)
+    p.add_argument("--dtype", default="auto", choices=CHOICES["--dtype"], help=options.DTYPE_HELP)
     p.add_argument("--batch-size", type=_count, default=1, help="sequences per forward (default 1)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off)")
     p.add_argument("--tokenizer", metavar="PATH",
@@ -196,7 +196,7 @@ def _gguf_option(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--gguf", nargs="?", const="f16", default=default, choices=CHOICES["--gguf"],
                    metavar="TYPE",
                    help="also write the checkpoint as GGUF for llama.cpp (OUT/model-TYPE.gguf): f32, f16 (the "
-                        f"default TYPE), bf16 or q8_0; needs {GGUF_INSTALL}")
+                        f"default TYPE), bf16 or q8_0; needs {options.GGUF_INSTALL}")
     p.add_argument("--gguf-pre", metavar="NAME",
                    help="llama.cpp's name for the tokenizer's pre-tokenizer (tokenizer.ggml.pre: smollm, llama-bpe, "
                         "qwen2, ...), where neither a GGUF source nor the tokenizer gives it")
@@ -312,7 +312,7 @@ def _groups(args) -> dict:
     return groups
 
 
-def _load(load, vocab_keep: int | float | str | None = None):
+def _load(load, vocab_keep: float | str | None = None):
     """MODEL as the load options say, with --tokenizer in place of its own when given; an out-of-range
     --vocab-keep is refused from the tokenizer, before the weights are read."""
     from .loading import load as load_model
@@ -432,10 +432,12 @@ def _cmd_export(args) -> int:
 
 
 def _write_gguf(folder, *, outtype: str, pre: str | None, out, quiet: bool) -> None:
-    """`folder` as GGUF of --gguf TYPE (`outtype`) into `out` (None: beside it), --gguf-pre NAME `pre`."""
-    from . import export
+    """`folder` as GGUF of --gguf TYPE (`outtype`) into `out` (None: beside it), --gguf-pre NAME `pre`; the folder's
+    model card lists it."""
+    from . import export, report
 
-    path = export.export(folder, outtype, out, pre)
+    with report.card_follows(folder):
+        path = export.export(folder, outtype, out, pre)
     if not quiet:
         print(f"GGUF ({outtype}) -> {path} ({path.stat().st_size / 2**20:.1f} MiB); run it with llama.cpp: "
               f"llama-cli -m {path}")

@@ -2,11 +2,13 @@
 prune prints and the model card (README.md) of a pruned folder."""
 from __future__ import annotations
 
+import fnmatch
 import json
 import platform
 import re
 import warnings
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -138,15 +140,49 @@ def _wider_lines(dtype: dict) -> list[str]:
         return []
     how = ("--dtype bfloat16 writes 16 bits (and computes in bfloat16)" if written > 16
            else "--gguf q8_0 also writes an 8-bit GGUF copy")
-    return [f"note: the weights are written as {dtype['output']}, {written / bits:.1f}x the {bits:.1f} bits per weight "
-            f"the source stores ({dtype['source']}): {how}"]
+    return [(f"note: the weights are written as {dtype['output']}, {written / bits:.1f}x the {bits:.1f} bits per "
+             f"weight the source stores ({dtype['source']}): {how}")]
 
 
 PAPER = "[COMPACT](https://arxiv.org/abs/2509.06836) (Kwek & Yin)"
-def model_card(report: dict) -> str:
+
+
+def write_card(folder: Path, report: dict) -> None:
+    """README.md of a pruned `folder`: the model card of `report`, listing the files the folder holds."""
+    files = {p.name for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")} | {"README.md"}
+    (Path(folder) / "README.md").write_text(model_card(report, files=tuple(sorted(files))), encoding="utf-8")
+
+
+@contextmanager
+def card_follows(folder):
+    """README.md of a folder compact pruned lists the files written into it in the block (a GGUF), when it is still
+    the card compact wrote: a card someone edited, or another README, is left alone."""
+    folder = Path(folder)
+    report = _card_report(folder)
+    yield
+    if report is not None:
+        write_card(folder, report)
+
+
+def _card_report(folder: Path) -> dict | None:
+    """compact_report.json of `folder` when its README.md is the card compact writes for it now, else None."""
+    try:
+        report = json.loads((folder / "compact_report.json").read_text(encoding="utf-8"))
+        card = (folder / "README.md").read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return None
+    files = {p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+    try:
+        return report if card == model_card(report, files=tuple(sorted(files))) else None
+    except (KeyError, TypeError, ValueError):  # a report of another version, or damaged: not compact's card now
+        return None
+
+
+def model_card(report: dict, *, files: tuple[str, ...] = ("compact_report.json",)) -> str:
     """README.md of a pruned folder from its compact_report.json: a Hugging Face model card (YAML front matter
     with base_model and tags), then the method and options, what was cut, the parameters before and after, the
-    calibration data and any evaluation (`report["evaluation"]`: {"data": ..., "results": {model: metrics}})."""
+    calibration data, any evaluation (`report["evaluation"]`: {"data": ..., "results": {model: metrics}}) and the
+    `files` of the folder, each said."""
     sections = [
         _front_matter(report),
         f"# {_hub_id(report['source']) or Path(report['source']).name} pruned with COMPACT",
@@ -158,10 +194,32 @@ def model_card(report: dict) -> str:
         "## Method and options\n\n" + _method(report),
         "## Calibration data\n\n" + _calibration(report),
         "## Evaluation\n\n" + _evaluation(report),
-        "## Files\n\n`compact_report.json` holds everything above and the exact cut: `kept_token_ids` (new id i "
-        "is old id `kept_token_ids[i]`) and `kept_channels` (the kept FFN channels of each layer, ascending).",
+        "## Files\n\n" + "\n".join(f"- `{name}`" + (f": {what}" if what else "")
+                                   for name, what in ((n, _file_says(n, report)) for n in files)),
     ]
     return "\n\n".join(sections) + "\n"
+
+
+def _file_says(name: str, report: dict) -> str | None:
+    """What the file `name` of a pruned folder holds (None: a file this card does not know)."""
+    cut = report["sizes"]["vocab_after"] < report["sizes"]["vocab_before"]
+    says = (
+        ("README.md", "this model card"),
+        ("compact_report.json", ("everything above and the exact cut: `kept_token_ids` (new id i is old id "
+                                 "`kept_token_ids[i]`) and `kept_channels` (the kept FFN channels of each layer, "
+                                 "ascending)")),
+        ("compact_scores.safetensors", ("the FFN channel scores of the calibration pass (`compact prune --scores` "
+                                        "reads them)")),
+        ("*.gguf", f"the checkpoint written as GGUF, for llama.cpp: `llama-cli -m {name}`"),
+        ("model*.safetensors", f"the pruned weights ({(report.get('dtype') or {}).get('output', 'as saved')})"),
+        ("model.safetensors.index.json", "which shard holds each tensor"),
+        ("config.json", "the architecture, with the sizes after the cut"),
+        ("generation_config.json", "generation defaults"),
+        ("chat_template.jinja", "the chat template"),
+        ("tokenizer*", "the tokenizer" + (", cut to the kept vocabulary" if cut else "")),
+        ("special_tokens_map.json", "the tokenizer's special tokens"),
+    )
+    return next((what for pattern, what in says if fnmatch.fnmatch(name, pattern)), None)
 
 
 def _front_matter(report: dict) -> str:
@@ -206,8 +264,9 @@ def _method(report: dict) -> str:
     plan = report.get("plan")
     if plan:
         chosen = next(c for c in plan["candidates"] if c["chosen"])
-        lines.append(f"- split planned for {plan['target']:.0%} of the parameters: vocabulary {chosen['vocab_keep']:,}"
-                     f", FFN {chosen['ffn_keep']:,} ({plan['rule']})")
+        lines.append(f"- split planned for {plan['target']:.0%} of the parameters: {chosen['vocab_keep']:,} regular "
+                     f"tokens ({chosen['vocab_rows']:,} rows with the special tokens), {chosen['ffn_keep']:,} FFN "
+                     f"channels ({plan['rule']})")
     given = {k: v for k, v in report.get("options", {}).items() if v is not None}
     lines.append("- options: " + ", ".join(f"`{k}={v}`" for k, v in given.items()))
     return "\n".join(lines)
@@ -236,8 +295,8 @@ def _evaluation(report: dict) -> str:
                 for label, key, fmt in EVAL_METRICS if any(key in r for r in results.values())]
         lines.append(f"On {evaluation.get('data', '-')}:\n\n" + _markdown_table(("metric", *results), rows))
     else:
-        lines.append("None was run with the prune: `compact eval THIS_FOLDER --data FILE --compare SOURCE` measures "
-                     "perplexity and bits per byte before and after.")
+        lines.append("No evaluation was run with the prune: `compact eval THIS_FOLDER --data FILE --compare SOURCE` "
+                     "measures perplexity and bits per byte before and after.")
     return "\n\n".join(lines)
 
 

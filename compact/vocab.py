@@ -148,7 +148,7 @@ class Vocabulary:
         _, valid, _, forced = self._parts
         return len(((forced | self.extra_ids) & valid) - self._allowed)
 
-    def keep_count(self, keep: int | float | str | None) -> int | None:
+    def keep_count(self, keep: float | str | None) -> int | None:
         """--vocab-keep as a count of regular tokens: a count as it is, a ratio of the regular tokens rounded (at
         least one); None (no vocabulary cut) stays None. The one place a ratio meets the vocabulary."""
         if keep is None:
@@ -156,7 +156,7 @@ class Vocabulary:
         number = parse_keep(keep, "--vocab-keep")
         return max(1, round(number * len(self.regular))) if isinstance(number, float) else number
 
-    def check_keep(self, keep: int | float | str | None) -> None:
+    def check_keep(self, keep: float | str | None) -> None:
         """Refuse a --vocab-keep outside 1..the regular token count (or a tokenizer that does not fit the model),
         from the tokenizer alone, before any weight is read; None (no vocabulary cut) passes."""
         count = self.keep_count(keep)

@@ -62,7 +62,7 @@ def test_a_decision_and_everything_it_holds_is_frozen(calib):
 @pytest.mark.parametrize("fields, said", [
     (dict(vocab_keep=0), "--vocab-keep must be positive"),
     (dict(vocab_keep=2.5), r"--vocab-keep as a ratio must be in \(0, 1\]"),
-    (dict(vocab_keep="1"), "--vocab-keep 1 is ambiguous: write 1tok"),
+    ({"vocab_keep": "1"}, "--vocab-keep 1 is ambiguous: write 1tok"),
     (dict(ffn_keep=-0.5), "--ffn-keep must be positive"),
     (dict(ffn_keep="abc"), "--ffn-keep must be a channel count"),
     (dict(target_params=2.0), r"--target-params must be a fraction in \(0, 1\]"),
@@ -113,8 +113,8 @@ def test_load_reads_a_gguf_ready_for_decide(tiny_gguf, tmp_path):
     """compact.load dequantizes a .gguf as `compact prune` does: the same logits as the folder it was written from
     (f32: the same weights), and decide takes it; transformers' own gguf_file= load keeps its quantizer, and
     decide's refusal points at compact.load."""
-    from transformers import AutoModelForCausalLM
     from kernel_ops.tolerances import assert_close, decoder_rtol
+    from transformers import AutoModelForCausalLM
 
     folder, path = tiny_gguf
     model, tokenizer = compact.load(path)

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from compact import cli
-from compact.pruning import cut
 from compact.llama2c import load_llama2c
+from compact.pruning import cut
 
 
 def hook_reference(model, ids, kept=None):
@@ -425,6 +425,7 @@ def q8_gguf(tmp_path_factory):
     """(a tiny Llama written as a Q8_0 .gguf, calibration text)."""
     pytest.importorskip("gguf")
     import tiny_models
+
     from compact import export
 
     root = tmp_path_factory.mktemp("q8")
@@ -447,8 +448,9 @@ def test_the_prune_summary_says_what_it_measured(q8_gguf, tmp_path, capsys):
     printed, report = capsys.readouterr().out, json.loads((out / "compact_report.json").read_text())
     chosen = next(c for c in report["plan"]["candidates"] if c["chosen"])
     assert "token loss" not in printed and "score loss" not in printed, printed
-    assert f"calibration tokens the cut vocabulary drops (spelled with kept tokens instead): " \
-           f"{chosen['token_loss']:.2%} ({chosen['cross_fitted_loss']:.2%} cross-fitted" in printed, printed
+    dropped = (f"calibration tokens the cut vocabulary drops (spelled with kept tokens instead): "
+               f"{chosen['token_loss']:.2%} ({chosen['cross_fitted_loss']:.2%} cross-fitted")
+    assert dropped in printed, printed
     rows = report["sizes"]["vocab_after"]
     assert f"-> {rows:,} tokens (embedding rows, special tokens included)" in printed
     assert f"--vocab-keep {chosen['vocab_keep']:,} regular tokens ({rows:,} rows with the special tokens)" in printed
@@ -458,5 +460,34 @@ def test_the_prune_summary_says_what_it_measured(q8_gguf, tmp_path, capsys):
     assert report["dtype"] == {"compute": "float32", "output": "float32", "source": "GGUF Q8_0",
                                "source_bits_per_weight": round(bits, 3)}
     notes, bits = [line for line in printed.splitlines() if line.startswith("note: ")], round(bits, 3)  # as reported
-    assert notes == [f"note: the weights are written as float32, {32 / bits:.1f}x the {bits:.1f} bits per weight the "
-                     "source stores (GGUF Q8_0): --dtype bfloat16 writes 16 bits (and computes in bfloat16)"], notes
+    note = (f"note: the weights are written as float32, {32 / bits:.1f}x the {bits:.1f} bits per weight the source "
+            "stores (GGUF Q8_0): --dtype bfloat16 writes 16 bits (and computes in bfloat16)")
+    assert notes == [note], notes
+
+
+def test_the_model_card_lists_every_file_written(q8_gguf, tmp_path, monkeypatch):
+    """The pruned folder's README.md names each file the folder holds, the GGUF that --gguf writes after the
+    checkpoint and `compact export` adds later too (a card someone edited is left alone); it never says Python's
+    None; the report names the source by its absolute path, from a relative MODEL."""
+    import json
+
+    path, calib = q8_gguf
+    monkeypatch.chdir(path.parent)
+    out = tmp_path / "out"
+    assert cli.main(["prune", path.name, "--out", str(out), "--ffn-keep", "0.5", "--calib", str(calib),
+                     "--samples", "2", "--seq-len", "32", "--gguf", "--quiet"]) == 0
+    report = json.loads((out / "compact_report.json").read_text())
+    assert report["source"] == str(path.resolve())
+
+    def listed() -> set[str]:
+        card = (out / "README.md").read_text()
+        assert "None" not in card, card
+        return {line.split("`")[1] for line in card.split("## Files\n\n")[1].splitlines() if line.startswith("- `")}
+
+    written = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    assert "model-f16.gguf" in written and "compact_scores.safetensors" in written and listed() == written
+    assert cli.main(["export", str(out), "--gguf", "q8_0", "--quiet"]) == 0
+    assert listed() == written | {"model-q8_0.gguf"}
+    (out / "README.md").write_text("my own notes\n")
+    assert cli.main(["export", str(out), "--gguf", "f32", "--quiet"]) == 0
+    assert (out / "README.md").read_text() == "my own notes\n"
