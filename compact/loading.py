@@ -184,8 +184,30 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: str, tokenizer_opts: tupl
     `dtype`: afterwards a plain model that save_pretrained writes as a normal safetensors checkpoint.
     `tokenizer_opts`: (--tokenizer or None, vet or None) as `load` takes them."""
     where = {"pretrained_model_name_or_path": path.parent, "gguf_file": path.name}
-    with _tqdm_follows_transformers():
+    with _tqdm_follows_transformers(), _one_gguf_reader():
         return _read_gguf(path, where, (dtype, device), tokenizer_opts)
+
+
+@contextmanager
+def _one_gguf_reader():
+    """Inside the block, the file is parsed once: transformers' GGUF loading opens a new `gguf.GGUFReader` for the
+    config (twice), the tokenizer and the weights, and this module for the metadata, each parsing every field
+    again (SmolLM2's 49,152 tokens and merges: ~3 s each on a CPU). The readers are read-only."""
+    import gguf
+
+    parse, readers = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = parse(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = parse
 
 
 @contextmanager
