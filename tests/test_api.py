@@ -133,6 +133,7 @@ def test_load_reads_a_gguf_ready_for_decide(tiny_gguf, tmp_path):
         compact.decide(raw, tokenizer, None, compact.Method(vocab_keep=300))
 
 
+@pytest.mark.filterwarnings("ignore:no tokenizer")
 @pytest.mark.parametrize("given", [0.5, "0.5", 0.25])
 def test_a_vocab_keep_ratio_is_a_share_of_the_regular_tokens(given):
     """--vocab-keep takes a ratio as --ffn-keep does (a float is a ratio, an int a count): the decision's count is
