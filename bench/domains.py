@@ -10,7 +10,6 @@ Usage: python bench/domains.py OUT_DIR [--wheel PATH]   (prints the paths writte
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import sysconfig

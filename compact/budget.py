@@ -41,7 +41,7 @@ class VocabCurve:
     token_loss: torch.Tensor  # [regular + 1] float64
     # frequency order: the loss cross-fitted on halves of the calibration text (the order chosen on one half,
     # the loss measured on the other), which the in-sample token_loss underestimates; the cost uses it
-    heldout_loss: torch.Tensor | None = None
+    cross_fitted_loss: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,12 @@ class Candidate:
     fraction: float
     token_loss: float
     score_loss: float
-    heldout_loss: float | None = None
+    cross_fitted_loss: float | None = None
     chosen: bool = False
 
     @property
     def cost(self) -> float:
-        return (self.token_loss if self.heldout_loss is None else self.heldout_loss) + self.score_loss
+        return (self.token_loss if self.cross_fitted_loss is None else self.cross_fitted_loss) + self.score_loss
 
     def to_json(self) -> dict:
         """The report's candidate row: the fields, then the cost and the chosen flag."""
@@ -181,9 +181,9 @@ def choose_split(acc: Accounting, target: float, vocab: VocabCurve, score_curve:
         params = acc.parameters(rows, ffn_keep)
         if abs(params / acc.total - target) > 0.01:
             continue  # no vocabulary size lands this FFN size within 1% of the target
-        heldout = None if vocab.heldout_loss is None else float(vocab.heldout_loss[vocab_keep])
+        crossed = None if vocab.cross_fitted_loss is None else float(vocab.cross_fitted_loss[vocab_keep])
         candidates.append(Candidate(vocab_keep, rows, ffn_keep, params, params / acc.total,
-                                    float(vocab.token_loss[vocab_keep]), float(score_curve[ffn_keep]), heldout))
+                                    float(vocab.token_loss[vocab_keep]), float(score_curve[ffn_keep]), crossed))
     if not candidates:
         smallest = acc.parameters(int(vocab.rows[1]), multiple) / acc.total
         raise ValueError(f"--target-params {target} cannot be met within 1%: splits keep between "

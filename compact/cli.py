@@ -40,8 +40,10 @@ def _held_to(rule, parse=int):
 
 
 _count, _count_or_0 = _held_to(options.count), _held_to(lambda value: options.count(value, low=0))
-_fraction, _ffn_keep = _held_to(options.fraction, parse=float), _held_to(options.ffn_keep, parse=str)
-_weight = _held_to(options.weight, parse=float)
+_fraction, _seed = _held_to(options.fraction, parse=float), _held_to(options.seed)
+_vocab_keep = _held_to(lambda value: options.keep(value, "--vocab-keep"), parse=str)
+_ffn_keep = _held_to(lambda value: options.keep(value, "--ffn-keep"), parse=str)
+_weight, _positive = _held_to(options.weight, parse=float), _held_to(options.positive, parse=float)
 
 
 def _vocab_options(p: argparse.ArgumentParser) -> None:
@@ -51,7 +53,7 @@ def _vocab_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-prior", type=_weight, default=0.0, metavar="LAMBDA",
                    help="frequency order: rank tokens by counts + LAMBDA * N * prior, the tokenizer's own prior "
                         "(Zipf over merge rank) weighed as LAMBDA times the N tokens counted, so that a short or "
-                        "narrow --calib does not drop what other text needs (default 0: the counts alone)")
+                        "narrow --calib does not drop what other text needs (default 0.0: the counts alone)")
     p.add_argument("--vocab-always", metavar="FILE",
                    help="token strings (one per line, as the vocabulary spells them) kept in either order, with "
                         "the merge ancestors they need")
@@ -60,7 +62,7 @@ def _vocab_options(p: argparse.ArgumentParser) -> None:
 def _criterion_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn-criterion", choices=CHOICES["--ffn-criterion"], default="common-act2",
                    help="; ".join(f"{k}: {v}" for k, v in CRITERIA.items()))
-    p.add_argument("--seed", type=int, default=0, help="seed of the random criterion (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random criterion (default 0)")
 
 
 def _check_and_run_options(p: argparse.ArgumentParser) -> None:
@@ -94,10 +96,10 @@ def _run_options(p: argparse.ArgumentParser) -> None:
 
 def _model_options(p: argparse.ArgumentParser, optional: bool = False, offload: bool | None = None) -> None:
     p.add_argument("model", metavar="MODEL", nargs="?" if optional else None,
-                   help="local model directory, llama2.c .bin checkpoint, or cached hub id")
+                   help="a local model directory, a .gguf file (dequantized on loading), a llama2.c .bin checkpoint, "
+                        "or a hub id in the local cache")
     p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda when present)")
-    p.add_argument("--dtype", default="auto", choices=CHOICES["--dtype"],
-                   help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--dtype", default="auto", choices=CHOICES["--dtype"], help=options.DTYPE_HELP)
     p.add_argument("--batch-size", type=_count, default=1, help="sequences per forward (default 1)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off)")
     p.add_argument("--tokenizer", metavar="PATH",
@@ -125,7 +127,9 @@ def _score_command(sub) -> None:
     s = sub.add_parser("score", help="common act^2 per FFN channel -> a scores file")
     _model_options(s)
     _calib_options(s, required=True)
-    s.add_argument("--vocab-keep", type=_count, help="weight only tokens of the kept vocabulary (N regular + specials)")
+    s.add_argument("--vocab-keep", type=_vocab_keep, metavar="N",
+                   help="weight only tokens of the kept vocabulary (N regular tokens plus the specials; N as prune "
+                        "takes it)")
     _vocab_options(s)
     _criterion_options(s)
     s.add_argument("--out", required=True, type=Path, help="scores file (.safetensors)")
@@ -136,8 +140,8 @@ def _score_command(sub) -> None:
 def _trials_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan-trials", type=_count_or_0, default=0, metavar="N",
                    help="--target-params: prune the N best-priced splits in memory and keep the one that reads the "
-                        "calibration rows after --samples best (bits/byte); 0, the default, keeps the best-priced "
-                        "(on SmolLM2-135M, 3 trials on 4 held-out rows picked a split 0.025 bits/byte worse)")
+                        "calibration rows after --samples best (bits/byte); 0 keeps the best-priced (default 0: on "
+                        "SmolLM2-135M, 3 trials on 4 held-out rows picked a split 0.025 bits/byte worse)")
 
 
 class _OneRefit(argparse.Action):
@@ -170,10 +174,13 @@ def _prune_command(sub) -> None:
     r = sub.add_parser("prune", help="prune vocabulary and/or FFN channels -> a standard checkpoint")
     _model_options(r)
     r.add_argument("--out", required=True, type=Path, help="output directory (refused if not empty, unless --overwrite)")
-    r.add_argument("--vocab-keep", type=_count,
-                   help="regular tokens to keep (the lowest ids or the most frequent: --vocab-order) plus specials; "
-                        "byte tokens, ASCII characters and the word-boundary piece always stay")
-    r.add_argument("--ffn-keep", type=_ffn_keep, help="FFN channels to keep per layer: a count (128, or 1ch for one), or a ratio in (0, 1] (0.5; 1.0 keeps all)")
+    r.add_argument("--vocab-keep", type=_vocab_keep, metavar="N",
+                   help="regular tokens to keep (the lowest ids or the most frequent: --vocab-order) plus specials: "
+                        "a count (24576, or 1tok for one) or a ratio of the regular tokens in (0, 1] (0.5; 1.0 keeps "
+                        "all); byte tokens, ASCII characters and the word-boundary piece always stay")
+    r.add_argument("--ffn-keep", type=_ffn_keep, metavar="K",
+                   help="FFN channels to keep per layer: a count (128, or 1ch for one) or a ratio in (0, 1] (0.5; 1.0 "
+                        "keeps all)")
     r.add_argument("--ffn-multiple", type=_count, default=64, help="round a --ffn-keep ratio to this (default 64)")
     r.add_argument("--target-params", type=_fraction, metavar="F",
                    help="keep this fraction of the parameters; the split between vocabulary and FFN is planned")
@@ -196,7 +203,7 @@ def _gguf_option(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--gguf", nargs="?", const="f16", default=default, choices=CHOICES["--gguf"],
                    metavar="TYPE",
                    help="also write the checkpoint as GGUF for llama.cpp (OUT/model-TYPE.gguf): f32, f16 (the "
-                        "default TYPE), bf16 or q8_0; needs pip install 'compact[gguf]'")
+                        f"default TYPE), bf16 or q8_0; needs {options.GGUF_INSTALL}")
     p.add_argument("--gguf-pre", metavar="NAME",
                    help="llama.cpp's name for the tokenizer's pre-tokenizer (tokenizer.ggml.pre: smollm, llama-bpe, "
                         "qwen2, ...), where neither a GGUF source nor the tokenizer gives it")
@@ -219,7 +226,8 @@ def _plan_command(sub) -> None:
     _model_options(n)
     _calib_options(n, required=True)
     n.add_argument("--target-params", type=_fraction, required=True, metavar="F", help="fraction of parameters to keep")
-    n.add_argument("--ffn-multiple", type=_count, default=64, help="FFN channel counts are multiples of this")
+    n.add_argument("--ffn-multiple", type=_count, default=64,
+                   help="FFN channel counts are multiples of this (default 64)")
     _refit_options(n)
     _trials_option(n)
     _vocab_options(n)
@@ -250,9 +258,9 @@ def _generate_command(sub) -> None:
     g.add_argument("--out", required=True, type=Path, help="the text file to write (never replaced)")
     g.add_argument("--samples", type=_count, default=16, help="texts to write (default 16)")
     g.add_argument("--seq-len", type=_count, default=512, help="new tokens per text at most (default 512)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    g.add_argument("--temperature", type=float, default=1.0,
-                   help="sampling temperature (default 1: the model's own distribution)")
+    g.add_argument("--seed", type=_seed, default=0, help="sampling seed (default 0)")
+    g.add_argument("--temperature", type=_positive, default=1.0,
+                   help="sampling temperature (default 1.0: the model's own distribution)")
     g.set_defaults(func=_cmd_generate)
 
 
@@ -329,7 +337,7 @@ def _groups(args) -> dict:
     return groups
 
 
-def _load(load, vocab_keep: int | None = None):
+def _load(load, vocab_keep: float | str | None = None):
     """MODEL as the load options say, with --tokenizer in place of its own when given; an out-of-range
     --vocab-keep is refused from the tokenizer, before the weights are read."""
     from .loading import load as load_model
@@ -360,7 +368,7 @@ def _cmd_score(args) -> int:
     if group.rank != 0:
         return 0  # rank 0 writes
     source = decision.calibration.source if decision.calibration else None
-    meta = {"model": loaded.source, "calibration": str(source), "vocab_keep": str(method.vocab_keep),
+    meta = {"model": loaded.source, "calibration": str(source), "vocab_keep": str(decision.vocab_keep),
             "vocab_order": decision.method.vocab_order, "ffn_criterion": method.ffn_criterion,
             "compact": __version__, **models.fingerprint(loaded.model.config)}
     output.save_scores(decision.scores, out, meta, overwrite=g["output"].overwrite)
@@ -451,10 +459,12 @@ def _cmd_export(args) -> int:
 
 
 def _write_gguf(folder, *, outtype: str, pre: str | None, out, quiet: bool) -> None:
-    """`folder` as GGUF of --gguf TYPE (`outtype`) into `out` (None: beside it), --gguf-pre NAME `pre`."""
-    from . import export
+    """`folder` as GGUF of --gguf TYPE (`outtype`) into `out` (None: beside it), --gguf-pre NAME `pre`; the folder's
+    model card lists it."""
+    from . import export, report
 
-    path = export.export(folder, outtype, out, pre)
+    with report.card_follows(folder):
+        path = export.export(folder, outtype, out, pre)
     if not quiet:
         print(f"GGUF ({outtype}) -> {path} ({path.stat().st_size / 2**20:.1f} MiB); run it with llama.cpp: "
               f"llama-cli -m {path}")

@@ -23,7 +23,9 @@ def nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = No
         ids = input_ids[start:start + batch_size].to(device)
         mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(device)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-        losses = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+        # [positions, V]: the softmax over a contiguous last dimension (a transposed [B, V, T] input is ~8x slower)
+        targets = ids[:, 1:]
+        losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         valid = torch.ones_like(losses) if mask is None else mask[:, 1:].float() * mask[:, :-1].float()
         total += float((losses * valid).sum(dtype=torch.float64))
         count += int(valid.sum())

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .options import GGUF_TYPES
+from .options import GGUF_INSTALL, GGUF_TYPES
 from .tokenizer import merge_pair
 
 CANONICAL_PRE = ("llama-bpe", "qwen2", "qwen35", "tekken", "gpt-4o")  # what llama.cpp's converter writes for them
@@ -35,7 +35,7 @@ def _gguf():
     try:
         import gguf
     except ImportError:
-        raise ValueError("writing GGUF needs the gguf package: pip install 'compact[gguf]'") from None
+        raise ValueError(f"writing GGUF needs the gguf package: {GGUF_INSTALL}") from None
     return gguf
 
 

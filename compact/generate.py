@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .loading import Loaded
+from .options import positive
 from .progress import bar
 
 
@@ -35,8 +36,9 @@ def generate(loaded: Loaded, sampling: Sampling = Sampling(), *, progress: bool 
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ValueError("the tokenizer has neither a BOS nor an EOS token to start the samples from")
-    if sampling.temperature <= 0:
-        raise ValueError(f"--temperature must be positive, got {sampling.temperature}")
+    problem = positive(sampling.temperature)
+    if problem:
+        raise ValueError(f"--temperature {problem}")
     device = model.get_input_embeddings().weight.device
     texts = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.inference_mode(), \

@@ -2,10 +2,12 @@
 llama2.c checkpoint file; plus its tokenizer when it has one. Never downloads."""
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import re
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,11 +17,20 @@ import torch
 from safetensors import SafetensorError
 
 from . import llama2c, models, shards
-from .options import DTYPES
+from .options import DTYPES, GGUF_INSTALL
 
 Vet = Callable[[object, int], None]  # vet(tokenizer or None, embedding rows), before the weights are read
 # --dtype names -> torch dtypes
 DTYPE_NAMES = {name: getattr(torch, name) for name in DTYPES}
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How a source stores its weights: a name (a dtype, or "GGUF Q4_1": its most common tensor type) and the
+    mean bits per weight (GGUF block scales included), which a prune's output is compared with."""
+
+    name: str
+    bits: float
 
 
 @dataclass
@@ -32,6 +43,8 @@ class Loaded:
     output_dtype: torch.dtype | None = None  # what a prune writes: --dtype, or with auto the source's storage dtype
     report_damaged: str | None = None  # why compact_report.json could not be read (None: fine or absent)
     gguf_tokenizer: dict | None = None  # a GGUF source's tokenizer.ggml.model and .pre (what a GGUF export reuses)
+    storage: Storage | None = None  # how the source stores its weights (None: unknown)
+    seconds: float | None = None  # how long loading took (None: a model handed over in Python)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -53,9 +66,9 @@ class Loaded:
 
 
 def resolve_dtype(name: str, device: str, storage: torch.dtype | None = None) -> torch.dtype:
-    """--dtype, the compute dtype: auto means the dtype the weights are stored in (`storage`), computed in
-    float32 on a CPU when that is a 16-bit type; without a known storage dtype, bfloat16 on a GPU and float32
-    on a CPU."""
+    """--dtype, the compute dtype (options.DTYPE_HELP says it for the user): auto means the dtype a model folder's
+    weights are stored in (`storage`), float32 on a CPU when that is a 16-bit type; without a stored dtype (a
+    .gguf or llama2.c file), bfloat16 on a GPU and float32 on a CPU."""
     if name == "auto":
         if storage is not None:
             return torch.float32 if device == "cpu" and storage in (torch.float16, torch.bfloat16) else storage
@@ -117,6 +130,23 @@ def locate(source: str) -> Path:
     return snapshot
 
 
+def _timed(load_fn: Callable[..., Loaded]) -> Callable[..., Loaded]:
+    """`load_fn` with the seconds it took in the Loaded it returns: loading is a phase of the report's timings."""
+    @functools.wraps(load_fn)
+    def timed(*args, **kwargs) -> Loaded:
+        start = time.perf_counter()
+        loaded = load_fn(*args, **kwargs)
+        loaded.seconds = round(time.perf_counter() - start, 4)
+        return loaded
+
+    return timed
+
+
+def _stored(dtype: torch.dtype | None) -> Storage | None:
+    return None if dtype is None else Storage(str(dtype).removeprefix("torch."), float(torch.finfo(dtype).bits))
+
+
+@_timed
 def load(source: str, *, dtype: str = "auto", device: str | None = None, trust_remote_code: bool = False,
          tokenizer: str | None = None, vet: Vet | None = None) -> Loaded:
     """Load MODEL (see `locate`) in eval mode on `device`, with its tokenizer (None when it has none), or the
@@ -132,7 +162,7 @@ def load(source: str, *, dtype: str = "auto", device: str | None = None, trust_r
     if path.is_file():
         model = llama2c.load_llama2c(path, dtype=torch_dtype).to(device)
         tok = _vetted(lambda: None, model.get_input_embeddings().num_embeddings, (tokenizer, vet), trust_remote_code)
-        return Loaded(model, tok, f"llama2.c checkpoint {path}", device=device)
+        return Loaded(model, tok, str(path.resolve()), device=device)
     tok = _vetted(lambda: _own_tokenizer(path, trust_remote_code),
                   _embedding_rows(_config(path, trust_remote_code)), (tokenizer, vet), trust_remote_code)
     try:  # mis-shaped tensors are reported by _check_loading_info, naming them, instead of raising here
@@ -145,8 +175,8 @@ def load(source: str, *, dtype: str = "auto", device: str | None = None, trust_r
         raise ValueError(f"model {source!r}: its pickled .bin weights hold objects torch refuses to load safely; "
                          "convert the checkpoint to safetensors from a source you trust") from None
     _check_loading_info(source, info)
-    return _with_report(Loaded(model.to(device).eval(), tok, str(path), device=device,
-                               output_dtype=_output(dtype, storage)))
+    return _with_report(Loaded(model.to(device).eval(), tok, str(path.resolve()), device=device,
+                               output_dtype=_output(dtype, storage), storage=_stored(storage)))
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device: str, tokenizer_opts: tuple) -> Loaded:
@@ -154,8 +184,30 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: str, tokenizer_opts: tupl
     `dtype`: afterwards a plain model that save_pretrained writes as a normal safetensors checkpoint.
     `tokenizer_opts`: (--tokenizer or None, vet or None) as `load` takes them."""
     where = {"pretrained_model_name_or_path": path.parent, "gguf_file": path.name}
-    with _tqdm_follows_transformers():
+    with _tqdm_follows_transformers(), _one_gguf_reader():
         return _read_gguf(path, where, (dtype, device), tokenizer_opts)
+
+
+@contextmanager
+def _one_gguf_reader():
+    """Inside the block, the file is parsed once: transformers' GGUF loading opens a new `gguf.GGUFReader` for the
+    config (twice), the tokenizer and the weights, and this module for the metadata, each parsing every field
+    again (SmolLM2's 49,152 tokens and merges: ~3 s each on a CPU). The readers are read-only."""
+    import gguf
+
+    parse, readers = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = parse(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = parse
 
 
 @contextmanager
@@ -187,7 +239,7 @@ def _read_gguf(path: Path, where: dict, placement: tuple, tokenizer_opts: tuple)
 
     def own():
         with _gguf_errors(path):
-            return AutoTokenizer.from_pretrained(**where)
+            return _fitted(AutoTokenizer.from_pretrained(**where), _embedding_rows(config))
 
     tokenizer = _vetted(own, _embedding_rows(config), tokenizer_opts)
     with _gguf_errors(path):
@@ -195,7 +247,19 @@ def _read_gguf(path: Path, where: dict, placement: tuple, tokenizer_opts: tuple)
     model.hf_quantizer = None  # dequantized already; else save_pretrained refuses a "gguf-quantized" model
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    return Loaded(model.to(device).eval(), tokenizer, str(path), device=device, gguf_tokenizer=_gguf_tokenizer(path))
+    return Loaded(model.to(device).eval(), tokenizer, str(path.resolve()), device=device,
+                  gguf_tokenizer=_gguf_tokenizer(path), storage=_gguf_storage(path))
+
+
+def _fitted(tokenizer, rows: int):
+    """A GGUF's tokenizer without the ids past the model's `rows` embedding rows: transformers' conversion adds
+    GPT-2's default `<|endoftext|>` to a byte-level vocabulary that lacks it (Llama 3's), a token with no row."""
+    ids = sorted(tokenizer.get_vocab().values())
+    if not ids or ids[-1] < rows:
+        return tokenizer
+    from .tokenizer import prune_tokenizer
+
+    return prune_tokenizer(tokenizer, [i for i in ids if i < rows])
 
 
 def gguf_strings(path: Path, keys: tuple[str, ...]) -> dict[str, str]:
@@ -204,6 +268,19 @@ def gguf_strings(path: Path, keys: tuple[str, ...]) -> dict[str, str]:
 
     fields = gguf.GGUFReader(str(path)).fields
     return {key: bytes(fields[key].parts[fields[key].data[0]]).decode() for key in keys if key in fields}
+
+
+def _gguf_storage(path: Path) -> Storage:
+    """A GGUF file's storage: its most common tensor type (by weights) and its mean bits per weight."""
+    import collections
+
+    import gguf
+
+    weights, size = collections.Counter(), 0
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        weights[tensor.tensor_type.name] += int(tensor.n_elements)
+        size += int(tensor.n_bytes)
+    return Storage(f"GGUF {weights.most_common(1)[0][0]}", 8 * size / max(sum(weights.values()), 1))
 
 
 def _gguf_tokenizer(path: Path) -> dict | None:
@@ -221,7 +298,7 @@ def _gguf_errors(path: Path) -> Iterator[None]:
         yield
     except ImportError as e:
         raise ValueError(f"model {path}: loading GGUF needs the gguf and accelerate packages "
-                         f"(pip install 'compact[gguf]'): {' '.join(str(e).split())}") from None
+                         f"({GGUF_INSTALL}): {' '.join(str(e).split())}") from None
     except models.UnsupportedModelError:
         raise
     except Exception as e:  # noqa: BLE001 - the GGUF reader fails in many ways (struct.error on a short file)
@@ -236,6 +313,7 @@ def _check_loading_info(source: str, info: dict) -> None:
     shards.check_tensor_names(source, names["missing_keys"], names["unexpected_keys"], names["mismatched_keys"])
 
 
+@_timed
 def load_skeleton(source: str, *, dtype: str = "auto", device: str | None = None,
                   trust_remote_code: bool = False, tokenizer: str | None = None, vet: Vet | None = None) -> Loaded:
     """MODEL without its weights (on the meta device), with tokenizer and report: enough to prepare data and
@@ -251,7 +329,8 @@ def load_skeleton(source: str, *, dtype: str = "auto", device: str | None = None
     tok = _vetted(lambda: _own_tokenizer(path, trust_remote_code), _embedding_rows(config), (tokenizer, vet),
                   trust_remote_code)
     model = shards.skeleton(config, resolve_dtype(dtype, device, storage))
-    return _with_report(Loaded(model, tok, str(path), device=device, output_dtype=_output(dtype, storage)))
+    return _with_report(Loaded(model, tok, str(path.resolve()), device=device, output_dtype=_output(dtype, storage),
+                               storage=_stored(storage)))
 
 
 def _output(name: str, storage: torch.dtype | None) -> torch.dtype | None:
@@ -336,6 +415,7 @@ def held(model, tokenizer=None) -> Loaded:
     """A model (with its tokenizer) already in memory, in eval mode, as the pipeline takes it; the
     compact_report.json of the folder it was loaded from, when compact pruned it."""
     source = getattr(model.config, "_name_or_path", "") or "a model in memory"
+    source = str(Path(source).resolve()) if Path(source).exists() else source
     models.check_prunable(model.config, source)
     meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
     if meta is not None:

@@ -96,8 +96,11 @@ def check_prunable(config, source) -> None:
     if quantization:
         method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else \
             getattr(quantization, "quant_method", "?")
+        method = getattr(method, "value", method)  # transformers' QuantizationMethod enum: its name, "gguf"
+        how = ("load the .gguf file with compact.load(path), which dequantizes it" if method == "gguf"
+               else "load and save it unquantized first")
         raise ValueError(f"model {str(source)!r} is quantized ({method}); compact prunes unquantized checkpoints: "
-                         "load and save it unquantized first")
+                         f"{how}")
 
 
 def fingerprint(config) -> dict[str, str]:

@@ -22,9 +22,13 @@ CRITERIA = {  # the FFN channel criteria (compact.criteria)
 DATA_FREE = ("magnitude", "random")  # criteria that need no calibration data
 PATHS = ("auto", "fused", "hooks")  # scoring paths ("backend" in compact_kernels is triton or torch)
 DTYPES = ("bfloat16", "float16", "float32")  # compute dtypes (compact.loading)
+DTYPE_HELP = ("the compute dtype, and the dtype a prune writes; auto (the default): a model folder computes in the "
+              "dtype its weights are stored in (float32 on a CPU when that is 16-bit) and writes that stored dtype; a "
+              ".gguf or llama2.c file computes and writes bfloat16 on a GPU, float32 on a CPU")  # loading.resolve_dtype
 OFFLOADS = ("none", "layerwise")  # layerwise: the model is never whole in memory
 BIN_DTYPES = ("uint16", "uint32")  # id widths of a .bin token file (compact.data)
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # what --gguf writes (compact.export)
+GGUF_INSTALL = "pip install 'compact-kernels[gguf]'"  # the distribution's name: `compact` on PyPI is another package
 
 # Each flag with a set of values -> that set ("auto": pruning.decide, or for --dtype compact.loading, resolves it).
 CHOICES = {
@@ -60,6 +64,13 @@ def weight(value) -> str | None:
     return f"must be a number of at least 0, got {value!r}"
 
 
+def positive(value) -> str | None:
+    """What is wrong with `value` as a positive finite number (None: nothing)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf"):
+        return None
+    return f"must be a positive number, got {value!r}"
+
+
 def seed(value) -> str | None:
     """What is wrong with `value` as a random seed (None: nothing): an integer torch's generators take."""
     if isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**64:
@@ -67,30 +78,36 @@ def seed(value) -> str | None:
     return f"must be an integer in [-2^63, 2^64), got {value!r}"
 
 
-def ffn_keep(value) -> str | None:
-    """What is wrong with `value` as --ffn-keep (None: nothing; an absent option passes); see parse_ffn_keep."""
+# --vocab-keep and --ffn-keep -> (the unit a count may carry, what it counts, where)
+KEEPS = {"--vocab-keep": ("tok", "token", ""), "--ffn-keep": ("ch", "channel", " per layer")}
+
+
+def keep(value, flag: str) -> str | None:
+    """What is wrong with `value` as `flag`, --vocab-keep or --ffn-keep (None: nothing; an absent option passes);
+    see parse_keep."""
     if value is None:
         return None
     try:
-        number = parse_ffn_keep(value)
+        number = parse_keep(value, flag)
     except ValueError as e:
-        return str(e).removeprefix("--ffn-keep ")
+        return str(e).removeprefix(f"{flag} ")
     if number <= 0:
         return f"must be positive (a count or a ratio in (0, 1]), got {value!r}"
     if isinstance(number, float) and number > 1:
-        return f"as a ratio must be in (0, 1] (a channel count is an integer), got {value!r}"
+        return f"as a ratio must be in (0, 1] (a {KEEPS[flag][1]} count is an integer), got {value!r}"
     return None
 
 
-def parse_ffn_keep(value: float | int | str) -> int | float:
-    """`--ffn-keep` as a channel count (an int, "128", "1ch") or a ratio in (0, 1] (a float, "0.5", "1.0").
-    A bare "1" is refused: one channel and all channels are both plausible readings."""
+def parse_keep(value: float | int | str, flag: str) -> int | float:
+    """`flag` (--vocab-keep or --ffn-keep) as a count (an int, "128", or "1tok" / "1ch" with the flag's unit) or a
+    ratio in (0, 1] (a float, "0.5", "1.0"). A bare "1" is refused: one and all are both plausible readings."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return value
+    unit, noun, where = KEEPS[flag]
     text = str(value).strip()
-    digits = text[:-2] if text.lower().endswith("ch") else text
+    digits = text[:-len(unit)] if text.lower().endswith(unit) else text
     if digits.lstrip("+") == "1" and digits is text:
-        raise ValueError("--ffn-keep 1 is ambiguous: write 1ch to keep one channel per layer, or 1.0 to keep all")
+        raise ValueError(f"{flag} 1 is ambiguous: write 1{unit} to keep one {noun}{where}, or 1.0 to keep all")
     if digits.lstrip("+").isdigit():
         return int(digits)
     try:
@@ -98,7 +115,7 @@ def parse_ffn_keep(value: float | int | str) -> int | float:
             return float(text)
     except ValueError:
         pass
-    raise ValueError(f"--ffn-keep must be a channel count (128, 1ch) or a ratio in (0, 1] (0.5, 1.0), got {value!r}")
+    raise ValueError(f"{flag} must be a {noun} count (128, 1{unit}) or a ratio in (0, 1] (0.5, 1.0), got {value!r}")
 
 
 def _refuse(problems: dict[str, str | None]) -> None:
@@ -110,14 +127,15 @@ def _refuse(problems: dict[str, str | None]) -> None:
 
 @dataclass(frozen=True)
 class Method:
-    """What to cut and how to choose it. `vocab_keep`: regular tokens kept (plus specials); `ffn_keep`: channels
-    per layer, a count ("128", "1ch") or a ratio ("0.5"); or `target_params`, the fraction of parameters kept,
+    """What to cut and how to choose it. `vocab_keep`: regular tokens kept (plus specials), a count (24576, "1tok")
+    or a ratio of the regular tokens (0.5); `ffn_keep`: channels per layer, a count (128, "1ch") or a ratio (0.5):
+    an int is a count, a float a ratio; or `target_params`, the fraction of parameters kept,
     split between the two by the planner (`plan_trials`: that many best-priced splits pruned and measured).
     `vocab_order` auto is frequency with calibration data, else id; `vocab_prior` (lambda) blends frequency
     order's counts with the tokenizer's own prior, counts + lambda * N * prior (compact.vocab); `refit` auto is sequential when calibration
     data drives an FFN cut, else none; `ffn_select` obs: elimination for the re-fit instead of the top scores."""
 
-    vocab_keep: int | None = None
+    vocab_keep: str | int | float | None = None
     ffn_keep: str | int | float | None = None
     target_params: float | None = None
     vocab_order: str = "auto"
@@ -136,7 +154,8 @@ class Method:
         chosen = {"--vocab-order": self.vocab_order, "--refit": self.refit, "--ffn-select": self.ffn_select,
                   "--ffn-criterion": self.ffn_criterion}
         _refuse({**{flag: one_of(CHOICES[flag], value) for flag, value in chosen.items()},
-                 "--vocab-keep": count(self.vocab_keep), "--ffn-keep": ffn_keep(self.ffn_keep),
+                 "--vocab-keep": keep(self.vocab_keep, "--vocab-keep"),
+                 "--ffn-keep": keep(self.ffn_keep, "--ffn-keep"),
                  "--target-params": fraction(self.target_params), "--vocab-prior": weight(self.vocab_prior),
                  "--ffn-multiple": count(self.ffn_multiple),
                  "--plan-trials": count(self.plan_trials, low=0), "--seed": seed(self.seed)})
@@ -220,11 +239,11 @@ def check_method(method: Method, calib: CalibOptions, *, prune: bool) -> None:
         raise ValueError(f"{wanting[0]} needs calibration data: pass --calib PATH")
 
 
-def _cuts_ffn(keep) -> bool:
+def _cuts_ffn(ffn_keep) -> bool:
     """--ffn-keep may cut (a ratio of 1.0 keeps every channel; whether a count does, the model tells)."""
-    if keep is None:
+    if ffn_keep is None:
         return False
-    value = parse_ffn_keep(keep)
+    value = parse_keep(ffn_keep, "--ffn-keep")
     return isinstance(value, int) or value < 1.0
 
 

@@ -2,11 +2,13 @@
 prune prints and the model card (README.md) of a pruned folder."""
 from __future__ import annotations
 
+import fnmatch
 import json
 import platform
 import re
 import warnings
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,13 +30,15 @@ def build_report(loaded, decision, *, parameters_after: Mapping[str, int], token
         "scores_file": method.scores, "ffn_criterion": None if method.scores else method.ffn_criterion,
         "vocab_order": method.vocab_order, "plan": None if decision.plan is None else decision.plan.to_json(),
         "offload": "layerwise" if loaded.offloaded else "none",
-        "dtype": {"compute": _dtype_name(decision.dtype), "output": _dtype_name(loaded.written_dtype)},
+        "dtype": {"compute": _dtype_name(decision.dtype), "output": _dtype_name(loaded.written_dtype),
+                  **_storage(loaded.storage)},
         "options": {**asdict(method), **{f"calib_{k}": v for k, v in asdict(decision.calib).items()},
                     **_calib_used(decision.calibration)},
         "sizes": asdict(sizes),
         "parameters": {"before": dict(decision.parameters_before), "after": dict(parameters_after)},
         "checks": {"scores_vs_hooks": None if decision.check is None else asdict(decision.check)},
-        "timings_s": dict(timings), "versions": versions(), "kept_token_ids": kept_ids, "kept_channels": channels,
+        "timings_s": {**({} if loaded.seconds is None else {"loading": loaded.seconds}), **timings},
+        "versions": versions(), "kept_token_ids": kept_ids, "kept_channels": channels,
         "gguf_tokenizer": loaded.gguf_tokenizer or (loaded.report or {}).get("gguf_tokenizer"),
         **_composition(loaded, kept_ids), "tokenizer": tokenizer,
     }
@@ -42,6 +46,11 @@ def build_report(loaded, decision, *, parameters_after: Mapping[str, int], token
 
 def _dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _storage(storage) -> dict:
+    """The report's record of how the source stores its weights (nothing when unknown)."""
+    return {} if storage is None else {"source": storage.name, "source_bits_per_weight": round(storage.bits, 3)}
 
 
 def versions() -> dict:
@@ -85,22 +94,19 @@ def _calib_used(calib) -> dict:
 
 
 def prune_summary(report: dict, out: Path) -> str:
+    """What `compact prune` prints: the cut, the parameters, the planner's choice in words, the timings (loading
+    included) and a note when the output is written wider than the source stores it."""
     sizes, params = report["sizes"], report["parameters"]
+    vocabulary = (f"vocabulary {sizes['vocab_before']:,} -> {sizes['vocab_after']:,} tokens (embedding rows, special "
+                  "tokens included)")
+    ffn = f"FFN {sizes['intermediate_before']:,} -> {sizes['intermediate_after']:,} channels x {sizes['layers']} layers"
     lines = [
-        f"pruned {report['source']} -> {out}",
-        f"vocabulary {sizes['vocab_before']:,} -> {sizes['vocab_after']:,} tokens; "
-        f"FFN {sizes['intermediate_before']:,} -> {sizes['intermediate_after']:,} channels x {sizes['layers']} layers",
-        "",
+        f"pruned {report['source']} -> {out}", f"{vocabulary}; {ffn}", "",
         format_table(("parameters", "before", "after", "kept"), parameter_rows(params["before"], params["after"])),
-        "",
+        "", *_plan_lines(report.get("plan")),
         "timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in report["timings_s"].items()),
+        *_wider_lines(report.get("dtype") or {}),
     ]
-    if report.get("plan"):
-        chosen = next(c for c in report["plan"]["candidates"] if c["chosen"])
-        lines.append(f"plan: target {report['plan']['target']:.0%}, chose vocab {chosen['vocab_keep']:,} / FFN "
-                     f"{chosen['ffn_keep']:,} (token loss {chosen['token_loss']:.4f}"
-                     + ("" if chosen.get("heldout_loss") is None else f", cross-fitted {chosen['heldout_loss']:.4f}")
-                     + f", score loss {chosen['score_loss']:.4f})")
     check = report["checks"].get("scores_vs_hooks")
     if check:
         lines.append(f"check vs hooks: max relative difference {check['max_rel_diff']:.3g} "
@@ -108,11 +114,75 @@ def prune_summary(report: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
+def _plan_lines(plan: dict | None) -> list[str]:
+    """The planner's choice in words: its sizes as the flags name them, and the two losses it weighed."""
+    if not plan:
+        return []
+    chosen = next(c for c in plan["candidates"] if c["chosen"])
+    crossed = chosen.get("cross_fitted_loss")
+    refit = "" if plan.get("refit") in (None, "none") else f", scaled by what the {plan['refit']} re-fit leaves"
+    sizes = (f"plan for {plan['target']:.0%} of the parameters: --vocab-keep {chosen['vocab_keep']:,} regular tokens "
+             f"({chosen['vocab_rows']:,} rows with the special tokens), --ffn-keep {chosen['ffn_keep']:,} channels")
+    dropped = (f"  calibration tokens the cut vocabulary drops (spelled with kept tokens instead): "
+               f"{chosen['token_loss']:.2%}")
+    crossed = "" if crossed is None else f" ({crossed:.2%} cross-fitted on halves of the text)"
+    return [sizes, dropped + crossed,
+            f"  FFN act^2 share of the cut channels, mean over layers{refit}: {chosen['score_loss']:.2%}"]
+
+
+DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16}
+
+
+def _wider_lines(dtype: dict) -> list[str]:
+    """A note when the output's weights take more bits than the source's (a 4-bit GGUF written as float32)."""
+    bits, written = dtype.get("source_bits_per_weight"), DTYPE_BITS.get(dtype.get("output"))
+    if bits is None or written is None or written <= bits:
+        return []
+    how = ("--dtype bfloat16 writes 16 bits (and computes in bfloat16)" if written > 16
+           else "--gguf q8_0 also writes an 8-bit GGUF copy")
+    return [(f"note: the weights are written as {dtype['output']}, {written / bits:.1f}x the {bits:.1f} bits per "
+             f"weight the source stores ({dtype['source']}): {how}")]
+
+
 PAPER = "[COMPACT](https://arxiv.org/abs/2509.06836) (Kwek & Yin)"
-def model_card(report: dict) -> str:
+
+
+def write_card(folder: Path, report: dict) -> None:
+    """README.md of a pruned `folder`: the model card of `report`, listing the files the folder holds."""
+    files = {p.name for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")} | {"README.md"}
+    (Path(folder) / "README.md").write_text(model_card(report, files=tuple(sorted(files))), encoding="utf-8")
+
+
+@contextmanager
+def card_follows(folder):
+    """README.md of a folder compact pruned lists the files written into it in the block (a GGUF), when it is still
+    the card compact wrote: a card someone edited, or another README, is left alone."""
+    folder = Path(folder)
+    report = _card_report(folder)
+    yield
+    if report is not None:
+        write_card(folder, report)
+
+
+def _card_report(folder: Path) -> dict | None:
+    """compact_report.json of `folder` when its README.md is the card compact writes for it now, else None."""
+    try:
+        report = json.loads((folder / "compact_report.json").read_text(encoding="utf-8"))
+        card = (folder / "README.md").read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return None
+    files = {p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")}
+    try:
+        return report if card == model_card(report, files=tuple(sorted(files))) else None
+    except (KeyError, TypeError, ValueError):  # a report of another version, or damaged: not compact's card now
+        return None
+
+
+def model_card(report: dict, *, files: tuple[str, ...] = ("compact_report.json",)) -> str:
     """README.md of a pruned folder from its compact_report.json: a Hugging Face model card (YAML front matter
     with base_model and tags), then the method and options, what was cut, the parameters before and after, the
-    calibration data and any evaluation (`report["evaluation"]`: {"data": ..., "results": {model: metrics}})."""
+    calibration data, any evaluation (`report["evaluation"]`: {"data": ..., "results": {model: metrics}}) and the
+    `files` of the folder, each said."""
     sections = [
         _front_matter(report),
         f"# {_hub_id(report['source']) or Path(report['source']).name} pruned with COMPACT",
@@ -124,10 +194,32 @@ def model_card(report: dict) -> str:
         "## Method and options\n\n" + _method(report),
         "## Calibration data\n\n" + _calibration(report),
         "## Evaluation\n\n" + _evaluation(report),
-        "## Files\n\n`compact_report.json` holds everything above and the exact cut: `kept_token_ids` (new id i "
-        "is old id `kept_token_ids[i]`) and `kept_channels` (the kept FFN channels of each layer, ascending).",
+        "## Files\n\n" + "\n".join(f"- `{name}`" + (f": {what}" if what else "")
+                                   for name, what in ((n, _file_says(n, report)) for n in files)),
     ]
     return "\n\n".join(sections) + "\n"
+
+
+def _file_says(name: str, report: dict) -> str | None:
+    """What the file `name` of a pruned folder holds (None: a file this card does not know)."""
+    cut = report["sizes"]["vocab_after"] < report["sizes"]["vocab_before"]
+    says = (
+        ("README.md", "this model card"),
+        ("compact_report.json", ("everything above and the exact cut: `kept_token_ids` (new id i is old id "
+                                 "`kept_token_ids[i]`) and `kept_channels` (the kept FFN channels of each layer, "
+                                 "ascending)")),
+        ("compact_scores.safetensors", ("the FFN channel scores of the calibration pass (`compact prune --scores` "
+                                        "reads them)")),
+        ("*.gguf", f"the checkpoint written as GGUF, for llama.cpp: `llama-cli -m {name}`"),
+        ("model*.safetensors", f"the pruned weights ({(report.get('dtype') or {}).get('output', 'as saved')})"),
+        ("model.safetensors.index.json", "which shard holds each tensor"),
+        ("config.json", "the architecture, with the sizes after the cut"),
+        ("generation_config.json", "generation defaults"),
+        ("chat_template.jinja", "the chat template"),
+        ("tokenizer*", "the tokenizer" + (", cut to the kept vocabulary" if cut else "")),
+        ("special_tokens_map.json", "the tokenizer's special tokens"),
+    )
+    return next((what for pattern, what in says if fnmatch.fnmatch(name, pattern)), None)
 
 
 def _front_matter(report: dict) -> str:
@@ -172,8 +264,9 @@ def _method(report: dict) -> str:
     plan = report.get("plan")
     if plan:
         chosen = next(c for c in plan["candidates"] if c["chosen"])
-        lines.append(f"- split planned for {plan['target']:.0%} of the parameters: vocabulary {chosen['vocab_keep']:,}"
-                     f", FFN {chosen['ffn_keep']:,} ({plan['rule']})")
+        lines.append(f"- split planned for {plan['target']:.0%} of the parameters: {chosen['vocab_keep']:,} regular "
+                     f"tokens ({chosen['vocab_rows']:,} rows with the special tokens), {chosen['ffn_keep']:,} FFN "
+                     f"channels ({plan['rule']})")
     given = {k: v for k, v in report.get("options", {}).items() if v is not None}
     lines.append("- options: " + ", ".join(f"`{k}={v}`" for k, v in given.items()))
     return "\n".join(lines)
@@ -202,8 +295,8 @@ def _evaluation(report: dict) -> str:
                 for label, key, fmt in EVAL_METRICS if any(key in r for r in results.values())]
         lines.append(f"On {evaluation.get('data', '-')}:\n\n" + _markdown_table(("metric", *results), rows))
     else:
-        lines.append("None was run with the prune: `compact eval THIS_FOLDER --data FILE --compare SOURCE` measures "
-                     "perplexity and bits per byte before and after.")
+        lines.append("No evaluation was run with the prune: `compact eval THIS_FOLDER --data FILE --compare SOURCE` "
+                     "measures perplexity and bits per byte before and after.")
     return "\n\n".join(lines)
 
 

@@ -1,12 +1,12 @@
 """Selection: which FFN channels to keep, from the scores (same K in every layer, as the paper does)."""
 from __future__ import annotations
 
-from .options import parse_ffn_keep
+from .options import parse_keep
 
 
 def resolve_ffn_keep(value: float | int | str, intermediate: int, multiple: int = 64) -> int:
-    """K from `--ffn-keep` (see parse_ffn_keep): a count, or a ratio rounded to a multiple of `multiple`."""
-    number = parse_ffn_keep(value)
+    """K from `--ffn-keep` (see options.parse_keep): a count, or a ratio rounded to a multiple of `multiple`."""
+    number = parse_keep(value, "--ffn-keep")
     if multiple < 1:
         raise ValueError(f"--ffn-multiple must be at least 1, got {multiple}")
     if isinstance(number, float):

@@ -2,6 +2,8 @@
 splits."""
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def format_table(head: tuple, rows: list[tuple]) -> str:
     """Left-aligned columns separated by two spaces, a dashed rule under the header."""
@@ -43,9 +45,22 @@ def _rate(r: dict, name: str) -> str:
     return f"{r[key]:,.0f} ({low:,.0f}-{high:,.0f})"
 
 
+def short_labels(sources: list[str]) -> dict[str, str]:
+    """Each model's column label: its folder or file name, or where two share it, the shortest trailing part of
+    its path that no other model's path ends with."""
+    parts = {source: Path(source).parts or (source,) for source in sources}
+    labels = {}
+    for source, own in parts.items():
+        n = next((n for n in range(1, len(own)) if all(other[-n:] != own[-n:] for s, other in parts.items()
+                                                       if s != source)), len(own))
+        labels[source] = str(Path(*own[-n:]))
+    return labels
+
+
 def eval_table(results: dict[str, dict], data: str | None) -> str:
-    """One column per model: status, quality, memory, speed and parameters by part. A model that could not
-    be evaluated has its reason in the status row and '-' elsewhere."""
+    """One column per model, headed by its short label (a legend line gives the paths it shortens): status,
+    quality, memory, speed and parameters by part. A model that could not be evaluated has its reason in the
+    status row and '-' elsewhere."""
     ok = {name: r for name, r in results.items() if "error" not in r}
     rows = [("status", *("ok" if "error" not in r else f"not evaluated: {r['error']}" for r in results.values()))]
     for label, key, fmt in EVAL_METRICS:
@@ -63,15 +78,19 @@ def eval_table(results: dict[str, dict], data: str | None) -> str:
     for part in ("embedding", "head", "attention", "ffn", "other", "total"):
         rows.append((f"parameters: {part}",
                      *(_millions(r["parameters"][part]) if "parameters" in r else "-" for r in results.values())))
-    return f"data: {data or '-'}\n" + format_table(("metric", *results), rows)
+    labels = short_labels(list(results))
+    legend = [f"models: {'; '.join(f'{label} = {source}' for source, label in labels.items())}"
+              ] if any(label != source for source, label in labels.items()) else []
+    return "\n".join([f"data: {data or '-'}", *legend, format_table(("metric", *labels.values()), rows)])
 
 
 def plan_summary(model: str, data: str, plan) -> str:
     """`compact plan`'s output from the planner's record (a budget.Plan): the candidates priced, the measured
     trials, the choice."""
     rows = [("*" if c.chosen else "", f"{c.vocab_keep:,}", f"{c.vocab_rows:,}", f"{c.ffn_keep:,}",
-             f"{c.fraction:.2%}", f"{c.token_loss:.4f}", "-" if c.heldout_loss is None else f"{c.heldout_loss:.4f}",
-             f"{c.score_loss:.4f}", f"{c.cost:.4f}") for c in plan.candidates]
+             f"{c.fraction:.2%}", f"{c.token_loss:.4f}",
+             "-" if c.cross_fitted_loss is None else f"{c.cross_fitted_loss:.4f}", f"{c.score_loss:.4f}",
+             f"{c.cost:.4f}") for c in plan.candidates]
     chosen = plan.chosen
     return "\n".join([
         f"plan for {model}: keep {plan.target:.0%} of the parameters (calibration: {data})",

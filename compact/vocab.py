@@ -27,7 +27,7 @@ import torch
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from . import models
-from .options import VOCAB_ORDERS
+from .options import VOCAB_ORDERS, parse_keep
 from .progress import bar as progress_bar
 from .tokenizer import (as_fast, check_supported, component_state, is_byte_level, merge_pair, special_token_ids,
                         steps_of)
@@ -148,10 +148,19 @@ class Vocabulary:
         _, valid, _, forced = self._parts
         return len(((forced | self.extra_ids) & valid) - self._allowed)
 
-    def check_keep(self, keep: int | None) -> None:
+    def keep_count(self, keep: float | str | None) -> int | None:
+        """--vocab-keep as a count of regular tokens: a count as it is, a ratio of the regular tokens rounded (at
+        least one); None (no vocabulary cut) stays None. The one place a ratio meets the vocabulary."""
+        if keep is None:
+            return None
+        number = parse_keep(keep, "--vocab-keep")
+        return max(1, round(number * len(self.regular))) if isinstance(number, float) else number
+
+    def check_keep(self, keep: float | str | None) -> None:
         """Refuse a --vocab-keep outside 1..the regular token count (or a tokenizer that does not fit the model),
         from the tokenizer alone, before any weight is read; None (no vocabulary cut) passes."""
-        if keep is not None and not 1 <= keep <= len(self.regular):
+        count = self.keep_count(keep)
+        if count is not None and not 1 <= count <= len(self.regular):
             raise ValueError(f"--vocab-keep must be between 1 and {len(self.regular)} (the number of regular "
                              f"tokens), got {keep}")
 

@@ -60,8 +60,9 @@ def test_a_decision_and_everything_it_holds_is_frozen(calib):
 
 
 @pytest.mark.parametrize("fields, said", [
-    (dict(vocab_keep=0), "--vocab-keep must be an integer of at least 1"),
-    (dict(vocab_keep=2.5), "--vocab-keep must be an integer"),
+    (dict(vocab_keep=0), "--vocab-keep must be positive"),
+    (dict(vocab_keep=2.5), r"--vocab-keep as a ratio must be in \(0, 1\]"),
+    ({"vocab_keep": "1"}, "--vocab-keep 1 is ambiguous: write 1tok"),
     (dict(ffn_keep=-0.5), "--ffn-keep must be positive"),
     (dict(ffn_keep="abc"), "--ffn-keep must be a channel count"),
     (dict(target_params=2.0), r"--target-params must be a fraction in \(0, 1\]"),
@@ -185,3 +186,54 @@ def test_the_identity_samples_within_a_parameter_past_float32_integers():
     with torch.no_grad():
         model.get_input_embeddings().weight[-1] += 1.0  # the last value is one of the 16 sampled
     assert models.Identity.of(model).values != identity.values
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """(a tiny Llama folder with a byte-level BPE tokenizer, the same model written as an f32 .gguf beside it)."""
+    pytest.importorskip("gguf")
+    from compact import export
+
+    root = tmp_path_factory.mktemp("gguf")
+    folder, _ = tiny_models.byte_level_llama(root)
+    return folder, export.export(folder, "f32", root / "tiny.gguf")
+
+
+def test_load_reads_a_gguf_ready_for_decide(tiny_gguf, tmp_path):
+    """compact.load dequantizes a .gguf as `compact prune` does: the same logits as the folder it was written from
+    (f32: the same weights), and decide takes it; transformers' own gguf_file= load keeps its quantizer, and
+    decide's refusal points at compact.load."""
+    from kernel_ops.tolerances import assert_close, decoder_rtol
+    from transformers import AutoModelForCausalLM
+
+    folder, path = tiny_gguf
+    model, tokenizer = compact.load(path)
+    reference, _ = compact.load(folder)
+    ids = torch.tensor([tokenizer("Once upon a time there was a little dog.").input_ids])
+    with torch.no_grad():
+        got, want = model(ids).logits, reference(ids).logits
+    rtol = decoder_rtol(reference.config, ids.shape[1])  # float32 products laid out differently, nothing more
+    assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()), what="logits of the loaded GGUF")
+    (tmp_path / "calib.txt").write_text("Once upon a time there was a little dog who liked to run. " * 8)
+    decision = compact.decide(model, tokenizer, tmp_path / "calib.txt", compact.Method(vocab_keep=300),
+                              compact.Run(progress=False))
+    assert decision.sizes.vocab_after < decision.sizes.vocab_before
+    raw = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    with pytest.raises(ValueError, match=r"quantized \(gguf\).*compact\.load\(path\)"):
+        compact.decide(raw, tokenizer, None, compact.Method(vocab_keep=300))
+
+
+@pytest.mark.filterwarnings("ignore:no tokenizer")
+@pytest.mark.parametrize("given", [0.5, "0.5", 0.25])
+def test_a_vocab_keep_ratio_is_a_share_of_the_regular_tokens(given):
+    """--vocab-keep takes a ratio as --ffn-keep does (a float is a ratio, an int a count): the decision's count is
+    the ratio of the regular tokens, rounded, and the cut keeps exactly the tokens that count keeps."""
+    from compact.vocab import Vocabulary
+
+    model = tiny_models.build("llama")
+    regular = len(Vocabulary.of(model, None).regular)
+    ratio = compact.decide(model, None, None, compact.Method(vocab_keep=given), compact.Run(progress=False))
+    count = compact.decide(model, None, None, compact.Method(vocab_keep=round(float(given) * regular)),
+                           compact.Run(progress=False))
+    assert ratio.vocab_keep == round(float(given) * regular) == count.vocab_keep
+    assert ratio.kept_token_ids == count.kept_token_ids

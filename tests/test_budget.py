@@ -21,6 +21,8 @@ def test_target_params_lands_within_one_percent(stories, tmp_path, capsys, compu
         assert report["sizes"]["intermediate_after"] == chosen[0]["ffn_keep"]
         assert all(abs(c["fraction"] - 0.65) <= 0.01 for c in report["plan"]["candidates"])
         assert chosen[0]["cost"] == min(c["cost"] for c in report["plan"]["candidates"])
+        # named as `compact plan` and the summary name it: cross-fitted in frequency order, absent in id order
+        assert "heldout_loss" not in chosen[0] and (chosen[0]["cross_fitted_loss"] is None) == (order == "id")
     assert cli.main(["plan", str(ckpt), "--calib", str(calib), "--target-params", "0.65", "--ffn-multiple", "4",
                      "--quiet", *compute.args]) == 0
     assert "choice: --vocab-keep" in capsys.readouterr().out

@@ -3,6 +3,7 @@ import argparse
 import hashlib
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from compact import cli
-from compact.pruning import cut
 from compact.llama2c import load_llama2c
+from compact.pruning import cut
 
 
 def hook_reference(model, ids, kept=None):
@@ -290,7 +291,7 @@ def test_the_resume_signature_is_the_method_and_the_calibration(tmp_path):
     (["--ffn-keep", "0.5", "--ffn-select", "obs", "--ffn-criterion", "random"], "a data-driven --ffn-criterion"),
     (["--ffn-keep", "0.5", "--scores", "s.safetensors", "--refit", "sequential"], "a data-driven --ffn-criterion"),
     (["--ffn-keep", "0.5", "--ffn-criterion", "random", "--vocab-always", "a.txt"], "--vocab-always keeps tokens"),
-    (["--ffn-keep", "0.5", "--ffn-criterion", "random", "--seed", str(2**70)], "--seed must be an integer"),
+    (["--ffn-keep", "0.5", "--ffn-criterion", "random", "--seed", str(2**70)], "--seed: must be an integer"),
     (["--ffn-keep", "0.5", "--scores", "s.safetensors", "--ffn-criterion", "wanda"],
      "--ffn-criterion wanda would be ignored"),
     (["--ffn-keep", "0.5", "--calib", "c.txt", "--calib-dtype", "uint16"], "--calib-dtype gives the id width"),
@@ -343,3 +344,238 @@ def test_resume_without_a_checkpoint_says_it_starts_from_the_beginning(tmp_path)
     with pytest.warns(UserWarning, match=r"--resume: .*out\.ckpt holds no checkpoint; the run starts from the beg"):
         assert cli.main(["prune", str(tmp_path / "model"), "--out", str(tmp_path / "out"), "--ffn-keep", "24ch",
                          "--calib", str(tmp_path / "c.npy"), "--resume"]) == 0
+
+
+def _project() -> dict:
+    """pyproject.toml's [project] table."""
+    import tomllib
+
+    return tomllib.loads((Path(cli.__file__).parents[1] / "pyproject.toml").read_text())["project"]
+
+
+def _distribution() -> str:
+    """The distribution's name (what `pip install` takes)."""
+    return _project()["name"]
+
+
+def test_install_hints_name_the_distribution():
+    """`compact` on PyPI is another package: every install hint, in the sources and the help, names this one."""
+    root = Path(cli.__file__).parents[1]
+    sources = [p for folder in ("compact", "compact_kernels") for p in (root / folder).rglob("*.py")]
+    texts = {str(p): p.read_text(encoding="utf-8") for p in sources}
+    texts.update({f"compact {name} --help": sub.format_help() for name, sub in _subcommands().items()})
+    wrong = [where for where, text in texts.items() if "compact[" in text]
+    assert not wrong, f"install hints that name another package: {wrong}"
+    assert f"pipinstall'{_distribution()}[gguf]'" in "".join(texts["compact prune --help"].split())  # as wrapped
+
+
+def test_the_quick_start_installs_gguf_support():
+    """`make demo` installs the gguf extra, so a .gguf model prunes right after it; the extra holds what
+    transformers' GGUF loading imports: gguf (the file) and accelerate (from_pretrained with gguf_file needs it)."""
+    import re
+
+    makefile = (Path(cli.__file__).parents[1] / "Makefile").read_text()
+    recipe = makefile.split("$(BIN)/.installed:", 1)[1].split("\n\n", 1)[0]
+    assert '-e ".[gguf]"' in recipe, recipe
+    assert {re.split(r"[<>=!~ \[]", r, maxsplit=1)[0] for r in _project()["optional-dependencies"]["gguf"]} >= {
+        "gguf", "accelerate"}
+
+
+def _help(action) -> str:
+    return " ".join((action.help or "").split())
+
+
+def test_the_help_says_what_the_code_does():
+    """MODEL takes a .gguf file; every numeric default is in its help as `default N`; --dtype is the one text."""
+    from compact.options import DTYPE_HELP
+
+    for name, sub in _subcommands().items():
+        for action in sub._actions:
+            if action.dest == "model" and name != "export":
+                assert ".gguf file" in _help(action), f"compact {name} MODEL: {action.help}"
+            if type(action.default) in (int, float):
+                assert f"default {action.default}" in _help(action), f"compact {name} {action.option_strings}"
+            if action.dest == "dtype" and name != "check":
+                assert action.help == DTYPE_HELP, f"compact {name} --dtype"
+
+
+@pytest.mark.parametrize("storage, device, compute", [
+    (torch.bfloat16, "cpu", torch.float32), (torch.float16, "cpu", torch.float32), (torch.bfloat16, "cuda", torch.bfloat16),
+    (torch.float32, "cuda", torch.float32), (None, "cpu", torch.float32), (None, "cuda", torch.bfloat16)])
+def test_dtype_auto_resolves_as_its_help_says(storage, device, compute):
+    """--dtype auto: a folder computes in its stored dtype (float32 on a CPU for 16-bit) and writes that stored
+    dtype; a file without one (storage None: .gguf, llama2.c) computes and writes bfloat16 on a GPU, float32 on a
+    CPU -- as options.DTYPE_HELP says."""
+    from compact.loading import _output, resolve_dtype
+
+    assert resolve_dtype("auto", device, storage) == compute
+    assert (_output("auto", storage) or compute) == (storage or compute)
+
+
+def test_a_bad_value_is_refused_in_plain_words_naming_its_flag(capsys):
+    """No converter's Python name (`invalid _count value`, `invalid int value`) reaches the user: each option that
+    converts its text says what it must be, after the flag's name."""
+    for name, sub in _subcommands().items():
+        for action in sub._actions:
+            if action.type in (None, Path) or not action.option_strings:
+                continue
+            flag = action.option_strings[0]
+            with pytest.raises(SystemExit):
+                cli._parser().parse_args([name, *_BASE.get(name, ["m"]), flag, "x!"])
+            err = capsys.readouterr().err
+            assert f"argument {flag}: must" in err and "invalid" not in err, err
+
+
+def test_vocab_keep_takes_a_ratio_as_ffn_keep_does(capsys):
+    """--vocab-keep 0.5 is a ratio (of the regular tokens: test_api), 24576 a count; a bare 1 is ambiguous, as for
+    --ffn-keep."""
+    def method(*flags):
+        return cli._groups(cli._parser().parse_args(["prune", "m", "--out", "o", *flags]))["method"]
+
+    assert method("--vocab-keep", "0.5").vocab_keep == "0.5" and method("--vocab-keep", "24576").vocab_keep == "24576"
+    for flag, unit in (("--vocab-keep", "1tok"), ("--ffn-keep", "1ch")):
+        assert getattr(method(flag, unit), flag[2:].replace("-", "_")) == unit
+        with pytest.raises(SystemExit):
+            method(flag, "1")
+        assert f"argument {flag}: 1 is ambiguous: write {unit}" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def q8_gguf(tmp_path_factory):
+    """(a tiny Llama written as a Q8_0 .gguf, calibration text)."""
+    pytest.importorskip("gguf")
+    import tiny_models
+
+    from compact import export
+
+    root = tmp_path_factory.mktemp("q8")
+    folder, calib = tiny_models.byte_level_llama(root)
+    return export.export(folder, "q8_0", root / "tiny-q8_0.gguf"), calib
+
+
+def test_the_prune_summary_says_what_it_measured(q8_gguf, tmp_path, capsys):
+    """The planner's losses are said in words and percent, its vocabulary in the rows the line above counts, the
+    timings include loading, and an output wider than the source (Q8_0 written as float32) is one note naming
+    --dtype."""
+    import json
+
+    import gguf
+
+    path, calib = q8_gguf
+    out = tmp_path / "out"
+    assert cli.main(["prune", str(path), "--out", str(out), "--target-params", "0.7", "--ffn-multiple", "16",
+                     "--calib", str(calib), "--samples", "2", "--seq-len", "32", "--refit", "none"]) == 0
+    printed, report = capsys.readouterr().out, json.loads((out / "compact_report.json").read_text())
+    chosen = next(c for c in report["plan"]["candidates"] if c["chosen"])
+    assert "token loss" not in printed and "score loss" not in printed, printed
+    dropped = (f"calibration tokens the cut vocabulary drops (spelled with kept tokens instead): "
+               f"{chosen['token_loss']:.2%} ({chosen['cross_fitted_loss']:.2%} cross-fitted")
+    assert dropped in printed, printed
+    rows = report["sizes"]["vocab_after"]
+    assert f"-> {rows:,} tokens (embedding rows, special tokens included)" in printed
+    assert f"--vocab-keep {chosen['vocab_keep']:,} regular tokens ({rows:,} rows with the special tokens)" in printed
+    assert next(iter(report["timings_s"])) == "loading" and "timings: loading " in printed
+    tensors = gguf.GGUFReader(str(path)).tensors  # the mean bits per weight: block scales included
+    bits = 8 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
+    assert report["dtype"] == {"compute": "float32", "output": "float32", "source": "GGUF Q8_0",
+                               "source_bits_per_weight": round(bits, 3)}
+    notes, bits = [line for line in printed.splitlines() if line.startswith("note: ")], round(bits, 3)  # as reported
+    note = (f"note: the weights are written as float32, {32 / bits:.1f}x the {bits:.1f} bits per weight the source "
+            "stores (GGUF Q8_0): --dtype bfloat16 writes 16 bits (and computes in bfloat16)")
+    assert notes == [note], notes
+
+
+def test_the_model_card_lists_every_file_written(q8_gguf, tmp_path, monkeypatch):
+    """The pruned folder's README.md names each file the folder holds, the GGUF that --gguf writes after the
+    checkpoint and `compact export` adds later too (a card someone edited is left alone); it never says Python's
+    None; the report names the source by its absolute path, from a relative MODEL."""
+    import json
+
+    path, calib = q8_gguf
+    monkeypatch.chdir(path.parent)
+    out = tmp_path / "out"
+    assert cli.main(["prune", path.name, "--out", str(out), "--ffn-keep", "0.5", "--calib", str(calib),
+                     "--samples", "2", "--seq-len", "32", "--gguf", "--quiet"]) == 0
+    report = json.loads((out / "compact_report.json").read_text())
+    assert report["source"] == str(path.resolve())
+
+    def listed() -> set[str]:
+        card = (out / "README.md").read_text()
+        assert "None" not in card, card
+        return {line.split("`")[1] for line in card.split("## Files\n\n")[1].splitlines() if line.startswith("- `")}
+
+    written = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    assert "model-f16.gguf" in written and "compact_scores.safetensors" in written and listed() == written
+    assert cli.main(["export", str(out), "--gguf", "q8_0", "--quiet"]) == 0
+    assert listed() == written | {"model-q8_0.gguf"}
+    (out / "README.md").write_text("my own notes\n")
+    assert cli.main(["export", str(out), "--gguf", "f32", "--quiet"]) == 0
+    assert (out / "README.md").read_text() == "my own notes\n"
+
+
+def test_eval_columns_are_short_labels_with_a_legend():
+    """`compact eval`'s columns are headed by folder or file names (the shortest distinct tail where two share
+    one), with one legend line for the paths shortened; no legend when nothing was."""
+    from compact import tables
+
+    sources = ["/data/runs/a/model", "/data/runs/b/model", "/models/SmolLM2-135M-Instruct.Q4_1.gguf", "pruned"]
+    text = tables.eval_table({s: {"error": "x"} for s in sources}, "held.txt").splitlines()
+    assert text[1] == ("models: a/model = /data/runs/a/model; b/model = /data/runs/b/model; "
+                       "SmolLM2-135M-Instruct.Q4_1.gguf = /models/SmolLM2-135M-Instruct.Q4_1.gguf; pruned = pruned")
+    assert text[2].split() == ["metric", "a/model", "b/model", "SmolLM2-135M-Instruct.Q4_1.gguf", "pruned"]
+    assert tables.eval_table({"pruned": {"error": "x"}}, "held.txt").splitlines()[1].split() == ["metric", "pruned"]
+
+
+def test_eval_scores_rows_of_the_vocabulary(monkeypatch):
+    """The NLL's softmax runs over contiguous [positions, V] rows (a transposed [B, V, T] input was ~8x slower on
+    a CPU and less exact), and the total agrees with float64 within float32 rounding of a V-term log-sum-exp:
+    (log2 V + 4) ulps of each token's loss."""
+    import math
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from compact import evaluate
+
+    V, T = 4099, 33
+    gen = torch.Generator().manual_seed(0)
+    logits, ids = 3 * torch.randn(2, T, V, generator=gen), torch.randint(0, V, (2, T), generator=gen)
+
+    class Fixed(torch.nn.Module):  # a "model" whose logits are given
+        def get_input_embeddings(self):
+            return torch.nn.Embedding(1, 1)
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return SimpleNamespace(logits=logits[:input_ids.shape[0]])
+
+    shapes, cross_entropy = [], F.cross_entropy
+
+    def spy(input, target, **kwargs):
+        shapes.append((input.dim(), input.stride(-1)))
+        return cross_entropy(input, target, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", spy)
+    total, count = evaluate.nll(Fixed(), ids, batch_size=2, progress=False)
+    assert shapes == [(2, 1)], shapes
+    exact = cross_entropy(logits[:, :-1].double().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    assert count == 2 * (T - 1)
+    bound = (math.log2(V) + 4) * torch.finfo(torch.float32).eps * float(exact.abs().sum())
+    assert abs(total - float(exact.sum())) <= bound, (total, float(exact.sum()), bound)
+
+
+def test_a_gguf_is_parsed_once_per_load(q8_gguf, monkeypatch):
+    """transformers reads a GGUF's header for the config (twice), the tokenizer and the weights, and compact for its
+    metadata: one parse serves them all (SmolLM2's 49,152 tokens cost ~3 s a parse)."""
+    import gguf
+
+    from compact import loading
+
+    parses, parse = [], gguf.GGUFReader
+
+    def counted(*args, **kwargs):
+        parses.append(args[0])
+        return parse(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counted)
+    loaded = loading.load(str(q8_gguf[0]), device="cpu")
+    assert len(parses) == 1 and loaded.storage.name == "GGUF Q8_0", parses

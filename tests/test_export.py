@@ -161,7 +161,7 @@ def test_what_export_cannot_write_is_one_line_before_any_work(tmp_path, monkeypa
     assert not (tmp_path / "o").exists()
     monkeypatch.setitem(__import__("sys").modules, "gguf", None)
     assert cli.main(["export", str(tmp_path / "gemma")]) == 2
-    assert "pip install 'compact[gguf]'" in capsys.readouterr().err
+    assert "pip install 'compact-kernels[gguf]'" in capsys.readouterr().err
 
 
 def test_llama3_rope_scaling_writes_the_converters_factors():

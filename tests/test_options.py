@@ -45,7 +45,7 @@ def test_options_import_without_torch():
     (Method, dict(ffn_select="top"), "--ffn-select must be one of scores, obs; got 'top'"),
     (Method, dict(ffn_criterion="act3"), "--ffn-criterion must be one of common-act2, act2, wanda, magnitude, random"),
     (Method, dict(ffn_multiple=0), "--ffn-multiple must be an integer of at least 1, got 0"),
-    (Method, dict(vocab_keep=True), "--vocab-keep must be an integer of at least 1, got True"),
+    (Method, dict(vocab_keep=True), r"--vocab-keep must be a token count \(128, 1tok\) or a ratio in \(0, 1\]"),
     (Method, dict(target_params="0.5"), r"--target-params must be a fraction in \(0, 1\], got '0.5'"),
     (Run, dict(batch_size=0), "--batch-size must be an integer of at least 1, got 0"),
     (Run, dict(checkpoint_every=-1), "--checkpoint-every must be an integer of at least 0, got -1"),
@@ -72,7 +72,7 @@ def test_the_parser_offers_the_choices_options_accepts():
 
 
 @pytest.mark.parametrize("argv,given", [
-    (["--vocab-keep", "0"], dict(vocab_keep=0)), (["--ffn-keep", "1"], dict(ffn_keep="1")),
+    (["--vocab-keep", "0"], dict(vocab_keep="0")), (["--ffn-keep", "1"], dict(ffn_keep="1")),
     (["--target-params", "1.5"], dict(target_params=1.5)), (["--plan-trials", "-2"], dict(plan_trials=-2)),
     (["--vocab-prior", "-1"], dict(vocab_prior=-1.0)),
 ])

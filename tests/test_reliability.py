@@ -875,7 +875,8 @@ def test_written_dtype_is_the_same_in_memory_and_offloaded(dtype, tmp_path):
         assert rc == 0, err
         report = json.loads((outs[mode] / "compact_report.json").read_text())
         want = "float16" if dtype == "auto" else dtype
-        assert report["dtype"] == {"compute": "float32" if dtype == "auto" else dtype, "output": want}
+        assert report["dtype"] == {"compute": "float32" if dtype == "auto" else dtype, "output": want,
+                                   "source": "float16", "source_bits_per_weight": 16.0}
         assert {t.dtype for t in load_file(outs[mode] / "model.safetensors").values()} == {getattr(torch, want)}
     assert_same_checkpoint(outs["layerwise"], outs["memory"], f"--dtype {dtype}")
     size = (tmp_path / "model" / "model.safetensors").stat().st_size

@@ -63,3 +63,18 @@ def big_llama(intermediate: int, vocab: int, layers: int = 16, hidden: int = 512
                             max_position_embeddings=256, tie_word_embeddings=False)
     torch.manual_seed(0)
     return tf.LlamaForCausalLM(config).eval()
+
+
+def byte_level_llama(root) -> tuple:
+    """(a model folder, a calibration .txt) in `root`: the demo's tiny Llama with its byte-level BPE tokenizer,
+    trained on stories, and other stories to calibrate on (what a GGUF export needs: a real tokenizer)."""
+    from pathlib import Path
+
+    from compact import demo, demo_text
+
+    root, texts = Path(root), demo_text.stories(120, seed=1)
+    tokenizer = demo.train_tokenizer(texts[:60])
+    demo.build_model(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "calib.txt").write_text("\f".join(texts[60:]), encoding="utf-8")
+    return root / "model", root / "calib.txt"

@@ -11,7 +11,7 @@ import torch
 from .. import models, output, repair, slicing, tokenizer
 from ..loading import Loaded
 from ..options import CalibOptions, Method, Run
-from ..report import build_report, model_card
+from ..report import build_report, write_card
 from .decide import decide
 from .records import Decision, Timings
 
@@ -72,7 +72,7 @@ def write(loaded: Loaded, decision: Decision, out: Path, overwrite: bool = False
                 output.save_scores(decision.scores, tmp / "compact_scores.safetensors", shape)
         result = build_report(loaded, decision, parameters_after=after, tokenizer=fate, timings=timings)
         output.write_json(tmp / "compact_report.json", result)
-        (tmp / "README.md").write_text(model_card(result), encoding="utf-8")
+        write_card(tmp, result)
     return result
 
 

@@ -33,7 +33,7 @@ def decide(loaded: Loaded, method: Method = Method(), calib: CalibOptions = Cali
     if method.target_params is not None or (method.vocab_order == "frequency" and method.vocab_keep is not None):
         with timings.phase("token counts"):
             counts, halves = _count(job)
-    vocab_keep, plan, trial = method.vocab_keep, None, None
+    vocab_keep, plan, trial = job.vocabulary.keep_count(method.vocab_keep), None, None
     if method.target_params is not None:
         with timings.phase("planning"):
             plan, trial = split(job, counts=counts, halves=halves, calibration=calibration, held_out=held_out)

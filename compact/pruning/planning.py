@@ -73,4 +73,4 @@ def _vocab_curve(job: Job, *, counts: torch.Tensor,
         return curve
     losses = [budget.vocab_curve(measure, *vocabulary.keep_curve("frequency", order, always=always, prior=prior),
                                  base).token_loss for order, measure in (halves, halves[::-1])]
-    return replace(curve, heldout_loss=(losses[0] + losses[1]) / 2)
+    return replace(curve, cross_fitted_loss=(losses[0] + losses[1]) / 2)
