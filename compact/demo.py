@@ -96,7 +96,7 @@ def run_demo(out: Path, quiet: bool = False) -> int:
     def reload(folder):
         return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
 
-    both = out / f"pruned_{len(variants) - 1}"
+    both = out / "both"
     pruned, pruned_tok = reload(both)
     prompt = pruned_tok("Ada and Ben carried", return_tensors="pt", add_special_tokens=False).input_ids
     sample = pruned.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=pruned_tok.eos_token_id)
@@ -104,12 +104,14 @@ def run_demo(out: Path, quiet: bool = False) -> int:
 
     rows = []
     models_ = {"original": (model, tokenizer)}
-    models_.update({name: reload(out / f"pruned_{i}") for i, name in enumerate(variants)})
+    models_.update({name: reload(out / name) for name in variants})
     for name, (m, tok) in models_.items():
         bpb, tokens = bits_per_byte(m, tok, eval_texts)
         rows.append((name, f"{sum(p.numel() for p in m.parameters()):,}", m.config.vocab_size,
                      m.config.intermediate_size, tokens, f"{bpb:.4f}"))
-    say(f"[5/5] held-out evaluation on {len(eval_texts)} unseen stories (bits per byte: lower is better)")
+    say(f"[5/5] held-out evaluation on {len(eval_texts)} unseen stories (bits per byte: lower is better); each "
+        f"row is the folder of that name in {out}: vocab90 keeps 90% of the vocabulary, ffn75 75% of the FFN by "
+        f"common act^2 (re-fitted), ffn75-random 75% of the FFN at random, both the first two together")
     print(tables.format_table(("model", "parameters", "vocab", "FFN", "held-out tokens", "bits/byte"), rows))
     say(f"demo finished in {time.perf_counter() - start:.1f}s; files in {out}")
     return 0
@@ -134,25 +136,27 @@ def _base_model(out: Path, train_texts: list[str], say):
 
 
 def _prune_variants(out: Path, model, regular: int, calib_file: Path, say) -> dict:
-    """Step 3: out/base pruned four ways through the pipeline, into out/pruned_<i>; {name: (vocab, FFN, scores)}."""
+    """Step 3: out/base pruned four ways through the pipeline, each into the folder its table row names: vocab90
+    (90% of the vocabulary), ffn75 (75% of the FFN by common act^2, re-fitted), ffn75-random (75% of the FFN, random
+    channels), both; {folder: (vocab, FFN, scores)}."""
     calib = CalibOptions(str(calib_file), 16, SEQ_LEN)
     random_scores = out / "random_scores.safetensors"
     gen = torch.Generator().manual_seed(0)
     output.save_scores({f"model.layers.{i}.mlp": torch.rand(384, generator=gen, dtype=torch.float64)
                         for i in range(model.config.num_hidden_layers)}, random_scores, overwrite=True)
-    variants = {  # name: (vocab_keep, ffn_keep, scores file)
-        "vocab 90%": (regular * 9 // 10, None, None),
-        "FFN 75%, common act^2 + re-fit": (None, "0.75", None),
-        "FFN 75%, random channels": (None, "0.75", str(random_scores)),
-        "both (vocab 90%, FFN 75%)": (regular * 9 // 10, "0.75", None),
+    variants = {  # folder under `out`: (vocab_keep, ffn_keep, scores file)
+        "vocab90": (regular * 9 // 10, None, None),
+        "ffn75": (None, 0.75, None),
+        "ffn75-random": (None, 0.75, str(random_scores)),
+        "both": (regular * 9 // 10, 0.75, None),
     }
     reports = {}
-    for i, (name, (vocab_keep, ffn_keep, scores)) in enumerate(variants.items()):
+    for name, (vocab_keep, ffn_keep, scores) in variants.items():
         check = scores is None and ffn_keep is not None  # --check compares the FFN scoring pass with hooks
         method = Method(vocab_keep=vocab_keep, ffn_keep=ffn_keep, scores=scores)
-        reports[name] = pruning.prune(loading.load(str(out / "base"), dtype="float32"), out / f"pruned_{i}", method,
+        reports[name] = pruning.prune(loading.load(str(out / "base"), dtype="float32"), out / name, method,
                                        calib, Run(batch_size=4, check=check, progress=False), overwrite=True)
-    check = reports["both (vocab 90%, FFN 75%)"]["checks"]["scores_vs_hooks"]
+    check = reports["both"]["checks"]["scores_vs_hooks"]
     say(f"[3/5] pruned {len(variants)} ways by the CLI pipeline; fused scores vs forward hooks: "
         f"max relative difference {check['max_rel_diff']:.2g} (rtol {check['rtol']:g})")
     return variants
