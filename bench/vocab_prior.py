@@ -47,17 +47,6 @@ def grid(lambdas: list[float], draws: int) -> list[tuple[str, str, str, int, lis
     return rows
 
 
-def measure(model: Path, texts: dict[str, Path]) -> dict[str, float]:
-    """{domain: bits/byte} of the model in `model`, read with its own tokenizer as `compact eval` reads."""
-    from compact import evaluate, loading, pruning
-    from compact.options import CalibOptions
-
-    loaded = loading.load(str(model), dtype="float32", device="cpu")
-    out = {}
-    for name, path in texts.items():
-        data = pruning.calibrate(loaded, CalibOptions(str(path), samples=1000, seq_len=512), progress=False)
-        out[name] = evaluate.evaluate(loaded.model, data, tokenizer=loaded.tokenizer, batch_size=4)["bits_per_byte"]
-    return out
 
 
 def figures(bits: dict[str, float], base: dict[str, float]) -> dict[str, str]:
@@ -93,7 +82,7 @@ def main(argv=None) -> int:
         draws = [calib] + [real_models.rotated(calib, k / args.draws) for k in range(1, args.draws)]
         done = {} if args.fresh or not CSV.exists() else {r["name"]: r for r in csv.DictReader(CSV.open())}
         if "original" not in done:
-            bits = measure(model, texts)
+            bits = domains.measure(model, texts)
             done["original"] = {"name": "original", "method": "original", "vocab_rows": 49152, "ffn": 1536,
                                 "fraction": "1.0000", "cpu": real_models.cpu_name(), **figures(bits, bits)}
             write(done)
@@ -105,7 +94,7 @@ def main(argv=None) -> int:
             r = real_models.row(name, "", method, prune_args, report, seconds)
             done[name] = {**{k: r[k] for k in ("name", "method", "args", "vocab_rows", "ffn", "prune_s", "cpu")},
                           "lambda": lam, "draw": draw, "fraction": f"{r['parameters'] / 134_515_008:.4f}",
-                          **figures(measure(work / name, texts), base)}
+                          **figures(domains.measure(work / name, texts), base)}
             shutil.rmtree(work / name, ignore_errors=True)
             write(done)
             print(" ".join(f"{k}={done[name][k]}" for k in ("name", "vocab_rows", "ffn", "sotu_rise", "python_rise",
