@@ -211,8 +211,9 @@ def test_the_readme_recipe_runs_as_written(smol, shared_data_dir_module, tmp_pat
     """The README's "Prune SmolLM2 in five commands", read from its bash block and run in a fresh folder: the
     install line is left out (the packages are here, or the tier skips), `.venv/bin/` is this interpreter and
     ../shared/data this machine's. With COMPACT_FULL_RECIPE=1 (`make real`) as written, and the eval prints the
-    held-out figure the README quotes; else (`make test`) on 2 x 64 calibration tokens and 4 eval windows, which
-    runs every command in a minute and checks what they write, not the figure."""
+    held-out figure the README quotes; else (`make test`) on 2 x 64 calibration tokens and 4 eval windows, pruning
+    the GGUF's dequantized folder (the tier's `smol`: the same weights, without reading the GGUF again; the README's
+    Python example reads it), which checks what the commands write, not the figure."""
     try:
         real_model.gguf_path()
     except real_model.Unavailable as e:
@@ -228,7 +229,7 @@ def test_the_readme_recipe_runs_as_written(smol, shared_data_dir_module, tmp_pat
     if not full:
         assert "--samples 16 --seq-len 512" in script and "--samples 1000" in script, script
         script = script.replace("--samples 16 --seq-len 512", "--samples 2 --seq-len 64").replace(
-            "--samples 1000", "--samples 4")
+            "--samples 1000", "--samples 4").replace('prune "$GGUF"', f"prune {shlex.quote(str(smol[0]))}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True,
                           text=True, check=False)
