@@ -511,8 +511,7 @@ def _cmd_generate(args) -> int:
     from . import generate
 
     g = _groups(args)
-    if args.out.exists() or args.out.is_symlink():  # (before the model loads; `generate.write` checks again)
-        raise ValueError(f"--out {args.out} exists: remove it or choose another name")
+    generate.check_out(args.out)  # before the model loads
     loaded = _load(g["load"])
     sampling = generate.Sampling(samples=args.samples, length=args.seq_len, seed=args.seed,
                                  temperature=args.temperature, batch_size=args.batch_size)

@@ -55,14 +55,21 @@ def generate(loaded: Loaded, sampling: Sampling = Sampling(), *, progress: bool 
     return [text.replace("\f", "\n") for text in texts]
 
 
-def write(texts: list[str], out: Path) -> None:
-    """The texts as one file of form-feed separated documents, written whole or not at all; an existing file is
-    never replaced."""
+def check_out(out: Path) -> None:
+    """Refuse an --out that exists (it is never replaced) or whose folder does not: before the model loads, and
+    again when writing."""
     out = Path(out)
     if out.exists() or out.is_symlink():
         raise ValueError(f"--out {out} exists: remove it or choose another name")
     if not out.parent.is_dir():
         raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
+
+
+def write(texts: list[str], out: Path) -> None:
+    """The texts as one file of form-feed separated documents, written whole or not at all; an existing file is
+    never replaced."""
+    out = Path(out)
+    check_out(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
         with tmp.open("x", encoding="utf-8") as f:  # (the umask's mode, as any file the user writes)

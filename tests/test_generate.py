@@ -52,3 +52,10 @@ def test_nothing_is_replaced_and_errors_are_one_line(model, tmp_path, capsys):
     assert "argument --temperature: must be a positive number" in err[1], err
     assert "--out" in err[2] and "does not exist" in err[2], err
     assert not list(tmp_path.glob(".*partial")) and not (tmp_path / "t.txt").exists()
+
+
+def test_an_out_in_a_missing_folder_is_refused_before_the_model_loads(tmp_path, capsys):
+    """The flags alone decide it: the model path does not even exist, and the --out error comes first."""
+    assert cli.main(["generate", str(tmp_path / "no-model"), "--out", str(tmp_path / "no" / "t.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "no-model" not in err and err.count("\n") == 1, err
