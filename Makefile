@@ -36,11 +36,15 @@ check: $(BIN)/.installed
 # Two workers (one torch thread each) for everything but the tests that measure time and the torchrun test, which
 # run alone afterwards (the peak-memory tests measure fresh processes of their own: they run in the parallel part);
 # TEST_WORKERS=0 runs the whole suite in one process.
+# The suite starts many Python processes (the CLI, torchrun ranks), each importing torch and transformers: their
+# bytecode is cached under .venv/pycache even where PYTHONDONTWRITEBYTECODE is set (compiling those imports from
+# source costs ~6 s a process).
 TEST_WORKERS ?= 2
+TEST_ENV := TRITON_INTERPRET=1 PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(abspath $(VENV))/pycache
 test: $(BIN)/.installed-test
 	@start=$$(date +%s); \
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not serial"; rc=$$?; \
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -p no:xdist -m serial; rc2=$$?; \
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not serial"; rc=$$?; \
+	$(TEST_ENV) $(BIN)/python -m pytest -q -p no:xdist -m serial; rc2=$$?; \
 	echo "make test: $$(( $$(date +%s) - start )) s (pytest exit $$rc, serial part $$rc2)"; \
 	[ $$rc -eq 0 ] && [ $$rc2 -eq 0 ]
 

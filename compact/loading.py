@@ -192,10 +192,14 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: str, tokenizer_opts: tupl
 def _one_gguf_reader():
     """Inside the block, the file is parsed once: transformers' GGUF loading opens a new `gguf.GGUFReader` for the
     config (twice), the tokenizer and the weights, and this module for the metadata, each parsing every field
-    again (SmolLM2's 49,152 tokens and merges: ~3 s each on a CPU). The readers are read-only."""
+    again (SmolLM2's 49,152 tokens and merges: ~3 s each on a CPU). The readers are read-only. Likewise gguf's
+    tensor name map of an architecture is built once: transformers builds it again for every module it names
+    (397 times for SmolLM2, ~3 s), and it depends on the architecture and layer count alone."""
+    import functools
+
     import gguf
 
-    parse, readers = gguf.GGUFReader, {}
+    parse, name_map, readers = gguf.GGUFReader, gguf.get_tensor_name_map, {}
 
     def reader(path, mode="r"):
         key = (str(path), mode)
@@ -203,11 +207,11 @@ def _one_gguf_reader():
             readers[key] = parse(path, mode)
         return readers[key]
 
-    gguf.GGUFReader = reader
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(name_map)
     try:
         yield
     finally:
-        gguf.GGUFReader = parse
+        gguf.GGUFReader, gguf.get_tensor_name_map = parse, name_map
 
 
 @contextmanager

@@ -262,14 +262,20 @@ def eliminate(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, kee
 
 def error_left(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, ridge: float = RIDGE) -> float:
     """The share of the output error of dropping the other channels that the re-fit leaves:
-    sum_t ||W h_t - W' h_{t,K}||^2 / sum_t ||W_D h_{t,D}||^2 from the Gram alone (1.0 when nothing is dropped)."""
+    sum_t ||W h_t - W' h_{t,K}||^2 / sum_t ||W_D h_{t,D}||^2 from the Gram alone (1.0 when nothing is dropped).
+
+    With B = W_D G_DK and A = G_KK + r I = L L^T (the matrix `refit` solves), the correction is B A^-1 and the
+    error left is before - tr(B A^-1 B^T) - r ||B A^-1||^2 (as G_KK = A - r I): one Cholesky factor and two
+    triangular solves, in float64, without forming the re-fitted columns."""
     weight, gram = weight.double(), gram.double()
     dropped = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
     dropped[kept] = False
-    if not dropped.any():
+    w_d, g_kk = weight[:, dropped], gram[kept][:, kept]
+    before = float(((w_d @ gram[dropped][:, dropped]) * w_d).sum()) if dropped.any() else 0.0
+    damp = ridge * g_kk.diagonal().mean()
+    if not before > 0 or not damp > 0:  # nothing dropped, or kept channels that never fire: nothing to re-fit
         return 1.0
-    w_d, g_dd, g_dk = weight[:, dropped], gram[dropped][:, dropped], gram[dropped][:, kept]
-    before = float(((w_d @ g_dd) * w_d).sum())
-    delta = refit(weight, gram, kept, ridge) - weight[:, kept]  # the correction W_D G_DK (G_KK + r I)^-1
-    after = before - 2 * float(((delta @ g_dk.T) * w_d).sum()) + float(((delta @ gram[kept][:, kept]) * delta).sum())
-    return after / before if before > 0 else 1.0
+    factor = torch.linalg.cholesky(g_kk + damp * torch.eye(len(kept), dtype=torch.float64, device=g_kk.device))
+    x = torch.linalg.solve_triangular(factor, (w_d @ gram[dropped][:, kept]).T, upper=False)  # L^-1 B^T
+    y = torch.linalg.solve_triangular(factor.T, x, upper=True)  # A^-1 B^T
+    return (before - float(x.square().sum()) - float(damp) * float(y.square().sum())) / before

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from compact import cli, demo, demo_text, export
+from compact import cli, demo, demo_text, export, loading
 from kernel_ops.tolerances import assert_close, decoder_rtol
 
 gguf = pytest.importorskip("gguf")
@@ -38,12 +38,13 @@ def check_roundtrip(folder, outtype: str, paragraphs: list[str]) -> None:
 
     name = export.gguf_path(folder, outtype).name
     pruned_tok = AutoTokenizer.from_pretrained(folder)
-    gguf_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    with loading._one_gguf_reader():  # transformers' reader, parsing the file once instead of four times
+        gguf_tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     for text in paragraphs:
         want = pruned_tok(text, add_special_tokens=False).input_ids
         assert gguf_tok(text, add_special_tokens=False).input_ids == want, f"{outtype}: ids differ on {text[:60]!r}"
     reference = rounded(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), outtype)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     ids = torch.tensor([pruned_tok(paragraphs[0], add_special_tokens=False).input_ids[:48]])
     with torch.no_grad():
         got, want = loaded(ids).logits, reference(ids).logits
@@ -181,7 +182,7 @@ def test_llama3_rope_scaling_writes_the_converters_factors():
 def test_the_source_tokenizer_identity_travels_through_the_report(byte_level, tmp_path):
     """A GGUF source's tokenizer.ggml.model/pre (Loaded.gguf_tokenizer) is recorded by the prune, kept by a second
     prune of the result, and written by the export, which --gguf-pre overrides."""
-    from compact import loading, pruning
+    from compact import pruning
     from compact.options import CalibOptions
     from compact.options import Method, Run
 
