@@ -33,7 +33,8 @@ demo: $(BIN)/.installed
 check: $(BIN)/.installed
 	$(BIN)/compact check
 
-# Two workers (one torch thread each) for everything but the tests that measure time and the torchrun test, which
+# Two workers (one torch thread each), each running whole test modules in the order tests/conftest.py gives them (the
+# longest first), for everything but the tests that measure time and the torchrun test, which
 # run alone afterwards (the peak-memory tests measure fresh processes of their own: they run in the parallel part);
 # TEST_WORKERS=0 runs the whole suite in one process.
 # The suite starts many Python processes (the CLI, torchrun ranks), each importing torch and transformers: their
@@ -43,7 +44,7 @@ TEST_WORKERS ?= 2
 TEST_ENV := TRITON_INTERPRET=1 PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(abspath $(VENV))/pycache
 test: $(BIN)/.installed-test
 	@start=$$(date +%s); \
-	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not serial"; rc=$$?; \
+	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial"; rc=$$?; \
 	$(TEST_ENV) $(BIN)/python -m pytest -q -p no:xdist -m serial; rc2=$$?; \
 	echo "make test: $$(( $$(date +%s) - start )) s (pytest exit $$rc, serial part $$rc2)"; \
 	[ $$rc -eq 0 ] && [ $$rc2 -eq 0 ]

@@ -88,3 +88,12 @@ def stories(tmp_path_factory):
     np.save(folder / "calib.npy", ids[:12].numpy())
     np.save(folder / "heldout.npy", ids[12:].numpy())
     return ckpt, folder / "calib.npy", folder / "heldout.npy"
+
+
+
+def pytest_collection_modifyitems(items):
+    """The modules holding a `slow` test first (stable otherwise). `make test` hands whole modules to its workers
+    (`--dist loadfile`, so each module's fixtures are made once) in this order: the longest ones, the real-model tier's
+    minutes among them, start first, and no worker idles at the end behind one of them."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)

@@ -43,6 +43,7 @@ def check_rows(rows, part, metric_name, full_vocab, full_ffn):
     return float(base[0]["metric"])
 
 
+@pytest.mark.slow  # bench/quality.py --quick: two tiny models trained and pruned, ~20 s
 def test_quick_report(tmp_path):
     data = shared_data_dir()
     for name in ("stories260K.bin", "sotu.txt"):

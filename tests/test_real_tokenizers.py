@@ -280,6 +280,7 @@ def _python_m_compact(*argv) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["llama3.2"], indirect=True)  # once: a fresh process costs seconds
 def test_python_m_compact_eval_and_one_line_error(case, corpus):
     """The module entry point in a fresh process: eval succeeds quietly; a bad --vocab-keep is one line, exit 2."""

@@ -402,6 +402,7 @@ def test_an_interrupted_gguf_says_what_is_there_and_how_to_finish(world, monkeyp
     assert "compact export half --gguf f16" in err, err
 
 
+@pytest.mark.slow  # a prune started and signalled in a fresh process: ~10 s each
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_while_scoring(world, sig, code):
     """A child process interrupted mid-scoring: one line, its exit code, no output, a resumable checkpoint."""
