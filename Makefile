@@ -34,9 +34,9 @@ check: $(BIN)/.installed
 	$(BIN)/compact check
 
 # Two workers (one torch thread each), each running whole test modules in the order tests/conftest.py gives them (the
-# longest first), for everything but the tests that measure time and the torchrun test, which
-# run alone afterwards (the peak-memory tests measure fresh processes of their own: they run in the parallel part);
-# TEST_WORKERS=0 runs the whole suite in one process.
+# longest first), for everything but the tests that measure time, which run alone afterwards (the peak-memory and
+# torchrun tests measure processes of their own: they run in the parallel part); TEST_WORKERS=0 runs the whole suite
+# in one process.
 # The suite starts many Python processes (the CLI, torchrun ranks), each importing torch and transformers: their
 # bytecode is cached under .venv/pycache even where PYTHONDONTWRITEBYTECODE is set (compiling those imports from
 # source costs ~6 s a process).

@@ -218,7 +218,6 @@ def test_statistics_live_for_one_layer(refit, tmp_path):
     _peak(tmp_path, refit, [sys.executable])
 
 
-@pytest.mark.serial  # two ranks of its own
 def test_statistics_live_for_one_layer_under_torchrun(tmp_path):
     """The same bound in each of 2 gloo ranks, whose statistics are all-reduced layer by layer."""
     _peak(tmp_path, "sequential", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"])

@@ -284,14 +284,12 @@ def two_ranks(tiny, tmp_path_factory):
     return families, resumed, (root / "scores-2.safetensors", root / "scores-1.safetensors")
 
 
-@pytest.mark.serial  # two ranks of their own: alone on the machine, not beside two test workers
 def test_two_ranks_prune_every_family_as_one_process(two_ranks):
     for what, two, one in two_ranks[0]:
         assert report(two)["options"]["refit"] == ("mlp" if "mlp" in what else "sequential"), what
         assert_prune_within_reduction_order(two, one, what)
 
 
-@pytest.mark.serial
 def test_two_ranks_killed_anywhere_resume_to_the_same_bytes(two_ranks):
     for what, resumed, plain in two_ranks[1]:
         assert_same_prune(resumed, plain, f"2 ranks, {what}")
@@ -311,7 +309,6 @@ def test_layerwise_prune_writes_the_in_memory_checkpoint(tiny, tmp_path):
     assert_same_prune(tmp_path / "layerwise", tmp_path / "memory", "--scores, offloaded")
 
 
-@pytest.mark.serial
 def test_two_ranks_score_as_one_process(two_ranks):
     """`compact score` under torchrun: the scores of one process, up to the order of float64 sums: each order of
     adding 3 batches' non-negative partials rounds twice, within 2 * 2^-53 of the score itself, so the two
