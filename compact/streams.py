@@ -85,11 +85,12 @@ class Streams:
             self.data[target][rows].copy_(self.data[source][rows])
 
     def save(self, folder: Path) -> None:
-        """Each stream as raw bits, `stream{k}.bin` in `folder`, a chunk at a time."""
+        """Each stream as raw bits, `stream{k}.bin` in `folder`, a chunk at a time. Written by the file object itself:
+        numpy's `tofile` turns a SIGTERM's or SIGINT's exception raised during its flush into a TypeError."""
         for k, stream in enumerate(self.data):
             with open(folder / f"stream{k}.bin", "wb") as f:
                 for rows in self._chunks():
-                    _raw(stream[rows].cpu()).tofile(f)
+                    f.write(_raw(stream[rows].cpu()).data)
 
     def load(self, folder: Path) -> None:
         """Each stream from `save`'s files in `folder`."""
@@ -116,5 +117,5 @@ class Streams:
 
 
 def _raw(tensor: torch.Tensor) -> np.ndarray:
-    """A CPU tensor's bits as a numpy array numpy can write."""
+    """A CPU tensor's bits as a contiguous numpy array of unsigned integers (any dtype, bfloat16 too)."""
     return tensor.contiguous().view(_RAW_TORCH[tensor.itemsize]).numpy()

@@ -192,6 +192,36 @@ def test_streams_on_disk_give_the_same_bytes(tiny, tmp_path):
     assert not (tmp_path / "disk.ckpt").exists(), "the streams' files are gone"
 
 
+def test_a_signal_while_a_checkpoint_writes_its_streams_stays_a_signal(tmp_path, monkeypatch):
+    """SIGTERM's exception (cli.Terminated), raised while a checkpoint writes the streams, reaches the CLI as itself:
+    numpy's `tofile` turned it into a TypeError when it landed in its flush, and the run exited 2, not 143."""
+    from compact import streams
+
+    saved = streams.Streams((2, 3, 4), torch.bfloat16, 1, where="host", device=torch.device("cpu"))
+
+    class Interrupted:  # a file whose every write or flush is where the signal lands
+        def __init__(self, *args):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, data):
+            raise cli.Terminated
+
+        flush = write
+
+        def fileno(self):
+            raise cli.Terminated
+
+    monkeypatch.setattr(streams, "open", Interrupted, raising=False)
+    with pytest.raises(cli.Terminated):
+        saved.save(tmp_path)
+
+
 def test_the_engine_says_where_the_streams_live():
     model = tiny_models.build("llama")
     ids = torch.randint(0, tiny_models.VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
