@@ -90,7 +90,6 @@ def stories(tmp_path_factory):
     return ckpt, folder / "calib.npy", folder / "heldout.npy"
 
 
-
 def pytest_collection_modifyitems(items):
     """The modules holding a `slow` test first (stable otherwise). `make test` hands whole modules to its workers
     (`--dist loadfile`, so each module's fixtures are made once) in this order: the longest ones, the real-model tier's
