@@ -12,14 +12,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from compact import vocab as vocab_module
 from compact.tokenizer import prune_tokenizer, special_token_ids
 from compact.vocab import Vocabulary, count_tokens, read_always_file
-from tokenizers_fixtures import llama2_tokenizer, llama32_tokenizer, qwen25_tokenizer, sotu_paragraphs
+from tokenizers_fixtures import llama2_tokenizer, llama32_tokenizer, qwen25_tokenizer, sotu_paragraphs, tiny_byte_level
 
 # name -> (loader taking a scratch folder, embedding rows of the real model)
 REAL = {
@@ -260,19 +259,9 @@ def test_count_tokens_on_text_matches_a_naive_count(corpus, halves, monkeypatch)
     assert torch.equal(mixed, one)
 
 
-def _tiny_byte_level(merges: list[tuple[str, str]]) -> PreTrainedTokenizerFast:
-    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    backend = Tokenizer(models.BPE(vocab, merges))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend)
-
-
 def test_parents_follow_the_bpe_path_not_the_first_merge():
     """"abc" is first listed as ab+c, yet BPE builds it as a+bc (b c merges first): bc is its parent."""
-    tokenizer = _tiny_byte_level([("b", "c"), ("a", "b"), ("ab", "c"), ("a", "bc")])
+    tokenizer = tiny_byte_level([("b", "c"), ("a", "b"), ("ab", "c"), ("a", "bc")])
     vocab = tokenizer.get_vocab()
     counts = torch.zeros(len(vocab), dtype=torch.long)
     counts[vocab["abc"]], counts[vocab["ab"]] = 10, 5

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from compact import cli
 from compact.options import CalibOptions, Method, check_method, signature
 from compact.tokenizer import special_token_ids
 from compact.vocab import Vocabulary, count_tokens
-from tokenizers_fixtures import llama2_tokenizer, llama32_tokenizer, qwen25_tokenizer, sotu_paragraphs
+from tokenizers_fixtures import llama2_tokenizer, llama32_tokenizer, qwen25_tokenizer, sotu_paragraphs, tiny_byte_level
 
 MERGES = [("t", "h"), ("th", "e"), ("a", "n"), ("an", "d"), ("o", "f"), ("x", "y")]
 REAL = {  # name -> (loader taking a scratch folder, embedding rows, how the vocabulary spells " the")
@@ -26,13 +23,8 @@ REAL = {  # name -> (loader taking a scratch folder, embedding rows, how the voc
 def _tiny() -> tuple[Vocabulary, dict[str, int], torch.Tensor]:
     """A byte-level BPE (ids 0-255 the bytes, then one token per merge in rank order) and counts that favour
     its last merges."""
-    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
-    for a, b in MERGES:
-        vocab.setdefault(a + b, len(vocab))
-    backend = Tokenizer(models.BPE(vocab, MERGES))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer = tiny_byte_level(MERGES)
+    vocab = tokenizer.get_vocab()
     counts = count_tokens(tokenizer, ["xy xy xy xy of of of and"], num_embeddings=len(vocab))
     return Vocabulary(tokenizer, len(vocab)), vocab, counts
 

