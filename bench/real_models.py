@@ -232,10 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", default=None, help="rows whose name contains one of these (plan, inference)")
     p.add_argument("--fresh", action="store_true", help="measure every row again")
     args = p.parse_args(argv)
-    try:
-        model = real_model.checkpoint()
-    except real_model.Unavailable as e:
-        print(f"bench/real_models.py: {e}; nothing measured")
+    model = real_model.checkpoint_or_say("bench/real_models.py")
+    if model is None:
         return 0
     wanted = lambda name: not args.only or any(s in name for s in args.only)  # noqa: E731
     work = Path(tempfile.mkdtemp(prefix="compact-real-"))

@@ -70,10 +70,8 @@ def main(argv=None) -> int:
     unknown = sorted(set(args.only or ()) - set(rows))
     if unknown:
         p.error(f"no such rows: {', '.join(unknown)} (rows: {', '.join(rows)})")
-    try:
-        model = real_model.checkpoint()
-    except real_model.Unavailable as e:
-        print(f"bench/vocab_prior.py: {e}; nothing measured")
+    model = real_model.checkpoint_or_say("bench/vocab_prior.py")
+    if model is None:
         return 0
     work = Path(tempfile.mkdtemp(prefix="compact-prior-"))
     try:

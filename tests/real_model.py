@@ -60,6 +60,15 @@ def checkpoint() -> Path:
     return folder
 
 
+def checkpoint_or_say(script: str) -> Path | None:
+    """:func:`checkpoint` for a benchmark script: None, after printing why nothing is measured, when unavailable."""
+    try:
+        return checkpoint()
+    except Unavailable as e:
+        print(f"{script}: {e}; nothing measured")
+        return None
+
+
 def split_text(sotu: Path, out: Path) -> tuple[Path, Path]:
     """(calibration .txt, held-out .txt) written into `out` from sotu.txt."""
     text = sotu.read_text(encoding="utf-8")
