@@ -135,7 +135,7 @@ def _layers(checkpoints: Checkpoints, rank: int) -> dict[int, Path]:
 def save(checkpoints: Checkpoints, group_: Group, next_layer: int, tensors: dict[str, torch.Tensor],
          streams=None) -> None:
     """A checkpoint of this rank before layer `next_layer`: `tensors` and `streams` (a compact.streams.Streams,
-    or None), atomically; then, once every rank holds it, the older ones go."""
+    or None), atomically; then, once every rank holds it, the older ones go, and every rank waits until all are gone."""
     folder = Path(checkpoints.folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{checkpoints.name}.layer{next_layer:05d}.rank{group_.rank}"
@@ -152,6 +152,7 @@ def save(checkpoints: Checkpoints, group_: Group, next_layer: int, tensors: dict
     for layer, path in _layers(checkpoints, group_.rank).items():
         if layer != next_layer:
             shutil.rmtree(path)
+    group_.barrier()  # no rank goes on (rank 0 removes the whole folder when done) while another still deletes
 
 
 def load(checkpoints: Checkpoints, group_: Group) -> Saved | None:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,6 +191,26 @@ def test_streams_on_disk_give_the_same_bytes(tiny, tmp_path):
     assert cli.main([*args, "--out", str(tmp_path / "disk"), "--host-memory", "0"]) == 0
     assert_same_prune(tmp_path / "disk", tmp_path / "plain", "streams on disk")
     assert not (tmp_path / "disk.ckpt").exists(), "the streams' files are gone"
+
+
+def test_no_rank_leaves_a_checkpoint_save_while_another_still_deletes(tmp_path, monkeypatch):
+    """After a save each rank deletes its older checkpoints, then waits for the others: rank 0 removes the whole
+    folder once the job is done, and its rmtree failed on a file rank 1 was deleting at that moment (a torchrun
+    prune beside another test worker exited 2 with "No such file or directory: '...layer00003.rank1'")."""
+    events = []
+
+    class Rank1(runs.Group):
+        def barrier(self):
+            events.append("barrier")
+
+    real_rmtree = runs.shutil.rmtree
+    monkeypatch.setattr(runs.shutil, "rmtree", lambda path, **kw: (events.append(f"delete {Path(path).name}"),
+                                                                    real_rmtree(path, **kw)))
+    checkpoints = runs.Checkpoints(folder=str(tmp_path), every=1, name="ffn")
+    for layer in (1, 2):
+        runs.save(checkpoints, Rank1(rank=1, world=2), layer, {"x": torch.zeros(2)})
+    deleted = events.index("delete ffn.layer00001.rank1")
+    assert "barrier" in events[deleted:], events
 
 
 def test_a_signal_while_a_checkpoint_writes_its_streams_stays_a_signal(tmp_path, monkeypatch):
