@@ -55,9 +55,11 @@ bench: $(BIN)/.installed-test
 	$(BIN)/python bench/bench_scores.py
 	$(BIN)/python bench/bench_gather.py
 
-# COMPACT on SmolLM2-135M (bench/real_models.py): ~1 h on 2 CPU cores; rows already measured are kept.
+# COMPACT on SmolLM2-135M (bench/real_models.py, then zero-shot accuracy beside bits/byte: bench/zeroshot.py): ~1 h
+# and ~45 min on 2 CPU cores; rows already measured are kept.
 real: $(BIN)/.installed-test
 	$(BIN)/python bench/real_models.py
+	$(BIN)/python bench/zeroshot.py
 	COMPACT_FULL_RECIPE=1 $(BIN)/python -m pytest -q -p no:xdist tests/test_real_model.py -k readme_recipe
 
 clean:

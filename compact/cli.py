@@ -246,7 +246,7 @@ def _eval_command(sub) -> None:
     e.add_argument("--tasks", metavar="LIST",
                    help="zero-shot accuracy by lm-eval on local validation splits: comma-separated tasks "
                         f"({', '.join(TASKS)}), paper ({','.join(PAPER)}) or all; needs "
-                        f"{LM_EVAL_INSTALL} and {DATA_INSTALL}. Results are added to MODEL's zeroshot.json")
+                        f"{LM_EVAL_INSTALL} and {DATA_INSTALL}. Results are added to MODEL/zeroshot.json (a folder)")
     e.add_argument("--limit", type=_count, metavar="N", help="--tasks: the first N questions of each task (default all)")
     e.add_argument("--compare", nargs="+", metavar="MODEL", default=[],
                    help="more models to evaluate on the same text and tasks, in one table (bits/byte compares "
@@ -523,8 +523,8 @@ def _cmd_eval(args) -> int:
         runs = {s: r.get("tasks", r.get("error")) for s, r in results.items()}
         print(("\n" if args.calib else "") + tables.tasks_table(runs, reference=reference, limit=args.limit))
         saved = zeroshot.save(sources[0], runs, reference=reference, limit=args.limit)
-        if saved and not args.quiet:
-            print(f"added to {saved}")
+        if not args.quiet:
+            print(f"added to {saved}" if saved else f"(not saved: {sources[0]} is not a checkpoint folder)")
     return 1 if failed else 0
 
 

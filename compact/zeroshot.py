@@ -228,18 +228,16 @@ def scores(out: dict, names: tuple[str, ...]) -> list[TaskScore]:
 
 
 def results_file(source: str) -> Path | None:
-    """Where MODEL's zero-shot results are kept: zeroshot.json in a checkpoint folder, NAME.zeroshot.json beside a
-    file; None for a hub id."""
+    """Where MODEL's zero-shot results are kept: zeroshot.json in its checkpoint folder; None for a file (a
+    .gguf may lie in a package's folder) or a hub id."""
     path = Path(source)
-    if path.is_dir():
-        return path / "zeroshot.json"
-    return path.with_name(f"{path.name}.zeroshot.json") if path.is_file() else None
+    return path / "zeroshot.json" if path.is_dir() else None
 
 
 def save(source: str, runs: dict[str, tuple[TaskScore, ...] | str], *, reference: str | None,
          limit: int | None) -> Path | None:
     """Add this evaluation (every model's scores, or why it has none) to MODEL's results file, keeping the runs
-    already there; the path, or None where MODEL has no local file or folder (or it cannot be written: a
+    already there; the path, or None where MODEL is no checkpoint folder (or the file cannot be written: a
     warning says so)."""
     import datetime
     import json

@@ -109,7 +109,11 @@ def test_results_are_added_to_the_models_file_never_replacing_earlier_runs(tmp_p
     with pytest.warns(UserWarning, match="not saved"):
         assert zeroshot.save(str(model), {str(model): _scores(0.4)}, reference=None, limit=5) is None
     assert first.read_text() == "not json"
-    assert zeroshot.save("some/hub-id", {"some/hub-id": _scores(0.4)}, reference=None, limit=5) is None
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    for source in ("some/hub-id", str(gguf)):  # nothing is written beside a file: it may lie in a package
+        assert zeroshot.save(source, {source: _scores(0.4)}, reference=None, limit=5) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.gguf"]
 
 
 def _lossy_model(root):
