@@ -247,7 +247,8 @@ def _eval_command(sub) -> None:
                    help="zero-shot accuracy by lm-eval on local validation splits: comma-separated tasks "
                         f"({', '.join(TASKS)}), paper ({','.join(PAPER)}) or all; needs "
                         f"{LM_EVAL_INSTALL} and {DATA_INSTALL}. Results are added to MODEL/zeroshot.json (a folder)")
-    e.add_argument("--limit", type=_count, metavar="N", help="--tasks: the first N questions of each task (default all)")
+    e.add_argument("--limit", type=_count, metavar="N",
+                   help="--tasks: the first N questions of each task (default all)")
     e.add_argument("--compare", nargs="+", metavar="MODEL", default=[],
                    help="more models to evaluate on the same text and tasks, in one table (bits/byte compares "
                         "tokenizers fairly); with --tasks the first of them is the reference (the original): each "

@@ -141,6 +141,7 @@ def tasks_table(runs: dict[str, tuple | str], *, reference: str | None, limit: i
     if len(scored) < len(runs):
         rows.insert(0, ("status", "", "", *("ok" if s in scored else f"not evaluated: {runs[s]}" for s in runs)))
     labels = short_labels(list(runs))
-    title = (f"zero-shot accuracy (lm-eval, validation splits, {'all questions' if limit is None else f'the first {limit:,} questions'}"
-             f" of each task; ± its standard error{f'; (%) of {labels[reference]}' if ref else ''})")
+    questions = "all questions" if limit is None else f"the first {limit:,} questions"
+    title = (f"zero-shot accuracy (lm-eval, validation splits, {questions} of each task; ± its standard error"
+             f"{f'; (%) of {labels[reference]}' if ref else ''})")
     return "\n".join([title, *_legend(labels), format_table(("task", "metric", "questions", *labels.values()), rows)])

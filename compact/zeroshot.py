@@ -149,9 +149,10 @@ def check_lossless(tokenizer, text: str, ids: list[int]) -> None:
     if back == text or back.split() == text.split():
         return
     at = next((i for i, (a, b) in enumerate(zip(back, text)) if a != b), min(len(back), len(text)))
-    raise LossyTokenizer(f"the model's tokenizer cannot encode the task text losslessly: {text[max(0, at - 20):at + 20]!r} "
-                         f"reads back as {back[max(0, at - 20):at + 20]!r}; its accuracy would be meaningless (a "
-                         f"vocabulary cut without byte tokens?)")
+    around = slice(max(0, at - 20), at + 20)
+    raise LossyTokenizer(f"the model's tokenizer cannot encode the task text losslessly: {text[around]!r} reads back "
+                         f"as {back[around]!r}; its accuracy would be meaningless (a vocabulary cut without byte "
+                         f"tokens?)")
 
 
 def _model_class():
@@ -188,29 +189,32 @@ def evaluate(model, tokenizer, names: tuple[str, ...], *, limit: int | None = No
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # (it warns once per task about options unused here)
     lm = _model_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     lm.progress = sys.stderr.isatty() if progress is None else progress
-    with _bars(lm.progress):
+    with _lm_eval_run(lm.progress):
         out = simple_evaluate(model=lm, tasks=task_configs(names), task_manager=TaskManager(include_defaults=False),
                               limit=limit, log_samples=False)
     return tuple(scores(out, names))
 
 
 @contextmanager
-def _bars(show: bool):
-    """Inside: no `datasets` bars (one per task for preparing its documents, a second each), and lm-eval's
-    per-task request-building bars only when `show`."""
+def _lm_eval_run(show: bool):
+    """Inside: no `datasets` bars (one per task for preparing its documents, a second each), lm-eval's
+    per-task request-building bars only when `show`, and no environment report in lm-eval's result (torch's
+    collect_env starts subprocesses: ~2.5 s a model; compact keeps only the scores)."""
     from functools import partial
 
     import datasets
     import lm_eval.api.task
+    import lm_eval.evaluator
 
-    enabled, build_bar = datasets.is_progress_bar_enabled(), lm_eval.api.task.tqdm
+    enabled, build_bar, env_info = (datasets.is_progress_bar_enabled(), lm_eval.api.task.tqdm,
+                                    lm_eval.evaluator.add_env_info)
     datasets.disable_progress_bars()
-    if not show:
-        lm_eval.api.task.tqdm = partial(build_bar, disable=True)
+    lm_eval.api.task.tqdm = build_bar if show else partial(build_bar, disable=True)
+    lm_eval.evaluator.add_env_info = lambda results: None
     try:
         yield
     finally:
-        lm_eval.api.task.tqdm = build_bar
+        lm_eval.api.task.tqdm, lm_eval.evaluator.add_env_info = build_bar, env_info
         if enabled:
             datasets.enable_progress_bars()
 

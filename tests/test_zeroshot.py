@@ -159,18 +159,22 @@ def test_check_lossless_accepts_whitespace_normalisation_only():
         zeroshot.check_lossless(Echo("Question: wh"), "Question: why", [1])
 
 
-def _lm_eval_directly(folder, names, limit):
-    """lm-eval run as its users run it: its Hugging Face model class loading the checkpoint folder by path."""
+def _lm_eval_directly(folder, names, limit, monkeypatch):
+    """lm-eval run as its users run it: its Hugging Face model class loading the checkpoint folder by path (its
+    environment report skipped, as compact skips it: it takes seconds and changes no score)."""
+    import lm_eval.evaluator
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    monkeypatch.setattr(lm_eval.evaluator, "add_env_info", lambda results: None)
     out = simple_evaluate(model="hf", model_args={"pretrained": str(folder), "device": "cpu"},
                           tasks=zeroshot.task_configs(names), task_manager=TaskManager(include_defaults=False),
                           limit=limit, log_samples=False, batch_size=1)
     return zeroshot.scores(out, names)
 
 
-def test_compact_eval_gives_lm_evals_own_numbers_offline_with_each_models_tokenizer(installed, no_network, tmp_path):
+def test_compact_eval_gives_lm_evals_own_numbers_offline_with_each_models_tokenizer(installed, no_network, tmp_path,
+                                                                                    monkeypatch):
     """SmolLM2-135M and a copy cut to 16,384 tokens (its own cut tokenizer): `compact eval --tasks` gives what
     lm-eval's simple_evaluate gives on the same folders, tasks and limit, and nothing touches the network."""
     import real_model
@@ -188,7 +192,7 @@ def test_compact_eval_gives_lm_evals_own_numbers_offline_with_each_models_tokeni
     run = json.loads((pruned / "zeroshot.json").read_text())["runs"][-1]
     for folder in (pruned, original):
         ours = [TaskScore(**t) for t in run["models"][str(folder)]]
-        assert ours == _lm_eval_directly(folder, names, limit), folder
+        assert ours == _lm_eval_directly(folder, names, limit, monkeypatch), folder
         assert [t.samples for t in ours] == [limit] * len(names)
     assert "(%) of" in out and "average" in out
     assert no_network == []
