@@ -100,6 +100,7 @@ def main() -> None:
                   flush=True)
             write(rows)
     plot(rows)
+    print(markdown(rows))
 
 
 def write(rows: list[dict]) -> None:
@@ -118,6 +119,27 @@ def averages(rows: list[dict]) -> dict[str, tuple[float, float, float]]:
         entry = out.setdefault(r["model"], [float(r["fraction"]), float(r["bits_per_byte"]), []])
         entry[2].append(main)
     return {m: (f, b, sum(v) / len(v)) for m, (f, b, v) in out.items()}
+
+
+def markdown(rows: list[dict]) -> str:
+    """The results as a Markdown table: per model, parameters kept, bits/byte, each task's figure with its
+    standard error, the average and the fraction of the original's average it keeps."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    by_model: dict[str, dict] = {}
+    for r in rows:
+        by_model.setdefault(r["model"], {"method": r["method"], "fraction": r["fraction"],
+                                         "bpb": r["bits_per_byte"]})[r["task"]] = r
+    avg = averages(rows)
+    base = avg.get("original", (0, 0, 0))[2]
+    head = ["model", "params kept", "bits/byte", *tasks, "average", "retained"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, m in by_model.items():
+        cells = [f"{float(m[t]['acc_norm'] or m[t]['acc']):.3f} ± "
+                 f"{float(m[t]['acc_norm_stderr'] or m[t]['acc_stderr']):.3f}" if t in m else "-" for t in tasks]
+        retained = f"{avg[name][2] / base:.1%}" if base else "-"
+        lines.append(f"| {m['method']} | {float(m['fraction']):.2f} | {m['bpb']} | {' | '.join(cells)} | "
+                     f"{avg[name][2]:.3f} | {retained} |")
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict]) -> None:

@@ -118,26 +118,27 @@ def _measured(plan) -> list[str]:
 
 def tasks_table(runs: dict[str, tuple | str], *, reference: str | None, limit: int | None) -> str:
     """Zero-shot accuracy, one column per model (a model without scores has its reason in the status row): each
-    task's acc_norm where it has one, else acc, with lm-eval's standard error, then the average over the tasks;
-    beside `reference`, each other model's figure is also given as a fraction of the reference's."""
+    task's acc, and acc_norm where it has one, with lm-eval's standard errors, then the average over the tasks
+    of acc_norm where there is one, else acc; beside `reference`, each other model's figure is also given as a
+    fraction of the reference's."""
     scored = {s: {t.task: t for t in r} for s, r in runs.items() if not isinstance(r, str)}
     tasks = next(iter(scored.values()))
     ref = scored.get(reference)
 
-    def cell(source: str, task: str | None) -> str:
+    def cell(source: str, task: str | None, metric: str) -> str:
         if source not in scored:
             return "-"
         mine = scored[source]
-        value = sum(t.main for t in mine.values()) / len(mine) if task is None else mine[task].main
-        text = f"{value:.3f}" if task is None else f"{value:.3f} ± {mine[task].main_stderr:.3f}"
+        value = sum(t.main for t in mine.values()) / len(mine) if task is None else getattr(mine[task], metric)
+        text = f"{value:.3f}" if task is None else f"{value:.3f} ± {getattr(mine[task], metric + '_stderr'):.3f}"
         if ref is None or source == reference:
             return text
-        base = sum(t.main for t in ref.values()) / len(ref) if task is None else ref[task].main
+        base = sum(t.main for t in ref.values()) / len(ref) if task is None else getattr(ref[task], metric)
         return f"{text} ({value / base:.1%})" if base else text
 
-    rows = [(name, "acc" if t.acc_norm is None else "acc_norm", f"{t.samples:,}", *(cell(s, name) for s in runs))
-            for name, t in tasks.items()]
-    rows.append(("average", "", "", *(cell(s, None) for s in runs)))
+    rows = [(name, metric, f"{t.samples:,}", *(cell(s, name, metric) for s in runs))
+            for name, t in tasks.items() for metric in ("acc", "acc_norm") if getattr(t, metric) is not None]
+    rows.append(("average", "acc_norm, else acc", "", *(cell(s, None, "") for s in runs)))
     if len(scored) < len(runs):
         rows.insert(0, ("status", "", "", *("ok" if s in scored else f"not evaluated: {runs[s]}" for s in runs)))
     labels = short_labels(list(runs))

@@ -64,10 +64,6 @@ class TaskScore:
         differ in length), else acc."""
         return self.acc if self.acc_norm is None else self.acc_norm
 
-    @property
-    def main_stderr(self) -> float:
-        return self.acc_stderr if self.acc_norm_stderr is None else self.acc_norm_stderr
-
 
 class LossyTokenizer(ValueError):
     """The model's tokenizer cannot spell a task's text: its scores would be meaningless."""
