@@ -111,14 +111,15 @@ def write(rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def averages(rows: list[dict]) -> dict[str, tuple[float, float, float]]:
-    """model -> (fraction, bits/byte, average of each task's acc_norm where it has one, else acc)."""
+def averages(rows: list[dict]) -> dict[str, tuple[float, float, float, float]]:
+    """model -> (fraction, bits/byte, average of each task's acc_norm where it has one, else acc, and the
+    average's standard error from the tasks' own: sqrt(sum se^2) / tasks)."""
     out: dict[str, list] = {}
     for r in rows:
-        main = float(r["acc_norm"] or r["acc"])
-        entry = out.setdefault(r["model"], [float(r["fraction"]), float(r["bits_per_byte"]), []])
-        entry[2].append(main)
-    return {m: (f, b, sum(v) / len(v)) for m, (f, b, v) in out.items()}
+        entry = out.setdefault(r["model"], [float(r["fraction"]), float(r["bits_per_byte"]), [], []])
+        entry[2].append(float(r["acc_norm"] or r["acc"]))
+        entry[3].append(float(r["acc_norm_stderr"] or r["acc_stderr"]))
+    return {m: (f, b, sum(v) / len(v), sum(e * e for e in se) ** 0.5 / len(se)) for m, (f, b, v, se) in out.items()}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -138,7 +139,7 @@ def markdown(rows: list[dict]) -> str:
                  f"{float(m[t]['acc_norm_stderr'] or m[t]['acc_stderr']):.3f}" if t in m else "-" for t in tasks]
         retained = f"{avg[name][2] / base:.1%}" if base else "-"
         lines.append(f"| {m['method']} | {float(m['fraction']):.2f} | {m['bpb']} | {' | '.join(cells)} | "
-                     f"{avg[name][2]:.3f} | {retained} |")
+                     f"{avg[name][2]:.3f} ± {avg[name][3]:.3f} | {retained} |")
     return "\n".join(lines)
 
 
@@ -152,16 +153,18 @@ def plot(rows: list[dict]) -> None:
     avg = averages(rows)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for label, prefix in (("paper (id order, no re-fit)", "paper"), ("default", "default")):
-        points = sorted(avg[f"t{t}-{prefix}"][:3] for t in TARGETS if f"t{t}-{prefix}" in avg)
+        points = sorted(avg[f"t{t}-{prefix}"] for t in TARGETS if f"t{t}-{prefix}" in avg)
         if points:
-            axes[0].plot([p[0] for p in points], [p[2] for p in points], "o-", label=label)
+            axes[0].errorbar([p[0] for p in points], [p[2] for p in points], yerr=[p[3] for p in points],
+                             fmt="o-", capsize=3, label=label)
             axes[1].plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
     for name, marker in (("original", "*"), ("vocab32k", "s")):
         if name in avg:
-            f, b, a = avg[name]
-            axes[0].plot([f], [a], marker, markersize=10, label=name)
+            f, b, a, se = avg[name]
+            axes[0].errorbar([f], [a], yerr=[se], fmt=marker, markersize=10, capsize=3, label=name)
             axes[1].plot([f], [b], marker, markersize=10, label=name)
-    axes[0].set(xlabel="fraction of parameters kept", ylabel="average zero-shot accuracy (7 tasks)")
+    axes[0].set(xlabel="fraction of parameters kept",
+                ylabel="average zero-shot accuracy (7 tasks, ± standard error)")
     axes[1].set(xlabel="fraction of parameters kept", ylabel="held-out bits/byte (lower is better)")
     for ax in axes:
         ax.grid(alpha=0.3)
