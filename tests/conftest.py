@@ -13,7 +13,10 @@ if not torch.cuda.is_available():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)  # `make test` runs two workers on two cores: one thread each, no oversubscription
+    # `make test` runs two workers on two cores: one thread each, and in the processes they start (the CLI,
+    # torchrun ranks), so that a worker's subprocess does not spin two OpenMP threads against the other worker
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def shared_data_dir() -> Path:

@@ -174,10 +174,12 @@ def _lm_eval_directly(folder, names, limit, monkeypatch):
     return zeroshot.scores(out, names)
 
 
+@pytest.mark.slow  # four lm-eval runs of SmolLM2 and a prune: ~20 s
 def test_compact_eval_gives_lm_evals_own_numbers_offline_with_each_models_tokenizer(installed, no_network, tmp_path,
                                                                                     monkeypatch):
     """SmolLM2-135M and a copy cut to 16,384 tokens (its own cut tokenizer): `compact eval --tasks` gives what
-    lm-eval's simple_evaluate gives on the same folders, tasks and limit, and nothing touches the network."""
+    lm-eval's simple_evaluate gives on the same folders, tasks and limit (acc, acc_norm and their standard errors
+    all equal), and nothing touches the network."""
     import real_model
 
     try:
@@ -186,7 +188,7 @@ def test_compact_eval_gives_lm_evals_own_numbers_offline_with_each_models_tokeni
         pytest.skip(str(e))
     pruned = tmp_path / "cut"
     assert _run(["prune", original, "--out", pruned, "--vocab-keep", 16384, "--vocab-order", "id", "--quiet"])[0] == 0
-    names, limit = ("piqa", "arc_easy"), 4
+    names, limit = ("piqa", "arc_easy"), 2
     rc, out, err = _run(["eval", pruned, "--compare", original, "--tasks", ",".join(names), "--limit", limit,
                          "--quiet"])
     assert rc == 0, err
