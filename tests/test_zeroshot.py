@@ -119,22 +119,17 @@ def test_results_are_added_to_the_models_file_never_replacing_earlier_runs(tmp_p
 
 def _lossy_model(root):
     """A tiny Llama whose byte-level tokenizer has no token for 'Q' or 'q' (they vanish when encoded)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    import tiny_models
-
-    chars = [ch for byte, ch in bytes_to_unicode().items() if chr(byte) not in "Qq"]
-    backend = Tokenizer(models.BPE({ch: i for i, ch in enumerate(chars)}, []))
-    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=chars[0])
-    config = tiny_models.config("llama")
-    config.vocab_size, config.bos_token_id, config.eos_token_id = len(chars), None, 0
-    config.max_position_embeddings = 2048
-    torch.manual_seed(0)
     from transformers import LlamaForCausalLM
 
+    import tiny_models
+    from tokenizers_fixtures import tiny_byte_level
+
+    tokenizer = tiny_byte_level([], without="Qq")
+    tokenizer.eos_token = "!"
+    config = tiny_models.config("llama")
+    config.vocab_size, config.bos_token_id, config.eos_token_id = 256, None, tokenizer.eos_token_id
+    config.max_position_embeddings = 2048
+    torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(root)
     tokenizer.save_pretrained(root)
     return root

@@ -106,16 +106,16 @@ def llama2_tokenizer(folder: Path):
     return LlamaTokenizer.from_pretrained(folder, add_bos_token=True)
 
 
-def tiny_byte_level(merges: list[tuple[str, str]]):
+def tiny_byte_level(merges: list[tuple[str, str]], *, without: str = ""):
     """A byte-level BPE: ids 0-255 the bytes (GPT-2's byte-to-character map), then one token per new merge result,
-    in merge order."""
+    in merge order. The bytes of the characters in `without` get no token (their ids stay unused): a tokenizer that
+    cannot spell text holding them."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
+    vocab = {char: byte for byte, char in bytes_to_unicode().items() if chr(byte) not in without}
+    vocab.update({token: 256 + i for i, token in enumerate(dict.fromkeys(a + b for a, b in merges))})
     backend = Tokenizer(models.BPE(vocab, merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
