@@ -68,7 +68,7 @@ def main() -> None:
     from compact import zeroshot
 
     try:
-        zeroshot.check_installed()
+        zeroshot.check_installed(zeroshot.PAPER)
     except (ModuleNotFoundError, FileNotFoundError) as e:
         print(f"bench/zeroshot.py: {e}; nothing measured")
         return

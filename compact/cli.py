@@ -496,7 +496,7 @@ def _cmd_eval(args) -> int:
         raise ValueError("give --data (held-out text: bits/byte) and/or --tasks (zero-shot accuracy)")
     names = zeroshot.task_names(args.tasks) if args.tasks else ()
     if names:
-        zeroshot.check_installed()
+        zeroshot.check_installed(names)
     elif args.limit:
         raise ValueError("--limit counts questions of --tasks: give --tasks too")
     for source in sources:

