@@ -196,11 +196,15 @@ def evaluate(model, tokenizer, names: tuple[str, ...], *, limit: int | None = No
     from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # (it warns once per task about options unused here)
-    lm = _model_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    lm.progress = sys.stderr.isatty() if progress is None else progress
-    with _lm_eval_run(lm.progress):
-        out = simple_evaluate(model=lm, tasks=task_configs(names), task_manager=TaskManager(include_defaults=False),
-                              limit=limit, log_samples=False)
+    training = model.training  # (lm-eval puts the model in eval mode: the caller's mode comes back)
+    try:
+        lm = _model_class()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm.progress = sys.stderr.isatty() if progress is None else progress
+        with _lm_eval_run(lm.progress):
+            out = simple_evaluate(model=lm, tasks=task_configs(names),
+                                  task_manager=TaskManager(include_defaults=False), limit=limit, log_samples=False)
+    finally:
+        model.train(training)
     return tuple(scores(out, names))
 
 

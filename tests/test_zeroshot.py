@@ -128,26 +128,33 @@ def test_results_are_added_to_the_models_file_never_replacing_earlier_runs(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.gguf"]
 
 
-def _lossy_model(root):
-    """A tiny Llama whose byte-level tokenizer has no token for 'Q' or 'q' (they vanish when encoded)."""
+def _tiny_llama(without: str = ""):
+    """(a tiny random Llama, its byte-level tokenizer with no token for the characters in `without`)."""
     from transformers import LlamaForCausalLM
 
     import tiny_models
     from tokenizers_fixtures import tiny_byte_level
 
-    tokenizer = tiny_byte_level([], without="Qq")
+    tokenizer = tiny_byte_level([], without=without)
     tokenizer.eos_token = "!"
     config = tiny_models.config("llama")
     config.vocab_size, config.bos_token_id, config.eos_token_id = 256, None, tokenizer.eos_token_id
     config.max_position_embeddings = 2048
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return root
+    return LlamaForCausalLM(config), tokenizer
+
+
+def test_evaluate_gives_the_callers_model_back_in_its_own_mode(installed):
+    """lm-eval switches the model to eval mode; a model handed over in training mode comes back in it."""
+    model, tokenizer = _tiny_llama()
+    scores = zeroshot.evaluate(model.train(), tokenizer, ("copa",), limit=2, progress=False)
+    assert model.training and [s.samples for s in scores] == [2]
 
 
 def test_a_tokenizer_that_cannot_spell_the_task_says_so_instead_of_scoring(installed, tmp_path):
-    tokenizer_free = _lossy_model(tmp_path / "lossy")
+    tokenizer_free = tmp_path / "lossy"
+    for part in _tiny_llama(without="Qq"):  # 'Q' and 'q' vanish when encoded
+        part.save_pretrained(tokenizer_free)
     rc, _, err = _run(["eval", tokenizer_free, "--tasks", "piqa", "--limit", "3", "--quiet"])  # PIQA: "Question:"
     assert rc == 2 and "cannot encode the task text losslessly" in err and len(err.strip().splitlines()) == 1, err
     assert not (tokenizer_free / "zeroshot.json").exists()
