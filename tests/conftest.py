@@ -14,9 +14,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two workers on two cores: one thread each, and in the processes they start (the CLI,
-    # torchrun ranks), so that a worker's subprocess does not spin two OpenMP threads against the other worker
+    # torchrun ranks), so that a worker's subprocess does not spin two OpenMP threads against the other worker,
+    # whatever OMP_NUM_THREADS the run was given (the serial part, one process alone, keeps it)
     torch.set_num_threads(1)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def shared_data_dir() -> Path:
