@@ -346,7 +346,7 @@ def _layers(source, state: _Pass, options: EngineOptions, choose, *, batches: li
     names = list(models.mlps(source.model))
     sequential, glu = options.refit in SEQUENTIAL, _glu(source.model)
     samples = first_row if options.refit == "mlp" else None
-    post_normed = sequential and _post_normed(source.model)
+    post_normed = sequential and models.normalizes_mlp_output(source.model)
     bar = progress_bar(range(start, len(names)), desc=f"layers ({streams.describe()})", unit="layer",
                        initial=start, total=len(names), progress=options.scoring.progress)
     with torch.inference_mode():
@@ -569,11 +569,6 @@ def _glu(model: nn.Module) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
         return ck.glu_and_score(gate, up, activation=activation)
 
     return activations
-
-
-def _post_normed(model: nn.Module) -> bool:
-    """Whether the family normalizes the MLP output before the residual add (Gemma 2/3)."""
-    return hasattr(models.decoder_of(model).layers[0], "post_feedforward_layernorm")
 
 
 SEQUENTIAL = ("sequential", "mlp")  # the re-fits that run the pruned stream

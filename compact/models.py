@@ -141,6 +141,11 @@ def mlps(model: nn.Module) -> dict[str, nn.Module]:
     return {f"model.layers.{i}.mlp": layer.mlp for i, layer in enumerate(decoder_of(model).layers)}
 
 
+def normalizes_mlp_output(model: nn.Module) -> bool:
+    """Whether the family normalizes the MLP output before the residual add (Gemma 2/3)."""
+    return hasattr(decoder_of(model).layers[0], "post_feedforward_layernorm")
+
+
 def intermediate_size(model: nn.Module) -> int:
     return next(iter(mlps(model).values())).down_proj.in_features
 
