@@ -1,8 +1,8 @@
 """How much calibration text a prune reads: SmolLM2-135M-Instruct pruned by today's default method (frequency
 order, sequential re-fit) at --target-params 0.65 and 0.50 with 16 x 512, 64 x 512, 16 x 2048 (the default) and
-48 x 2048 (64 tokens per FFN channel) calibration tokens, calibrated on the first half of sotu.txt
-read from 0, 1/3 and 2/3 of its length, and read on three held-out domains (bench/domains.py: sotu, python,
-hellaswag) as `compact eval` reads. Every prune runs in a fresh process (bench/real_models.prune: wall time,
+48 x 2048 (64 tokens per FFN channel) calibration tokens, and with 48 x 2048 at the split the default plans at
+0.65 (`48x2048@960`), calibrated on the first half of sotu.txt read from 0, 1/3 and 2/3 of its length, and read
+on three held-out domains (bench/domains.py: sotu, python, hellaswag) as `compact eval` reads. Every prune runs in a fresh process (bench/real_models.prune: wall time,
 peak RSS).
 
 Usage: python bench/calibration_amount.py [--only NAME ...] [--wheel PATH]   (NAME like 48x2048-t0.65-d0)
@@ -27,7 +27,9 @@ from tests import real_model  # noqa: E402
 CSV = real_models.RESULTS / "calibration_amount.csv"
 DOMAINS = ("sotu", "python", "hellaswag")
 AMOUNTS = {"16x512": ("--samples", "16", "--seq-len", "512"), "64x512": ("--samples", "64", "--seq-len", "512"),
-           "16x2048": (), "48x2048": ("--samples", "48", "--seq-len", "2048")}
+           "16x2048": (), "48x2048": ("--samples", "48", "--seq-len", "2048"),
+           # the split the default plans at 0.65 (19,255 rows, 960 channels), fixed, with 48 x 2048 tokens
+           "48x2048@960": ("--samples", "48", "--seq-len", "2048", "--vocab-keep", "19238", "--ffn-keep", "960")}
 TARGETS = ("0.65", "0.50")
 DRAWS = 3
 FIELDS = ["name", "amount", "target", "draw", "calibration_tokens", "vocab_rows", "ffn", "fraction",
@@ -36,8 +38,8 @@ FIELDS = ["name", "amount", "target", "draw", "calibration_tokens", "vocab_rows"
 
 def names() -> list[str]:
     """Every row, in measuring order: 0.65 before 0.50, draw by draw, the default (16 x 2048) first."""
-    return [f"{a}-t{t}-d{d}" for t in TARGETS for d in range(DRAWS) for a in ("16x2048", "48x2048", "16x512",
-                                                                            "64x512")]
+    return [f"{a}-t{t}-d{d}" for t in TARGETS for d in range(DRAWS)
+            for a in ("16x2048", "48x2048", "16x512", "64x512", *(["48x2048@960"] if t == "0.65" else []))]
 
 
 def row(name: str, report: dict, bits: dict, base: dict, seconds: float, peak: float) -> dict:
@@ -78,8 +80,9 @@ def main(argv=None) -> int:
                 continue
             amount, target, draw = name.split("-")
             out = work / name
-            report, seconds, peak = real_models.prune(model, out, ["--target-params", target[1:]],
-                                                      draws[int(draw[1:])], amount=AMOUNTS[amount])
+            planned = [] if "@" in amount else ["--target-params", target[1:]]  # (a fixed split: no plan)
+            report, seconds, peak = real_models.prune(model, out, planned, draws[int(draw[1:])],
+                                                      amount=AMOUNTS[amount])
             done[name] = row(name, report, domains.measure(out, texts), base, seconds, peak)
             shutil.rmtree(out, ignore_errors=True)
             print(done[name], flush=True)
