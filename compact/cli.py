@@ -161,11 +161,11 @@ class _OneRefit(argparse.Action):
 def _refit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refit", choices=CHOICES["--refit"], default="auto", action=_OneRefit,
                    help="re-fit each down_proj's kept columns by least squares (closed form, no training): "
-                        "sequential (the default with --calib and an FFN cut, but for Gemma 2/3) fits the pruned "
-                        "model's activations to the unpruned layer's output, layer after layer; same-input fits the "
-                        "unpruned model's activations (cheaper); mlp starts from sequential's solution and takes a "
-                        "few Adam steps on the kept gate/up rows and down columns together, stopped on held-out "
-                        "calibration rows; none keeps the columns as they are")
+                        "sequential (the default with --calib and an FFN cut) fits the pruned model's activations "
+                        "to the unpruned layer's output, layer after layer; same-input fits the unpruned model's "
+                        "activations (cheaper); mlp starts from sequential's solution and takes a few Adam steps on "
+                        "the kept gate/up rows and down columns together, stopped on held-out calibration rows; "
+                        "none keeps the columns as they are")
     p.add_argument("--ffn-repair", dest="refit", action=_OneRefit, nargs=0, const="same-input",
                    help="the same as --refit same-input (kept for earlier scripts)")
 

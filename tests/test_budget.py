@@ -98,3 +98,27 @@ def test_frequency_order_prunes_a_consistent_tokenizer(tmp_path):
             lengths[order] += len(ids)
         assert pruned.convert_ids_to_tokens(list(range(len(kept)))) == tokenizer.convert_ids_to_tokens(kept)
     print("held-out tokens by vocabulary order:", lengths)
+
+
+@pytest.mark.parametrize("case", ["llama", "gemma3_text"])
+def test_the_planner_prices_the_refit_except_where_the_mlp_output_is_normalized(case, tmp_path):
+    """--target-params with the default re-fit: the plan prices each FFN cut by the error share the re-fit leaves
+    (its candidates' score_loss below the plain act^2 share), but not for Gemma 2/3, whose prune still re-fits."""
+    import numpy as np
+
+    import tiny_models
+    from compact import loading, pruning
+    from compact.options import CalibOptions, Method, Run
+
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).integers(0, tiny_models.VOCAB, size=(8, 32)))
+    loaded = loading.held(tiny_models.build(case))
+    calib = CalibOptions(str(tmp_path / "calib.npy"), samples=8, seq_len=32)
+    decide = lambda refit: pruning.decide(loaded, Method(target_params=0.8, ffn_multiple=8, refit=refit),  # noqa: E731
+                                          calib, Run(progress=False), upto="planning")
+    default, plain = decide("auto"), decide("none")
+    normalized = case == "gemma3_text"
+    assert default.method.refit == "sequential" and default.plan.refit == ("none" if normalized else "sequential")
+    priced = {c.ffn_keep: c.score_loss for c in default.plan.candidates}
+    unpriced = {c.ffn_keep: c.score_loss for c in plain.plan.candidates}
+    cut = [k for k in priced if k in unpriced and k < tiny_models.INTER]
+    assert cut and all((priced[k] == unpriced[k]) == normalized for k in cut)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tiny_models
-from compact import cli, engine, models, repair
+from compact import cli, engine, repair
 from compact.scoring import ScoringOptions
 from kernel_ops.tolerances import fp32_forward_rtol, fp32_sum_rtol
 from memory_probe import PRELUDE
@@ -127,16 +127,14 @@ def test_eliminate_drops_the_channel_whose_loss_the_refit_feels_least():
 @pytest.mark.parametrize("case", list(tiny_models.CASES))
 def test_every_refit_offloaded_equals_in_memory(case, tmp_path, compute):
     """`compact prune` with a re-fit writes the same bytes whether the layers are resident or read from the
-    files one at a time: the sequential re-fit (the default but for Gemma 2/3) for every family, and the
-    same-input re-fit and the OBS selection for one."""
+    files one at a time: the sequential re-fit (the default) for every family, and the same-input re-fit and
+    the OBS selection for one."""
     model = tiny_models.build(case)
     src = tmp_path / "src"
     model.save_pretrained(src)
     np.save(tmp_path / "calib.npy", _calibration(tiny_models.VOCAB, rows=4, length=32)[0].numpy())
     np.save(tmp_path / "calib12.npy", _calibration(tiny_models.VOCAB, rows=12, length=32)[0].numpy())
-    default = "none" if models.normalizes_mlp_output(model) else "sequential"  # Gemma 2/3: no re-fit by default
     extras = [[]] + ([["--refit", "same-input"], ["--ffn-select", "obs"]] if case == "llama" else [])
-    extras += [["--refit", "sequential"]] if default == "none" else []
     extras += [["--refit", "mlp"]] if case in ("llama", "phi3", "gemma2") else []
     for extra in extras:
         outs = []
@@ -148,7 +146,7 @@ def test_every_refit_offloaded_equals_in_memory(case, tmp_path, compute):
                              *compute.args]) == 0
             outs.append(out)
         report = json.loads((outs[1] / "compact_report.json").read_text())
-        assert report["options"]["refit"] == (extra[1] if extra[:1] == ["--refit"] else default)
+        assert report["options"]["refit"] == (extra[1] if extra[:1] == ["--refit"] else "sequential")
         assert_same_checkpoint(outs[1], outs[0], f"{case} {' '.join(extra)}")
         if extra == ["--refit", "mlp"]:
             _assert_gate_up_refitted(src, outs[0], report["kept_channels"], case)

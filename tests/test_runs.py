@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny_models
-from compact import cli, engine, models, runs
+from compact import cli, engine, runs
 from compact.scoring import ScoringOptions
 from kernel_ops.tolerances import assert_close
 
@@ -294,20 +294,17 @@ def torchrun(commands: list[dict], folder) -> None:
 def two_ranks(tiny, tmp_path_factory):
     """Two torchrun launches: one SIGKILLed in the middle of an in-memory prune (every rank dies; one may have
     saved a layer the other had not); then one running, as one process group: every family's tiny model pruned
-    by the default method with the sequential re-fit (Gemma 2/3's default is none) in memory and offloaded (beside the same prunes by one process, made here), the
+    by the default method in memory and offloaded (beside the same prunes by one process, made here), the
     4-layer model's uninterrupted prunes, its prunes killed after layer 0, in the middle and before the last
     layer (every rank at the same point) and resumed each time, and the resume of the SIGKILLed one."""
     root = tmp_path_factory.mktemp("ranks")
     np.save(root / "calib.npy", np.random.default_rng(1).integers(0, tiny_models.VOCAB, size=(6, 24)))
     commands, families = [], []
     for case in tiny_models.CASES:
-        model = tiny_models.build(case)
-        model.save_pretrained(root / case)
-        refit = ["--refit", "sequential"] if models.normalizes_mlp_output(model) else []  # (not their default)
+        tiny_models.build(case).save_pretrained(root / case)
         for mode, flags in MODES.items():
             args = ["prune", str(root / case), "--calib", str(root / "calib.npy"), "--samples", "6", "--seq-len",
                     "24", "--target-params", "0.85", "--ffn-multiple", "8", "--batch-size", "2", "--quiet", *flags]
-            args += refit
             assert cli.main([*args, "--out", str(root / f"{case}-{mode}-1")]) == 0
             commands.append({"args": [*args, "--out", str(root / f"{case}-{mode}-2")], "kill": None})
             families.append((f"{case} {mode}", root / f"{case}-{mode}-2", root / f"{case}-{mode}-1"))

@@ -90,18 +90,14 @@ def _ffn_keep(job: Job) -> int | None:
 
 
 def _resolve_refit(job: Job) -> str:
-    """--refit auto: sequential when calibration data drives an FFN cut (or the planner may cut), else none; none
-    too for families that normalize the MLP output (Gemma 2/3): there the re-fit cannot aim at the residual
-    stream's drift, only at the MLP's own output, and on Gemma 3 270M it raised held-out bits/byte (a 64-channel
-    cut: +0.0105 against +0.0092 without; bench/README.md), so the planner would buy FFN cuts at a price the
-    re-fit does not pay."""
+    """--refit auto: sequential when calibration data drives an FFN cut (or the planner may cut), else none."""
     method = job.method
     if method.refit != "auto":
         return method.refit
     ffn_keep = _ffn_keep(job)
     may_cut = method.target_params is not None or job.cuts(ffn_keep)
     data_driven = job.data_scores and job.calib.path is not None
-    fits = job.upto in ("planning", "selection") and not models.normalizes_mlp_output(job.loaded.model)
+    fits = job.upto in ("planning", "selection")
     return "sequential" if may_cut and data_driven and fits else "none"
 
 

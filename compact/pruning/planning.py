@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 
 from .. import budget, data, trials, vocab
-from .passes import ffn_pass, plain_scores
+from .passes import ffn_pass, plain_scores, priced_refit
 from .records import Job, Pass
 
 def split(job: Job, *, counts: torch.Tensor, halves: tuple[torch.Tensor, torch.Tensor] | None,
@@ -19,7 +19,7 @@ def split(job: Job, *, counts: torch.Tensor, halves: tuple[torch.Tensor, torch.T
     choice, candidates = plan_split(job, counts=counts, halves=halves, scores=scores, left=left)
     measured, chosen, trial = (None, choice, None) if held_out is None else _measure(
         job, candidates, counts=counts, calibration=calibration, held_out=held_out)
-    plan = budget.Plan(target=method.target_params, rule=budget.RULE, refit=method.refit,
+    plan = budget.Plan(target=method.target_params, rule=budget.RULE, refit=priced_refit(job),
                        candidates=budget.summary(candidates, choice=choice, chosen=chosen), measured=measured,
                        held_out=None if held_out is None else held_out.source)
     return plan, trial
