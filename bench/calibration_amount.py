@@ -25,7 +25,6 @@ from bench import domains, real_models  # noqa: E402
 from tests import real_model  # noqa: E402
 
 CSV = real_models.RESULTS / "calibration_amount.csv"
-DOMAINS = ("sotu", "python", "hellaswag")
 AMOUNTS = {"16x512": ("--samples", "16", "--seq-len", "512"), "64x512": ("--samples", "64", "--seq-len", "512"),
            "16x2048": (), "48x2048": ("--samples", "48", "--seq-len", "2048"),
            # the split the default plans at 0.65 (19,255 rows, 960 channels), fixed, with 48 x 2048 tokens
@@ -33,7 +32,7 @@ AMOUNTS = {"16x512": ("--samples", "16", "--seq-len", "512"), "64x512": ("--samp
 TARGETS = ("0.65", "0.50")
 DRAWS = 3
 FIELDS = ["name", "amount", "target", "draw", "calibration_tokens", "vocab_rows", "ffn", "fraction",
-          *[f"{d}{s}" for d in DOMAINS for s in ("", "_rise")], "mean_rise", "prune_s", "peak_mib", "cpu"]
+          *domains.COLUMNS, "prune_s", "peak_mib", "cpu"]
 
 
 def names() -> list[str]:
@@ -44,16 +43,14 @@ def names() -> list[str]:
 
 def row(name: str, report: dict, bits: dict, base: dict, seconds: float, peak: float) -> dict:
     amount, target, draw = name.split("-")
-    rises = {d: bits[d] - base[d] for d in bits}
     sizes, params = report["sizes"], report["parameters"]
     used = report["options"]
     return {"name": name, "amount": amount, "target": target[1:], "draw": draw[1:],
             "calibration_tokens": used["calib_samples"] * used["calib_seq_len"], "vocab_rows": sizes["vocab_after"],
             "ffn": sizes["intermediate_after"],
             "fraction": f"{params['after']['total'] / params['before']['total']:.4f}",
-            **{d: f"{bits[d]:.4f}" for d in bits}, **{f"{d}_rise": f"{rises[d]:+.4f}" for d in rises},
-            "mean_rise": f"{sum(rises.values()) / len(rises):+.4f}", "prune_s": f"{seconds:.1f}",
-            "peak_mib": f"{peak:.0f}", "cpu": real_models.cpu_name()}
+            **domains.figures(bits, base), "prune_s": f"{seconds:.1f}", "peak_mib": f"{peak:.0f}",
+            "cpu": real_models.cpu_name()}
 
 
 def main(argv=None) -> int:
@@ -70,8 +67,7 @@ def main(argv=None) -> int:
         got = domains.setting(model, work, draws=DRAWS, original=done.get("original"), wheel=args.wheel)
         texts, draws, base = got.texts, got.draws, got.base
         done["original"] = {"name": "original", "vocab_rows": 49152, "ffn": 1536, "fraction": "1.0000",
-                            **{d: f"{v:.4f}" for d, v in base.items()}, **{f"{d}_rise": "+0.0000" for d in base},
-                            "cpu": real_models.cpu_name()}
+                            **domains.figures(base, base), "cpu": real_models.cpu_name()}
         for name in args.only or names():
             if name in done:
                 continue
@@ -90,12 +86,8 @@ def main(argv=None) -> int:
 
 
 def write(done: dict) -> None:
-    real_models.RESULTS.mkdir(parents=True, exist_ok=True)
     order = {n: i for i, n in enumerate(["original", *names()])}
-    with CSV.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, restval="")
-        w.writeheader()
-        w.writerows(sorted(done.values(), key=lambda r: order.get(r["name"], len(order))))
+    domains.write(CSV, FIELDS, sorted(done.values(), key=lambda r: order.get(r["name"], len(order))))
 
 
 if __name__ == "__main__":

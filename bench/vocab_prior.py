@@ -29,9 +29,8 @@ from bench import domains, real_models  # noqa: E402
 from tests import real_model  # noqa: E402
 
 CSV = real_models.RESULTS / "vocab_prior.csv"
-DOMAINS = ("sotu", "python", "hellaswag")
-FIELDS = ["name", "method", "lambda", "draw", "args", "vocab_rows", "ffn", "fraction",
-          *[f"{d}{s}" for d in DOMAINS for s in ("", "_rise")], "mean_rise", "prune_s", "cpu"]
+FIELDS = ["name", "method", "lambda", "draw", "args", "vocab_rows", "ffn", "fraction", *domains.COLUMNS, "prune_s",
+          "cpu"]
 TARGET = ["--target-params", "0.65"]
 
 
@@ -47,15 +46,6 @@ def grid(lambdas: list[float], draws: int) -> list[tuple[str, str, str, int, lis
     return rows
 
 
-
-
-def figures(bits: dict[str, float], base: dict[str, float]) -> dict[str, str]:
-    """The CSV's per-domain columns: bits/byte, its rise over the original, and the mean rise."""
-    row = {}
-    for name, value in bits.items():
-        row[name], row[f"{name}_rise"] = f"{value:.4f}", f"{value - base[name]:+.4f}"
-    row["mean_rise"] = f"{statistics.mean(bits[d] - base[d] for d in bits):+.4f}"
-    return row
 
 
 def main(argv=None) -> int:
@@ -80,7 +70,7 @@ def main(argv=None) -> int:
         texts, draws, base = got.texts, got.draws, got.base
         if "original" not in done:
             done["original"] = {"name": "original", "method": "original", "vocab_rows": 49152, "ffn": 1536,
-                                "fraction": "1.0000", "cpu": real_models.cpu_name(), **figures(base, base)}
+                                "fraction": "1.0000", "cpu": real_models.cpu_name(), **domains.figures(base, base)}
             write(done)
         for name, method, lam, draw, prune_args in [rows[n] for n in args.only or rows]:
             if name in done:
@@ -89,7 +79,7 @@ def main(argv=None) -> int:
             r = real_models.row(name, "", method, prune_args, report, seconds)
             done[name] = {**{k: r[k] for k in ("name", "method", "args", "vocab_rows", "ffn", "prune_s", "cpu")},
                           "lambda": lam, "draw": draw, "fraction": f"{r['parameters'] / 134_515_008:.4f}",
-                          **figures(domains.measure(work / name, texts), base)}
+                          **domains.figures(domains.measure(work / name, texts), base)}
             shutil.rmtree(work / name, ignore_errors=True)
             write(done)
             print(" ".join(f"{k}={done[name][k]}" for k in ("name", "vocab_rows", "ffn", "sotu_rise", "python_rise",
@@ -101,11 +91,7 @@ def main(argv=None) -> int:
 
 
 def write(done: dict) -> None:
-    real_models.RESULTS.mkdir(parents=True, exist_ok=True)
-    with CSV.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(done.values())
+    domains.write(CSV, FIELDS, done.values())
 
 
 def table(rows: list[dict]) -> str:
@@ -114,7 +100,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if r["name"] != "original":
             groups.setdefault((r["method"], r["lambda"]), []).append(r)
-    cols = [d for d in DOMAINS if rows and rows[0].get(f"{d}_rise")] + ["mean"]
+    cols = [d for d in domains.NAMES if rows and rows[0].get(f"{d}_rise")] + ["mean"]
     lines = ["| method | lambda | vocab rows / FFN | " + " | ".join(f"{c} rise: mean (draws)" for c in cols) + " |",
              "| --- | --- | --- | " + " | ".join("---" for _ in cols) + " |"]
     for (method, lam), rs in groups.items():
