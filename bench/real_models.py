@@ -112,11 +112,12 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def prune(model: Path, out: Path, args: list[str], calib: Path, *, amount: tuple[str, ...] = tuple(CALIB)
+def prune(model: Path, out: Path, args: list[str], calib: Path | None, *, amount: tuple[str, ...] = tuple(CALIB)
           ) -> tuple[dict, float, float]:
     """(report, wall seconds, peak RSS MiB) of `compact prune` in a fresh process, with the calibration `amount`
-    (flags; empty: the default amount)."""
-    argv = [sys.executable, "-c", WORKER, "prune", str(model), "--out", str(out), "--calib", str(calib), *amount,
+    (flags; empty: the default amount); `calib` None: no --calib (`args` say what calibrates)."""
+    argv = [sys.executable, "-c", WORKER, "prune", str(model), "--out", str(out),
+            *(["--calib", str(calib)] if calib else []), *amount,
             "--quiet", "--overwrite", *args]
     start = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True)

@@ -63,7 +63,8 @@ def _vocab_options(p: argparse.ArgumentParser) -> None:
 def _criterion_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ffn-criterion", choices=CHOICES["--ffn-criterion"], default="common-act2",
                    help="; ".join(f"{k}: {v}" for k, v in CRITERIA.items()))
-    p.add_argument("--seed", type=_seed, default=0, help="seed of the random criterion (default 0)")
+    p.add_argument("--seed", type=_seed, default=0,
+                   help="seed of the random criterion and of --calib-generate's text (default 0)")
 
 
 def _check_and_run_options(p: argparse.ArgumentParser) -> None:
@@ -121,6 +122,12 @@ def _calib_options(p: argparse.ArgumentParser, flag: str = "--calib", required: 
     p.add_argument("--samples", type=_count, default=16, help="sequences (default 16)")
     p.add_argument("--seq-len", type=_count, default=2048, help="tokens per sequence (default 2048, capped at the context)")
     p.add_argument("--calib-dtype", choices=CHOICES["--calib-dtype"], help="token dtype of a .bin memmap")
+    if flag == "--calib":
+        p.add_argument("--calib-generate", type=_count_or_0, default=0, metavar="N",
+                       help="N texts the model writes itself (as compact generate samples them, each up to --seq-len "
+                            "and at most 512 tokens, seeded by --seed), mixed in as one more calibration source: "
+                            "calibration that keeps what other kinds of text need (32 fill half the default 16 x 2048 "
+                            "rows; default 0)")
 
 
 def _score_command(sub) -> None:
@@ -314,7 +321,7 @@ FLAGS = {
     "offload": ("load", "offload"),
     "calib": ("calib", "path", lambda paths: paths if not paths or len(paths) > 1 else paths[0]),  # (as CalibOptions)
     "samples": ("calib", "samples"), "seq_len": ("calib", "seq_len"),
-    "calib_dtype": ("calib", "bin_dtype"),
+    "calib_dtype": ("calib", "bin_dtype"), "calib_generate": ("calib", "generate"),
     "vocab_keep": ("method", "vocab_keep"), "ffn_keep": ("method", "ffn_keep"),
     "target_params": ("method", "target_params"), "vocab_order": ("method", "vocab_order"),
     "vocab_prior": ("method", "vocab_prior"), "vocab_always": ("method", "vocab_always"),

@@ -169,12 +169,15 @@ class CalibOptions:
     """Which calibration data to read and how much of it: up to `samples` rows of `seq_len` token ids
     (`bin_dtype`: the id width of a .bin file). `path`: a file, a folder (its calibration files, by name) or
     several of either (a tuple): the rows are shared out evenly and interleaved, and each source's token counts
-    weigh the same, so that several domains calibrate together."""
+    weigh the same, so that several domains calibrate together. `generate`: that many texts the model writes
+    itself (compact.generate, each up to `seq_len` tokens and at most 512, seeded by the method's seed) join them
+    as one more source."""
 
     path: str | tuple[str, ...] | None = None
     samples: int = 16
     seq_len: int = 2048
     bin_dtype: str | None = None
+    generate: int = 0
 
     def __post_init__(self):
         if isinstance(self.path, (list, tuple)):  # one path is kept as a string (what the report and resume read)
@@ -182,11 +185,17 @@ class CalibOptions:
             object.__setattr__(self, "path", paths[0] if len(paths) == 1 else paths or None)
         elif self.path is not None:
             object.__setattr__(self, "path", str(self.path))
-        _refuse({"--samples": count(self.samples), "--seq-len": count(self.seq_len)})
+        _refuse({"--samples": count(self.samples), "--seq-len": count(self.seq_len),
+                 "--calib-generate": count(self.generate, low=0)})
         if self.bin_dtype is not None and self.paths and not any(Path(p).suffix == ".bin" or Path(p).is_dir()
                                                                  for p in self.paths):
             raise ValueError(f"--calib-dtype gives the id width of a .bin token file; {', '.join(self.paths)} holds "
                              "none (a .npy file records its own width, and text is tokenized)")
+
+    @property
+    def given(self) -> bool:
+        """Any calibration data: files, or text the model writes."""
+        return self.path is not None or self.generate > 0
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -235,8 +244,8 @@ def check_method(method: Method, calib: CalibOptions, *, prune: bool) -> None:
              "--vocab-order frequency": method.vocab_order == "frequency",
              f"--ffn-criterion {method.ffn_criterion}": data_driven and (not prune or _cuts_ffn(method.ffn_keep))}
     wanting = [flag for flag, needed in needs.items() if needed]
-    if wanting and calib.path is None:
-        raise ValueError(f"{wanting[0]} needs calibration data: pass --calib PATH")
+    if wanting and not calib.given:
+        raise ValueError(f"{wanting[0]} needs calibration data: pass --calib PATH (or --calib-generate N)")
 
 
 def _cuts_ffn(ffn_keep) -> bool:

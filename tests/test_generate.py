@@ -59,3 +59,43 @@ def test_an_out_in_a_missing_folder_is_refused_before_the_model_loads(tmp_path, 
     assert cli.main(["generate", str(tmp_path / "no-model"), "--out", str(tmp_path / "no" / "t.txt")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "no-model" not in err and err.count("\n") == 1, err
+
+
+def test_a_prune_mixes_in_the_text_the_model_writes_as_one_more_source(model, tmp_path, monkeypatch):
+    """--calib-generate N: the same decision as the text `compact generate` writes (N samples, --seq-len tokens
+    each, seed --seed), passed as one more --calib file; alone it is the calibration; its file does not outlive
+    the prune, and the report records the option."""
+    import json
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the prune's own file goes, and is removed
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(demo_text.stories(40, seed=3)), encoding="utf-8")
+    assert cli.main(["generate", str(model), "--out", str(tmp_path / "gen.txt"), "--samples", "3", "--seq-len", "24",
+                     "--seed", "5", "--batch-size", "8", "--quiet"]) == 0
+    cut = ["--ffn-keep", "0.5", "--vocab-keep", "0.5", "--samples", "8", "--seq-len", "24", "--quiet"]
+    runs = {"inside": ["--calib", str(text), "--calib-generate", "3", "--seed", "5"],
+            "given": ["--calib", str(text), str(tmp_path / "gen.txt"), "--seed", "5"],
+            "alone": ["--calib-generate", "3", "--seed", "5"]}
+    reports = {}
+    for name, flags in runs.items():
+        assert cli.main(["prune", str(model), "--out", str(tmp_path / name), *cut, *flags]) == 0
+        reports[name] = json.loads((tmp_path / name / "compact_report.json").read_text())
+    inside, given, alone = reports["inside"], reports["given"], reports["alone"]
+    assert inside["kept_channels"] == given["kept_channels"] and inside["kept_token_ids"] == given["kept_token_ids"]
+    assert inside["options"]["calib_generate"] == 3 and "calibration text" in inside["timings_s"]
+    assert alone["vocab_order"] == "frequency" and alone["calibration"].startswith("generated.txt: ")
+    assert "from 3 document(s)" in alone["calibration"]
+    assert alone["kept_channels"] != inside["kept_channels"]
+    assert not list(tmp_path.glob("compact-generated-*"))
+
+
+def test_calib_generate_errors_are_one_line(model, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["prune", str(model), "--out", str(tmp_path / "a"), "--ffn-keep", "0.5", "--calib-generate", "-1"])
+    assert cli.main(["prune", str(model), "--out", str(tmp_path / "b"), "--ffn-keep", "0.5", "--calib-generate", "2",
+                     "--offload", "layerwise", "--quiet"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "--calib-generate: must be an integer of at least 0" in err[-2], err
+    assert "--calib-generate" in err[-1] and "--offload layerwise" in err[-1], err
+    assert not (tmp_path / "b").exists()

@@ -3,12 +3,15 @@ vocabulary-pruned model) and its token counts for the vocabulary policy and the 
 from __future__ import annotations
 
 import itertools
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from .. import data, vocab
+from .. import data, runs, vocab
 from ..loading import Loaded
 from ..options import CalibOptions
 from ..report import original_ids
@@ -25,6 +28,27 @@ def calibrate(loaded: Loaded, opts: CalibOptions, progress: bool | None = None) 
     shares = [opts.samples // len(files) + (i < opts.samples % len(files)) for i in range(len(files))]
     return data.interleave([_calibrate_file(loaded, replace(_one(opts, path), samples=rows), progress)
                             for path, rows in zip(files, shares)])
+
+
+@contextmanager
+def with_generated(loaded: Loaded, opts: CalibOptions, *, seed: int, group: runs.Group,
+                   progress: bool | None = None) -> Iterator[CalibOptions]:
+    """`opts` with `opts.generate` texts the model writes itself (compact.generate, seeded; each up to a row's
+    length, at most Sampling's 512 tokens) as one more source, a file that lasts as long as the context; under
+    torchrun rank 0 writes them and every rank reads rank 0's."""
+    from .. import generate
+
+    if loaded.offloaded:
+        raise ValueError("--calib-generate samples from the whole model: drop --offload layerwise (or write the "
+                         "text first with compact generate, and pass it to --calib)")
+    sampling = generate.Sampling(samples=opts.generate, length=min(opts.seq_len, generate.Sampling.length), seed=seed)
+    texts = generate.generate(loaded, sampling,
+                              progress=progress) if group.rank == 0 else None
+    texts = group.broadcast(texts)
+    with tempfile.TemporaryDirectory(prefix="compact-generated-") as folder:
+        path = Path(folder) / "generated.txt"
+        generate.write(texts, path)
+        yield replace(opts, path=(*opts.paths, str(path)), generate=0)
 
 
 def _one(opts: CalibOptions, path: Path) -> CalibOptions:

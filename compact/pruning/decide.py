@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import ExitStack
 from dataclasses import replace
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from .. import criteria, data, models, output, runs, selection, trials, vocab
 from ..loading import Loaded
 from ..options import DATA_FREE, CalibOptions, Method, Run, check_method, signature
-from .calibration import calibrate, token_counts
+from .calibration import calibrate, token_counts, with_generated
 from .passes import check, ffn_pass
 from .planning import split
 from .records import STEPS, Decision, Job, Pass, Sizes, Timings
@@ -22,9 +23,18 @@ def decide(loaded: Loaded, method: Method = Method(), calib: CalibOptions = Cali
     """Run the steps up to `upto` (one of STEPS), each only when the method needs it, each timed; nothing is
     written and the model is not changed. Under torchrun (`group`: compact.runs.group()) every rank runs this,
     sharing the calibration rows, and every rank gets the same decision."""
-    asked_refit = None if method.refit == "auto" else method.refit
-    job = _job(loaded, method, calib, run, upto=upto, group=group or runs.Group())
-    method, timings = job.method, Timings()
+    job, timings = _job(loaded, method, calib, run, upto=upto, group=group or runs.Group()), Timings()
+    with ExitStack() as generated:
+        if calib.generate:
+            with timings.phase("calibration text"):
+                job = replace(job, calib=generated.enter_context(
+                    with_generated(loaded, calib, seed=job.method.seed, group=job.group, progress=run.progress)))
+        return _decide(job, calib, timings, asked_refit=None if method.refit == "auto" else method.refit)
+
+
+def _decide(job: Job, calib: CalibOptions, timings: Timings, *, asked_refit: str | None) -> Decision:
+    """`decide` once the calibration sources are there (`job.calib`; `calib`: as given, for the decision)."""
+    loaded, run, upto, method = job.loaded, job.run, job.upto, job.method
     ffn_keep = _ffn_keep(job)
     calibration = held_out = counts = halves = None
     if method.target_params is not None or (job.data_scores and (upto == "scoring" or job.cuts(ffn_keep))):
@@ -64,7 +74,7 @@ def _job(loaded: Loaded, method: Method, calib: CalibOptions, run: Run, *, upto:
     if upto not in STEPS:
         raise ValueError(f"upto must be one of {STEPS}, got {upto!r}")
     if method.vocab_order == "auto":
-        method = replace(method, vocab_order="frequency" if calib.path else "id")
+        method = replace(method, vocab_order="frequency" if calib.given else "id")
     job = Job(loaded, method, calib, run, upto, vocab.Vocabulary.of(loaded.model, loaded.tokenizer), group,
               runs.Checkpoints())
     _check_method(job)
@@ -96,7 +106,7 @@ def _resolve_refit(job: Job) -> str:
         return method.refit
     ffn_keep = _ffn_keep(job)
     may_cut = method.target_params is not None or job.cuts(ffn_keep)
-    data_driven = job.data_scores and job.calib.path is not None
+    data_driven = job.data_scores and job.calib.given
     fits = job.upto in ("planning", "selection")
     return "sequential" if may_cut and data_driven and fits else "none"
 
