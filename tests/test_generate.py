@@ -91,11 +91,18 @@ def test_a_prune_mixes_in_the_text_the_model_writes_as_one_more_source(model, tm
 
 
 def test_calib_generate_errors_are_one_line(model, tmp_path, capsys):
+    from tiny_models import build
+
+    build("llama").save_pretrained(tmp_path / "bare")  # (no tokenizer)
+    capsys.readouterr()
     with pytest.raises(SystemExit):
         cli.main(["prune", str(model), "--out", str(tmp_path / "a"), "--ffn-keep", "0.5", "--calib-generate", "-1"])
     assert cli.main(["prune", str(model), "--out", str(tmp_path / "b"), "--ffn-keep", "0.5", "--calib-generate", "2",
                      "--offload", "layerwise", "--quiet"]) == 2
-    err = capsys.readouterr().err.splitlines()
-    assert "--calib-generate: must be an integer of at least 0" in err[-2], err
-    assert "--calib-generate" in err[-1] and "--offload layerwise" in err[-1], err
-    assert not (tmp_path / "b").exists()
+    assert cli.main(["prune", str(tmp_path / "bare"), "--out", str(tmp_path / "c"), "--ffn-keep", "24ch",
+                     "--calib-generate", "2", "--quiet"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "--calib-generate" in line]
+    assert len(err) == 3, err
+    assert "must be an integer of at least 0" in err[0], err
+    assert "--offload layerwise" in err[1] and "needs a tokenizer" in err[2], err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

@@ -41,10 +41,10 @@ def with_generated(loaded: Loaded, opts: CalibOptions, *, seed: int, group: runs
     if loaded.offloaded:
         raise ValueError("--calib-generate samples from the whole model: drop --offload layerwise (or write the "
                          "text first with compact generate, and pass it to --calib)")
+    if loaded.tokenizer is None:  # (on every rank: rank 0 alone raising would leave the others waiting)
+        raise ValueError("--calib-generate writes text: the model needs a tokenizer (name one with --tokenizer)")
     sampling = generate.Sampling(samples=opts.generate, length=min(opts.seq_len, generate.Sampling.length), seed=seed)
-    texts = generate.generate(loaded, sampling,
-                              progress=progress) if group.rank == 0 else None
-    texts = group.broadcast(texts)
+    texts = group.broadcast(generate.generate(loaded, sampling, progress=progress) if group.rank == 0 else None)
     with tempfile.TemporaryDirectory(prefix="compact-generated-") as folder:
         path = Path(folder) / "generated.txt"
         generate.write(texts, path)
