@@ -45,7 +45,7 @@ def test_rows_are_shared_out_and_interleaved(tmp_path):
         assert torch.equal(rows.input_ids[row, :length], source[index]), row
         assert rows.attention_mask[row].tolist() == [1] * length + [0] * (16 - length), row
     assert "a.npy" in rows.source and "b.npy" in rows.source
-    with pytest.raises(ValueError, match="--samples 1 is fewer than the 2 calibration files"):
+    with pytest.raises(ValueError, match="--samples 1 is fewer than the 2 calibration sources"):
         calibrate(loaded, CalibOptions((str(a), str(b)), samples=1, seq_len=16))
 
 

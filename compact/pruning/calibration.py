@@ -23,8 +23,8 @@ def calibrate(loaded: Loaded, opts: CalibOptions, progress: bool | None = None) 
         raise ValueError("this needs calibration data: pass --calib PATH")
     files = opts.files()
     if len(files) > opts.samples:
-        raise ValueError(f"--samples {opts.samples} is fewer than the {len(files)} calibration files: at least one "
-                         "row each")
+        raise ValueError(f"--samples {opts.samples} is fewer than the {len(files)} calibration sources (files, and "
+                         "--calib-generate's text): at least one row each")
     shares = [opts.samples // len(files) + (i < opts.samples % len(files)) for i in range(len(files))]
     return data.interleave([_calibrate_file(loaded, replace(_one(opts, path), samples=rows), progress)
                             for path, rows in zip(files, shares)])
