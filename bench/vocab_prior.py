@@ -75,12 +75,11 @@ def main(argv=None) -> int:
         for name, method, lam, draw, prune_args in [rows[n] for n in args.only or rows]:
             if name in done:
                 continue
-            report, seconds, _ = real_models.prune(model, work / name, prune_args, draws[draw])
-            r = real_models.row(name, "", method, prune_args, report, seconds)
+            pruned = domains.prune_and_measure(model, work / name, prune_args, draws[draw], texts)
+            r = real_models.row(name, "", method, prune_args, pruned.report, pruned.seconds)
             done[name] = {**{k: r[k] for k in ("name", "method", "args", "vocab_rows", "ffn", "prune_s", "cpu")},
                           "lambda": lam, "draw": draw, "fraction": f"{r['parameters'] / 134_515_008:.4f}",
-                          **domains.figures(domains.measure(work / name, texts), base)}
-            shutil.rmtree(work / name, ignore_errors=True)
+                          **domains.figures(pruned.bits, base)}
             write(done)
             print(" ".join(f"{k}={done[name][k]}" for k in ("name", "vocab_rows", "ffn", "sotu_rise", "python_rise",
                                                            "hellaswag_rise", "prune_s") if k in done[name]), flush=True)
